@@ -1,0 +1,39 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv and install into it.
+# GPU / NPU machines: install your torch (and torch-npu) into .venv first; it is kept.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU build; on this project's machines it comes from local disk. Never an unpinned torch:
+# that pulls a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test lint format bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/python -m train.demo
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: lint
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python bench/attention.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

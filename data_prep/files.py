@@ -1,0 +1,62 @@
+"""Writes that never leave a half-written result under the final name, and never replace a
+user's file unless asked to."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class OutputExistsError(FileExistsError):
+    """The output path holds something already and replacing it was not asked for."""
+
+
+def check_output_free(path: Path, overwrite: bool) -> None:
+    """Fail early, before any work, if `path` holds a file or a non-empty directory."""
+    path = Path(path)
+    if overwrite or not path.exists():
+        return
+    if path.is_dir() and not any(path.iterdir()):
+        return
+    raise OutputExistsError(
+        f"{path} already exists and is not empty; choose another output or set overwrite=true"
+    )
+
+
+@contextmanager
+def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside `path`; on success it is renamed to `path`.
+
+    On error the temporary directory is removed and `path` is untouched. With overwrite=True an
+    existing `path` is replaced only after the new one is complete."""
+    path = Path(path)
+    check_output_free(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        tmp.rename(path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file under a temporary name, then rename it into place."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,75 @@
+"""The `neo` console script, run as users run it: a subprocess."""
+
+import json
+
+import pytest
+
+
+def test_help_lists_every_verb_with_one_line(neo):
+    out = neo("--help").stdout
+    for verb in ("info", "import", "export"):
+        assert f"  {verb} " in out
+    assert neo().stdout == out
+
+
+def test_unknown_verb_fails_with_usage(neo):
+    proc = neo("trian", check=False)
+    assert proc.returncode == 2
+    assert "unknown verb 'trian'" in proc.stderr and "info" in proc.stderr
+
+
+@pytest.mark.slow
+def test_info_with_no_arguments_describes_tiny(neo, tmp_path):
+    out = neo("info").stdout
+    assert "model tiny" in out and "7,257,472" in out
+    assert list(tmp_path.iterdir()) == [], "info writes nothing"
+
+
+@pytest.mark.slow
+def test_info_plans_175b_without_allocating(neo):
+    out = neo("info", "model=gpt3_175b", "world_size=1024").stdout
+    assert "model gpt3_175b" in out and "1024 device(s)" in out
+    assert "174,5" in out or "174,6" in out  # 174.6B parameters, printed in full
+
+
+@pytest.mark.slow
+def test_bad_model_config_is_a_clear_error(neo):
+    proc = neo("info", "model.num_heads=5", check=False)
+    assert proc.returncode == 2
+    assert "model.num_heads=5 does not divide model.hidden_size=128" in proc.stderr
+    unknown = neo("info", "model.num_head=5", check=False)
+    assert unknown.returncode != 0 and "num_head" in unknown.stderr
+
+
+@pytest.mark.slow
+def test_export_and_import_round_trip_through_the_cli(neo, tmp_path):
+    import torch
+
+    from data_prep.tokenizers import load_tokenizer
+    from train.checkpoint import save_checkpoint
+    from train.config import ModelConfig
+    from train.model import GPT
+
+    config = ModelConfig(
+        hidden_size=32, num_heads=2, num_layers=2, attention_types=[[["global", "local"], 1]]
+    )
+    model = GPT(config).init_weights(torch.Generator().manual_seed(0))
+    save_checkpoint(
+        tmp_path / "runs/demo/checkpoint", config, model.state_dict(), load_tokenizer("gpt2")
+    )
+
+    out = neo("export").stdout  # the embedded defaults: runs/demo/checkpoint -> runs/demo/hf
+    assert "exported tiny" in out and "runs/demo/hf" in out
+    assert (
+        json.loads((tmp_path / "runs/demo/hf/config.json").read_text())["model_type"] == "gpt_neo"
+    )
+    assert "imported hf (1.6M parameters" in neo("import").stdout  # named after its directory
+    again = GPT.from_pretrained(tmp_path / "runs/demo/imported")
+    ids = torch.randint(0, 50257, (1, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids), model(ids))
+
+    proc = neo("export", check=False)  # the output exists now
+    assert proc.returncode == 2 and "overwrite=true" in proc.stderr
+    missing = neo("export", "input=nowhere", "output=x", check=False)
+    assert missing.returncode == 2 and "nowhere" in missing.stderr

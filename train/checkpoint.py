@@ -1,0 +1,136 @@
+"""neotrain model checkpoints: one directory, readable without neotrain's help.
+
+    CKPT_DIR/
+      neotrain.json       format version, the ModelConfig, the tokenizer's eod token
+      model.safetensors   the state dict (lm_head.weight omitted: it is wte.weight)
+      tokenizer/          tokenizer.json (absent: the bundled GPT-2 tokenizer)
+
+`neo import` writes one from a Hugging Face directory; `neo export` reads one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from data_prep.files import atomic_dir
+from data_prep.tokenizers import LoadedTokenizer, load_tokenizer
+from train.config import ModelConfig
+
+FORMAT = "neotrain-model"
+FORMAT_VERSION = 1
+CONFIG_FILE = "neotrain.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+TIED = "lm_head.weight"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing something or does not match what is asked of it."""
+
+
+def model_config_from_dict(d: dict, source: str) -> ModelConfig:
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise CheckpointError(f"{source}: unknown model config keys {unknown}")
+    return ModelConfig(**d).validate()
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    config: ModelConfig,
+    state_dict: dict[str, torch.Tensor],
+    tokenizer: LoadedTokenizer | None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a checkpoint atomically: it appears under out_dir only when complete."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items() if k != TIED}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": asdict(config),
+        "tokenizer": {"eod_token": tokenizer.eod_token, "name": tokenizer.name}
+        if tokenizer
+        else None,
+    }
+    with atomic_dir(out_dir, overwrite) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if tokenizer is not None:
+            (tmp / TOKENIZER_DIR).mkdir()
+            tokenizer.tokenizer.save(str(tmp / TOKENIZER_DIR / "tokenizer.json"))
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return Path(out_dir)
+
+
+def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The model config and the state dict (with lm_head.weight, tied) of a checkpoint."""
+    path = Path(path)
+    meta = _read_meta(path)
+    config = model_config_from_dict(meta["model"], str(path / CONFIG_FILE))
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{path}: {WEIGHTS_FILE} is missing")
+    state = load_file(str(weights))
+    state[TIED] = state["transformer.wte.weight"]
+    return config, state
+
+
+def checkpoint_tokenizer(path: str | Path) -> LoadedTokenizer:
+    """The tokenizer saved with a checkpoint, or the bundled GPT-2 one if none was saved."""
+    path = Path(path)
+    meta = _read_meta(path)
+    info = meta.get("tokenizer") or {}
+    if (path / TOKENIZER_DIR / "tokenizer.json").is_file():
+        tok = load_tokenizer(path / TOKENIZER_DIR, eod_token=info.get("eod_token"))
+        tok.name = info.get("name", tok.name)
+        return tok
+    return load_tokenizer("gpt2")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """A GPT from a neotrain checkpoint or a Hugging Face GPT-Neo directory."""
+    from train.hf import is_hf_dir, read_hf_dir
+    from train.model import GPT
+
+    path = Path(path)
+    if is_checkpoint(path):
+        config, state = read_checkpoint(path)
+    elif is_hf_dir(path):
+        config, state = read_hf_dir(path)
+    else:
+        raise CheckpointError(
+            f"{path}: neither a neotrain checkpoint ({CONFIG_FILE}) nor a Hugging Face "
+            "directory (config.json)"
+        )
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict(state, assign=True, strict=True)
+    model.tie_weights()
+    return model.to(device)
+
+
+def _read_meta(path: Path) -> dict:
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{path}: not a neotrain checkpoint ({CONFIG_FILE} is missing)")
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}:{e.lineno}: not valid JSON ({e.msg})") from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{file}: format is {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{file}: format_version {meta['format_version']} is newer than this neotrain "
+            f"reads ({FORMAT_VERSION}); upgrade neotrain"
+        )
+    return meta

@@ -1,0 +1,134 @@
+"""`neo <verb> [hydra overrides]`: one console script, one Hydra app per verb.
+
+Each verb has a primary config `configs/<verb>.yaml` checked against a dataclass schema
+(train/config.py); the config is converted to that dataclass here, once, and the verb's `run`
+function receives only the dataclass.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from dataclasses import dataclass
+
+from data_prep.files import OutputExistsError
+from train.checkpoint import CheckpointError
+from train.config import ConfigError, register_configs
+
+log = logging.getLogger("neo")
+
+
+@dataclass(frozen=True)
+class Verb:
+    target: str  # "module:function" taking the verb's config dataclass
+    help: str
+
+
+VERBS = {
+    "info": Verb(
+        "train.info:run",
+        "parameters, FLOPs per token and ZeRO memory per device of a model size (model=NAME)",
+    ),
+    "import": Verb(
+        "train.cli:run_import",
+        "read a Hugging Face GPT-Neo directory into a neotrain checkpoint (input= output=)",
+    ),
+    "export": Verb(
+        "train.cli:run_export",
+        "write a neotrain checkpoint as a Hugging Face GPTNeoForCausalLM dir (input= output=)",
+    ),
+}
+
+# Errors a user can fix from the command line: printed as one line, exit code 2.
+USER_ERRORS = (ConfigError, CheckpointError, OutputExistsError, FileNotFoundError, ValueError)
+
+
+def usage() -> str:
+    width = max(len(name) for name in VERBS)
+    lines = [
+        "usage: neo <verb> [key=value ...] [--help] [--cfg job] [-m key=a,b ...]",
+        "",
+        "GPT-Neo / GPT-3 pretraining and fine-tuning. Verbs:",
+    ]
+    lines += [f"  {name.ljust(width)}  {verb.help}" for name, verb in VERBS.items()]
+    lines += ["", "`neo <verb> --help` shows a verb's config; every verb runs with no arguments."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return
+    name = argv[0]
+    if name not in VERBS:
+        print(f"neo: unknown verb {name!r}\n\n{usage()}", file=sys.stderr)
+        sys.exit(2)
+    run_verb(name, argv[1:])
+
+
+def run_verb(name: str, overrides: list[str]) -> None:
+    import hydra
+    from omegaconf import DictConfig, OmegaConf
+
+    register_configs()
+    module, function = VERBS[name].target.split(":")
+    target = getattr(importlib.import_module(module), function)
+
+    @hydra.main(version_base="1.3", config_path="pkg://configs", config_name=name)
+    def app(cfg: DictConfig) -> None:
+        config = OmegaConf.to_object(cfg)
+        try:
+            target(config)
+        except USER_ERRORS as e:
+            print(f"neo {name}: error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    sys.argv = [f"neo {name}", *overrides]
+    app()
+
+
+def run_import(cfg) -> None:
+    from train.hf import import_hf
+
+    source, output = _require_paths(cfg)
+    config = import_hf(source, output, overwrite=cfg.overwrite)
+    log.info(
+        "imported %s (%s, %d layers) from %s into the neotrain checkpoint %s",
+        config.name, _params(config), config.num_layers, source, output,
+    )  # fmt: skip
+
+
+def run_export(cfg) -> None:
+    import torch
+
+    from train.hf import export_hf
+
+    source, output = _require_paths(cfg)
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise ConfigError(f"dtype={cfg.dtype!r} is not a torch dtype (float32, bfloat16, float16)")
+    config = export_hf(source, output, overwrite=cfg.overwrite, dtype=dtype)
+    log.info(
+        "exported %s (%s) to %s: load it with transformers.AutoModelForCausalLM.from_pretrained",
+        config.name, _params(config), output,
+    )  # fmt: skip
+
+
+def _require_paths(cfg) -> tuple[str, str]:
+    if not cfg.input:
+        raise ConfigError("input= is required: the directory to read")
+    if not cfg.output:
+        raise ConfigError("output= is required: the directory to write")
+    return cfg.input, cfg.output
+
+
+def _params(config) -> str:
+    from train.info import count_parameters
+
+    return f"{count_parameters(config).total / 1e6:,.1f}M parameters"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""Hugging Face GPT-Neo interop: `neo import` and `neo export`.
+
+Parameter names already match GPTNeoForCausalLM, so conversion is mostly about what GPT-Neo
+cannot say:
+- `strided` layers have no GPT-Neo equivalent: export refuses and names the layers;
+- GPT-3 sizes scale scores by 1/sqrt(head_dim) and GPT-Neo never does: export folds the scale
+  into q_proj (q_proj has no bias, so (s*Wq x) . k == s * (Wq x . k) exactly, up to rounding);
+- lm_head is tied to wte on both sides; save_pretrained omits it and so do we.
+Weights are read with safetensors or torch.load(weights_only=True); no remote code is run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from data_prep.files import atomic_dir
+from data_prep.tokenizers import GPT2_EOD, LoadedTokenizer, load_tokenizer, save_hf_tokenizer
+from train.checkpoint import (
+    TIED,
+    CheckpointError,
+    checkpoint_tokenizer,
+    model_config_from_dict,
+    read_checkpoint,
+    save_checkpoint,
+)
+from train.config import ModelConfig
+
+# GPTNeoConfig fields that are ModelConfig fields of the same name and meaning.
+SHARED_FIELDS = (
+    "vocab_size", "max_position_embeddings", "hidden_size", "num_layers", "num_heads",
+    "intermediate_size", "attention_types", "window_size", "activation_function",
+    "layer_norm_epsilon", "embed_dropout", "resid_dropout", "attention_dropout",
+    "initializer_range",
+)  # fmt: skip
+
+# Buffers that old GPT-Neo checkpoints carry in their state dict (masks, rebuilt on load).
+IGNORED_SUFFIXES = (".attn.attention.bias", ".attn.attention.masked_bias")
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# config
+
+
+def config_from_hf(hf: dict, source: str) -> ModelConfig:
+    if hf.get("model_type") != "gpt_neo":
+        raise CheckpointError(
+            f"{source}: model_type is {hf.get('model_type')!r}; neotrain imports 'gpt_neo' models"
+        )
+    if hf.get("tie_word_embeddings", True) is False:
+        raise CheckpointError(f"{source}: tie_word_embeddings=false; neotrain ties lm_head to wte")
+    values = {k: hf[k] for k in SHARED_FIELDS if k in hf}
+    name = Path(hf.get("_name_or_path") or Path(source).parent.name).name or "imported"
+    return model_config_from_dict({"name": name, **values, "scale_attn_weights": False}, source)
+
+
+def config_to_hf(config: ModelConfig, tokenizer: LoadedTokenizer, dtype: torch.dtype):
+    from transformers import GPTNeoConfig
+
+    kinds = config.layer_kinds()
+    strided = [i for i, kind in enumerate(kinds) if kind == "strided"]
+    if strided:
+        raise CheckpointError(
+            f"model {config.name!r} has strided attention in layers {strided}; GPT-Neo has only "
+            "global and local layers, so this model cannot be exported as GPTNeoForCausalLM"
+        )
+    fields = {k: getattr(config, k) for k in SHARED_FIELDS}
+    return GPTNeoConfig(
+        **fields,
+        bos_token_id=tokenizer.eod_id,
+        eos_token_id=tokenizer.eod_id,
+        tie_word_embeddings=True,
+        dtype=str(dtype).removeprefix("torch."),
+        architectures=["GPTNeoForCausalLM"],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# weights
+
+
+def read_hf_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a HF directory: one file or shards listed in an *.index.json."""
+    for name in WEIGHT_FILES:
+        index = path / f"{name}.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(_read_weight_file(path / shard))
+            return state
+        if (path / name).is_file():
+            return _read_weight_file(path / name)
+    raise CheckpointError(f"{path}: no weights ({' or '.join(WEIGHT_FILES)}, or a sharded index)")
+
+
+def _read_weight_file(file: Path) -> dict[str, torch.Tensor]:
+    if file.suffix == ".safetensors":
+        return load_file(str(file))
+    return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+
+
+def state_dict_from_hf(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    state = {k: v for k, v in state.items() if not k.endswith(IGNORED_SUFFIXES)}
+    wte = state.get("transformer.wte.weight")
+    if wte is None:
+        raise CheckpointError(f"{source}: transformer.wte.weight is missing")
+    head = state.get(TIED)
+    if head is not None and not torch.equal(head, wte):
+        raise CheckpointError(f"{source}: lm_head.weight differs from transformer.wte.weight")
+    state[TIED] = wte
+    return state
+
+
+def state_dict_to_hf(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype):
+    """Tensors for model.safetensors: lm_head omitted, attention scaling folded into q_proj."""
+    out = {}
+    for key, tensor in state.items():
+        if key == TIED:
+            continue
+        if config.scale_attn_weights and key.endswith("attn.attention.q_proj.weight"):
+            tensor = tensor.float() * config.attention_scale
+        out[key] = tensor.to(dtype).contiguous()
+    return out
+
+
+def read_hf_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    path = Path(path)
+    config_file = path / "config.json"
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file}:{e.lineno}: not valid JSON ({e.msg})") from e
+    config = config_from_hf(hf, str(config_file))
+    return config, state_dict_from_hf(read_hf_state_dict(path), str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# the two verbs
+
+
+def import_hf(
+    input_dir: str | Path, output_dir: str | Path, overwrite: bool = False
+) -> ModelConfig:
+    """A Hugging Face GPT-Neo directory -> a neotrain checkpoint (tokenizer included)."""
+    input_dir = Path(input_dir)
+    if not is_hf_dir(input_dir):
+        raise CheckpointError(f"{input_dir}: not a Hugging Face model directory (no config.json)")
+    config, state = read_hf_dir(input_dir)
+    tokenizer = _hf_dir_tokenizer(input_dir)
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(
+            f"{input_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+            f"vocab_size is {config.vocab_size}"
+        )
+    save_checkpoint(output_dir, config, state, tokenizer, overwrite=overwrite)
+    return config
+
+
+def export_hf(
+    input_dir: str | Path,
+    output_dir: str | Path,
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+) -> ModelConfig:
+    """A neotrain checkpoint -> a directory GPTNeoForCausalLM and AutoTokenizer load offline."""
+    from transformers import GenerationConfig
+
+    config, state = read_checkpoint(input_dir)
+    tokenizer = checkpoint_tokenizer(input_dir)
+    dtype = dtype or state["transformer.wte.weight"].dtype
+    hf_config = config_to_hf(config, tokenizer, dtype)  # refuses strided layers before writing
+    with atomic_dir(output_dir, overwrite) as tmp:
+        hf_config.save_pretrained(str(tmp))
+        save_file(state_dict_to_hf(config, state, dtype), str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})  # fmt: skip
+        GenerationConfig(
+            bos_token_id=tokenizer.eod_id,
+            eos_token_id=tokenizer.eod_id,
+            pad_token_id=tokenizer.eod_id,
+        ).save_pretrained(str(tmp))
+        save_hf_tokenizer(tokenizer, tmp, model_max_length=config.max_position_embeddings)
+        (tmp / "README.md").write_text(model_card(config, tokenizer, dtype))
+    return config
+
+
+def _hf_dir_tokenizer(path: Path) -> LoadedTokenizer | None:
+    try:
+        return load_tokenizer(path)
+    except FileNotFoundError:
+        return None
+
+
+def model_card(config: ModelConfig, tokenizer: LoadedTokenizer, dtype: torch.dtype) -> str:
+    kinds = config.layer_kinds()
+    local = sum(kind == "local" for kind in kinds)
+    lines = [
+        f"# {config.name}",
+        "",
+        "A GPT-Neo style causal language model trained with neotrain, saved as",
+        "`GPTNeoForCausalLM`.",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'model = AutoModelForCausalLM.from_pretrained("PATH")',
+        'tokenizer = AutoTokenizer.from_pretrained("PATH")',
+        "```",
+        "",
+        f"- layers {config.num_layers}, hidden {config.hidden_size}, heads {config.num_heads}, "
+        f"context {config.max_position_embeddings}, vocabulary {config.vocab_size}",
+        f"- attention: {len(kinds) - local} global layers, {local} local layers "
+        f"(window {config.window_size})",
+        f"- weights: {str(dtype).removeprefix('torch.')}; tokenizer: {tokenizer.name}, "
+        f"end of text {tokenizer.eod_token!r} = {tokenizer.eod_id}",
+    ]
+    if config.scale_attn_weights:
+        lines.append(
+            "- trained with attention scores scaled by 1/sqrt(head_dim) (GPT-3 style); GPT-Neo "
+            "has no such scaling, so the scale is folded into each q_proj weight"
+        )
+    if local:
+        lines.append(
+            "- local layers need the `eager` attention implementation (the default): "
+            "transformers' `flash_attention_2` path for GPT-Neo ignores the window and makes "
+            "local layers global, which changes the outputs"
+        )
+    if tokenizer.eod_token == GPT2_EOD and tokenizer.name == "gpt2":
+        lines.append("- tokenizer: GPT-2 byte-level BPE, as every EleutherAI GPT-Neo model")
+    return "\n".join(lines) + "\n"
