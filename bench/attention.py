@@ -85,8 +85,14 @@ def main() -> None:
         title=f"local attention fwd+bwd, fp32, {torch.get_num_threads()} threads, "
         f"heads {HEADS}x{HEAD_DIM}, window {WINDOW}, batch 1 (best of {args.repeats})"
     )
-    for column in ("T", "method", "seconds", "speed-up vs dense causal", "vs band mask",
-                   "growth per 2x T"):  # fmt: skip
+    for column in (
+        "T",
+        "method",
+        "seconds",
+        "speed-up vs dense causal",
+        "vs band mask",
+        "growth per 2x T",
+    ):
         table.add_column(column, justify="right")
     previous: dict[str, float] = {}
     for T, row in results.items():
@@ -96,8 +102,14 @@ def main() -> None:
             )
             growth = f"{t / previous[method]:.2f}x" if method in previous else "-"
             previous[method] = t
-            table.add_row(str(T), name, f"{t:.3f}", f"{row['causal'] / t:.1f}x",
-                          f"{row['band'] / t:.1f}x", growth)  # fmt: skip
+            table.add_row(
+                str(T),
+                name,
+                f"{t:.3f}",
+                f"{row['causal'] / t:.1f}x",
+                f"{row['band'] / t:.1f}x",
+                growth,
+            )
         table.add_section()
     Console(width=120).print(table)
 

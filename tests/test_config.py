@@ -14,9 +14,15 @@ SIZES = sorted(p.stem for p in (Path(__file__).parents[1] / "configs" / "model")
 
 # Nominal sizes from Brown et al. 2020, Table 2.1.
 GPT3_NOMINAL = {
-    "gpt3_small": 125e6, "gpt3_medium": 350e6, "gpt3_large": 760e6, "gpt3_xl": 1.3e9,
-    "gpt3_2.7b": 2.7e9, "gpt3_6.7b": 6.7e9, "gpt3_13b": 13.0e9, "gpt3_175b": 175.0e9,
-}  # fmt: skip
+    "gpt3_small": 125e6,
+    "gpt3_medium": 350e6,
+    "gpt3_large": 760e6,
+    "gpt3_xl": 1.3e9,
+    "gpt3_2.7b": 2.7e9,
+    "gpt3_6.7b": 6.7e9,
+    "gpt3_13b": 13.0e9,
+    "gpt3_175b": 175.0e9,
+}
 
 
 def load_size(name: str) -> InfoConfig:
@@ -65,11 +71,15 @@ def test_gpt_neo_sizes_do_not_scale_attention(name):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (dict(hidden_size=1000, num_heads=12),
-         "model.num_heads=12 does not divide model.hidden_size=1000"),
+        (
+            dict(hidden_size=1000, num_heads=12),
+            "model.num_heads=12 does not divide model.hidden_size=1000",
+        ),
         (dict(num_layers=5), r"expands to 4 layers, but model.num_layers=5"),
-        (dict(window_size=0),
-         "model.window_size=0 must be between 1 and model.max_position_embeddings=128"),
+        (
+            dict(window_size=0),
+            "model.window_size=0 must be between 1 and model.max_position_embeddings=128",
+        ),
         (dict(window_size=129), r"model.window_size=129 must be between 1"),
         (dict(attention_types=[[["global", "sparse"], 2]]), "unknown attention kind 'sparse'"),
         (dict(attention_types=[["global", 2]]), r"must be \[\[kinds...\], repeat\]"),
@@ -77,7 +87,7 @@ def test_gpt_neo_sizes_do_not_scale_attention(name):
         (dict(attention_backend="cuda"), "model.attention_backend='cuda' is not one of"),
         (dict(resid_dropout=1.0), r"model.resid_dropout=1.0 must be in \[0, 1\)"),
     ],
-)  # fmt: skip
+)
 def test_validation_names_key_and_numbers(overrides, message):
     with pytest.raises(ConfigError, match=message):
         tiny_config(**overrides)
@@ -90,8 +100,12 @@ def test_strided_needs_valid_stride():
 
 def test_expand_attention_types_is_gpt_neo_form():
     assert expand_attention_types([[["global", "local"], 2], [["strided"], 1]]) == [
-        "global", "local", "global", "local", "strided",
-    ]  # fmt: skip
+        "global",
+        "local",
+        "global",
+        "local",
+        "strided",
+    ]
 
 
 def test_mean_visible_keys_counts_the_mask():

@@ -64,10 +64,15 @@ def test_import_of_hugging_face_directory_gives_same_logits(tmp_path, pattern):
     torch.manual_seed(0)
     hf = GPTNeoForCausalLM(
         GPTNeoConfig(
-            vocab_size=GPT2_VOCAB, max_position_embeddings=128, hidden_size=32, num_layers=layers,
-            num_heads=2, attention_types=PATTERNS[pattern], window_size=8,
+            vocab_size=GPT2_VOCAB,
+            max_position_embeddings=128,
+            hidden_size=32,
+            num_layers=layers,
+            num_heads=2,
+            attention_types=PATTERNS[pattern],
+            window_size=8,
         )
-    ).eval()  # fmt: skip
+    ).eval()
     hf.save_pretrained(tmp_path / "hf")  # no tokenizer files: import works without them
     import_hf(tmp_path / "hf", tmp_path / "ckpt")
     ours = GPT.from_pretrained(tmp_path / "ckpt").eval()
@@ -117,8 +122,14 @@ def test_exported_directory_has_everything_inference_needs(tmp_path):
     make_checkpoint(tmp_path / "ckpt")
     export_hf(tmp_path / "ckpt", tmp_path / "hf", dtype=torch.bfloat16)
     files = {p.name for p in (tmp_path / "hf").iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-            "tokenizer_config.json", "README.md"} <= files  # fmt: skip
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+    } <= files
     weights = load_file(tmp_path / "hf" / "model.safetensors")
     assert "lm_head.weight" not in weights
     assert all(t.dtype == torch.bfloat16 for t in weights.values())

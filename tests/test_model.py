@@ -146,6 +146,7 @@ def test_strided_model_runs_forward_and_backward():
 
 def test_sequence_longer_than_context_is_refused():
     model = GPT(tiny_config(max_position_embeddings=32))
-    with pytest.raises(ConfigError, match="sequence length 33 is longer than "
-                                          "model.max_position_embeddings=32"):  # fmt: skip
+    with pytest.raises(
+        ConfigError, match="sequence length 33 is longer than model.max_position_embeddings=32"
+    ):
         model(torch.zeros(1, 33, dtype=torch.long))

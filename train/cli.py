@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from dataclasses import dataclass
 
@@ -26,6 +27,15 @@ class Verb:
 
 
 VERBS = {
+    "prep": Verb(
+        "train.cli:run_prep",
+        "tokenize a corpus into Megatron-compatible token shards + manifest (input= output=)",
+    ),
+    "train": Verb(
+        "train.pretrain:run",
+        "pretrain a causal LM with DeepSpeed ZeRO; resumes from the run's last checkpoint",
+    ),
+    "plot": Verb("train.cli:run_plot", "draw the loss curve of a run into <run_dir>/loss.png"),
     "info": Verb(
         "train.info:run",
         "parameters, FLOPs per token and ZeRO memory per device of a model size (model=NAME)",
@@ -61,11 +71,36 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return
+    argv = _without_local_rank(argv)
     name = argv[0]
     if name not in VERBS:
         print(f"neo: unknown verb {name!r}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
     run_verb(name, argv[1:])
+
+
+def _report(verb: str, error: Exception) -> None:
+    """One line on stderr; from rank 0 only when several ranks hit the same error."""
+    rank = os.environ.get("RANK", "0")
+    if rank == "0":
+        print(f"neo {verb}: error: {error}", file=sys.stderr)
+
+
+def _without_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher appends --local_rank=N; Hydra would reject it. LOCAL_RANK is in
+    the environment too, which is where neotrain reads it."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg.startswith("--local_rank="):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        elif arg == "--local_rank" and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            skip = True
+        else:
+            out.append(arg)
+    return out
 
 
 def run_verb(name: str, overrides: list[str]) -> None:
@@ -82,11 +117,30 @@ def run_verb(name: str, overrides: list[str]) -> None:
         try:
             target(config)
         except USER_ERRORS as e:
-            print(f"neo {name}: error: {e}", file=sys.stderr)
+            _report(name, e)
             sys.exit(2)
+        except RuntimeError as e:
+            if type(e).__name__ != "TrainingStopped":
+                raise
+            _report(name, e)
+            sys.exit(1)
 
     sys.argv = [f"neo {name}", *overrides]
     app()
+
+
+def run_prep(cfg) -> None:
+    from data_prep.prep import prepare
+
+    try:
+        prepare(cfg)
+    except KeyboardInterrupt:
+        print(
+            f"neo prep: interrupted; rerun the same command to continue from the shards "
+            f"already complete in {cfg.output}",
+            file=sys.stderr,
+        )
+        sys.exit(130)
 
 
 def run_import(cfg) -> None:
@@ -96,8 +150,12 @@ def run_import(cfg) -> None:
     config = import_hf(source, output, overwrite=cfg.overwrite)
     log.info(
         "imported %s (%s, %d layers) from %s into the neotrain checkpoint %s",
-        config.name, _params(config), config.num_layers, source, output,
-    )  # fmt: skip
+        config.name,
+        _params(config),
+        config.num_layers,
+        source,
+        output,
+    )
 
 
 def run_export(cfg) -> None:
@@ -112,8 +170,16 @@ def run_export(cfg) -> None:
     config = export_hf(source, output, overwrite=cfg.overwrite, dtype=dtype)
     log.info(
         "exported %s (%s) to %s: load it with transformers.AutoModelForCausalLM.from_pretrained",
-        config.name, _params(config), output,
-    )  # fmt: skip
+        config.name,
+        _params(config),
+        output,
+    )
+
+
+def run_plot(cfg) -> None:
+    from train.metrics import plot_run
+
+    log.info("wrote %s", plot_run(cfg.run_dir))
 
 
 def _require_paths(cfg) -> tuple[str, str]:

@@ -172,10 +172,122 @@ class ConvertConfig:
     dtype: str | None = None
 
 
+@dataclass
+class BlendComponent:
+    """One part of a data blend: a `neo prep` directory, optionally one source of it."""
+
+    path: str = ""
+    weight: float = 1.0
+    # A `meta.pile_set_name` recorded in the manifest; None takes every document.
+    source: str | None = None
+
+
+@dataclass
+class DataConfig:
+    # A `neo prep` output directory (or Megatron shards with a manifest); used when `blend` is
+    # empty. The default is prepared from the bundled sample corpus on first use.
+    path: str = "data/pile_sample"
+    # Weighted blend, e.g. the Pile's per-component weights; weights are normalised.
+    blend: list[BlendComponent] = field(default_factory=list)
+    # Tokens per training sample (the model sees seq_len, predicts seq_len); None = context.
+    seq_len: int | None = None
+    # Seed of the document and sample order (one permutation per epoch).
+    seed: int = 1234
+    # Check every shard's sha256 against the manifest before training.
+    verify_shards: bool = False
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with GPT-3's defaults; linear warmup, then cosine decay to min_lr_ratio * lr."""
+
+    lr: float = 6e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    # Not applied to biases, LayerNorm weights or embeddings.
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    # Schedule length unit: "steps" or "tokens".
+    unit: str = "steps"
+    warmup: int = 30
+    # Length of warmup + cosine decay; None: the whole run.
+    decay: int | None = None
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The parts of DeepSpeed's config neotrain builds for you; `extra` is merged last, so any
+    raw DeepSpeed key can be set (e.g. +deepspeed.extra.zero_optimization.overlap_comm=true)."""
+
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    activation_checkpointing: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WandbConfig:
+    # offline (default: logs under the run directory, `wandb sync` later), online, disabled
+    mode: str = "offline"
+    project: str = "neotrain"
+    entity: str | None = None
+
+
+@dataclass
+class LoggerConfig:
+    log_every: int = 10
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    name: str = "tiny"
+    run_dir: str = "runs/tiny"
+    seed: int = 1234
+    # auto | cpu | cuda | npu
+    accelerator: str = "auto"
+    # bf16 | fp16 (dynamic loss scaling) | fp32
+    precision: str = "bf16"
+    micro_batch_size: int = 4
+    # Samples per optimizer step over all ranks: micro_batch_size * accumulation * world_size.
+    global_batch_size: int = 8
+    max_steps: int = 200
+    eval_every: int = 50
+    eval_batches: int = 4
+    save_every: int = 100
+    keep_last: int = 2
+    # Stop with an error after this many optimizer steps in a row with a non-finite loss.
+    max_bad_steps: int = 5
+    # Peak FLOP/s per device for MFU; None: measured matmul peak on CPU, unknown elsewhere.
+    peak_flops: float | None = None
+    # auto: continue from run_dir/checkpoints if present; never: refuse a non-empty run dir.
+    resume: str = "auto"
+    # At the end: a consolidated neotrain checkpoint (run_dir/model) and a HF directory.
+    export_hf: bool = True
+
+
+@dataclass
+class PlotConfig:
+    run_dir: str = "runs/tiny"
+
+
 def register_configs() -> None:
     """Register the schemas so that YAML files are checked against them."""
     from hydra.core.config_store import ConfigStore
 
+    from data_prep.config import PrepConfig
+
     cs = ConfigStore.instance()
+    cs.store(name="prep_schema", node=PrepConfig)
     cs.store(name="info_schema", node=InfoConfig)
     cs.store(name="convert_schema", node=ConvertConfig)
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="plot_schema", node=PlotConfig)

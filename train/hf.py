@@ -22,20 +22,29 @@ from data_prep.tokenizers import GPT2_EOD, LoadedTokenizer, load_tokenizer, save
 from train.checkpoint import (
     TIED,
     CheckpointError,
-    checkpoint_tokenizer,
     model_config_from_dict,
-    read_checkpoint,
+    read_any,
     save_checkpoint,
 )
 from train.config import ModelConfig
 
 # GPTNeoConfig fields that are ModelConfig fields of the same name and meaning.
 SHARED_FIELDS = (
-    "vocab_size", "max_position_embeddings", "hidden_size", "num_layers", "num_heads",
-    "intermediate_size", "attention_types", "window_size", "activation_function",
-    "layer_norm_epsilon", "embed_dropout", "resid_dropout", "attention_dropout",
+    "vocab_size",
+    "max_position_embeddings",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "intermediate_size",
+    "attention_types",
+    "window_size",
+    "activation_function",
+    "layer_norm_epsilon",
+    "embed_dropout",
+    "resid_dropout",
+    "attention_dropout",
     "initializer_range",
-)  # fmt: skip
+)
 
 # Buffers that old GPT-Neo checkpoints carry in their state dict (masks, rebuilt on load).
 IGNORED_SUFFIXES = (".attn.attention.bias", ".attn.attention.masked_bias")
@@ -156,7 +165,7 @@ def import_hf(
     if not is_hf_dir(input_dir):
         raise CheckpointError(f"{input_dir}: not a Hugging Face model directory (no config.json)")
     config, state = read_hf_dir(input_dir)
-    tokenizer = _hf_dir_tokenizer(input_dir)
+    tokenizer = hf_dir_tokenizer(input_dir)
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(
             f"{input_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
@@ -175,14 +184,22 @@ def export_hf(
     """A neotrain checkpoint -> a directory GPTNeoForCausalLM and AutoTokenizer load offline."""
     from transformers import GenerationConfig
 
-    config, state = read_checkpoint(input_dir)
-    tokenizer = checkpoint_tokenizer(input_dir)
+    config, state, tokenizer = read_any(input_dir)
+    tokenizer = tokenizer or load_tokenizer("gpt2")
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(
+            f"{input_dir}: no tokenizer fits vocab_size={config.vocab_size} "
+            f"({tokenizer.name} has {tokenizer.vocab_size} tokens)"
+        )
     dtype = dtype or state["transformer.wte.weight"].dtype
     hf_config = config_to_hf(config, tokenizer, dtype)  # refuses strided layers before writing
     with atomic_dir(output_dir, overwrite) as tmp:
         hf_config.save_pretrained(str(tmp))
-        save_file(state_dict_to_hf(config, state, dtype), str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})  # fmt: skip
+        save_file(
+            state_dict_to_hf(config, state, dtype),
+            str(tmp / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
         GenerationConfig(
             bos_token_id=tokenizer.eod_id,
             eos_token_id=tokenizer.eod_id,
@@ -193,7 +210,7 @@ def export_hf(
     return config
 
 
-def _hf_dir_tokenizer(path: Path) -> LoadedTokenizer | None:
+def hf_dir_tokenizer(path: Path) -> LoadedTokenizer | None:
     try:
         return load_tokenizer(path)
     except FileNotFoundError:

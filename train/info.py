@@ -87,8 +87,10 @@ def describe_attention(config: ModelConfig) -> str:
     for kind in ("global", "local", "strided"):
         n = kinds.count(kind)
         if n:
-            extra = {"local": f" (window {config.window_size})",
-                     "strided": f" (stride {config.sparse_stride})"}.get(kind, "")  # fmt: skip
+            extra = {
+                "local": f" (window {config.window_size})",
+                "strided": f" (stride {config.sparse_stride})",
+            }.get(kind, "")
             parts.append(f"{n} {kind}{extra}")
     scaling = "scaled 1/sqrt(d)" if config.scale_attn_weights else "unscaled (GPT-Neo)"
     return ", ".join(parts) + f"; scores {scaling}"
@@ -111,8 +113,10 @@ def run(cfg: InfoConfig) -> None:
     size.add_column(style="bold")
     size.add_column(justify="right")
     for label, value in [
-        ("layers / hidden / heads / head dim", f"{config.num_layers} / {config.hidden_size} / "
-                                               f"{config.num_heads} / {config.head_dim}"),
+        (
+            "layers / hidden / heads / head dim",
+            f"{config.num_layers} / {config.hidden_size} / {config.num_heads} / {config.head_dim}",
+        ),
         ("MLP width", f"{config.ffn_size:,}"),
         ("context / vocabulary", f"{config.max_position_embeddings:,} / {config.vocab_size:,}"),
         ("attention", describe_attention(config)),
@@ -120,7 +124,7 @@ def run(cfg: InfoConfig) -> None:
         ("  of which embeddings", f"{params.embedding:,}"),
         (f"training FLOPs per token (seq {seq_len})", f"{flops:,.4g}"),
         ("training FLOPs for 1B tokens", f"{flops * 1e9:,.4g}"),
-    ]:  # fmt: skip
+    ]:
         size.add_row(label, value)
     console.print(size)
 

@@ -52,10 +52,16 @@ class SelfAttention(nn.Module):
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
         y = attend(
-            q, k, v,
-            kind=self.kind, window=self.window, stride=self.stride, scale=self.scale,
-            dropout_p=self.dropout if self.training else 0.0, backend=self.backend,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            kind=self.kind,
+            window=self.window,
+            stride=self.stride,
+            scale=self.scale,
+            dropout_p=self.dropout if self.training else 0.0,
+            backend=self.backend,
+        )
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.out_proj(y))
 
@@ -115,6 +121,8 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
+        # Set from outside (train/engine) to checkpoint each block: fn(block, x) -> block(x).
+        self.checkpoint_fn = None
 
     def tie_weights(self) -> None:
         """The output projection is the token embedding (GPT-Neo ties them)."""
@@ -126,22 +134,33 @@ class GPT(nn.Module):
         the projections that write into the residual stream (out_proj, c_proj) scaled by
         1/sqrt(2 * num_layers), so the residual's variance does not grow with depth."""
         self.tie_weights()
-        std = self.config.initializer_range
-        residual_std = std / math.sqrt(2 * self.config.num_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear | nn.Embedding):
-                if module is self.lm_head:
-                    continue  # tied to wte, initialised there
-                is_residual = name.endswith(("out_proj", "c_proj"))
-                module.weight.normal_(
-                    0.0, residual_std if is_residual else std, generator=generator
-                )
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            elif isinstance(module, nn.LayerNorm):
-                module.weight.fill_(1.0)
-                module.bias.zero_()
+        for module in self.modules():
+            self.init_module(module, generator)
         return self
+
+    @torch.no_grad()
+    def init_module(self, module: nn.Module, generator: torch.Generator | None = None) -> None:
+        """Initialise the parameters `module` owns directly (modules visited in a fixed order
+        draw the same numbers whether or not the model is partitioned)."""
+        if module is self.lm_head:
+            return  # tied to wte, initialised there
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear | nn.Embedding):
+            if isinstance(module, nn.Linear) and module in self._residual_projections():
+                std = std / math.sqrt(2 * self.config.num_layers)
+            module.weight.normal_(0.0, std, generator=generator)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+
+    def _residual_projections(self) -> set[nn.Module]:
+        return {
+            m
+            for block in self.transformer.h
+            for m in (block.attn.attention.out_proj, block.mlp.c_proj)
+        }
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, T, vocab_size) logits."""
@@ -151,7 +170,8 @@ class GPT(nn.Module):
         x = self.transformer.wte(input_ids) + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x)
+            # Activation checkpointing: keep only block inputs, recompute the rest in backward.
+            x = self.checkpoint_fn(block, x) if self.checkpoint_fn and self.training else block(x)
         return self.lm_head(self.transformer.ln_f(x))
 
     def num_parameters(self) -> int:

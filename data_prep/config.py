@@ -1,0 +1,99 @@
+"""`neo prep` configuration schema (registered in Hydra's ConfigStore by train/config.py).
+
+It lives here rather than in train/config.py because data_prep must not import torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MODEL_TYPES = ("bpe", "unigram")
+
+
+class PrepConfigError(ValueError):
+    """A `neo prep` setting breaks a rule; the message names the key and the value."""
+
+
+@dataclass
+class CorpusConfig:
+    """`data=` group: where a record keeps its text and the name of its source."""
+
+    # Dotted path into each JSON record / column of a table, e.g. `text` or `content`.
+    text_field: str = "text"
+    # Dotted path to the source name (the Pile: meta.pile_set_name). Records without it count
+    # as source "unknown"; null makes every input file (a txt file's folder) its own source.
+    source_field: str | None = "meta.pile_set_name"
+    # Hugging Face datasets only: the split to read and the hub config name.
+    hf_split: str = "train"
+    hf_config: str | None = None
+
+
+@dataclass
+class SentencePieceConfig:
+    """`tokenizer=sentencepiece`: train a SentencePiece model on a sample of the input first."""
+
+    model_type: str = "bpe"
+    vocab_size: int = 32000
+    # Characters outside the vocabulary become their UTF-8 bytes instead of <unk>: lossless.
+    byte_fallback: bool = True
+    # Share of characters the vocabulary must cover; 0.9995 suits Chinese and mixed text.
+    character_coverage: float = 0.9995
+    # Text taken for training, spread evenly over the input files.
+    sample_bytes: int = 20_000_000
+
+
+@dataclass
+class PrepConfig:
+    data: CorpusConfig = field(default_factory=CorpusConfig)
+    # A file, a folder, a glob, `sample` (the bundled Pile-like sample corpus), a Hugging Face
+    # `save_to_disk` folder, or `hf:NAME` (a hub dataset, streamed).
+    input: str = "sample"
+    output: str = "data/pile_sample"
+    # `gpt2` (bundled), a tokenizer.json / SentencePiece .model / tokenizer directory, or
+    # `sentencepiece` to train one (see `sentencepiece`) and save it beside the shards.
+    tokenizer: str = "gpt2"
+    sentencepiece: SentencePieceConfig = field(default_factory=SentencePieceConfig)
+    # Drop exact duplicate documents (same text), keeping the first.
+    dedup: bool = True
+    # Share of documents held out for validation, chosen by a seeded hash of the text.
+    validation_fraction: float = 0.01
+    seed: int = 1234
+    # A shard group (one shard per split) closes after this many tokens; the unit of resume.
+    shard_tokens: int = 100_000_000
+    # Tokenizing processes; 0 means one per CPU core.
+    workers: int = 0
+    # Stop at the first bad record (exit code 2) instead of skipping and counting it.
+    strict: bool = False
+    # Replace an existing output directory instead of refusing (or resuming).
+    overwrite: bool = False
+
+    def validate(self) -> PrepConfig:
+        """Raise PrepConfigError for the first rule this config breaks; return self otherwise."""
+        for key in ("input", "output", "tokenizer"):
+            if not getattr(self, key):
+                raise PrepConfigError(f"{key}= must not be empty")
+        if not self.data.text_field:
+            raise PrepConfigError("data.text_field= must not be empty")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise PrepConfigError(
+                f"validation_fraction={self.validation_fraction} must be in [0, 1)"
+            )
+        if self.shard_tokens < 1:
+            raise PrepConfigError(f"shard_tokens={self.shard_tokens} must be >= 1")
+        if self.workers < 0:
+            raise PrepConfigError(f"workers={self.workers} must be >= 0 (0: one per core)")
+        sp = self.sentencepiece
+        if sp.model_type not in MODEL_TYPES:
+            raise PrepConfigError(
+                f"sentencepiece.model_type={sp.model_type!r} is not one of {', '.join(MODEL_TYPES)}"
+            )
+        if sp.vocab_size < 1 or sp.sample_bytes < 1:
+            raise PrepConfigError(
+                f"sentencepiece.vocab_size={sp.vocab_size} and "
+                f"sentencepiece.sample_bytes={sp.sample_bytes} must be >= 1"
+            )
+        if not 0.0 < sp.character_coverage <= 1.0:
+            raise PrepConfigError(
+                f"sentencepiece.character_coverage={sp.character_coverage} must be in (0, 1]"
+            )
+        return self

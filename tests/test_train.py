@@ -1,0 +1,523 @@
+"""`neo train` for real: DeepSpeed over gloo on CPU, one and two ranks, as users run it."""
+
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+from conftest import NEO, ROOT
+
+from data_prep.config import PrepConfig
+from data_prep.prep import prepare
+from train.checkpoint import load_model
+from train.metrics import read_metrics
+
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+GOLDEN = ROOT / "tests" / "assets" / "golden_losses.json"
+
+# A small model and short samples keep each run to seconds on 2 cores.
+SMALL = [
+    "model.hidden_size=64",
+    "model.num_heads=4",
+    "model.num_layers=2",
+    "model.attention_types=[[[global,local],1]]",
+    "model.window_size=16",
+    "model.max_position_embeddings=64",
+    "data.seq_len=64",
+    "micro_batch_size=2",
+    "global_batch_size=8",
+    "eval_batches=2",
+    "logger.log_every=1",
+    "logger.wandb.mode=disabled",
+    "optim.lr=3e-3",
+    "optim.warmup=2",
+]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """300 documents of the bundled sample (cut to 8 kB each), prepared by `neo prep`."""
+    root = tmp_path_factory.mktemp("corpus")
+    sample = ROOT / "data_prep" / "sample" / "pile_sample.jsonl.zst"
+    with sample.open("rb") as f, (root / "small.jsonl").open("w") as out:
+        lines = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding="utf-8")
+        for _, line in zip(range(300), lines, strict=False):
+            record = json.loads(line)
+            record["text"] = record["text"][:8000]
+            out.write(json.dumps(record) + "\n")
+    prepare(
+        PrepConfig(
+            input=str(root / "small.jsonl"),
+            output=str(root / "data"),
+            workers=1,
+            validation_fraction=0.05,
+        )
+    )
+    return root / "data"
+
+
+def train(
+    run_dir: Path, corpus: Path, *overrides: str, ranks: int = 1, check=True, env=None, wait=True
+):
+    """`neo train` (one rank) or `torchrun --nproc_per_node 2 -m train.cli train` (two)."""
+    merged = dict(a.split("=", 1) for a in [*SMALL, "max_steps=4", *overrides])  # later ones win
+    args = [f"run_dir={run_dir}", f"data.path={corpus}", *(f"{k}={v}" for k, v in merged.items())]
+    if ranks == 1:
+        command = [NEO, "train", *args]
+    else:
+        command = [
+            TORCHRUN,
+            "--standalone",
+            f"--nproc_per_node={ranks}",
+            "-m",
+            "train.cli",
+            "train",
+            *args,
+        ]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    if not wait:
+        return subprocess.Popen(
+            command,
+            cwd=run_dir.parent,
+            env=environment,
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    proc = subprocess.run(
+        command, cwd=run_dir.parent, env=environment, capture_output=True, text=True, timeout=900
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(command)} exited {proc.returncode}\n"
+            f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Training loss by step; for a resumed run, the last record of a step wins."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def last_step(run_dir: Path) -> int:
+    """The last step a (possibly running) training has logged; 0 before the first."""
+    file = run_dir / "metrics.jsonl"
+    lines = file.read_text().splitlines() if file.exists() else []
+    return max((json.loads(line)["step"] for line in lines if line.endswith("}")), default=0)
+
+
+def wait_for_step(proc, run_dir: Path, step: int, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and last_step(run_dir) < step:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended too early:\n" + proc.stdout.read()
+
+
+def val_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["val_loss"] for r in read_metrics(run_dir) if "val_loss" in r}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_two_ranks_bf16_zero_stage_learns(tmp_path, corpus, stage):
+    run = tmp_path / f"zero{stage}"
+    train(
+        run,
+        corpus,
+        f"deepspeed=zero{stage}",
+        "precision=bf16",
+        "max_steps=16",
+        "eval_every=8",
+        "save_every=16",
+        ranks=2,
+    )
+    curve = losses(run)
+    assert sorted(curve) == list(range(1, 17))
+    assert curve[16] < curve[1] - 1.0, curve
+    val = val_losses(run)
+    assert val[16] < val[8]
+    assert (run / "hf" / "model.safetensors").is_file() and (run / "loss.png").is_file()
+
+
+@pytest.mark.slow
+def test_world_size_one_and_two_train_the_same_model(tmp_path, corpus):
+    common = ("deepspeed=zero2", "precision=fp32", "max_steps=6", "eval_every=6", "save_every=6")
+    train(tmp_path / "one", corpus, *common, ranks=1)
+    train(tmp_path / "two", corpus, *common, ranks=2)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for step in one:
+        assert one[step] == pytest.approx(two[step], rel=1e-5, abs=1e-6), (step, one, two)
+
+
+@pytest.mark.slow
+def test_kill_and_resume_is_exact(tmp_path, corpus):
+    """SIGKILL after the step-4 checkpoint; the rerun's losses equal an uninterrupted run's,
+    bit for bit (same world size, CPU)."""
+    common = ("deepspeed=zero2", "precision=bf16", "max_steps=10", "save_every=4", "eval_every=5")
+    train(tmp_path / "straight", corpus, *common, ranks=2)
+
+    run = tmp_path / "killed"
+    proc = train(run, corpus, *common, ranks=2, wait=False)
+    wait_for_step(proc, run, 6)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert not (run / "model").exists()
+
+    train(run, corpus, *common, ranks=2)
+    straight, resumed = losses(tmp_path / "straight"), losses(run)
+    assert resumed == straight  # exact float equality, every step 1..10
+    assert val_losses(run)[10] == val_losses(tmp_path / "straight")[10]
+
+
+@pytest.mark.slow
+def test_zero3_checkpoint_consolidates_to_the_trained_model(tmp_path, corpus):
+    """The live model's final fp32 weights (run/model), zero_to_fp32 on the last ZeRO-3
+    checkpoint, and the Hugging Face export all give the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "z3"
+    train(
+        run,
+        corpus,
+        "deepspeed=zero3",
+        "precision=fp32",
+        "max_steps=4",
+        "save_every=4",
+        "eval_every=4",
+        ranks=2,
+    )
+    live = load_model(run / "model").eval()
+    from_checkpoint = load_model(run / "checkpoints").eval()
+    subprocess.run(
+        [NEO, "export", f"input={run / 'checkpoints'}", f"output={tmp_path / 'hf'}"],
+        check=True,
+        capture_output=True,
+    )
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = live(ids)
+        torch.testing.assert_close(from_checkpoint(ids), reference)
+        torch.testing.assert_close(hf(ids).logits, reference)
+    trained = {k: v for k, v in live.state_dict().items()}
+    untrained_std = 0.02
+    assert not math.isclose(
+        trained["transformer.h.0.mlp.c_fc.weight"].std().item(), untrained_std, rel_tol=1e-3
+    )
+
+
+@pytest.mark.slow
+def test_golden_loss_curve(tmp_path, corpus):
+    """The first steps of the tiny model (configs/model/tiny.yaml) on fixed data are pinned: a
+    change that moves them (model, init, data order, optimizer, schedule) must say so by
+    updating the file (NEOTRAIN_UPDATE_GOLDEN=1)."""
+    run = tmp_path / "golden"
+    overrides = [
+        f"data.path={corpus}",
+        "data.seq_len=64",
+        "precision=fp32",
+        "micro_batch_size=4",
+        "global_batch_size=8",
+        "max_steps=8",
+        "optim.warmup=2",
+        "eval_every=8",
+        "save_every=8",
+        "export_hf=false",
+        "logger.log_every=1",
+        "logger.wandb.mode=disabled",
+    ]
+    subprocess.run(
+        [NEO, "train", f"run_dir={run}", *overrides],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,
+    )
+    curve = [losses(run)[s] for s in range(1, 9)]
+    if os.environ.get("NEOTRAIN_UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(
+            json.dumps({"model": "tiny", "overrides": overrides[1:], "losses": curve}, indent=1)
+            + "\n"
+        )
+    expected = json.loads(GOLDEN.read_text())["losses"]
+    np.testing.assert_allclose(curve, expected, rtol=2e-4)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_stops_then_resumes(tmp_path, corpus):
+    run = tmp_path / "preempted"
+    common = ("precision=fp32", "max_steps=40", "save_every=100", "eval_every=100")
+    proc = train(run, corpus, *common, wait=False)
+    wait_for_step(proc, run, 3)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    stopped_at = int((run / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert 3 <= stopped_at < 40
+    assert (
+        f"stopped by SIGTERM after step {stopped_at}" in out
+        and "Run the same command to resume" in out
+    )
+    train(run, corpus, *common, "max_steps=" + str(stopped_at + 2))
+    assert sorted(losses(run))[-1] == stopped_at + 2
+
+
+NAN_AFTER = """
+import sys, torch
+import train.pretrain as p
+from train.cli import main
+real = p.next_token_loss
+calls, healthy = {"n": 0}, int(sys.argv[1])
+def poisoned(logits, targets):
+    calls["n"] += 1
+    loss = real(logits, targets)
+    return loss * float("nan") if calls["n"] > healthy else loss
+p.next_token_loss = poisoned
+main(["train", *sys.argv[2:]])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "precision"), [(0, "fp32"), (2, "bf16")])
+def test_non_finite_losses_skip_steps_then_stop(tmp_path, corpus, stage, precision):
+    run = tmp_path / "nan"
+    args = [
+        f"run_dir={run}",
+        f"data.path={corpus}",
+        *SMALL,
+        f"deepspeed=zero{stage}",
+        f"precision={precision}",
+        "max_steps=20",
+        "max_bad_steps=3",
+        "save_every=100",
+        "eval_every=100",
+    ]
+    # Micro-batches 1-12 are fine (steps 1-3 at 4 micro-batches a step), then every loss is NaN.
+    proc = subprocess.run(
+        [sys.executable, "-c", NAN_AFTER, "12", *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "3 steps in a row had a non-finite loss" in proc.stderr
+    records = read_metrics(run)
+    assert [r["skipped"] for r in records if "loss" in r][-1] == 3
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    # The skipped steps did not touch the weights: they equal the weights after step 3.
+    before = load_model(run / "checkpoints" / "step_00000006")
+    assert all(torch.isfinite(p).all() for p in before.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: a clear error before any step runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["global_batch_size=9"],
+            "global_batch_size=9 is not a multiple of micro_batch_size=2 x world size 1",
+        ),
+        (["data.seq_len=65"], "sequence length 65 is longer than model.max_position_embeddings=64"),
+        (
+            ["model.vocab_size=1000"],
+            "the tokenizer has 50257 tokens, more than model.vocab_size=1000",
+        ),
+        (["data.path=/nonexistent/data"], "/nonexistent/data does not exist"),
+        (["precision=fp8"], "precision='fp8' is not one of"),
+        (
+            ["deepspeed.offload_param=true"],
+            "deepspeed.offload_param=true needs deepspeed.zero_stage=3",
+        ),
+        (["precision=fp16"], "precision=fp16 needs a CUDA or Ascend device"),
+    ],
+)
+def test_bad_configuration_fails_before_training(tmp_path, corpus, overrides, message):
+    run = tmp_path / "bad"
+    proc = train(run, corpus, *overrides, check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr
+    assert not (run / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_corrupt_shard_is_named(tmp_path, corpus):
+    import shutil
+
+    broken = tmp_path / "data"
+    shutil.copytree(corpus, broken)
+    shard = next(broken.glob("train-*.bin"))
+    with shard.open("r+b") as f:
+        f.truncate(shard.stat().st_size - 2)
+    proc = train(tmp_path / "run", broken, check=False)
+    assert proc.returncode == 2 and shard.name in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_checkpoint_from_another_model_is_refused(tmp_path, corpus):
+    run = tmp_path / "run"
+    train(run, corpus, "max_steps=2", "save_every=2", "eval_every=2", "export_hf=false")
+    proc = train(run, corpus, "max_steps=4", "model.hidden_size=32", check=False)
+    assert proc.returncode == 2
+    assert "was trained with a different model config" in proc.stderr
+    assert max(losses(run)) == 2
+
+
+@pytest.mark.slow
+def test_resume_on_a_different_world_size(tmp_path, corpus):
+    """Two ranks stop at step 4; one rank continues through DeepSpeed's universal checkpoint,
+    reading the same samples (by consumed count) and landing close to the two-rank run."""
+    # optim.decay pins the schedule's length, so stopping at 4 does not change the learning rate.
+    common = (
+        "deepspeed=zero2",
+        "precision=fp32",
+        "save_every=4",
+        "eval_every=100",
+        "optim.decay=8",
+    )
+    train(tmp_path / "straight", corpus, *common, "max_steps=8", ranks=2)
+    run = tmp_path / "resized"
+    train(run, corpus, *common, "max_steps=4", "export_hf=false", ranks=2)
+    proc = train(run, corpus, *common, "max_steps=8", ranks=1)
+    assert "through a universal checkpoint" in proc.stdout + proc.stderr
+    straight, resized = losses(tmp_path / "straight"), losses(run)
+    for step in range(5, 9):
+        assert resized[step] == pytest.approx(straight[step], rel=1e-4), (step, straight, resized)
+
+
+@pytest.mark.slow
+def test_resume_across_zero_families_from_consolidated_weights(tmp_path, corpus):
+    """ZeRO-2 -> ZeRO-3 cannot reshard Adam's state; the run continues from the consolidated
+    fp32 weights (step, schedule and data position kept), saying so."""
+    common = ("precision=fp32", "save_every=4", "eval_every=100", "optim.decay=8")
+    run = tmp_path / "run"
+    train(run, corpus, *common, "deepspeed=zero2", "max_steps=4", "export_hf=false", ranks=2)
+    proc = train(run, corpus, *common, "deepspeed=zero3", "max_steps=6", ranks=2)
+    assert "from its consolidated fp32 weights" in proc.stdout + proc.stderr
+    curve = losses(run)
+    assert sorted(curve) == list(range(1, 7))
+    # Step 5's loss is computed with the step-4 weights: the same as an uninterrupted run's.
+    straight = tmp_path / "straight"
+    train(straight, corpus, *common, "deepspeed=zero2", "max_steps=6", ranks=2)
+    assert curve[5] == pytest.approx(losses(straight)[5], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_zero_stages_start_from_the_same_weights(tmp_path, corpus):
+    """Initialisation is separate from construction: ZeRO-3 builds the model partitioned
+    (deepspeed.zero.Init) and initialises it after, module by module, to the same numbers."""
+    first = {}
+    for stage in (0, 3):
+        run = tmp_path / f"z{stage}"
+        train(
+            run,
+            corpus,
+            f"deepspeed=zero{stage}",
+            "precision=fp32",
+            "max_steps=2",
+            "export_hf=false",
+            ranks=2,
+        )
+        first[stage] = losses(run)
+    assert first[0][1] == first[3][1]
+    assert first[0][2] == pytest.approx(first[3][2], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_no_arguments_prepares_the_sample_and_trains(tmp_path):
+    """`neo train` on the embedded defaults (here cut to 2 steps): prepares the bundled sample
+    with `neo prep`, trains, logs to wandb offline, exports; `neo plot` redraws the curve."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([NEO, "train", "max_steps=2", "eval_every=2"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "running neo prep on the bundled sample corpus" in proc.stdout
+    run = tmp_path / "runs" / "tiny"
+    assert (tmp_path / "data" / "pile_sample" / "manifest.json").is_file()
+    assert {"config.yaml", "metrics.jsonl", "loss.png", "checkpoints", "model", "hf"} <= {
+        p.name for p in run.iterdir()
+    }
+    assert list((run / "wandb").glob("offline-run-*")), "wandb ran in offline mode"
+    assert "max_steps: 2" in (run / "config.yaml").read_text()
+    (run / "loss.png").unlink()
+    plot = subprocess.run(
+        [NEO, "plot", f"run_dir={run}"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert plot.returncode == 0 and (run / "loss.png").is_file()
+
+
+@pytest.mark.slow
+def test_hydra_multirun_gives_each_job_its_own_run_dir(tmp_path, corpus):
+    args = [
+        f"data.path={corpus}",
+        *SMALL,
+        "max_steps=1",
+        "eval_every=1",
+        "export_hf=false",
+        "optim.lr=1e-3,2e-3",
+    ]
+    proc = subprocess.run([NEO, "train", "-m", *args], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = sorted(p.parent for p in (tmp_path / "runs" / "multirun").glob("*/*/metrics.jsonl"))
+    assert [p.name for p in runs] == ["0", "1"]
+    lrs = [json.loads(p.joinpath("metrics.jsonl").read_text().splitlines()[0])["lr"] for p in runs]
+    assert lrs[0] != lrs[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ("deepspeed.activation_checkpointing=true", "precision=fp32"),
+        ("deepspeed=zero2_offload", "precision=bf16"),
+    ],
+    ids=["activation-checkpointing", "zero2-cpu-offload"],
+)
+def test_engine_options_train(tmp_path, corpus, variant):
+    run = tmp_path / "run"
+    train(run, corpus, *variant, "max_steps=6", "eval_every=6", "save_every=6", "export_hf=false")
+    curve = losses(run)
+    assert sorted(curve) == list(range(1, 7)) and curve[6] < curve[1]
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_changes_memory_not_numbers(tmp_path, corpus):
+    common = ("precision=fp32", "max_steps=3", "eval_every=3", "save_every=3", "export_hf=false")
+    train(tmp_path / "plain", corpus, *common)
+    train(tmp_path / "ckpt", corpus, *common, "deepspeed.activation_checkpointing=true")
+    assert losses(tmp_path / "plain") == pytest.approx(losses(tmp_path / "ckpt"), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_blend_of_sources_by_weight(tmp_path, corpus):
+    """data.blend mixes single sources of a prepared directory (the Pile's components)."""
+    blend = (
+        f"data.blend=[{{path:{corpus},source:Github,weight:3}},"
+        f"{{path:{corpus},source:'Enron Emails',weight:1}}]"
+    )
+    run = tmp_path / "run"
+    train(run, corpus, blend, "max_steps=3", "eval_every=3", "save_every=3", "export_hf=false")
+    assert sorted(losses(run)) == [1, 2, 3]
+    proc = train(
+        tmp_path / "bad", corpus, f"data.blend=[{{path:{corpus},source:Nope}}]", check=False
+    )
+    assert proc.returncode == 2 and "no 'train' documents from source 'Nope'" in proc.stderr

@@ -1,0 +1,148 @@
+"""Which accelerator this process drives, and everything that follows from it.
+
+cuda -> nccl, npu (Ascend) -> hccl, cpu -> gloo. Device strings, the visible-devices variable,
+the RNG to checkpoint, and DeepSpeed's accelerator name all come from here. torch_npu is
+imported only when the npu accelerator is asked for or detected, and only in this module.
+
+Ranks come from torchrun / the deepspeed launcher (RANK, LOCAL_RANK, WORLD_SIZE) or from SLURM
+(SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS); a plain `neo train` is rank 0 of 1.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+KINDS = ("auto", "cpu", "cuda", "npu")
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    kind: str  # cpu | cuda | npu
+    backend: str  # torch.distributed backend: gloo | nccl | hccl
+    visible_devices_env: str | None  # variable that restricts the devices a job sees
+
+    def device_string(self, local_rank: int) -> str:
+        """cpu, cuda:N or npu:N (the npu type exists once torch_npu is imported)."""
+        return "cpu" if self.kind == "cpu" else f"{self.kind}:{local_rank}"
+
+    def device(self, local_rank: int) -> torch.device:
+        return torch.device(self.device_string(local_rank))
+
+    def set_device(self, local_rank: int) -> None:
+        if self.kind != "cpu":
+            self.module().set_device(local_rank)
+
+    def module(self):
+        """torch.cuda or torch.npu (the latter exists once torch_npu is imported)."""
+        return getattr(torch, self.kind)
+
+    def rng_state(self) -> torch.Tensor | None:
+        return None if self.kind == "cpu" else self.module().get_rng_state()
+
+    def set_rng_state(self, state: torch.Tensor | None) -> None:
+        if self.kind != "cpu" and state is not None:
+            self.module().set_rng_state(state)
+
+    def bf16_supported(self) -> bool:
+        if self.kind == "cpu":
+            return True
+        return bool(self.module().is_bf16_supported())
+
+    def synchronize(self) -> None:
+        if self.kind != "cpu":
+            self.module().synchronize()
+
+    def peak_memory_bytes(self) -> int | None:
+        if self.kind == "cpu":
+            return None
+        return int(self.module().max_memory_allocated())
+
+
+ACCELERATORS = {
+    "cpu": Accelerator("cpu", "gloo", None),
+    "cuda": Accelerator("cuda", "nccl", "CUDA_VISIBLE_DEVICES"),
+    "npu": Accelerator("npu", "hccl", "ASCEND_RT_VISIBLE_DEVICES"),
+}
+
+
+def torch_npu_installed() -> bool:
+    return importlib.util.find_spec("torch_npu") is not None
+
+
+def select(kind: str = "auto") -> Accelerator:
+    """`auto`: Ascend if torch_npu is installed and sees a device, else CUDA if available,
+    else CPU (DeepSpeed's own detection order). An explicit kind that is not available fails."""
+    if kind not in KINDS:
+        raise ValueError(f"accelerator={kind!r} is not one of {', '.join(KINDS)}")
+    if kind in ("auto", "npu") and torch_npu_installed():
+        import torch_npu  # noqa: F401  (registers torch.npu)
+
+        if torch.npu.is_available():
+            return ACCELERATORS["npu"]
+    if kind == "npu":
+        raise RuntimeError(
+            "accelerator=npu, but torch_npu is not installed or sees no Ascend device "
+            "(pip install 'neotrain[npu]' with CANN sourced; check ASCEND_RT_VISIBLE_DEVICES)"
+        )
+    if kind in ("auto", "cuda") and torch.cuda.is_available():
+        return ACCELERATORS["cuda"]
+    if kind == "cuda":
+        raise RuntimeError(
+            "accelerator=cuda, but torch sees no CUDA device (CUDA_VISIBLE_DEVICES?)"
+        )
+    return ACCELERATORS["cpu"]
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def ranks_from_env(env: dict[str, str] | None = None) -> Ranks:
+    """torchrun/deepspeed variables first, then SLURM's, else a single process."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return Ranks(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return Ranks(
+            int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"])
+        )
+    return Ranks(0, 0, 1)
+
+
+def prepare_environment(accelerator: Accelerator, ranks: Ranks) -> None:
+    """Set what torch.distributed and DeepSpeed read, before either initialises.
+
+    DS_ACCELERATOR stops DeepSpeed from guessing; a single process gets a rendezvous on a
+    free local port; SLURM jobs get RANK/LOCAL_RANK/WORLD_SIZE from the SLURM variables
+    (MASTER_ADDR/MASTER_PORT must come from the job script, see launch/)."""
+    os.environ["DS_ACCELERATOR"] = accelerator.kind
+    os.environ.setdefault("RANK", str(ranks.rank))
+    os.environ.setdefault("LOCAL_RANK", str(ranks.local_rank))
+    os.environ.setdefault("WORLD_SIZE", str(ranks.world_size))
+    if ranks.world_size == 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    elif "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise RuntimeError(
+            f"rank {ranks.rank} of {ranks.world_size}: MASTER_ADDR and MASTER_PORT must be set "
+            "(torchrun and the deepspeed launcher set them; under SLURM, export them in the "
+            "job script: see launch/)"
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

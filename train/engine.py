@@ -1,0 +1,364 @@
+"""DeepSpeed: the only module that imports it.
+
+Builds the DeepSpeed config from the typed config, the model (under zero.Init for ZeRO-3) and
+the AdamW optimizer, wraps them in a DeepSpeed engine, and saves / loads / consolidates its
+checkpoints. Nothing outside this file knows what ZeRO is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from train.accelerator import Accelerator
+from train.config import ConfigError, DeepSpeedConfig, ModelConfig, OptimConfig
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+def batch_layout(global_batch: int, micro_batch: int, world_size: int) -> int:
+    """Gradient-accumulation steps, or a ConfigError naming the numbers that do not divide."""
+    per_step = micro_batch * world_size
+    if micro_batch < 1 or global_batch < 1 or global_batch % per_step:
+        raise ConfigError(
+            f"global_batch_size={global_batch} is not a multiple of micro_batch_size="
+            f"{micro_batch} x world size {world_size} = {per_step}"
+        )
+    return global_batch // per_step
+
+
+def deepspeed_config(
+    ds: DeepSpeedConfig,
+    precision: str,
+    optim: OptimConfig,
+    micro_batch: int,
+    accumulation: int,
+    world_size: int,
+    hidden_size: int = 1024,
+) -> dict:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+    if ds.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_stage={ds.zero_stage} must be 0, 1, 2 or 3")
+    if ds.offload_param and ds.zero_stage != 3:
+        raise ConfigError("deepspeed.offload_param=true needs deepspeed.zero_stage=3")
+    if ds.offload_optimizer and ds.zero_stage == 0:
+        raise ConfigError("deepspeed.offload_optimizer=true needs deepspeed.zero_stage >= 1")
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.zero_stage:
+        # Communication buckets sized by the model (DeepSpeed's defaults, 5e8 elements, would
+        # allocate gigabytes of buffers for a small model); the same rule as Hugging Face's
+        # "auto" values.
+        bucket = hidden_size * hidden_size
+        zero.update(
+            contiguous_gradients=True,
+            overlap_comm=False,
+            reduce_bucket_size=bucket,
+            allgather_bucket_size=bucket,
+        )
+    if ds.zero_stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=int(0.9 * bucket),
+            stage3_param_persistence_threshold=10 * hidden_size,
+        )
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    config = {
+        "activation_checkpointing": {
+            "partition_activations": False,
+            "cpu_checkpointing": False,
+            "contiguous_memory_optimization": False,
+        },
+        "train_batch_size": micro_batch * accumulation * world_size,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        # Clipping happens in DeepSpeed's optimizers, or in SkippingAdamW where DeepSpeed
+        # would call the optimizer directly (it would otherwise norm the gradients twice).
+        "gradient_clipping": 0.0 if optimizer_clips(ds, precision) else optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {
+            "enabled": precision == "fp16",
+            "loss_scale": 0,  # dynamic loss scaling
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        "steps_per_print": 1 << 62,  # neotrain logs; DeepSpeed stays quiet
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    return _merge(config, ds.extra)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in (extra or {}).items():
+        out[key] = (
+            _merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on the matrices of Linear layers only: not on biases, LayerNorm weights or
+    embeddings (wte, wpe; lm_head is wte)."""
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen or not param.requires_grad:
+                continue
+            seen.add(id(param))
+            is_matrix = isinstance(module, nn.Linear) and name == "weight"
+            (decay if is_matrix else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class SkippingAdamW(torch.optim.AdamW):
+    """AdamW that clips gradients itself and skips a step whose gradient norm is not finite,
+    saying so through `overflow`, the attribute DeepSpeed reads to count skipped steps.
+
+    Used where DeepSpeed's engine would hand the step straight to the optimizer (ZeRO-0 in
+    fp32): DeepSpeed's ZeRO and bf16/fp16 optimizers clip and check gradients themselves."""
+
+    def __init__(self, params, max_grad_norm: float = 0.0, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_grad_norm = max_grad_norm
+        self.overflow = False
+        self.last_grad_norm = math.nan
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if self.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=True)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        self.last_grad_norm = float(norm)
+        self.overflow = not math.isfinite(self.last_grad_norm)
+        if self.overflow:
+            self.zero_grad(set_to_none=True)
+            return None
+        return super().step(closure)
+
+
+def optimizer_clips(ds: DeepSpeedConfig, precision: str) -> bool:
+    """True where SkippingAdamW, not DeepSpeed, clips and checks gradients."""
+    return ds.zero_stage == 0 and precision == "fp32" and not ds.offload_optimizer
+
+
+def build_optimizer(
+    groups: list[dict],
+    optim: OptimConfig,
+    accelerator: Accelerator,
+    ds: DeepSpeedConfig,
+    precision: str,
+) -> torch.optim.Optimizer:
+    kwargs = dict(lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+    if ds.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    clip = optim.grad_clip if optimizer_clips(ds, precision) else 0.0
+    return SkippingAdamW(groups, max_grad_norm=clip, fused=accelerator.kind == "cuda", **kwargs)
+
+
+def init_distributed(accelerator: Accelerator) -> None:
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=accelerator.backend, auto_mpi_discovery=False)
+
+
+def build_engine(
+    model_config: ModelConfig,
+    ds: DeepSpeedConfig,
+    ds_config: dict,
+    optim: OptimConfig,
+    accelerator: Accelerator,
+    device: torch.device,
+    seed: int,
+    weights: dict[str, torch.Tensor] | None = None,
+):
+    """The DeepSpeed engine around a GPT whose weights are `weights` (a full state dict) or,
+    without them, freshly initialised. Either way they are identical for every ZeRO stage and
+    world size: rank 0 fills them in (from one seeded generator), module by module."""
+    import deepspeed
+
+    from train.model import GPT
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def fill(model: GPT, module: nn.Module, names: dict[int, str]) -> None:
+        if weights is None:
+            model.init_module(module, generator)
+            return
+        for param in module.parameters(recurse=False):
+            param.data.copy_(weights[names[id(param)]])
+
+    if ds.zero_stage == 3:
+        # Parameters are partitioned as each module is built; each module is then gathered,
+        # filled on rank 0 and scattered, so the full model never exists in one place.
+        # dtype comes from the config's bf16/fp16 blocks (passing dtype= explicitly is
+        # ignored on CPU by DeepSpeed 0.19, which then picks bf16).
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = GPT(model_config)
+        names = {id(p): n for n, p in model.named_parameters()}
+        for module in model.modules():
+            params = list(module.parameters(recurse=False))
+            if not params or module is model.lm_head:
+                continue
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                if torch.distributed.get_rank() == 0:
+                    fill(model, module, names)
+    else:
+        with torch.device("meta"):
+            model = GPT(model_config)
+        model.to_empty(device=device)
+        model.tie_weights()
+        names = {id(p): n for n, p in model.named_parameters()}
+        for module in model.modules():
+            if module is not model.lm_head:
+                with torch.no_grad():
+                    fill(model, module, names)
+    if ds.activation_checkpointing:
+        deepspeed.checkpointing.configure(None, deepspeed_config=ds_config)
+        model.checkpoint_fn = deepspeed.checkpointing.checkpoint
+    groups = parameter_groups(model, optim.weight_decay)
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(_param_dtype(ds_config), "fp32")
+    optimizer = build_optimizer(groups, optim, accelerator, ds, precision)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if engine.dp_world_size == 1 and not engine.zero_optimization():
+        # One rank without ZeRO: DeepSpeed would still flatten, "all-reduce" and unflatten
+        # every gradient. (ZeRO optimizers partition gradients in that step: left alone.)
+        engine.enable_backward_allreduce = False
+    return engine
+
+
+def _param_dtype(ds_config: dict) -> torch.dtype:
+    if ds_config["bf16"]["enabled"]:
+        return torch.bfloat16
+    if ds_config["fp16"]["enabled"]:
+        return torch.float16
+    return torch.float32
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def step_was_applied(engine) -> bool:
+    """False when DeepSpeed skipped the optimizer step (non-finite gradients)."""
+    return bool(getattr(engine, "_step_applied", True))
+
+
+def grad_norm(engine) -> float:
+    """Gradient norm of the last optimizer step (before clipping)."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return getattr(engine.optimizer, "last_grad_norm", math.nan)
+    return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save(engine, directory: Path, tag: str) -> None:
+    """Every rank writes its shards into directory/tag; `latest` is the caller's business."""
+    engine.save_checkpoint(str(directory), tag=tag, save_latest=False)
+
+
+def load(engine, directory: Path, tag: str) -> None:
+    path, _ = engine.load_checkpoint(str(directory), tag=tag, load_lr_scheduler_states=False)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {directory / tag}")
+
+
+def checkpoint_layout(directory: Path, tag: str) -> tuple[int, int]:
+    """(world size, ZeRO stage) a DeepSpeed checkpoint was written with."""
+    files = sorted((directory / tag).glob("*model_states.pt"))
+    if not files:
+        raise RuntimeError(f"{directory / tag}: no DeepSpeed model states (*model_states.pt)")
+    state = torch.load(files[0], map_location="cpu", weights_only=False)
+    stage = int(state.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
+    return int(state.get("dp_world_size", len(files))), stage
+
+
+def load_universal(engine, directory: Path, tag: str) -> None:
+    """Resume into a different world size within ZeRO-1/2 or within ZeRO-3: convert once to
+    DeepSpeed's universal format (rank 0), then every rank loads its new partition. The engine
+    must have been built with {"checkpoint": {"load_universal": true}}."""
+    import torch.distributed as dist
+
+    universal = directory / f"{tag}_universal"
+    if dist.get_rank() == 0 and not universal.exists():
+        from deepspeed.checkpoint.ds_to_universal import main as to_universal
+
+        to_universal(_UniversalArgs(str(directory / tag), str(universal)))
+    dist.barrier()
+    path, _ = engine.load_checkpoint(
+        str(directory), tag=universal.name, load_lr_scheduler_states=False
+    )
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {universal}")
+
+
+class _UniversalArgs:
+    def __init__(self, source: str, target: str):
+        self.input_folder = source
+        self.output_folder = target
+        self.num_extract_workers = 1
+        self.num_merge_workers = 1
+        self.keep_temp_folder = False
+        self.strict = True
+        self.inject_missing_state = True
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a live engine, whole, on every rank (a collective under
+    ZeRO-3). Under bf16/fp16 these are the optimizer's fp32 copies, not the rounded ones."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = {}
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        state[name] = (param.detach() if full is None else full).float().cpu().clone()
+    return state
+
+
+def consolidated_state_dict(directory: Path, tag: str) -> dict[str, torch.Tensor]:
+    """Weights of a saved checkpoint as one fp32 state dict: DeepSpeed's zero_to_fp32 for
+    ZeRO 1-3; the module weights for ZeRO-0 (which keeps no partitioned fp32 copy on disk that
+    zero_to_fp32 reads; bf16/fp16 runs are consolidated from the live fp32 weights instead)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    _, stage = checkpoint_layout(directory, tag)
+    if stage == 0:
+        file = directory / tag / "mp_rank_00_model_states.pt"
+        state = torch.load(file, map_location="cpu", weights_only=False)["module"]
+    else:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
+    return {k: v.float().contiguous() for k, v in state.items()}
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
