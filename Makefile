@@ -32,8 +32,11 @@ format: install
 test: lint
 	$(BIN)/python -m pytest
 
+# Side-by-side measurements, minutes each (see the README's Performance section).
 bench: install
 	$(BIN)/python bench/attention.py
+	$(BIN)/python bench/train.py
+	$(BIN)/python bench/prep.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

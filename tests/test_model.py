@@ -150,3 +150,25 @@ def test_sequence_longer_than_context_is_refused():
         ConfigError, match="sequence length 33 is longer than model.max_position_embeddings=32"
     ):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 24])
+def test_fused_loss_equals_logits_then_cross_entropy(monkeypatch, chunk):
+    """model(ids, targets) computes the loss without the logits, in chunks of rows: same
+    value and gradients as cross_entropy on model(ids), ignored targets included."""
+    import train.model
+
+    monkeypatch.setattr(train.model, "CHUNK_ELEMENTS", chunk * 1000)
+    model = GPT(tiny_config()).init_weights(torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 1000, (3, 50), generator=torch.Generator().manual_seed(1))
+    inputs, targets = ids[:, :-1], ids[:, 1:].clone()
+    targets[0, :9] = -100
+    reference = next_token_loss(model(inputs), targets)
+    expected = torch.autograd.grad(reference, list(model.parameters()))
+    fused = model(inputs, targets)
+    got = torch.autograd.grad(fused, list(model.parameters()))
+    torch.testing.assert_close(fused, reference)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs, targets), reference)

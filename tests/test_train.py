@@ -278,15 +278,17 @@ def test_sigterm_saves_and_stops_then_resumes(tmp_path, corpus):
 
 NAN_AFTER = """
 import sys, torch
-import train.pretrain as p
+from train.model import GPT
 from train.cli import main
-real = p.next_token_loss
+real = GPT.forward
 calls, healthy = {"n": 0}, int(sys.argv[1])
-def poisoned(logits, targets):
+def poisoned(self, input_ids, targets=None):
+    out = real(self, input_ids, targets)
+    if targets is None or not self.training:
+        return out
     calls["n"] += 1
-    loss = real(logits, targets)
-    return loss * float("nan") if calls["n"] > healthy else loss
-p.next_token_loss = poisoned
+    return out * float("nan") if calls["n"] > healthy else out
+GPT.forward = poisoned
 main(["train", *sys.argv[2:]])
 """
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from data_prep.files import atomic_dir
 from data_prep.tokenizers import LoadedTokenizer, load_tokenizer
 from train.config import ModelConfig
+from train.errors import CheckpointError
 
 FORMAT = "neotrain-model"
 FORMAT_VERSION = 1
@@ -28,10 +29,6 @@ WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 TIED = "lm_head.weight"
 TRAINER_STATE = "trainer_state.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory is missing something or does not match what is asked of it."""
 
 
 def model_config_from_dict(d: dict, source: str) -> ModelConfig:

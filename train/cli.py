@@ -14,8 +14,8 @@ import sys
 from dataclasses import dataclass
 
 from data_prep.files import OutputExistsError
-from train.checkpoint import CheckpointError
 from train.config import ConfigError, register_configs
+from train.errors import CheckpointError, TrainingStopped
 
 log = logging.getLogger("neo")
 
@@ -119,9 +119,7 @@ def run_verb(name: str, overrides: list[str]) -> None:
         except USER_ERRORS as e:
             _report(name, e)
             sys.exit(2)
-        except RuntimeError as e:
-            if type(e).__name__ != "TrainingStopped":
-                raise
+        except TrainingStopped as e:
             _report(name, e)
             sys.exit(1)
 

@@ -29,18 +29,14 @@ import torch.distributed as dist
 from train import accelerator as accel
 from train import engine as ds_engine
 from train.config import ConfigError, TrainConfig
+from train.errors import TrainingStopped
 from train.info import count_parameters, flops_per_token
 from train.metrics import MetricsLogger, live_tensor_bytes, measured_peak_flops
-from train.model import next_token_loss
 
 log = logging.getLogger("neo.train")
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
-
-
-class TrainingStopped(RuntimeError):
-    """Training stopped on purpose (too many non-finite steps) after saving a checkpoint."""
 
 
 def lr_at(cfg: TrainConfig, step: int, tokens: int) -> float:
@@ -179,7 +175,7 @@ def train_step(t: Trainer, step: int, measure_memory: bool) -> tuple[float, bool
     losses, state_bytes = [], None
     for micro in range(t.accumulation):
         batch = data_batch(t, t.data.train, step, micro, t.accumulation)
-        loss = next_token_loss(t.engine(batch[:, :-1]), batch[:, 1:])
+        loss = t.engine(batch[:, :-1], batch[:, 1:])  # the model returns the mean loss
         t.engine.backward(loss)
         if measure_memory and micro == t.accumulation - 1:
             state_bytes = _all_max(live_tensor_bytes(), t.device)
@@ -313,11 +309,8 @@ def evaluate(t: Trainer) -> dict[str, float]:
     totals = torch.zeros(3, dtype=torch.float64, device=t.device)  # loss, tokens, bytes
     for b in range(t.cfg.eval_batches):
         batch = data_batch(t, t.data.validation, b, 0, 1)
-        logits = t.engine(batch[:, :-1]).float()
         targets = batch[:, 1:]
-        totals[0] += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-        ).double()
+        totals[0] += t.engine(batch[:, :-1], targets).double() * targets.numel()
         totals[1] += targets.numel()
         totals[2] += sum(
             utf8_bytes(t.data.tokenizer, row, t.data.eod_id) for row in targets.cpu().numpy()
