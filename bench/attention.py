@@ -10,6 +10,13 @@ blockwise time growing at most 2.1x per doubling of T.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Run as a script, bench/ comes first on sys.path, and bench/train.py would hide the `train`
+# package: drop that folder before importing anything of ours.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import argparse
 import time
 
@@ -24,8 +31,10 @@ from train.attention import attend, attention_mask
 HEADS, HEAD_DIM, WINDOW = 12, 64, 256
 
 
-def time_fwd_bwd(fn, T: int, repeats: int) -> float:
-    """Best of `repeats` wall times of forward + backward, after one warm-up."""
+def time_fwd_bwd(methods: dict, T: int, repeats: int) -> dict[str, float]:
+    """Best of `repeats` wall times of forward + backward for each method, after a warm-up.
+    The methods take turns within every repeat, so a slow phase of a noisy machine hits them
+    all rather than one."""
     g = torch.Generator().manual_seed(0)
     # (B, T, H, D) memory seen as (B, H, T, D): the layout the model's projections produce.
     q, k, v = (
@@ -33,13 +42,13 @@ def time_fwd_bwd(fn, T: int, repeats: int) -> float:
         for _ in range(3)
     )
     grad = torch.randn(1, HEADS, T, HEAD_DIM, generator=g)
-    best = float("inf")
+    best = dict.fromkeys(methods, float("inf"))
     for i in range(repeats + 1):
-        start = time.perf_counter()
-        out = fn(q, k, v)
-        torch.autograd.grad(out, (q, k, v), grad)
-        if i:
-            best = min(best, time.perf_counter() - start)
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            torch.autograd.grad(fn(q, k, v), (q, k, v), grad)
+            if i:
+                best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -66,19 +75,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     parser.add_argument("--blocks", type=int, nargs="+", default=[attention.BAND_BLOCK])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     default_block = attention.BAND_BLOCK
 
     results: dict[int, dict[str, float]] = {}
     for T in args.lengths:
-        row = {
-            "causal": time_fwd_bwd(dense_causal, T, args.repeats),
-            "band": time_fwd_bwd(dense_band, T, args.repeats),
-        }
-        for block in args.blocks:
-            row[f"b{block}"] = time_fwd_bwd(blockwise(block), T, args.repeats)
-        results[T] = row
+        methods = {"causal": dense_causal, "band": dense_band}
+        methods.update({f"b{block}": blockwise(block) for block in args.blocks})
+        results[T] = time_fwd_bwd(methods, T, args.repeats)
     attention.BAND_BLOCK = default_block
 
     table = Table(

@@ -22,11 +22,17 @@ by `python data_prep/sample/build.py --large PATH`.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Run as a script, bench/ comes first on sys.path, and bench/train.py would hide the `train`
+# package: drop that folder before importing anything of ours.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import threading
 import time
