@@ -131,6 +131,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
     flops = flops_per_token(ModelConfig(**MODEL), SEQ)
@@ -138,7 +139,7 @@ def main() -> None:
     samples: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for precision in ("fp32", "bf16"):
+            for precision in args.precisions:
                 samples.setdefault((precision, "plain PyTorch loop"), []).extend(
                     plain_loop(precision, args.steps)
                 )
@@ -151,7 +152,7 @@ def main() -> None:
                     )
         memory = {}
         if not args.skip_memory:
-            for precision in ("fp32", "bf16"):
+            for precision in args.precisions:
                 for stage in (0, 3):
                     records = neo_train(
                         Path(tmp) / f"mem{precision}{stage}", precision, stage, 3, ranks=2

@@ -172,3 +172,36 @@ def test_fused_loss_equals_logits_then_cross_entropy(monkeypatch, chunk):
         torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(model(inputs, targets), reference)
+
+
+def test_fused_loss_in_bf16_is_as_accurate_as_the_unfused_bf16_loss(monkeypatch):
+    """With bf16 weights (DeepSpeed's bf16 mode) the fused loss and gradients stay as close to
+    the fp32 reference as the plain bf16 logits -> cross_entropy path does, with grad_w summed
+    in bf16 over 16 chunks."""
+    import train.model
+
+    monkeypatch.setattr(train.model, "CHUNK_ELEMENTS", 16 * 1000)
+    model = GPT(tiny_config()).init_weights(torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 1000, (4, 65), generator=torch.Generator().manual_seed(1))
+    inputs, targets = ids[:, :-1], ids[:, 1:].clone()
+    targets[1, :5] = -100
+    params = list(model.parameters())
+    reference = next_token_loss(model(inputs), targets)
+    expected = torch.autograd.grad(reference, params)
+    model.bfloat16()
+    plain = next_token_loss(model(inputs), targets)
+    plain_grads = torch.autograd.grad(plain, params)
+    fused = model(inputs, targets)
+    fused_grads = torch.autograd.grad(fused, params)
+
+    def error(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.float() - b).norm() / b.norm())
+
+    assert fused.dtype == torch.float32
+    plain_error = abs(plain.item() - reference.item())
+    assert abs(fused.item() - reference.item()) <= max(2 * plain_error, 1e-3)
+    for name, f, p, e in zip(
+        [n for n, _ in model.named_parameters()], fused_grads, plain_grads, expected, strict=True
+    ):
+        assert f.dtype == torch.bfloat16
+        assert error(f, e) <= 1.5 * error(p, e) + 1e-3, name
