@@ -3,6 +3,7 @@ user's file unless asked to."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -60,3 +61,16 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def update_hash(h: hashlib._Hash, path: str | Path) -> None:
+    """Feed the bytes of the file at `path` into the hash object `h`, 4 MB at a time."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    update_hash(h, path)
+    return h.hexdigest()

@@ -25,6 +25,7 @@ from typing import Any
 import zstandard
 
 from data_prep.config import CorpusConfig
+from data_prep.files import update_hash
 
 SAMPLE = Path(__file__).parent / "sample" / "pile_sample.jsonl.zst"
 SAMPLE_NAME = "sample"
@@ -197,9 +198,7 @@ def _sha256_path(path: Path) -> str:
     for file in files:
         if path.is_dir():
             h.update(str(file.relative_to(path)).encode() + b"\0")
-        with open(file, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
+        update_hash(h, file)
     return h.hexdigest()
 
 

@@ -38,6 +38,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from data_prep.files import sha256_file
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 # Megatron-LM's codes (megatron/core/datasets/indexed_dataset.py, class DType).
@@ -289,14 +291,6 @@ def _index_bytes(sizes: np.ndarray, dtype: np.dtype) -> bytes:
 
 def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ handles one kind of object; the conversion is tested to encode exactly as `sente
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -31,6 +30,8 @@ from tokenizers import (
     pre_tokenizers,
     processors,
 )
+
+from data_prep.files import sha256_file
 
 if TYPE_CHECKING:
     from data_prep.config import SentencePieceConfig
@@ -76,7 +77,7 @@ class LoadedTokenizer:
 
     def file_hashes(self) -> dict[str, str]:
         """File name -> sha256 of the files this tokenizer was loaded from."""
-        return {path.name: _sha256(path) for path in self.files}
+        return {path.name: sha256_file(path) for path in self.files}
 
 
 def byte_level_bpe(vocab_file: Path, merges_file: Path, eod_token: str = GPT2_EOD) -> Tokenizer:
@@ -166,14 +167,6 @@ def save_tokenizer(tok: LoadedTokenizer, directory: Path) -> None:
     tok.tokenizer.save(str(directory / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tok.eod_token}
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

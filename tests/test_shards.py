@@ -7,6 +7,7 @@ import struct
 import numpy as np
 import pytest
 
+from data_prep.files import sha256_file
 from data_prep.shards import (
     IndexedDataset,
     Manifest,
@@ -16,7 +17,6 @@ from data_prep.shards import (
     TokenizerInfo,
     manifest_digest,
     open_prepared,
-    sha256_file,
     token_dtype,
     write_indexed_dataset,
 )

@@ -7,10 +7,8 @@ checkpoints. Nothing outside this file knows what ZeRO is.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -356,9 +354,3 @@ def consolidated_state_dict(directory: Path, tag: str) -> dict[str, torch.Tensor
     else:
         state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
     return {k: v.float().contiguous() for k, v in state.items()}
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)

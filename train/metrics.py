@@ -109,7 +109,9 @@ def _wandb_id(run_dir: Path) -> str:
     if not file.exists():
         import secrets
 
-        file.write_text(secrets.token_hex(4))
+        from data_prep.files import atomic_write_text
+
+        atomic_write_text(file, secrets.token_hex(4))
     return file.read_text().strip()
 
 

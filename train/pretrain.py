@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_prep.files import atomic_write_text
 from train import accelerator as accel
 from train import engine as ds_engine
 from train.config import ConfigError, TrainConfig
@@ -371,9 +372,8 @@ def save_checkpoint(t: Trainer) -> None:
         }
         # The tokenizer travels with every checkpoint, so any of them can be exported alone.
         tokenizer.tokenizer.save(str(ckpt_dir / tag / "tokenizer.json"))
-        ds_engine.write_json(ckpt_dir / tag / STATE_FILE, trainer_state)
-        (ckpt_dir / ".latest.tmp").write_text(tag + "\n")
-        (ckpt_dir / ".latest.tmp").replace(ckpt_dir / "latest")
+        atomic_write_text(ckpt_dir / tag / STATE_FILE, json.dumps(trainer_state, indent=2) + "\n")
+        atomic_write_text(ckpt_dir / "latest", tag + "\n")
         _prune(ckpt_dir, t.cfg.keep_last)
     _barrier()
     log.info("saved checkpoint %s", ckpt_dir / tag)
@@ -540,8 +540,7 @@ def _write_config(run_dir: Path, cfg: TrainConfig) -> None:
     from omegaconf import OmegaConf
 
     text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
-    (run_dir / ".config.yaml.tmp").write_text(f"# neo train {' '.join(sys.argv[1:])}\n{text}")
-    (run_dir / ".config.yaml.tmp").replace(run_dir / "config.yaml")
+    atomic_write_text(run_dir / "config.yaml", f"# neo train {' '.join(sys.argv[1:])}\n{text}")
 
 
 def _all_mean(x: torch.Tensor, device) -> float:
