@@ -4,6 +4,7 @@ accelerator selection, the data order."""
 import math
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -287,3 +288,26 @@ def test_epoch_order_is_cached_on_disk_and_memory_mapped(tmp_path, shard):
         np.testing.assert_array_equal(again[k], plain[k])
     assert len(list((tmp_path / "index").glob("epoch-*.npy"))) == 6  # 2 epochs x 3 arrays
     assert isinstance(again._epoch(0)[0], np.memmap)
+
+
+def test_interrupted_universal_conversion_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+    """A crash or Ctrl-C while DeepSpeed converts a checkpoint to its universal form must not
+    leave a <tag>_universal folder that the next resume would load as finished."""
+    import deepspeed.checkpoint.ds_to_universal as ds_universal
+    import torch.distributed as dist
+
+    from train import engine as ds_engine
+
+    def interrupted(args):
+        (Path(args.output_folder) / "zero").mkdir()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ds_universal, "main", interrupted)
+    store = f"file://{tmp_path / 'store'}"
+    dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ds_engine.load_universal(None, tmp_path / "checkpoints", "step_00000004")
+    finally:
+        dist.destroy_process_group()
+    assert list((tmp_path / "checkpoints").iterdir()) == []

@@ -305,11 +305,18 @@ def load_universal(engine, directory: Path, tag: str) -> None:
     must have been built with {"checkpoint": {"load_universal": true}}."""
     import torch.distributed as dist
 
+    from data_prep.files import atomic_dir, atomic_write_text
+
     universal = directory / f"{tag}_universal"
     if dist.get_rank() == 0 and not universal.exists():
         from deepspeed.checkpoint.ds_to_universal import main as to_universal
 
-        to_universal(_UniversalArgs(str(directory / tag), str(universal)))
+        # Converted under a temporary name and renamed when complete: a crash mid-way leaves
+        # nothing that a later resume would take for a finished conversion.
+        with atomic_dir(universal) as tmp:
+            to_universal(_UniversalArgs(str(directory / tag), str(tmp)))
+        # DeepSpeed points latest_universal at the folder it wrote: the temporary name.
+        atomic_write_text(directory / "latest_universal", universal.name)
     dist.barrier()
     path, _ = engine.load_checkpoint(
         str(directory), tag=universal.name, load_lr_scheduler_states=False
