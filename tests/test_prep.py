@@ -1,5 +1,6 @@
 """`neo prep` in-process: bad input, dedup, split, worker-independence, resume, tokenizers."""
 
+import contextlib
 import io
 import json
 import logging
@@ -263,24 +264,31 @@ def test_resume_after_a_crash_between_writing_shards_and_recording_them(corpus, 
     assert not (out / ".prep").exists()
 
 
-def test_resume_after_ctrl_c_in_the_middle_of_a_group(corpus, monkeypatch, caplog):
-    reference, _ = run(corpus, "reference", **RESUME)
-    batch = Router.batch
-    calls = []
+@contextlib.contextmanager
+def ctrl_c_at_batch(n: int):
+    """Inside the block, the n-th batch handed to the workers raises KeyboardInterrupt (a
+    Ctrl-C mid-run), which the block must end with."""
+    batch, calls = Router.batch, []
 
     def interrupt(self, *args):
         calls.append(1)
-        if len(calls) == 12:
+        if len(calls) == n:
             raise KeyboardInterrupt
         batch(self, *args)
 
-    monkeypatch.setattr(Router, "batch", interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Router, "batch", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            yield
+
+
+def test_resume_after_ctrl_c_in_the_middle_of_a_group(corpus, caplog):
+    reference, _ = run(corpus, "reference", **RESUME)
+    with ctrl_c_at_batch(12):
         run(corpus, workers=2, **RESUME)
     out = corpus / "out"
     for idx in out.glob("*.idx"):  # whatever has a final name is complete
         IndexedDataset(idx.with_suffix(""))
-    monkeypatch.setattr(Router, "batch", batch)
     with caplog.at_level(logging.INFO, logger="neo.prep"):
         resumed, _ = run(corpus, workers=2, **RESUME)
     assert any("resuming: " in r.getMessage() for r in caplog.records)
@@ -354,7 +362,7 @@ def test_sentencepiece_trained_beside_the_shards_encodes_like_sentencepiece(tmp_
     assert decoded in texts and first[0].tolist() == sp.encode(decoded) + [sp.eos_id()]
 
 
-def test_sentencepiece_run_resumes_with_the_model_it_trained(tmp_path, monkeypatch):
+def test_sentencepiece_run_resumes_with_the_model_it_trained(tmp_path):
     (tmp_path / "in").mkdir()
     write_jsonl(tmp_path / "in" / "mixed.jsonl", mixed_documents(300, seed=1))
     options = dict(
@@ -363,19 +371,9 @@ def test_sentencepiece_run_resumes_with_the_model_it_trained(tmp_path, monkeypat
         batch_bytes=4000,
         shard_tokens=5000,
     )
-    batch, calls = Router.batch, []
-
-    def interrupt(self, *args):
-        calls.append(1)
-        if len(calls) == 10:
-            raise KeyboardInterrupt
-        batch(self, *args)
-
-    monkeypatch.setattr(Router, "batch", interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with ctrl_c_at_batch(10):
         run(tmp_path, **options)
     model = (tmp_path / "out" / "tokenizer" / "tokenizer.model").read_bytes()
-    monkeypatch.setattr(Router, "batch", batch)
     manifest, _ = run(tmp_path, **options)
     assert (tmp_path / "out" / "tokenizer" / "tokenizer.model").read_bytes() == model
     assert manifest.run["tokens_this_run"] < manifest.totals["tokens"], "it resumed"
