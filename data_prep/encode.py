@@ -170,23 +170,19 @@ class Encoder:
             yield _result(pending.popleft())
 
     def close(self) -> None:
+        """Let the workers finish the batches already handed to them (a bounded few), then end
+        them. Also after an error or Ctrl-C: Pool.terminate() kills workers with SIGTERM, and
+        one killed while writing a result leaves the result queue's lock held forever, so the
+        pool's own shutdown then hangs (seen in a test run)."""
         if self._pool is not None:
             self._pool.close()
-            self._pool.join()
-
-    def terminate(self) -> None:
-        if self._pool is not None:
-            self._pool.terminate()
             self._pool.join()
 
     def __enter__(self) -> Encoder:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.terminate()
+        self.close()
 
 
 @contextmanager
