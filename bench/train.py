@@ -1,6 +1,7 @@
-"""`neo train` against a plain PyTorch training loop of the same model, side by side.
+"""`neo train` against a plain PyTorch training loop of the same model, side by side, in fp32
+and bf16, and what `precision=auto` picks on this machine.
 
-    python bench/train.py [--steps 24] [--skip-memory]
+    python bench/train.py [--steps 24] [--rounds 2] [--slow-steps 3] [--skip-memory]
 
 Model: GPT-Neo layout, 6 layers, hidden 384, 6 heads, global/local alternating (window 64),
 GPT-2 vocabulary; sequence 256, batch 8 (2,048 tokens a step), one process, all cores.
@@ -11,13 +12,16 @@ GPT-2 vocabulary; sequence 256, batch 8 (2,048 tokens a step), one process, all 
   use), ZeRO-0 and ZeRO-1, fp32 and bf16 (DeepSpeed's bf16: bf16 weights, fp32 master copy).
 
 Tokens/s is the median over the steps after the first few; MFU is model FLOPs per token
-(train/info.flops_per_token) x tokens/s over this machine's measured matmul peak in that
-precision. Memory: model-state bytes per rank (every live tensor after the backward pass of
-step 2, when weights, gradients and optimizer state all exist) of
-ZeRO-3 and ZeRO-0 on 2 ranks, fp32 and bf16.
+(train/info.flops_per_token) x tokens/s over this machine's matmul peak in that precision
+(train/machine.py, measured and cached). A precision the CPU does not compute natively (bf16
+without AVX512-BF16 or AMX: 10-70x slower) runs `--slow-steps` steps in one round, the first
+being warm-up, and skips the memory table. Memory: model-state bytes per rank (every live
+tensor after the backward pass of step 2, when weights, gradients and optimizer state all
+exist) of ZeRO-3 and ZeRO-0 on 2 ranks.
 
 Goals (issue 4): neo train >= 1.0x the plain loop in each precision; ZeRO-3 per-rank model
-state <= 60% of ZeRO-0's.
+state <= 60% of ZeRO-0's. Issue 8: the table says what `auto` chose and how fp32 and bf16
+compare here.
 """
 
 from __future__ import annotations
@@ -41,9 +45,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from train import accelerator as accel
+from train import machine as hw
 from train.config import ModelConfig
 from train.info import flops_per_token
-from train.metrics import measured_peak_flops
 from train.model import GPT, next_token_loss
 
 BIN = Path(sys.executable).parent
@@ -73,7 +78,7 @@ OVERRIDES = [
 ]
 
 
-def plain_loop(precision: str, steps: int) -> list[float]:
+def plain_loop(precision: str, steps: int, warmup: int) -> list[float]:
     """Tokens/s of each step of a minimal training loop, after warm-up."""
     torch.manual_seed(0)
     model = GPT(ModelConfig(**MODEL)).init_weights(torch.Generator().manual_seed(0)).train()
@@ -91,7 +96,7 @@ def plain_loop(precision: str, steps: int) -> list[float]:
         optimizer.zero_grad(set_to_none=True)
         loss.item()
         times.append(time.perf_counter() - start)
-    return [BATCH * SEQ / t for t in times[WARMUP:]]
+    return [BATCH * SEQ / t for t in times[warmup:]]
 
 
 def neo_train(run_dir: Path, precision: str, stage: int, steps: int, ranks: int = 1) -> list[dict]:
@@ -123,8 +128,8 @@ def neo_train(run_dir: Path, precision: str, stage: int, steps: int, ranks: int 
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def step_tokens_per_s(records: list[dict]) -> list[float]:
-    return [r["tokens_per_s"] for r in records if "tokens_per_s" in r and r["step"] > WARMUP]
+def step_tokens_per_s(records: list[dict], warmup: int) -> list[float]:
+    return [r["tokens_per_s"] for r in records if r.get("tokens_per_s") and r["step"] > warmup]
 
 
 def main() -> None:
@@ -132,27 +137,39 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--slow-steps", type=int, default=3, help="steps of a non-native bf16")
     parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
     flops = flops_per_token(ModelConfig(**MODEL), SEQ)
+    acc = accel.select("cpu")
+    machine = hw.describe(acc)
+    auto, reason = hw.resolve_precision("auto", acc, machine)
+    slow = {p for p in args.precisions if p == "bf16" and not machine.native_bf16}
+    plan = {  # precision -> (steps, warm-up steps, rounds)
+        p: (args.slow_steps, 1, 1) if p in slow else (args.steps, WARMUP, args.rounds)
+        for p in args.precisions
+    }
     # Rounds interleave the trainers, so slow phases of a noisy machine hit all of them.
     samples: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for precision in args.precisions:
+                steps, warmup, rounds = plan[precision]
+                if r >= rounds:
+                    continue
                 samples.setdefault((precision, "plain PyTorch loop"), []).extend(
-                    plain_loop(precision, args.steps)
+                    plain_loop(precision, steps, warmup)
                 )
                 for stage in (0, 1):
                     records = neo_train(
-                        Path(tmp) / f"{precision}{stage}-{r}", precision, stage, args.steps
+                        Path(tmp) / f"{precision}{stage}-{r}", precision, stage, steps
                     )
                     samples.setdefault((precision, f"neo train, ZeRO-{stage}"), []).extend(
-                        step_tokens_per_s(records)
+                        step_tokens_per_s(records, warmup)
                     )
         memory = {}
         if not args.skip_memory:
-            for precision in args.precisions:
+            for precision in [p for p in args.precisions if p not in slow]:
                 for stage in (0, 3):
                     records = neo_train(
                         Path(tmp) / f"mem{precision}{stage}", precision, stage, 3, ranks=2
@@ -160,30 +177,35 @@ def main() -> None:
                     memory[precision, stage] = next(
                         r["tensor_bytes"] for r in records if "tensor_bytes" in r
                     )
-    rows = []
-    for (precision, name), values in samples.items():
-        plain = statistics.median(samples[precision, "plain PyTorch loop"])
-        rows.append(
-            (precision, name, statistics.median(values), plain, measured_peak_flops(precision))
-        )
+    median = {key: statistics.median(values) for key, values in samples.items()}
 
-    table = Table(
-        title=f"training throughput, {torch.get_num_threads()} threads, 6 x 384 model, "
-        f"seq {SEQ} x batch {BATCH}, median of steps {WARMUP + 1}-{args.steps} over "
-        f"{args.rounds} interleaved rounds"
+    console = Console(width=120)
+    console.print(
+        f"machine: {machine.name} ({machine.isa}), {torch.get_num_threads()} threads, native "
+        f"bf16 {'yes' if machine.native_bf16 else 'no'}\nprecision=auto -> {auto}: {reason}"
     )
-    for column in ("precision", "trainer", "tokens/s", "vs plain loop", "MFU", "matmul peak"):
+    table = Table(
+        title=f"training throughput, 6 x 384 model, seq {SEQ} x batch {BATCH}, median tokens/s "
+        + ", ".join(
+            f"{p}: steps {plan[p][1] + 1}-{plan[p][0]} over {plan[p][2]} round(s)"
+            for p in args.precisions
+        )
+    )
+    columns = ("precision", "trainer", "tokens/s", "vs plain loop", "vs fp32", "MFU", "peak")
+    for column in columns:
         table.add_column(column, justify="right")
-    for precision, name, tok_s, plain, peak in rows:
+    for (precision, name), tok_s in median.items():
+        peak = hw.matmul_peak(hw.DTYPES[precision], acc, machine)
+        fp32 = median.get(("fp32", name))
         table.add_row(
-            precision,
+            precision + (" (auto)" if precision == auto else ""),
             name,
             f"{tok_s:,.0f}",
-            f"{tok_s / plain:.2f}x",
+            f"{tok_s / median[precision, 'plain PyTorch loop']:.2f}x",
+            f"{tok_s / fp32:.2f}x" if fp32 else "-",
             f"{100 * flops * tok_s / peak:.1f}%",
-            f"{peak / 1e9:,.0f} GFLOP/s",
+            f"{peak / 1e9:,.1f} GFLOP/s",
         )
-    console = Console(width=120)
     console.print(table)
     if memory:
         mem = Table(

@@ -22,6 +22,14 @@ os.environ.setdefault("WANDB_MODE", "offline")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def machine_cache(tmp_path_factory):
+    """The measured matmul peaks (train/machine.py) are cached for this session only, never in
+    the developer's ~/.cache; every `neo` subprocess inherits the variable. (Not
+    XDG_CACHE_HOME: DeepSpeed's JIT-built ops are cached under it and would be rebuilt.)"""
+    os.environ["NEOTRAIN_CACHE_DIR"] = str(tmp_path_factory.mktemp("neotrain_cache"))
+
+
 def tiny_config(**overrides) -> ModelConfig:
     """A random small model: 2-4 layers, window shorter than the sequences tests use."""
     values = dict(

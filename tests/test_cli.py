@@ -22,6 +22,9 @@ def test_unknown_verb_fails_with_usage(neo):
 def test_info_with_no_arguments_describes_tiny(neo, tmp_path):
     out = neo("info").stdout
     assert "model tiny" in out and "7,257,472" in out
+    # The machine: what precision=auto picks here and the measured matmul peaks (cached).
+    assert "this machine" in out and "precision=auto" in out and "native bf16" in out
+    assert "matmul peak, fp32" in out and "matmul peak, bf16" in out and "GFLOP/s" in out
     assert list(tmp_path.iterdir()) == [], "info writes nothing"
 
 

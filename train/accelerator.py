@@ -48,11 +48,6 @@ class Accelerator:
         if self.kind != "cpu" and state is not None:
             self.module().set_rng_state(state)
 
-    def bf16_supported(self) -> bool:
-        if self.kind == "cpu":
-            return True
-        return bool(self.module().is_bf16_supported())
-
     def synchronize(self) -> None:
         if self.kind != "cpu":
             self.module().synchronize()

@@ -254,8 +254,9 @@ class TrainConfig:
     seed: int = 1234
     # auto | cpu | cuda | npu
     accelerator: str = "auto"
-    # bf16 | fp16 (dynamic loss scaling) | fp32
-    precision: str = "bf16"
+    # auto (bf16 where the device computes it natively, else fp32) | bf16 | fp16 (dynamic loss
+    # scaling; CUDA and Ascend only) | fp32
+    precision: str = "auto"
     micro_batch_size: int = 4
     # Samples per optimizer step over all ranks: micro_batch_size * accumulation * world_size.
     global_batch_size: int = 8
@@ -266,7 +267,8 @@ class TrainConfig:
     keep_last: int = 2
     # Stop with an error after this many optimizer steps in a row with a non-finite loss.
     max_bad_steps: int = 5
-    # Peak FLOP/s per device for MFU; None: measured matmul peak on CPU, unknown elsewhere.
+    # Peak FLOP/s per device for MFU; None: this device's matmul peak in the training precision,
+    # measured in a fraction of a second and cached (train/machine.py).
     peak_flops: float | None = None
     # auto: continue from run_dir/checkpoints if present; never: refuse a non-empty run dir.
     resume: str = "auto"

@@ -7,8 +7,13 @@ checkpoints. Nothing outside this file knows what ZeRO is.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
+import re
+import sys
+import warnings
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import torch
@@ -173,14 +178,49 @@ def build_optimizer(
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    fused = accelerator.kind == "cuda"
+    if ds.zero_stage:
+        # ZeRO's optimizers clip, check for overflow and skip steps themselves; a plain AdamW
+        # is also one DeepSpeed lists as tested (a subclass would get its "untested" warning).
+        return torch.optim.AdamW(groups, fused=fused, **kwargs)
     clip = optim.grad_clip if optimizer_clips(ds, precision) else 0.0
-    return SkippingAdamW(groups, max_grad_norm=clip, fused=accelerator.kind == "cuda", **kwargs)
+    return SkippingAdamW(groups, max_grad_norm=clip, fused=fused, **kwargs)
 
 
 def init_distributed(accelerator: Accelerator) -> None:
-    import deepspeed
+    # For the whole process: DeepSpeed calls these collectives in every ZeRO step.
+    warnings.filterwarnings(
+        "ignore", message=_DEPRECATED_COLLECTIVES + " is deprecated", category=FutureWarning
+    )
+    with _deepspeed_quietly():
+        import deepspeed
 
-    deepspeed.init_distributed(dist_backend=accelerator.backend, auto_mpi_discovery=False)
+        deepspeed.init_distributed(dist_backend=accelerator.backend, auto_mpi_discovery=False)
+
+
+# DeepSpeed's output that no user can act on, filtered narrowly; everything else stays visible.
+# - FutureWarnings for torch.distributed collectives DeepSpeed calls under their old names;
+# - its libaio probe's compiler command lines, which distutils logs at INFO through the root
+#   logger while `import deepspeed` runs, and the print after loading its shared-memory op.
+_DEPRECATED_COLLECTIVES = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)`"
+_PRINTED_NOISE = re.compile(r"DeepSpeed deepspeed\.ops\.comm\.\w+ built successfully$")
+
+
+@contextmanager
+def _deepspeed_quietly():
+    """Around `import deepspeed` and its process-group start: no INFO logs, no noise prints."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    printed = io.StringIO()
+    try:
+        with redirect_stdout(printed):
+            yield
+    finally:
+        root.setLevel(level)
+        for line in printed.getvalue().splitlines(keepends=True):
+            if not _PRINTED_NOISE.match(line.rstrip("\n")):
+                sys.stdout.write(line)
 
 
 def build_engine(

@@ -140,3 +140,29 @@ def run(cfg: InfoConfig) -> None:
             str(stage), *(f"{m[k] / GIB:,.2f}" for k in ("weights", "grads", "optimizer", "total"))
         )
     console.print(memory)
+    console.print(machine_table())
+
+
+def machine_table():
+    """This machine, as `neo train` sees it: device, native bf16, what precision=auto picks,
+    and the measured matmul peaks behind MFU."""
+    from rich.table import Table
+
+    from train import accelerator as accel
+    from train import machine as hw
+
+    acc = accel.select("auto")
+    m = hw.describe(acc)
+    precision, _ = hw.resolve_precision("auto", acc, m)
+    table = Table(title="this machine", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    device = f"{m.kind}: {m.name}" + (f" ({m.isa})" if m.isa else "")
+    table.add_row("device", f"{device}, {m.threads} threads")
+    table.add_row("native bf16", f"{'yes' if m.native_bf16 else 'no'}: {m.bf16_reason}")
+    table.add_row("precision=auto", precision)
+    for name in ("fp32", "bf16"):
+        peak = hw.matmul_peak(hw.DTYPES[name], acc, m)
+        table.add_row(f"matmul peak, {name}", f"{peak / 1e9:,.1f} GFLOP/s")
+    table.add_row("", f"measured, cached in {hw.cache_path()}")
+    return table

@@ -3,7 +3,6 @@ and the loss curve as a PNG."""
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -21,11 +20,9 @@ PLOT_FILE = "loss.png"
 class MetricsLogger:
     """Rank 0 writes; other ranks hold a disabled logger so call sites need no `if rank == 0`."""
 
-    def __init__(self, run_dir: Path, cfg, enabled: bool, resume_step: int = 0):
+    def __init__(self, run_dir: Path, cfg, enabled: bool):
         self.enabled = enabled
         self.max_steps = cfg.max_steps
-        self.start_step = resume_step
-        self.started = time.perf_counter()
         self.file = None
         self.wandb = None
         if not enabled:
@@ -34,24 +31,34 @@ class MetricsLogger:
         if cfg.logger.wandb.mode != "disabled":
             self.wandb = _start_wandb(run_dir, cfg)
 
+    def start(self, step: int, **values) -> None:
+        """The record that opens every (re)start of a run: the machine, the precision and the
+        peak behind the MFU, so every later number can be traced to what produced it."""
+        if not self.enabled:
+            return
+        self._write({"step": step, "event": "start", **values}, to_wandb=False)
+        if self.wandb is not None:
+            self.wandb.config.update(values, allow_val_change=True)
+
     def train(self, step: int, **values) -> None:
         if not self.enabled:
             return
         self._write({"step": step, **values})
-        done = step - self.start_step
-        elapsed = time.perf_counter() - self.started
-        eta = elapsed / max(done, 1) * (self.max_steps - step)
-        mfu = values.get("mfu")
+        if values.get("tokens_per_s") is None:  # the warm-up step: its time, no rate yet
+            speed = f"warm-up {values['warmup_s']:.1f}s"
+        else:
+            speed = f"{values['tokens_per_s']:,.0f} tok/s"
+            if values.get("mfu") is not None:
+                speed += f" | MFU {100 * values['mfu']:.1f}%"
+            speed += f" | ETA {_duration(values['eta_s'])}"
         log.info(
-            "step %d/%d | loss %.4f | lr %.3g | grad norm %.3f | %s tok/s%s | ETA %s",
+            "step %d/%d | loss %.4f | lr %.3g | grad norm %.3f | %s",
             step,
             self.max_steps,
             values["loss"],
             values["lr"],
             values["grad_norm"],
-            f"{values['tokens_per_s']:,.0f}",
-            f" | MFU {100 * mfu:.1f}%" if mfu else "",
-            _duration(eta),
+            speed,
         )
 
     def validation(self, step: int, **values) -> None:
@@ -66,15 +73,16 @@ class MetricsLogger:
             values["val_bpb"],
         )
 
-    def _write(self, record: dict) -> None:
+    def _write(self, record: dict, to_wandb: bool = True) -> None:
         record = {
             k: (None if isinstance(v, float) and not math.isfinite(v) else v)
             for k, v in record.items()
         }
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if to_wandb and self.wandb is not None:
+            values = {k: v for k, v in record.items() if k != "step" and v is not None}
+            self.wandb.log(values, step=record["step"])
 
     def close(self) -> None:
         if self.file:
@@ -161,19 +169,54 @@ def plot_run(run_dir: str | Path) -> Path:
     return out
 
 
-@functools.cache
-def measured_peak_flops(precision: str, size: int = 2048, repeats: int = 5) -> float:
-    """This CPU's sustained matmul FLOP/s in the training precision (the MFU denominator)."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
-    a @ b
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+class Throughput:
+    """Tokens/s and MFU between two progress lines, and the ETA.
+
+    The first step after a (re)start is warm-up (allocations, kernel selection, DeepSpeed's
+    first buckets): it is reported as its own time and enters neither a rate nor the ETA, which
+    is the mean step time since the end of that step (validation and checkpoints included)."""
+
+    def __init__(
+        self,
+        first_step: int,
+        max_steps: int,
+        tokens_per_step: int,
+        flops_per_token: float,
+        peak_flops_total: float | None,
+        on_impossible_mfu=None,
+    ):
+        self.first, self.max_steps = first_step, max_steps
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.peak = peak_flops_total
+        self.on_impossible_mfu = on_impossible_mfu  # called once, with the impossible value
+        self.started = self.last_time = time.perf_counter()
+        self.last_step = first_step
+        self.warm: tuple[int, float] | None = None  # (step, time) at the end of warm-up
+
+    def measure(self, step: int) -> dict[str, float | None]:
+        now = time.perf_counter()
+        if self.warm is None:  # the warm-up step, or the first line after it
+            self.warm = (step, now)
+            self.last_step, self.last_time = step, now
+            return {"tokens_per_s": None, "mfu": None, "warmup_s": now - self.started}
+        tokens_per_s = self.tokens_per_step * (step - self.last_step) / (now - self.last_time)
+        self.last_step, self.last_time = step, now
+        warm_step, warm_time = self.warm
+        eta = (now - warm_time) / (step - warm_step) * (self.max_steps - step)
+        return {"tokens_per_s": tokens_per_s, "mfu": self._mfu(tokens_per_s), "eta_s": eta}
+
+    def _mfu(self, tokens_per_s: float) -> float | None:
+        if not self.peak:
+            return None
+        mfu = self.flops_per_token * tokens_per_s / self.peak
+        if mfu <= 1.0:
+            return mfu
+        # More than the peak: the peak is wrong, so is every MFU made with it. Say so once.
+        self.peak = None
+        if self.on_impossible_mfu is not None:
+            self.on_impossible_mfu(mfu)
+        return None
 
 
 def live_tensor_bytes() -> int:
@@ -184,9 +227,14 @@ def live_tensor_bytes() -> int:
 
     seen, total = set(), 0
     for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
-            storage = obj.untyped_storage()
-            if storage.data_ptr() and storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
+        # issubclass on the type, not isinstance: isinstance reads obj.__class__, and some
+        # objects answer that with a deprecation warning (torch.distributed.reduce_op).
+        if issubclass(type(obj), torch.Tensor) and obj.device.type != "meta":
+            try:
+                pointer = obj.untyped_storage().data_ptr()
+            except RuntimeError:  # tensors without memory: FakeTensor (torch.compile), ...
+                continue
+            if pointer and pointer not in seen:
+                seen.add(pointer)
+                total += obj.untyped_storage().nbytes()
     return total

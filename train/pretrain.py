@@ -29,10 +29,11 @@ import torch.distributed as dist
 from data_prep.files import atomic_write_text
 from train import accelerator as accel
 from train import engine as ds_engine
+from train import machine as hw
 from train.config import ConfigError, TrainConfig
 from train.errors import TrainingStopped
 from train.info import count_parameters, flops_per_token
-from train.metrics import MetricsLogger, live_tensor_bytes, measured_peak_flops
+from train.metrics import MetricsLogger, Throughput, live_tensor_bytes
 
 log = logging.getLogger("neo.train")
 
@@ -65,6 +66,7 @@ def check_config(cfg: TrainConfig, world_size: int) -> int:
     """Every rule that does not need the data: fails before a process group exists."""
     cfg.model.validate()
     cfg.model.check_sequence_length(_seq_len(cfg))
+    hw.check_precision(cfg.precision)
     if cfg.optim.unit not in ("steps", "tokens"):
         raise ConfigError(f"optim.unit={cfg.optim.unit!r} must be 'steps' or 'tokens'")
     if cfg.resume not in ("auto", "never"):
@@ -95,6 +97,10 @@ class Trainer:
     ranks: accel.Ranks
     acc: accel.Accelerator
     device: torch.device
+    machine: hw.Machine
+    precision: str  # bf16 | fp16 | fp32: what `precision` (auto or explicit) resolved to here
+    precision_reason: str
+    peak_flops: float | None  # per device, the MFU denominator (rank 0 only)
     data: object  # train.data.TrainingData
     engine: object  # deepspeed.DeepSpeedEngine
     identity: dict[str, str]
@@ -114,8 +120,17 @@ class Trainer:
 def run(cfg: TrainConfig) -> None:
     t = setup(cfg)
     cfg, state = t.cfg, t.state
-    metrics = MetricsLogger(t.run_dir, cfg, enabled=t.ranks.is_main, resume_step=state["step"])
-    meter = Throughput(cfg, t.acc, t.ranks, state["step"])
+    metrics = MetricsLogger(t.run_dir, cfg, enabled=t.ranks.is_main)
+    metrics.start(
+        state["step"],
+        precision=t.precision,
+        precision_reason=t.precision_reason,
+        peak_flops=t.peak_flops,
+        peak_flops_source="peak_flops=" if cfg.peak_flops else "measured matmul peak",
+        world_size=t.ranks.world_size,
+        machine=t.machine.as_dict(),
+    )
+    meter = throughput(t)
     stop = StopSignal()
     for step in range(state["step"], cfg.max_steps):
         lr = lr_at(cfg, step, state["tokens"])
@@ -203,20 +218,22 @@ def setup(cfg: TrainConfig) -> Trainer:
         raise ConfigError(f"resume=never, but {ckpt_dir} holds checkpoints; choose another run_dir")
 
     acc = accel.select(cfg.accelerator)
-    if cfg.precision == "bf16" and not acc.bf16_supported():
-        raise ConfigError(f"precision=bf16, but this {acc.kind} device has no bf16 support")
-    if cfg.precision == "fp16" and acc.kind == "cpu":
-        raise ConfigError(
-            "precision=fp16 needs a CUDA or Ascend device (DeepSpeed has no fp16 on CPU); "
-            "use precision=bf16 or fp32"
-        )
+    machine = hw.describe(acc)
+    precision, reason = hw.resolve_precision(cfg.precision, acc, machine)
     accel.prepare_environment(acc, ranks)
     acc.set_device(ranks.local_rank)
     device = acc.device(ranks.local_rank)
     ds_engine.init_distributed(acc)
 
+    peak = None
     if ranks.is_main:
         prepare_default_data(cfg)
+        if cfg.precision == "auto":
+            log.info("precision auto -> %s: %s", precision, reason)
+        elif precision == "bf16" and (warning := hw.bf16_slowdown_warning(acc, machine, device)):
+            log.warning(warning)
+        # Measured while the other ranks wait at the barrier below, so they do not compete.
+        peak = cfg.peak_flops or hw.matmul_peak(hw.DTYPES[precision], acc, machine, device)
     _barrier()
     data = _load_data(cfg)
     if data.vocab_size > cfg.model.vocab_size:
@@ -225,11 +242,11 @@ def setup(cfg: TrainConfig) -> Trainer:
             f"model.vocab_size={cfg.model.vocab_size}"
         )
     identity = config_identity(cfg, data.identity)
-    resume = plan_resume(ckpt_dir, identity, cfg, ranks)
+    resume = plan_resume(ckpt_dir, identity, cfg, ranks, precision)
 
     ds_config = ds_engine.deepspeed_config(
         cfg.deepspeed,
-        cfg.precision,
+        precision,
         cfg.optim,
         cfg.micro_batch_size,
         accumulation,
@@ -253,7 +270,7 @@ def setup(cfg: TrainConfig) -> Trainer:
         state = apply_resume(engine, resume, acc, ranks)
     if ranks.is_main:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        _write_config(Path(cfg.run_dir), cfg)
+        _write_config(Path(cfg.run_dir), cfg, precision, reason, machine)
     log.info(
         "training %s (%s parameters) on %d x %s, ZeRO-%d, %s, global batch %d x %d tokens, "
         "accumulation %d; run dir %s%s",
@@ -262,7 +279,7 @@ def setup(cfg: TrainConfig) -> Trainer:
         ranks.world_size,
         acc.kind,
         cfg.deepspeed.zero_stage,
-        cfg.precision,
+        precision,
         cfg.global_batch_size,
         _seq_len(cfg),
         accumulation,
@@ -271,27 +288,48 @@ def setup(cfg: TrainConfig) -> Trainer:
     )
     engine.train()
     return Trainer(
-        cfg, ranks, acc, device, data, engine, identity, accumulation, state, bool(resume)
+        cfg,
+        ranks,
+        acc,
+        device,
+        machine,
+        precision,
+        reason,
+        peak,
+        data,
+        engine,
+        identity,
+        accumulation,
+        state,
+        bool(resume),
     )
 
 
-class Throughput:
-    """Tokens/s and MFU between two log lines."""
+def throughput(t: Trainer) -> Throughput:
+    """The meter behind the progress line. MFU = model FLOPs per token x tokens/s over the
+    peak of every device, in the precision the matmuls run in."""
 
-    def __init__(self, cfg: TrainConfig, acc, ranks, first_step: int):
-        self.first = first_step
-        self.last_step, self.last_time = first_step, time.perf_counter()
-        self.tokens_per_step = _tokens_per_step(cfg)
-        self.flops = flops_per_token(cfg.model, _seq_len(cfg))
-        peak = cfg.peak_flops or (measured_peak_flops(cfg.precision) if acc.kind == "cpu" else None)
-        self.peak_total = peak * ranks.world_size if peak else None
+    def impossible(mfu: float) -> None:
+        source = "peak_flops=" if t.cfg.peak_flops else "the measured matmul peak"
+        log.warning(
+            "MFU came out at %.0f%% of %s (%.4g FLOP/s per device), so that peak is wrong; "
+            "MFU is not reported for the rest of this run (set peak_flops= to the device's "
+            "real peak)",
+            100 * mfu,
+            source,
+            t.peak_flops,
+        )
+        if not t.cfg.peak_flops:  # measured under load, most likely: measure again next time
+            hw.forget_matmul_peak(hw.DTYPES[t.precision], t.machine)
 
-    def measure(self, step: int) -> dict[str, float | None]:
-        now = time.perf_counter()
-        tokens_per_s = self.tokens_per_step * (step - self.last_step) / (now - self.last_time)
-        self.last_step, self.last_time = step, now
-        mfu = self.flops * tokens_per_s / self.peak_total if self.peak_total else None
-        return {"tokens_per_s": tokens_per_s, "mfu": mfu}
+    return Throughput(
+        first_step=t.state["step"],
+        max_steps=t.cfg.max_steps,
+        tokens_per_step=_tokens_per_step(t.cfg),
+        flops_per_token=flops_per_token(t.cfg.model, _seq_len(t.cfg)),
+        peak_flops_total=t.peak_flops * t.ranks.world_size if t.peak_flops else None,
+        on_impossible_mfu=impossible,
+    )
 
 
 def data_batch(t: Trainer, blend, step: int, micro: int, accumulation: int) -> torch.Tensor:
@@ -362,7 +400,7 @@ def save_checkpoint(t: Trainer) -> None:
             **t.state,
             "world_size": t.ranks.world_size,
             "zero_stage": t.cfg.deepspeed.zero_stage,
-            "precision": t.cfg.precision,
+            "precision": t.precision,
             "identity": t.identity,
             "rng": rng,
             "model": asdict(t.cfg.model),
@@ -398,7 +436,9 @@ class Resume:
     mode: str
 
 
-def plan_resume(ckpt_dir: Path, identity: dict, cfg: TrainConfig, ranks) -> Resume | None:
+def plan_resume(
+    ckpt_dir: Path, identity: dict, cfg: TrainConfig, ranks, precision: str
+) -> Resume | None:
     """What `latest` holds and how to load it, or a ConfigError if it cannot continue this run."""
     tag = _latest(ckpt_dir)
     if tag is None:
@@ -418,21 +458,20 @@ def plan_resume(ckpt_dir: Path, identity: dict, cfg: TrainConfig, ranks) -> Resu
             "seed or global_batch_size changed); resuming would not continue the same run"
         )
     stage, world = cfg.deepspeed.zero_stage, ranks.world_size
-    if saved["world_size"] == world and saved["zero_stage"] == stage:
+    # (precision=auto resolves per machine: a run moved to another kind of machine may change.)
+    if (saved["world_size"], saved["zero_stage"], saved["precision"]) == (world, stage, precision):
         return Resume(ckpt_dir, tag, saved, "exact")
-    was = f"{tag} ({saved['world_size']} ranks, ZeRO-{saved['zero_stage']})"
+    was = f"{tag} ({saved['world_size']} ranks, ZeRO-{saved['zero_stage']}, {saved['precision']})"
+    now = f"{world} ranks at ZeRO-{stage}, {precision}"
     if (saved["zero_stage"] == 3) == (stage == 3) and 0 not in (saved["zero_stage"], stage):
-        log.info(
-            "resuming %s on %d ranks at ZeRO-%d through a universal checkpoint", was, world, stage
-        )
+        log.info("resuming %s on %s through a universal checkpoint", was, now)
         return Resume(ckpt_dir, tag, saved, "universal")
     log.warning(
-        "resuming %s on %d ranks at ZeRO-%d from its consolidated fp32 weights: DeepSpeed cannot "
-        "reshard optimizer state between these stages, so Adam's moments start again from zero "
+        "resuming %s on %s from its consolidated fp32 weights: DeepSpeed cannot reshard "
+        "optimizer state between these layouts, so Adam's moments start again from zero "
         "(the step, learning rate and data position carry on)",
         was,
-        world,
-        stage,
+        now,
     )
     return Resume(ckpt_dir, tag, saved, "consolidated")
 
@@ -536,11 +575,25 @@ def prepare_default_data(cfg: TrainConfig) -> None:
     prepare(default)
 
 
-def _write_config(run_dir: Path, cfg: TrainConfig) -> None:
+def _write_config(
+    run_dir: Path, cfg: TrainConfig, precision: str, reason: str, machine: hw.Machine
+) -> None:
+    """The config as it ran: `precision` is what it resolved to on this machine; the comments
+    say how, and which machine it was."""
+    from dataclasses import replace
+
     from omegaconf import OmegaConf
 
-    text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
-    atomic_write_text(run_dir / "config.yaml", f"# neo train {' '.join(sys.argv[1:])}\n{text}")
+    text = OmegaConf.to_yaml(OmegaConf.structured(replace(cfg, precision=precision)))
+    m = machine
+    header = [
+        f"# neo train {' '.join(sys.argv[1:])}",
+        f"# precision: {cfg.precision} -> {precision} ({reason})",
+        f"# machine: {m.kind} {m.name}"
+        + (f", {m.isa}" if m.isa else "")
+        + f", native bf16 {'yes' if m.native_bf16 else 'no'}, {m.threads} threads per rank",
+    ]
+    atomic_write_text(run_dir / "config.yaml", "\n".join(header) + "\n" + text)
 
 
 def _all_mean(x: torch.Tensor, device) -> float:

@@ -1,0 +1,255 @@
+"""What this machine computes natively, and how fast: the facts behind `precision=auto` and MFU.
+
+- `describe(acc)`: the device (CPU model and instruction set, or GPU/NPU name), whether it has
+  native bf16 matmuls, and the thread count; written into every run so that a number in a
+  report can be traced to the machine that produced it.
+- `resolve_precision(requested, acc)`: `auto` is bf16 where the device computes it natively,
+  else fp32, with the reason in words.
+- `matmul_peak(dtype, acc)`: the MFU denominator. Measured with square matmuls of growing size
+  inside a fixed time budget (a fraction of a second even where bf16 is emulated), then cached
+  per device, threads, torch version and dtype in ~/.cache/neotrain/matmul_peak.json
+  ($NEOTRAIN_CACHE_DIR or $XDG_CACHE_HOME/neotrain where set).
+
+Why native bf16 matters on CPU: without AVX512-BF16 or AMX (e.g. AVX2-only x86 CPUs) oneDNN has
+no bf16 matmul kernel and PyTorch falls back to a reference loop, 10x to 70x slower than fp32
+depending on the operands' layout (measured on a 2-core AMD EPYC with AVX2).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from train.accelerator import Accelerator
+from train.config import ConfigError
+
+log = logging.getLogger("neo.train")
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# CPU features that give oneDNN native bf16 matmul kernels (x86: AVX512-BF16 or AMX; arm64: the
+# BF16 extension, e.g. Graviton3 / Neoverse V1).
+NATIVE_BF16_CPU_FEATURES = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
+PEAK_BUDGET_S = 0.3
+CACHE_FILE = "matmul_peak.json"
+
+
+@dataclass(frozen=True)
+class Machine:
+    kind: str  # cpu | cuda | npu
+    name: str  # "AMD EPYC", "NVIDIA H100 80GB HBM3", ...
+    isa: str | None  # CPU only: torch's dispatch level (AVX2, AVX512, SVE256, DEFAULT, ...)
+    native_bf16: bool
+    bf16_reason: str  # why native_bf16 is what it is, in words
+    threads: int  # torch intra-op threads of this process
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def cpu_features() -> dict:
+    """torch's view of the CPU (cpuinfo): {"avx2": True, "amx_bf16": False, "cpu_name": ...}."""
+    get = getattr(torch.cpu, "get_capabilities", None)
+    if get is not None:  # torch >= 2.13
+        return dict(get())
+    return {  # older torch: the two probes that decide bf16
+        "avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
+        "amx_bf16": torch.cpu._is_amx_tile_supported(),
+    }
+
+
+def cpu_native_bf16(features: dict, isa: str) -> tuple[bool, str]:
+    found = [f for f in NATIVE_BF16_CPU_FEATURES if features.get(f)]
+    if found:
+        return True, f"this CPU ({isa}, {'+'.join(found)}) has native bf16 matmuls"
+    return False, f"this CPU ({isa}) has no native bf16 matmul (no AVX512-BF16 or AMX)"
+
+
+def describe(acc: Accelerator) -> Machine:
+    threads = torch.get_num_threads()
+    if acc.kind == "cpu":
+        features = cpu_features()
+        isa = torch.backends.cpu.get_cpu_capability()
+        native, reason = cpu_native_bf16(features, isa)
+        name = str(features.get("cpu_name") or _proc_cpu_name() or "unknown CPU")
+        return Machine("cpu", name, isa, native, reason, threads)
+    module = acc.module()
+    name = module.get_device_name()
+    if acc.kind == "cuda":
+        # Ampere (sm_80) and later compute bf16 in tensor cores; before that torch emulates it.
+        native = bool(module.is_bf16_supported(including_emulation=False))
+        major, minor = module.get_device_capability()
+        reason = f"{name} (sm_{major}{minor}) " + (
+            "computes bf16 natively" if native else "has no native bf16 (needs sm_80 or later)"
+        )
+    else:  # Ascend: torch_npu says whether the chip computes bf16 (910B does, 910A does not)
+        native = bool(module.is_bf16_supported())
+        reason = f"{name} " + ("computes bf16 natively" if native else "has no bf16 support")
+    return Machine(acc.kind, name, None, native, reason, threads)
+
+
+def _proc_cpu_name() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+
+
+def resolve_precision(requested: str, acc: Accelerator, machine: Machine) -> tuple[str, str]:
+    """(precision, why): `auto` becomes bf16 where the device computes it natively, else fp32.
+    An explicit choice is kept where it can run; one that cannot is a ConfigError."""
+    check_precision(requested)
+    if requested == "fp16" and acc.kind == "cpu":
+        raise ConfigError(
+            "precision=fp16 needs a CUDA or Ascend device (DeepSpeed has no fp16 on CPU); "
+            "use precision=auto, bf16 or fp32"
+        )
+    if requested == "bf16" and acc.kind == "npu" and not machine.native_bf16:
+        raise ConfigError(f"precision=bf16, but {machine.bf16_reason}; use precision=auto")
+    if requested != "auto":
+        return requested, "as asked"
+    return ("bf16" if machine.native_bf16 else "fp32"), machine.bf16_reason
+
+
+# --------------------------------------------------------------------------------------------
+# matmul peak
+
+
+LAYOUTS = ("a @ b", "a @ b.T", "a.T @ b")
+
+
+def measure_matmuls(
+    dtype: torch.dtype,
+    acc: Accelerator,
+    device: torch.device,
+    budget_s: float = PEAK_BUDGET_S,
+    max_size: int = 8192,
+) -> dict:
+    """FLOP/s of square matmuls of sizes 128, 256, ... in the three layouts training uses
+    (a @ b; a @ b.T in Linear's forward; a.T @ b in its weight gradient: emulated bf16 kernels
+    differ 10x between them): {"layouts": {layout: best FLOP/s over sizes}, "size": the largest
+    size measured}. Each size and layout gets a warm-up and up to three timed products; the next
+    size (8x the work) starts only if its warm-up and one product fit in what is left of
+    `budget_s`."""
+    torch.ones(8, 8, device=device).to(dtype) @ torch.ones(8, 8, device=device).to(dtype)
+    acc.synchronize()  # library start-up (cuBLAS handles, oneDNN) stays out of the budget
+    deadline = time.perf_counter() + budget_s
+    best = dict.fromkeys(LAYOUTS, 0.0)
+    n = 128
+    while True:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        cost = 0.0  # one product in every layout, at this size
+        for layout, (x, y) in zip(LAYOUTS, ((a, b), (a, b.T), (a.T, b)), strict=True):
+            x @ y  # warm-up: kernel selection, packing buffers
+            acc.synchronize()
+            fastest = math.inf
+            for _ in range(3):
+                start = time.perf_counter()
+                x @ y
+                acc.synchronize()
+                fastest = min(fastest, time.perf_counter() - start)
+                if time.perf_counter() + fastest > deadline:
+                    break
+            cost += fastest
+            best[layout] = max(best[layout], 2 * n**3 / fastest)
+        del a, b
+        if n >= max_size or time.perf_counter() + 2 * 8 * cost > deadline:
+            return {"layouts": best, "size": n}
+        n *= 2
+
+
+def cache_path() -> Path:
+    """$NEOTRAIN_CACHE_DIR, else $XDG_CACHE_HOME/neotrain, else ~/.cache/neotrain."""
+    root = os.environ.get("NEOTRAIN_CACHE_DIR")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "neotrain"
+    return Path(root) / CACHE_FILE
+
+
+def _cache_key(machine: Machine, dtype: torch.dtype) -> str:
+    isa = f" {machine.isa}" if machine.isa else ""
+    return (
+        f"{machine.kind} {machine.name}{isa} | {machine.threads} threads | "
+        f"torch {torch.__version__} | {str(dtype).removeprefix('torch.')}"
+    )
+
+
+def _read_cache() -> dict:
+    try:
+        return json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(cache: dict) -> None:
+    from data_prep.files import atomic_write_text
+
+    try:
+        cache_path().parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache_path(), json.dumps(cache, indent=1, sort_keys=True) + "\n")
+    except OSError as e:  # a read-only home is no reason to stop
+        log.debug("could not write the matmul cache %s: %s", cache_path(), e)
+
+
+def matmul_speeds(
+    dtype: torch.dtype, acc: Accelerator, machine: Machine, device: torch.device | None = None
+) -> dict[str, float]:
+    """{layout: FLOP/s} of this device's matmuls in `dtype`: cached, or measured now (a fraction
+    of a second) and cached."""
+    key = _cache_key(machine, dtype)
+    entry = _read_cache().get(key)
+    if entry is None:
+        entry = measure_matmuls(dtype, acc, device or acc.device(0))
+        entry["measured"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        if acc.kind != "cpu":
+            acc.module().empty_cache()
+        _write_cache({**_read_cache(), key: entry})  # re-read: another rank or run may write
+    return entry["layouts"]
+
+
+def matmul_peak(
+    dtype: torch.dtype, acc: Accelerator, machine: Machine, device: torch.device | None = None
+) -> float:
+    """The MFU denominator: the fastest matmul FLOP/s this device reached in `dtype`."""
+    return max(matmul_speeds(dtype, acc, machine, device).values())
+
+
+def forget_matmul_peak(dtype: torch.dtype, machine: Machine) -> None:
+    """Drop a cached measurement that proved wrong (an MFU above 100%): the next run measures."""
+    cache = _read_cache()
+    if cache.pop(_cache_key(machine, dtype), None) is not None:
+        _write_cache(cache)
+
+
+def bf16_slowdown_warning(
+    acc: Accelerator, machine: Machine, device: torch.device | None = None
+) -> str | None:
+    """For an explicit precision=bf16 where bf16 is not native: one line saying how much slower
+    it is here, from the measured matmuls."""
+    if machine.native_bf16:
+        return None
+    fp32 = matmul_peak(torch.float32, acc, machine, device)
+    bf16 = matmul_speeds(torch.bfloat16, acc, machine, device).values()
+    slow, fast = min(bf16), max(bf16)
+    return (
+        f"precision=bf16 on a device without native bf16: {machine.bf16_reason}. bf16 matmuls "
+        f"ran at {slow / 1e9:,.1f} to {fast / 1e9:,.1f} GFLOP/s here (by operand layout) "
+        f"against {fp32 / 1e9:,.1f} in fp32, {fp32 / fast:,.0f}x to {fp32 / slow:,.0f}x slower; "
+        "precision=auto would use fp32"
+    )
