@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from data_prep.files import atomic_write_text
 from train.accelerator import Accelerator
 from train.config import ConfigError
 
@@ -198,8 +199,6 @@ def _read_cache() -> dict:
 
 
 def _write_cache(cache: dict) -> None:
-    from data_prep.files import atomic_write_text
-
     try:
         cache_path().parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cache_path(), json.dumps(cache, indent=1, sort_keys=True) + "\n")
