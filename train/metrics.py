@@ -3,6 +3,7 @@ and the loss curve as a PNG."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -10,6 +11,8 @@ import time
 from pathlib import Path
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 log = logging.getLogger("neo.train")
 
@@ -219,20 +222,26 @@ class Throughput:
         return None
 
 
+# Tensors torch.compile leaves behind that own no memory (reading their data pointer warns or
+# raises).
+_NO_MEMORY = (FakeTensor, FunctionalTensor)
+
+
 def live_tensor_bytes() -> int:
     """Bytes of every tensor storage this process holds (each storage counted once): after a
     training step, that is the model state (weights, gradients, optimizer) plus small buffers.
     On CPU there is no allocator counter, so the garbage collector's view is the measure."""
-    import gc
-
     seen, total = set(), 0
     for obj in gc.get_objects():
         # issubclass on the type, not isinstance: isinstance reads obj.__class__, and some
         # objects answer that with a deprecation warning (torch.distributed.reduce_op).
-        if issubclass(type(obj), torch.Tensor) and obj.device.type != "meta":
+        kind = type(obj)
+        if issubclass(kind, torch.Tensor) and not issubclass(kind, _NO_MEMORY):
+            if obj.device.type == "meta":
+                continue
             try:
                 pointer = obj.untyped_storage().data_ptr()
-            except RuntimeError:  # tensors without memory: FakeTensor (torch.compile), ...
+            except RuntimeError:  # another tensor subclass without memory of its own
                 continue
             if pointer and pointer not in seen:
                 seen.add(pointer)
