@@ -51,6 +51,7 @@ def test_export_and_import_round_trip_through_the_cli(neo, tmp_path):
     from data_prep.tokenizers import load_tokenizer
     from train.checkpoint import save_checkpoint
     from train.config import ModelConfig
+    from train.load import load_model
     from train.model import GPT
 
     config = ModelConfig(
@@ -67,7 +68,7 @@ def test_export_and_import_round_trip_through_the_cli(neo, tmp_path):
         json.loads((tmp_path / "runs/demo/hf/config.json").read_text())["model_type"] == "gpt_neo"
     )
     assert "imported hf (1.6M parameters" in neo("import").stdout  # named after its directory
-    again = GPT.from_pretrained(tmp_path / "runs/demo/imported")
+    again = load_model(tmp_path / "runs/demo/imported")
     ids = torch.randint(0, 50257, (1, 30))
     with torch.no_grad():
         torch.testing.assert_close(again(ids), model(ids))

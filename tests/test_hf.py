@@ -12,7 +12,9 @@ from data_prep.files import OutputExistsError
 from data_prep.tokenizers import load_tokenizer
 from train.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from train.config import expand_attention_types
-from train.hf import export_hf, import_hf
+from train.export import export_hf
+from train.hf import import_hf
+from train.load import load_model
 from train.model import GPT, next_token_loss
 
 PATTERNS = {
@@ -75,8 +77,8 @@ def test_import_of_hugging_face_directory_gives_same_logits(tmp_path, pattern):
     ).eval()
     hf.save_pretrained(tmp_path / "hf")  # no tokenizer files: import works without them
     import_hf(tmp_path / "hf", tmp_path / "ckpt")
-    ours = GPT.from_pretrained(tmp_path / "ckpt").eval()
-    direct = GPT.from_pretrained(tmp_path / "hf").eval()
+    ours = load_model(tmp_path / "ckpt").eval()
+    direct = load_model(tmp_path / "hf").eval()
     ids = sample_ids()
     with torch.no_grad():
         ref = hf(ids).logits
@@ -200,7 +202,7 @@ def test_import_reads_sharded_and_legacy_checkpoints(tmp_path):
     torch.save(legacy, hf_dir / "pytorch_model.bin")
     ids = sample_ids()
     with torch.no_grad():
-        torch.testing.assert_close(GPT.from_pretrained(hf_dir)(ids), model(ids))
+        torch.testing.assert_close(load_model(hf_dir)(ids), model(ids))
 
     (hf_dir / "pytorch_model.bin").unlink()
     keys = sorted(state)
@@ -214,7 +216,7 @@ def test_import_reads_sharded_and_legacy_checkpoints(tmp_path):
     index = {"weight_map": {k: name for name, names in shards.items() for k in names}}
     (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index))
     with torch.no_grad():
-        torch.testing.assert_close(GPT.from_pretrained(hf_dir)(ids), model(ids))
+        torch.testing.assert_close(load_model(hf_dir)(ids), model(ids))
 
 
 def test_import_rejects_other_model_types(tmp_path):

@@ -9,8 +9,8 @@ import torch
 
 from train import accelerator as accel
 from train import machine as hw
-from train import metrics
 from train.config import ConfigError
+from train.loop import metrics
 
 CPU = accel.ACCELERATORS["cpu"]
 

@@ -19,9 +19,9 @@ from conftest import NEO, ROOT
 from data_prep.config import PrepConfig, SentencePieceConfig
 from data_prep.prep import prepare
 from train.accelerator import ACCELERATORS
-from train.checkpoint import load_model
+from train.load import load_model
+from train.loop.metrics import read_metrics
 from train.machine import describe, resolve_precision
-from train.metrics import read_metrics
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 GOLDEN = ROOT / "tests" / "assets" / "golden_losses.json"

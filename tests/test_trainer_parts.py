@@ -13,11 +13,11 @@ from conftest import tiny_config
 
 from data_prep.shards import IndexedDataset, write_indexed_dataset
 from train import accelerator as accel
-from train.config import ConfigError, DeepSpeedConfig, OptimConfig, TrainConfig
+from train.config import ConfigError, DeepSpeedConfig, OptimConfig, TrainConfig, batch_layout
 from train.data import Blend, Documents, SampleStream, micro_batch
-from train.engine import batch_layout, deepspeed_config, parameter_groups
+from train.engine import deepspeed_config
 from train.model import GPT
-from train.pretrain import lr_at
+from train.optim import Schedule, parameter_groups
 
 # --------------------------------------------------------------------------------------------
 # learning-rate schedule
@@ -29,6 +29,10 @@ def schedule_config(**optim) -> TrainConfig:
     for key, value in {"lr": 1e-3, "warmup": 100, "min_lr_ratio": 0.1, **optim}.items():
         setattr(cfg.optim, key, value)
     return cfg
+
+
+def lr_at(cfg: TrainConfig, step: int, tokens: int) -> float:
+    return Schedule(cfg.optim, cfg.max_steps, cfg.tokens_per_step).lr(step, tokens)
 
 
 def test_warmup_then_cosine_to_ten_percent():

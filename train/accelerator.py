@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-KINDS = ("auto", "cpu", "cuda", "npu")
+from train.config import ACCELERATOR_KINDS, require_choice
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,7 @@ def torch_npu_installed() -> bool:
 def select(kind: str = "auto") -> Accelerator:
     """`auto`: Ascend if torch_npu is installed and sees a device, else CUDA if available,
     else CPU (DeepSpeed's own detection order). An explicit kind that is not available fails."""
-    if kind not in KINDS:
-        raise ValueError(f"accelerator={kind!r} is not one of {', '.join(KINDS)}")
+    require_choice("accelerator", kind, ACCELERATOR_KINDS)
     if kind in ("auto", "npu") and torch_npu_installed():
         import torch_npu  # noqa: F401  (registers torch.npu)
 

@@ -5,7 +5,8 @@
       model.safetensors   the state dict (lm_head.weight omitted: it is wte.weight)
       tokenizer/          tokenizer.json (absent: the bundled GPT-2 tokenizer)
 
-`neo import` writes one from a Hugging Face directory; `neo export` reads one.
+`neo import` writes one from a Hugging Face directory, `neo train` at the end of a run;
+train/load.py reads one (or any other kind of checkpoint) into a model.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ CONFIG_FILE = "neotrain.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 TIED = "lm_head.weight"
-TRAINER_STATE = "trainer_state.json"
 
 
 def model_config_from_dict(d: dict, source: str) -> ModelConfig:
@@ -92,72 +92,6 @@ def checkpoint_tokenizer(path: str | Path) -> LoadedTokenizer:
         tok.name = info.get("name", tok.name)
         return tok
     return load_tokenizer("gpt2")
-
-
-def training_checkpoint(path: str | Path) -> Path | None:
-    """The DeepSpeed checkpoint a path means, if it means one: a tag directory (with
-    trainer_state.json), a checkpoints directory (its `latest`), or a run directory (its
-    checkpoints/latest)."""
-    path = Path(path)
-    if (path / TRAINER_STATE).is_file():
-        return path
-    for directory in (path, path / "checkpoints"):
-        latest = directory / "latest"
-        if latest.is_file():
-            return directory / latest.read_text().strip()
-    return None
-
-
-def read_training_checkpoint(
-    tag_dir: Path,
-) -> tuple[ModelConfig, dict[str, torch.Tensor], LoadedTokenizer]:
-    """Consolidate a DeepSpeed checkpoint of `neo train` (any ZeRO stage) into one state dict."""
-    from train.engine import consolidated_state_dict
-
-    state_file = tag_dir / TRAINER_STATE
-    if not state_file.is_file():
-        raise CheckpointError(f"{tag_dir}: {TRAINER_STATE} is missing (an incomplete checkpoint?)")
-    meta = json.loads(state_file.read_text())
-    config = model_config_from_dict(meta["model"], str(state_file))
-    state = consolidated_state_dict(tag_dir.parent, tag_dir.name)
-    state[TIED] = state["transformer.wte.weight"]
-    tokenizer = load_tokenizer(tag_dir / "tokenizer.json", eod_token=meta["eod_token"])
-    tokenizer.name = meta.get("tokenizer_name", tokenizer.name)
-    return config, state, tokenizer
-
-
-def read_any(
-    path: str | Path,
-) -> tuple[ModelConfig, dict[str, torch.Tensor], LoadedTokenizer | None]:
-    """Model config, state dict and tokenizer of a neotrain checkpoint, a `neo train`
-    DeepSpeed checkpoint (consolidated) or a Hugging Face GPT-Neo directory."""
-    from train.hf import hf_dir_tokenizer, is_hf_dir, read_hf_dir
-
-    path = Path(path)
-    if is_checkpoint(path):
-        config, state = read_checkpoint(path)
-        return config, state, checkpoint_tokenizer(path)
-    if (tag_dir := training_checkpoint(path)) is not None:
-        return read_training_checkpoint(tag_dir)
-    if is_hf_dir(path):
-        config, state = read_hf_dir(path)
-        return config, state, hf_dir_tokenizer(path)
-    raise CheckpointError(
-        f"{path}: not a neotrain checkpoint ({CONFIG_FILE}), a neo train run or checkpoint "
-        "(checkpoints/latest, trainer_state.json), or a Hugging Face directory (config.json)"
-    )
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """A GPT from any directory `read_any` reads."""
-    from train.model import GPT
-
-    config, state, _ = read_any(path)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.load_state_dict(state, assign=True, strict=True)
-    model.tie_weights()
-    return model.to(device)
 
 
 def _read_meta(path: Path) -> dict:

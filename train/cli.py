@@ -159,7 +159,7 @@ def run_import(cfg) -> None:
 def run_export(cfg) -> None:
     import torch
 
-    from train.hf import export_hf
+    from train.export import export_hf
 
     source, output = _require_paths(cfg)
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
@@ -175,7 +175,7 @@ def run_export(cfg) -> None:
 
 
 def run_plot(cfg) -> None:
-    from train.metrics import plot_run
+    from train.loop.metrics import plot_run
 
     log.info("wrote %s", plot_run(cfg.run_dir))
 

@@ -16,6 +16,11 @@ from typing import Any
 ATTENTION_KINDS = ("global", "local", "strided")
 ATTENTION_BACKENDS = ("auto", "dense", "blockwise", "flex", "npu")
 ACTIVATIONS = ("gelu_new", "gelu", "relu")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+ACCELERATOR_KINDS = ("auto", "cpu", "cuda", "npu")
+RESUME_MODES = ("auto", "never")
+SCHEDULE_UNITS = ("steps", "tokens")
+WANDB_MODES = ("offline", "online", "disabled")
 
 
 class ConfigError(ValueError):
@@ -141,6 +146,22 @@ def expand_attention_types(attention_types: Any) -> list[str]:
     return kinds
 
 
+def batch_layout(global_batch: int, micro_batch: int, world_size: int) -> int:
+    """Gradient-accumulation steps, or a ConfigError naming the numbers that do not divide."""
+    per_step = micro_batch * world_size
+    if micro_batch < 1 or global_batch < 1 or global_batch % per_step:
+        raise ConfigError(
+            f"global_batch_size={global_batch} is not a multiple of micro_batch_size="
+            f"{micro_batch} x world size {world_size} = {per_step}"
+        )
+    return global_batch // per_step
+
+
+def require_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+
+
 def _require_positive(key: str, value: int) -> None:
     if value < 1:
         raise ConfigError(f"{key}={value} must be >= 1")
@@ -227,6 +248,15 @@ class DeepSpeedConfig:
     activation_checkpointing: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def validate(self) -> DeepSpeedConfig:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.zero_stage={self.zero_stage} must be 0, 1, 2 or 3")
+        if self.offload_param and self.zero_stage != 3:
+            raise ConfigError("deepspeed.offload_param=true needs deepspeed.zero_stage=3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("deepspeed.offload_optimizer=true needs deepspeed.zero_stage >= 1")
+        return self
+
 
 @dataclass
 class WandbConfig:
@@ -274,6 +304,37 @@ class TrainConfig:
     resume: str = "auto"
     # At the end: a consolidated neotrain checkpoint (run_dir/model) and a HF directory.
     export_hf: bool = True
+
+    def validate(self, world_size: int) -> int:
+        """Every rule a config can break, checked before any process group, data or model
+        exists; returns the gradient-accumulation steps (ConfigError naming the key
+        otherwise)."""
+        self.model.validate()
+        self.model.check_sequence_length(self.seq_len)
+        self.deepspeed.validate()
+        require_choice("precision", self.precision, PRECISIONS)
+        require_choice("accelerator", self.accelerator, ACCELERATOR_KINDS)
+        require_choice("resume", self.resume, RESUME_MODES)
+        require_choice("optim.unit", self.optim.unit, SCHEDULE_UNITS)
+        require_choice("logger.wandb.mode", self.logger.wandb.mode, WANDB_MODES)
+        for key in ("max_steps", "eval_every", "eval_batches", "save_every", "keep_last"):
+            _require_positive(key, getattr(self, key))
+        _require_positive("max_bad_steps", self.max_bad_steps)
+        _require_positive("logger.log_every", self.logger.log_every)
+        if self.data.seq_len is not None:
+            _require_positive("data.seq_len", self.data.seq_len)
+        if self.peak_flops is not None and self.peak_flops <= 0:
+            raise ConfigError(f"peak_flops={self.peak_flops} must be > 0 (FLOP/s per device)")
+        return batch_layout(self.global_batch_size, self.micro_batch_size, world_size)
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens the model sees per sample: data.seq_len, or the model's context."""
+        return self.data.seq_len or self.model.max_position_embeddings
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_len
 
 
 @dataclass

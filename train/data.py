@@ -27,7 +27,7 @@ import numpy as np
 
 from data_prep.shards import IndexedDataset, Manifest, manifest_digest, open_prepared
 from data_prep.tokenizers import LoadedTokenizer, load_tokenizer
-from train.config import ConfigError, DataConfig
+from train.config import BlendComponent, ConfigError, DataConfig
 
 BLOCK = 4096  # blend assignment block
 
@@ -169,7 +169,7 @@ class TrainingData:
     validation: Blend | None
     manifests: list[Manifest]
     tokenizer: LoadedTokenizer
-    identity: str  # hash of what defines the sample order, for resume checks
+    identity: dict  # what decides the sample order, for resume checks
 
     @property
     def vocab_size(self) -> int:
@@ -187,7 +187,7 @@ def load(cfg: DataConfig, seq_len: int, cache_dir: Path | None = None) -> Traini
     for comp in components:
         if comp.path not in opened:
             if not Path(comp.path).exists():
-                raise FileNotFoundError(
+                raise ConfigError(
                     f"data: {comp.path} does not exist (run `neo prep output={comp.path}`)"
                 )
             opened[comp.path] = open_prepared(comp.path, verify=cfg.verify_shards)
@@ -219,13 +219,15 @@ def load(cfg: DataConfig, seq_len: int, cache_dir: Path | None = None) -> Traini
             weights.append(comp.weight)
         return Blend(streams, weights, cfg.seed)
 
-    identity = (
-        "|".join(
-            f"{c.path}:{manifest_digest(opened[c.path][0])}:{c.weight}:{c.source}"
+    # The prepared data by content (manifest digest), not by path: a moved directory resumes.
+    identity = {
+        "components": [
+            {"manifest": manifest_digest(opened[c.path][0]), "source": c.source, "weight": c.weight}
             for c in components
-        )
-        + f"|seq{seq_len}|seed{cfg.seed}"
-    )
+        ],
+        "seq_len": seq_len,
+        "seed": cfg.seed,
+    }
     return TrainingData(
         train=blend_for("train", shuffle=True),
         validation=blend_for("validation", shuffle=False),
@@ -245,9 +247,7 @@ def _tokenizer(manifest: Manifest) -> LoadedTokenizer:
     raise ConfigError(f"{manifest.directory}: the manifest names no tokenizer directory")
 
 
-def _single(path: str):
-    from train.config import BlendComponent
-
+def _single(path: str) -> BlendComponent:
     return BlendComponent(path=path)
 
 

@@ -3,6 +3,10 @@
 Builds the DeepSpeed config from the typed config, the model (under zero.Init for ZeRO-3) and
 the AdamW optimizer, wraps them in a DeepSpeed engine, and saves / loads / consolidates its
 checkpoints. Nothing outside this file knows what ZeRO is.
+
+`deepspeed` itself is imported inside the functions that use it: the import takes seconds (it
+probes for compilers and ops), and code that only reads neotrain or Hugging Face checkpoints
+should not pay it.
 """
 
 from __future__ import annotations
@@ -14,28 +18,22 @@ import re
 import sys
 import warnings
 from contextlib import contextmanager, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from data_prep.files import atomic_dir, atomic_write_text
 from train.accelerator import Accelerator
 from train.config import ConfigError, DeepSpeedConfig, ModelConfig, OptimConfig
+from train.model import GPT
+from train.optim import parameter_groups
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("bf16", "fp16", "fp32")
-
-
-def batch_layout(global_batch: int, micro_batch: int, world_size: int) -> int:
-    """Gradient-accumulation steps, or a ConfigError naming the numbers that do not divide."""
-    per_step = micro_batch * world_size
-    if micro_batch < 1 or global_batch < 1 or global_batch % per_step:
-        raise ConfigError(
-            f"global_batch_size={global_batch} is not a multiple of micro_batch_size="
-            f"{micro_batch} x world size {world_size} = {per_step}"
-        )
-    return global_batch // per_step
 
 
 def deepspeed_config(
@@ -47,14 +45,9 @@ def deepspeed_config(
     world_size: int,
     hidden_size: int = 1024,
 ) -> dict:
-    if precision not in PRECISIONS:
+    if precision not in PRECISIONS:  # resolved already: auto is not a DeepSpeed precision
         raise ConfigError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
-    if ds.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"deepspeed.zero_stage={ds.zero_stage} must be 0, 1, 2 or 3")
-    if ds.offload_param and ds.zero_stage != 3:
-        raise ConfigError("deepspeed.offload_param=true needs deepspeed.zero_stage=3")
-    if ds.offload_optimizer and ds.zero_stage == 0:
-        raise ConfigError("deepspeed.offload_optimizer=true needs deepspeed.zero_stage >= 1")
+    ds.validate()
     zero: dict = {"stage": ds.zero_stage}
     if ds.zero_stage:
         # Communication buckets sized by the model (DeepSpeed's defaults, 5e8 elements, would
@@ -114,23 +107,6 @@ def _merge(base: dict, extra: dict) -> dict:
             else value
         )
     return out
-
-
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on the matrices of Linear layers only: not on biases, LayerNorm weights or
-    embeddings (wte, wpe; lm_head is wte)."""
-    decay, no_decay, seen = [], [], set()
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if id(param) in seen or not param.requires_grad:
-                continue
-            seen.add(id(param))
-            is_matrix = isinstance(module, nn.Linear) and name == "weight"
-            (decay if is_matrix else no_decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
 
 
 class SkippingAdamW(torch.optim.AdamW):
@@ -223,23 +199,53 @@ def _deepspeed_quietly():
                 sys.stdout.write(line)
 
 
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything the engine is built from."""
+
+    model: ModelConfig
+    deepspeed: DeepSpeedConfig
+    optim: OptimConfig
+    precision: str  # resolved: bf16 | fp16 | fp32
+    micro_batch: int
+    accumulation: int
+    world_size: int
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.world_size, self.deepspeed.zero_stage, self.precision)
+
+    def ds_config(self, load_universal: bool = False) -> dict:
+        config = deepspeed_config(
+            self.deepspeed,
+            self.precision,
+            self.optim,
+            self.micro_batch,
+            self.accumulation,
+            self.world_size,
+            self.model.hidden_size,
+        )
+        if load_universal:
+            config["checkpoint"] = {"load_universal": True}
+        return config
+
+
 def build_engine(
-    model_config: ModelConfig,
-    ds: DeepSpeedConfig,
-    ds_config: dict,
-    optim: OptimConfig,
+    spec: EngineSpec,
     accelerator: Accelerator,
     device: torch.device,
     seed: int,
     weights: dict[str, torch.Tensor] | None = None,
+    load_universal: bool = False,
 ):
     """The DeepSpeed engine around a GPT whose weights are `weights` (a full state dict) or,
     without them, freshly initialised. Either way they are identical for every ZeRO stage and
-    world size: rank 0 fills them in (from one seeded generator), module by module."""
-    import deepspeed
+    world size: rank 0 fills them in (from one seeded generator), module by module.
+    `load_universal`: the engine will load a universal checkpoint (a resume that reshards)."""
+    import deepspeed  # slow to import (seconds): only the verbs that build an engine pay
 
-    from train.model import GPT
-
+    ds_config = spec.ds_config(load_universal)
+    ds, model_config, optim = spec.deepspeed, spec.model, spec.optim
     generator = torch.Generator().manual_seed(seed)
 
     def fill(model: GPT, module: nn.Module, names: dict[int, str]) -> None:
@@ -262,7 +268,7 @@ def build_engine(
             if not params or module is model.lm_head:
                 continue
             with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-                if torch.distributed.get_rank() == 0:
+                if dist.get_rank() == 0:
                     fill(model, module, names)
     else:
         with torch.device("meta"):
@@ -278,22 +284,13 @@ def build_engine(
         deepspeed.checkpointing.configure(None, deepspeed_config=ds_config)
         model.checkpoint_fn = deepspeed.checkpointing.checkpoint
     groups = parameter_groups(model, optim.weight_decay)
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(_param_dtype(ds_config), "fp32")
-    optimizer = build_optimizer(groups, optim, accelerator, ds, precision)
+    optimizer = build_optimizer(groups, optim, accelerator, ds, spec.precision)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if engine.dp_world_size == 1 and not engine.zero_optimization():
         # One rank without ZeRO: DeepSpeed would still flatten, "all-reduce" and unflatten
         # every gradient. (ZeRO optimizers partition gradients in that step: left alone.)
         engine.enable_backward_allreduce = False
     return engine
-
-
-def _param_dtype(ds_config: dict) -> torch.dtype:
-    if ds_config["bf16"]["enabled"]:
-        return torch.bfloat16
-    if ds_config["fp16"]["enabled"]:
-        return torch.float16
-    return torch.float32
 
 
 def set_lr(engine, lr: float) -> None:
@@ -329,6 +326,35 @@ def load(engine, directory: Path, tag: str) -> None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {directory / tag}")
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How a run's model and optimizer state are laid out: what a checkpoint must match to be
+    loaded as it is."""
+
+    world_size: int
+    zero_stage: int
+    precision: str  # bf16 | fp16 | fp32
+
+    def resume_mode(self, saved: Layout) -> str:
+        """exact: same layout; universal: DeepSpeed reshards the optimizer state (any world size
+        or precision within ZeRO-1/2, or within ZeRO-3); consolidated: only the fp32 weights
+        carry over (between the two families, or to or from ZeRO-0), Adam restarts."""
+        if saved == self:
+            return "exact"
+        stages = (saved.zero_stage, self.zero_stage)
+        if (stages[0] == 3) == (stages[1] == 3) and 0 not in stages:
+            return "universal"
+        return "consolidated"
+
+    def describe(self) -> str:
+        return f"{self.world_size} ranks, ZeRO-{self.zero_stage}, {self.precision}"
+
+
+def universal_tag(tag: str) -> str:
+    """Where the universal form of checkpoint `tag` is written, beside it."""
+    return f"{tag}_universal"
+
+
 def checkpoint_layout(directory: Path, tag: str) -> tuple[int, int]:
     """(world size, ZeRO stage) a DeepSpeed checkpoint was written with."""
     files = sorted((directory / tag).glob("*model_states.pt"))
@@ -343,11 +369,7 @@ def load_universal(engine, directory: Path, tag: str) -> None:
     """Resume into a different world size within ZeRO-1/2 or within ZeRO-3: convert once to
     DeepSpeed's universal format (rank 0), then every rank loads its new partition. The engine
     must have been built with {"checkpoint": {"load_universal": true}}."""
-    import torch.distributed as dist
-
-    from data_prep.files import atomic_dir, atomic_write_text
-
-    universal = directory / f"{tag}_universal"
+    universal = directory / universal_tag(tag)
     if dist.get_rank() == 0 and not universal.exists():
         from deepspeed.checkpoint.ds_to_universal import main as to_universal
 

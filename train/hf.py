@@ -1,4 +1,5 @@
-"""Hugging Face GPT-Neo interop: `neo import` and `neo export`.
+"""Hugging Face GPT-Neo interop: GPT-Neo directories to and from our config and weights
+(`neo import` here; `neo export` in train/export.py, which reads any checkpoint first).
 
 Parameter names already match GPTNeoForCausalLM, so conversion is mostly about what GPT-Neo
 cannot say:
@@ -19,13 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from data_prep.files import atomic_dir
 from data_prep.tokenizers import GPT2_EOD, LoadedTokenizer, load_tokenizer, save_hf_tokenizer
-from train.checkpoint import (
-    TIED,
-    CheckpointError,
-    model_config_from_dict,
-    read_any,
-    save_checkpoint,
-)
+from train.checkpoint import TIED, CheckpointError, model_config_from_dict, save_checkpoint
 from train.config import ModelConfig
 
 # GPTNeoConfig fields that are ModelConfig fields of the same name and meaning.
@@ -73,7 +68,7 @@ def config_from_hf(hf: dict, source: str) -> ModelConfig:
 
 
 def config_to_hf(config: ModelConfig, tokenizer: LoadedTokenizer, dtype: torch.dtype):
-    from transformers import GPTNeoConfig
+    from transformers import GPTNeoConfig  # transformers takes seconds to import
 
     kinds = config.layer_kinds()
     strided = [i for i, kind in enumerate(kinds) if kind == "strided"]
@@ -175,20 +170,22 @@ def import_hf(
     return config
 
 
-def export_hf(
-    input_dir: str | Path,
+def write_hf_dir(
     output_dir: str | Path,
+    config: ModelConfig,
+    state: dict[str, torch.Tensor],
+    tokenizer: LoadedTokenizer,
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
-) -> ModelConfig:
-    """A neotrain checkpoint -> a directory GPTNeoForCausalLM and AutoTokenizer load offline."""
-    from transformers import GenerationConfig
+    source: str = "the model",
+) -> None:
+    """A directory GPTNeoForCausalLM and AutoTokenizer load offline, written atomically;
+    `source` names what the weights came from, in errors."""
+    from transformers import GenerationConfig  # transformers takes seconds to import
 
-    config, state, tokenizer = read_any(input_dir)
-    tokenizer = tokenizer or load_tokenizer("gpt2")
     if tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(
-            f"{input_dir}: no tokenizer fits vocab_size={config.vocab_size} "
+            f"{source}: no tokenizer fits vocab_size={config.vocab_size} "
             f"({tokenizer.name} has {tokenizer.vocab_size} tokens)"
         )
     dtype = dtype or state["transformer.wte.weight"].dtype
@@ -207,7 +204,6 @@ def export_hf(
         ).save_pretrained(str(tmp))
         save_hf_tokenizer(tokenizer, tmp, model_max_length=config.max_position_embeddings)
         (tmp / "README.md").write_text(model_card(config, tokenizer, dtype))
-    return config
 
 
 def hf_dir_tokenizer(path: Path) -> LoadedTokenizer | None:

@@ -29,11 +29,10 @@ import torch
 
 from data_prep.files import atomic_write_text
 from train.accelerator import Accelerator
-from train.config import ConfigError
+from train.config import PRECISIONS, ConfigError, require_choice
 
 log = logging.getLogger("neo.train")
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # CPU features that give oneDNN native bf16 matmul kernels (x86: AVX512-BF16 or AMX; arm64: the
 # BF16 extension, e.g. Graviton3 / Neoverse V1).
@@ -106,15 +105,10 @@ def _proc_cpu_name() -> str | None:
     return None
 
 
-def check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
-
-
 def resolve_precision(requested: str, acc: Accelerator, machine: Machine) -> tuple[str, str]:
     """(precision, why): `auto` becomes bf16 where the device computes it natively, else fp32.
     An explicit choice is kept where it can run; one that cannot is a ConfigError."""
-    check_precision(requested)
+    require_choice("precision", requested, PRECISIONS)
     if requested == "fp16" and acc.kind == "cpu":
         raise ConfigError(
             "precision=fp16 needs a CUDA or Ascend device (DeepSpeed has no fp16 on CPU); "

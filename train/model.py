@@ -5,13 +5,13 @@ gelu_new MLP, q/k/v without bias, lm_head tied to the token embedding) and the p
 are its state-dict keys, so weights move between the two without renaming. Attention per layer
 is `global`, `local` or `strided` (train/attention.py).
 
-This file imports torch only: no deepspeed, no torch.distributed, no file I/O.
+This file imports torch, the attention kinds and its config only: no deepspeed, no
+torch.distributed, no file I/O (train/load.py reads checkpoints into it).
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -248,13 +248,6 @@ class GPT(nn.Module):
     def num_parameters(self) -> int:
         """Distinct parameters (the tied lm_head counted once)."""
         return sum(p.numel() for p in self.parameters())
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> GPT:
-        """Load a neotrain checkpoint directory or a Hugging Face GPT-Neo directory."""
-        from train.checkpoint import load_model
-
-        return load_model(path, device=device)
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

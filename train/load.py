@@ -1,0 +1,73 @@
+"""One loader for every kind of checkpoint a user can point at:
+
+- a neotrain model checkpoint (train/checkpoint.py: neotrain.json + model.safetensors),
+- a `neo train` run directory, its checkpoints/ folder or one DeepSpeed checkpoint of it
+  (train/loop/checkpoints.py; any ZeRO stage, consolidated with DeepSpeed's zero_to_fp32),
+- a Hugging Face GPT-Neo directory (train/hf.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from data_prep.tokenizers import LoadedTokenizer, load_tokenizer
+from train.checkpoint import (
+    CONFIG_FILE,
+    TIED,
+    CheckpointError,
+    checkpoint_tokenizer,
+    is_checkpoint,
+    model_config_from_dict,
+    read_checkpoint,
+)
+from train.config import ModelConfig
+from train.engine import consolidated_state_dict
+from train.hf import hf_dir_tokenizer, is_hf_dir, read_hf_dir
+from train.loop import checkpoints as run_checkpoints
+from train.model import GPT
+
+
+def read_training_checkpoint(
+    tag_dir: Path,
+) -> tuple[ModelConfig, dict[str, torch.Tensor], LoadedTokenizer]:
+    """Consolidate a DeepSpeed checkpoint of `neo train` (any ZeRO stage) into one state dict."""
+    saved = run_checkpoints.read_state(tag_dir)
+    config = model_config_from_dict(saved["model"], str(tag_dir / run_checkpoints.STATE_FILE))
+    state = consolidated_state_dict(tag_dir.parent, tag_dir.name)
+    state[TIED] = state["transformer.wte.weight"]
+    tokenizer = load_tokenizer(
+        tag_dir / run_checkpoints.TOKENIZER_FILE, eod_token=saved["eod_token"]
+    )
+    tokenizer.name = saved.get("tokenizer_name", tokenizer.name)
+    return config, state, tokenizer
+
+
+def read_any(
+    path: str | Path,
+) -> tuple[ModelConfig, dict[str, torch.Tensor], LoadedTokenizer | None]:
+    """Model config, state dict and tokenizer of any checkpoint this module reads."""
+    path = Path(path)
+    if is_checkpoint(path):
+        config, state = read_checkpoint(path)
+        return config, state, checkpoint_tokenizer(path)
+    if (tag_dir := run_checkpoints.find(path)) is not None:
+        return read_training_checkpoint(tag_dir)
+    if is_hf_dir(path):
+        config, state = read_hf_dir(path)
+        return config, state, hf_dir_tokenizer(path)
+    raise CheckpointError(
+        f"{path}: not a neotrain checkpoint ({CONFIG_FILE}), a neo train run or checkpoint "
+        "(checkpoints/latest, trainer_state.json), or a Hugging Face directory (config.json)"
+    )
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
+    """A GPT from any checkpoint this module reads."""
+    config, state, _ = read_any(path)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict(state, assign=True, strict=True)
+    model.tie_weights()
+    return model.to(device)

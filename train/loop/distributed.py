@@ -1,0 +1,50 @@
+"""The few collectives the loop needs, as plain values, and the stop signals."""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+import torch.distributed as dist
+
+
+def all_mean(x: torch.Tensor, device) -> float:
+    x = x.to(device=device, dtype=torch.float32).clone()
+    dist.all_reduce(x)
+    return (x / dist.get_world_size()).item()
+
+
+def all_max(value: int, device) -> int:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def all_sum(values: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(values)
+    return values
+
+
+def any_rank(flag: bool, device) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (SLURM preemption) ask to stop after the current step."""
+
+    def __init__(self):
+        self.requested = False
+        self.name = ""
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self.name = signal.Signals(signum).name

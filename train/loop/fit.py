@@ -1,0 +1,202 @@
+"""The training loop: forward, backward, step, log, validate, checkpoint, stop.
+
+A verb builds a `Trainer` (train/pretrain.py does for `neo train`) and calls `fit`; everything
+the loop needs beyond that is in the helpers here and in the other modules of this package.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from train import engine as ds_engine
+from train import machine as hw
+from train.accelerator import Accelerator, Ranks
+from train.config import TrainConfig
+from train.data import TrainingData, micro_batch
+from train.errors import TrainingStopped
+from train.info import flops_per_token
+from train.loop.checkpoints import RunCheckpoints
+from train.loop.distributed import StopSignal, all_max, all_mean, any_rank
+from train.loop.metrics import MetricsLogger, Throughput, live_tensor_bytes
+from train.loop.state import TrainState
+from train.loop.validation import evaluate
+from train.optim import Schedule
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+log = logging.getLogger("neo.train")
+
+
+@dataclass(kw_only=True)
+class Trainer:
+    """Everything one rank's run needs, built once by the verb."""
+
+    cfg: TrainConfig
+    ranks: Ranks
+    acc: Accelerator
+    device: torch.device
+    machine: hw.Machine
+    precision: str  # bf16 | fp16 | fp32: what `precision` (auto or explicit) resolved to here
+    precision_reason: str
+    peak_flops: float | None  # per device, the MFU denominator (rank 0 only)
+    data: TrainingData
+    engine: DeepSpeedEngine
+    accumulation: int  # micro-batches per optimizer step on each rank
+    schedule: Schedule
+    checkpoints: RunCheckpoints
+    meta: dict[str, Any]  # what every checkpoint records about the run besides its state
+    state: TrainState
+
+
+def fit(t: Trainer) -> bool:
+    """Train from t.state to cfg.max_steps. True when it got there; False when a stop signal
+    ended it early (after saving). Too many non-finite steps in a row save and raise."""
+    cfg, state = t.cfg, t.state
+    metrics = start_metrics(t)
+    meter = throughput(t)
+    stop = StopSignal()
+    while state.step < cfg.max_steps:
+        lr = t.schedule.lr(state.step, state.tokens)
+        ds_engine.set_lr(t.engine, lr)
+        # Model-state memory, once: on the step after warm-up, when every buffer exists.
+        probe = MemoryProbe(t.device) if state.step == meter.first + 1 else None
+        loss, applied = train_step(t, probe)
+        state.advance(cfg.global_batch_size, cfg.tokens_per_step, applied)
+        step, done = state.step, state.step == cfg.max_steps
+
+        if step % cfg.logger.log_every == 0 or done or step == meter.first + 1 or probe:
+            metrics.train(
+                step,
+                loss=loss,
+                lr=lr,
+                grad_norm=ds_engine.grad_norm(t.engine),
+                tokens=state.tokens,
+                skipped=state.skipped_steps,
+                **meter.measure(step),
+                **(probe.record if probe else {}),
+            )
+        if t.data.validation is not None and (step % cfg.eval_every == 0 or done):
+            metrics.validation(step, **validate(t))
+        too_many_bad = state.bad_steps_in_row >= cfg.max_bad_steps
+        stopping = any_rank(stop.requested, t.device)
+        if step % cfg.save_every == 0 or done or too_many_bad or stopping:
+            saved = t.checkpoints.save(t.engine, state, t.meta, t.data.tokenizer)
+        if too_many_bad:
+            metrics.close()
+            raise TrainingStopped(
+                f"{cfg.max_bad_steps} steps in a row had a non-finite loss (last: step {step}, "
+                f"loss {loss}); saved {saved}. Lower optim.lr, check the data, or use "
+                "precision=bf16/fp32"
+            )
+        if stopping:
+            log.info(
+                "stopped by %s after step %d; checkpoint saved to %s. Run the same command "
+                "to resume.",
+                stop.name,
+                step,
+                saved,
+            )
+            metrics.close()
+            return False
+    metrics.close()
+    return True
+
+
+def train_step(t: Trainer, probe: MemoryProbe | None = None) -> tuple[float, bool]:
+    """One optimizer step of `accumulation` micro-batches: the loss (mean over the global batch)
+    and whether the optimizer step was applied (not skipped for non-finite gradients)."""
+    losses = []
+    for micro in range(t.accumulation):
+        batch = batch_on_device(t, t.data.train, t.state.step, micro, t.accumulation)
+        loss = t.engine(batch[:, :-1], batch[:, 1:])  # the model returns the mean loss
+        t.engine.backward(loss)
+        if probe is not None and micro == t.accumulation - 1:
+            probe()  # gradients and optimizer state are live now
+        t.engine.step()
+        losses.append(loss.detach().float())
+    mean_loss = all_mean(torch.stack(losses).mean(), t.device)
+    applied = ds_engine.step_was_applied(t.engine)
+    step = t.state.step + 1
+    if math.isfinite(mean_loss) and not applied:
+        log.warning("step %d: the optimizer step was skipped (non-finite gradients)", step)
+    if not math.isfinite(mean_loss) and applied:
+        raise RuntimeError(f"step {step}: the loss is not finite but the step was applied")
+    return mean_loss, applied
+
+
+def batch_on_device(t: Trainer, blend, step: int, micro: int, accumulation: int) -> torch.Tensor:
+    """This rank's (micro_batch_size, seq_len + 1) tokens of micro-batch `micro` of `step`."""
+    tokens = micro_batch(
+        blend, step, micro, t.ranks.rank, t.ranks.world_size, t.cfg.micro_batch_size, accumulation
+    )
+    return torch.from_numpy(tokens).to(t.device)
+
+
+def validate(t: Trainer) -> dict[str, float]:
+    """Loss, perplexity and bits per byte on the first eval_batches of the validation split
+    (the same batches every time)."""
+    batches: Iterator[torch.Tensor] = (
+        batch_on_device(t, t.data.validation, b, 0, 1) for b in range(t.cfg.eval_batches)
+    )
+    return evaluate(t.engine, batches, t.data.tokenizer, t.data.eod_id, t.device)
+
+
+class MemoryProbe:
+    """The largest model-state memory of any rank (every live tensor, measured once)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.record: dict[str, int] = {}
+
+    def __call__(self) -> None:
+        self.record = {"tensor_bytes": all_max(live_tensor_bytes(), self.device)}
+
+
+def start_metrics(t: Trainer) -> MetricsLogger:
+    """The run's metrics, opened with the record of what produced them."""
+    metrics = MetricsLogger(Path(t.cfg.run_dir), t.cfg, enabled=t.ranks.is_main)
+    metrics.start(
+        t.state.step,
+        precision=t.precision,
+        precision_reason=t.precision_reason,
+        peak_flops=t.peak_flops,
+        peak_flops_source="peak_flops=" if t.cfg.peak_flops else "measured matmul peak",
+        world_size=t.ranks.world_size,
+        machine=t.machine.as_dict(),
+    )
+    return metrics
+
+
+def throughput(t: Trainer) -> Throughput:
+    """The meter behind the progress line. MFU = model FLOPs per token x tokens/s over the
+    peak of every device, in the precision the matmuls run in."""
+
+    def impossible(mfu: float) -> None:
+        source = "peak_flops=" if t.cfg.peak_flops else "the measured matmul peak"
+        log.warning(
+            "MFU came out at %.0f%% of %s (%.4g FLOP/s per device), so that peak is wrong; "
+            "MFU is not reported for the rest of this run (set peak_flops= to the device's "
+            "real peak)",
+            100 * mfu,
+            source,
+            t.peak_flops,
+        )
+        if not t.cfg.peak_flops:  # measured under load, most likely: measure again next time
+            hw.forget_matmul_peak(hw.DTYPES[t.precision], t.machine)
+
+    return Throughput(
+        first_step=t.state.step,
+        max_steps=t.cfg.max_steps,
+        tokens_per_step=t.cfg.tokens_per_step,
+        flops_per_token=flops_per_token(t.cfg.model, t.cfg.seq_len),
+        peak_flops_total=t.peak_flops * t.ranks.world_size if t.peak_flops else None,
+        on_impossible_mfu=impossible,
+    )
