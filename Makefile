@@ -35,7 +35,7 @@ test: lint
 # Side-by-side measurements, minutes each (see the README's Performance section).
 bench: install
 	$(BIN)/python bench/attention.py
-	$(BIN)/python bench/train.py
+	$(BIN)/python bench/training.py
 	$(BIN)/python bench/prep.py
 
 clean:

@@ -10,13 +10,6 @@ blockwise time growing at most 2.1x per doubling of T.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Run as a script, bench/ comes first on sys.path, and bench/train.py would hide the `train`
-# package: drop that folder before importing anything of ours.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import argparse
 import time
 
@@ -25,8 +18,8 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from train import attention
 from train.attention import attend, attention_mask
+from train.ops import blockwise as blockwise_ops
 
 HEADS, HEAD_DIM, WINDOW = 12, 64, 256
 
@@ -63,7 +56,7 @@ def dense_band(q, k, v):
 
 def blockwise(block: int):
     def fn(q, k, v):
-        attention.BAND_BLOCK = block
+        blockwise_ops.BAND_BLOCK = block
         return attend(
             q, k, v, kind="local", window=WINDOW, stride=0, scale=1.0, backend="blockwise"
         )
@@ -74,17 +67,17 @@ def blockwise(block: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    parser.add_argument("--blocks", type=int, nargs="+", default=[attention.BAND_BLOCK])
+    parser.add_argument("--blocks", type=int, nargs="+", default=[blockwise_ops.BAND_BLOCK])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    default_block = attention.BAND_BLOCK
+    default_block = blockwise_ops.BAND_BLOCK
 
     results: dict[int, dict[str, float]] = {}
     for T in args.lengths:
         methods = {"causal": dense_causal, "band": dense_band}
         methods.update({f"b{block}": blockwise(block) for block in args.blocks})
         results[T] = time_fwd_bwd(methods, T, args.repeats)
-    attention.BAND_BLOCK = default_block
+    blockwise_ops.BAND_BLOCK = default_block
 
     table = Table(
         title=f"local attention fwd+bwd, fp32, {torch.get_num_threads()} threads, "

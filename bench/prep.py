@@ -22,17 +22,11 @@ by `python data_prep/sample/build.py --large PATH`.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Run as a script, bench/ comes first on sys.path, and bench/train.py would hide the `train`
-# package: drop that folder before importing anything of ours.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import argparse
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -44,7 +38,8 @@ from rich.console import Console
 from rich.table import Table
 
 from data_prep.config import CorpusConfig
-from data_prep.readers import iter_documents, resolve_inputs
+from data_prep.inputs import resolve_inputs
+from data_prep.readers import iter_documents
 from data_prep.tokenizers import load_tokenizer
 
 NEO = str(Path(sys.executable).with_name("neo"))

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from train.errors import NeoError
+
 MODEL_TYPES = ("bpe", "unigram")
 
 
-class PrepConfigError(ValueError):
+class PrepConfigError(NeoError, ValueError):
     """A `neo prep` setting breaks a rule; the message names the key and the value."""
 
 

@@ -10,8 +10,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from train.errors import NeoError
 
-class OutputExistsError(FileExistsError):
+
+class OutputExistsError(NeoError, FileExistsError):
     """The output path holds something already and replacing it was not asked for."""
 
 

@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from data_prep.manifest import Manifest
 from data_prep.readers import SKIP_KINDS
-from data_prep.shards import Manifest
 
 log = logging.getLogger("neo.prep")
 LOG_EVERY = 10.0  # seconds between progress lines when stdout is not a terminal

@@ -32,6 +32,7 @@ from tokenizers import (
 )
 
 from data_prep.files import sha256_file
+from train.errors import ConfigError, NotFound
 
 if TYPE_CHECKING:
     from data_prep.config import SentencePieceConfig
@@ -108,12 +109,12 @@ def load_tokenizer(spec: str | Path = "gpt2", eod_token: str | None = None) -> L
     elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
         directory, file = path, None
     elif path.exists():
-        raise FileNotFoundError(
+        raise NotFound(
             f"{path}: no tokenizer.json, tokenizer.model, or vocab.json + merges.txt, "
             "in this directory"
         )
     else:
-        raise FileNotFoundError(f"tokenizer {str(spec)!r}: no such file or directory (or use gpt2)")
+        raise NotFound(f"tokenizer {str(spec)!r}: no such file or directory (or use gpt2)")
     eod = eod_token or _eos_token_of(directory)
     if file is None:
         files = [path / "vocab.json", path / "merges.txt"]
@@ -127,7 +128,7 @@ def load_tokenizer(spec: str | Path = "gpt2", eod_token: str | None = None) -> L
         tok = Tokenizer.from_file(str(file))
     eod = eod or GPT2_EOD
     if tok.token_to_id(eod) is None:
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer {path}: end-of-document token {eod!r} is not in its vocabulary"
         )
     return LoadedTokenizer(tok, eod, str(path), files)
@@ -217,7 +218,7 @@ def train_sentencepiece(
             )
     except RuntimeError as e:
         tmp.unlink(missing_ok=True)
-        raise ValueError(
+        raise ConfigError(
             f"sentencepiece training failed (sentencepiece.vocab_size={cfg.vocab_size}, "
             f"model_type={cfg.model_type}): {e}"
         ) from e
@@ -260,7 +261,7 @@ def sentencepiece_to_tokenizer(model: bytes, name: str = "") -> tuple[Tokenizer,
     proto.ParseFromString(model)
     spec, norm = proto.trainer_spec, proto.normalizer_spec
     if spec.model_type not in (SP_UNIGRAM, SP_BPE) or spec.treat_whitespace_as_suffix:
-        raise ValueError(
+        raise ConfigError(
             f"{name}: only SentencePiece BPE and unigram models with whitespace as prefix "
             f"can be converted (model_type {spec.model_type})"
         )

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from train import attention
 from train.attention import attend, attention_mask, dense_attention, resolve_backend
+from train.ops import blockwise
 
 
 def brute_force_mask(kind, T, window, stride):
@@ -68,7 +68,7 @@ def test_blockwise_matches_dense(T, kind, scale):
 @pytest.mark.parametrize("kind", ["local", "strided"])
 def test_blockwise_small_blocks(monkeypatch, T, kind):
     # Many blocks: block 8 with window 21 and stride 5, so spans start mid-block and overlap.
-    monkeypatch.setattr(attention, "BAND_BLOCK", 8)
+    monkeypatch.setattr(blockwise, "BAND_BLOCK", 8)
     q, k, v = qkv(1, 2, T, 4)
     ref, ref_grads = run("dense", q, k, v, kind, 21, 5, 1.0)
     out, grads = run("blockwise", q, k, v, kind, 21, 5, 1.0)
@@ -80,8 +80,8 @@ def test_blockwise_small_blocks(monkeypatch, T, kind):
 @pytest.mark.parametrize("kind", ["local", "strided"])
 def test_portable_kernels_match_dense(monkeypatch, kind):
     """The plain-tensor kernels used off CPU, forced on here."""
-    monkeypatch.setattr(attention, "_USE_CPU_FLASH", False)
-    monkeypatch.setattr(attention, "BAND_BLOCK", 32)
+    monkeypatch.setattr(blockwise, "_USE_CPU_FLASH", False)
+    monkeypatch.setattr(blockwise, "BAND_BLOCK", 32)
     q, k, v = qkv(2, 2, 150, 8)
     ref, ref_grads = run("dense", q, k, v, kind, 24, 12, 0.3)
     out, grads = run("blockwise", q, k, v, kind, 24, 12, 0.3)

@@ -36,6 +36,46 @@ def test_info_plans_175b_without_allocating(neo):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("precision=fp8", "precision='fp8' is not one of auto, bf16, fp16, fp32"),
+        ("logger.log_every=0", "logger.log_every=0 must be >= 1"),
+        ("eval_batches=0", "eval_batches=0 must be >= 1"),
+        ("deepspeed.offload_param=true", "deepspeed.offload_param=true needs"),
+        ("accelerator=tpu", "accelerator='tpu' is not one of auto, cpu, cuda, npu"),
+    ],
+)
+def test_train_config_errors_come_before_anything_starts(neo, tmp_path, override, message):
+    """On a fresh directory: the error, and nothing tokenized, no process group, no model (the
+    config is checked before the verb's module, torch and DeepSpeed, is even imported)."""
+    proc = neo("train", override, check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "data").exists()
+    assert "Traceback" not in proc.stderr and "precision auto" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_bug_keeps_its_traceback(neo, tmp_path):
+    """Only neotrain's own errors are one-line user errors; anything else is a bug."""
+    import subprocess
+    import sys
+
+    script = (
+        "import train.info\n"
+        "def broken(cfg): raise ValueError('an internal bug')\n"
+        "train.info.run = broken\n"
+        "from train.cli import main\n"
+        "main(['info'])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+    assert "ValueError: an internal bug" in proc.stderr
+
+
+@pytest.mark.slow
 def test_bad_model_config_is_a_clear_error(neo):
     proc = neo("info", "model.num_heads=5", check=False)
     assert proc.returncode == 2

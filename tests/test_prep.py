@@ -17,8 +17,9 @@ from rich.console import Console
 from data_prep.config import CorpusConfig, PrepConfig, PrepConfigError, SentencePieceConfig
 from data_prep.dedup import DigestSet, validation_mask
 from data_prep.files import OutputExistsError
+from data_prep.manifest import open_prepared
 from data_prep.prep import PrepError, Progress, Router, prepare
-from data_prep.shards import IndexedDataset, open_prepared
+from data_prep.shards import IndexedDataset
 from data_prep.tokenizers import load_tokenizer
 
 WORDS = [

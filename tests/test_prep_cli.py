@@ -13,7 +13,8 @@ import numpy as np
 import psutil
 import pytest
 
-from data_prep.shards import IndexedDataset, open_prepared
+from data_prep.manifest import open_prepared
+from data_prep.shards import IndexedDataset
 
 NEO = str(Path(sys.executable).with_name("neo"))
 WORDS = [

@@ -8,17 +8,8 @@ import pytest
 import zstandard
 
 from data_prep.config import CorpusConfig
-from data_prep.readers import (
-    BadRecord,
-    Batch,
-    InputError,
-    Problem,
-    decode_record,
-    describe_input,
-    iter_documents,
-    read_batches,
-    resolve_inputs,
-)
+from data_prep.inputs import InputError, describe_input, resolve_inputs
+from data_prep.readers import BadRecord, Batch, Problem, decode_record, iter_documents, read_batches
 
 PILE = CorpusConfig()
 RECORDS = [

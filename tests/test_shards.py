@@ -8,18 +8,15 @@ import numpy as np
 import pytest
 
 from data_prep.files import sha256_file
-from data_prep.shards import (
-    IndexedDataset,
+from data_prep.manifest import (
     Manifest,
-    ShardError,
     ShardInfo,
     SourceRange,
     TokenizerInfo,
     manifest_digest,
     open_prepared,
-    token_dtype,
-    write_indexed_dataset,
 )
+from data_prep.shards import IndexedDataset, ShardError, token_dtype, write_indexed_dataset
 
 # Megatron-LM's dtype codes (megatron/core/datasets/indexed_dataset.py, class DType).
 MEGATRON_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.uint16: 8}

@@ -2,6 +2,7 @@
 accelerator selection, the data order."""
 
 import math
+import os
 import sys
 import types
 from pathlib import Path
@@ -198,13 +199,14 @@ def test_multi_rank_without_rendezvous_is_an_error(monkeypatch):
 def test_deepspeed_launcher_local_rank_argument_is_accepted(monkeypatch):
     from train.cli import _without_local_rank
 
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    # setenv first, so that monkeypatch restores the variable's absence after the test (the
+    # function under test sets it; a bare delenv of an unset variable records nothing).
+    monkeypatch.setenv("LOCAL_RANK", "unset")
+    monkeypatch.delenv("LOCAL_RANK")
     assert _without_local_rank(["train", "--local_rank=3", "max_steps=2"]) == [
         "train",
         "max_steps=2",
     ]
-    import os
-
     assert os.environ["LOCAL_RANK"] == "3"
 
 

@@ -4,8 +4,7 @@ cuda -> nccl, npu (Ascend) -> hccl, cpu -> gloo. Device strings, the visible-dev
 the RNG to checkpoint, and DeepSpeed's accelerator name all come from here. torch_npu is
 imported only when the npu accelerator is asked for or detected, and only in this module.
 
-Ranks come from torchrun / the deepspeed launcher (RANK, LOCAL_RANK, WORLD_SIZE) or from SLURM
-(SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS); a plain `neo train` is rank 0 of 1.
+Ranks (train/ranks.py, torch-free) come from torchrun / the deepspeed launcher or from SLURM.
 """
 
 from __future__ import annotations
@@ -18,6 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from train.config import ACCELERATOR_KINDS, require_choice
+from train.errors import SetupError
+from train.ranks import Ranks, ranks_from_env  # noqa: F401  (part of this module's API)
 
 
 @dataclass(frozen=True)
@@ -79,40 +80,15 @@ def select(kind: str = "auto") -> Accelerator:
         if torch.npu.is_available():
             return ACCELERATORS["npu"]
     if kind == "npu":
-        raise RuntimeError(
+        raise SetupError(
             "accelerator=npu, but torch_npu is not installed or sees no Ascend device "
             "(pip install 'neotrain[npu]' with CANN sourced; check ASCEND_RT_VISIBLE_DEVICES)"
         )
     if kind in ("auto", "cuda") and torch.cuda.is_available():
         return ACCELERATORS["cuda"]
     if kind == "cuda":
-        raise RuntimeError(
-            "accelerator=cuda, but torch sees no CUDA device (CUDA_VISIBLE_DEVICES?)"
-        )
+        raise SetupError("accelerator=cuda, but torch sees no CUDA device (CUDA_VISIBLE_DEVICES?)")
     return ACCELERATORS["cpu"]
-
-
-@dataclass(frozen=True)
-class Ranks:
-    rank: int
-    local_rank: int
-    world_size: int
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def ranks_from_env(env: dict[str, str] | None = None) -> Ranks:
-    """torchrun/deepspeed variables first, then SLURM's, else a single process."""
-    env = os.environ if env is None else env
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return Ranks(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return Ranks(
-            int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"])
-        )
-    return Ranks(0, 0, 1)
 
 
 def prepare_environment(accelerator: Accelerator, ranks: Ranks) -> None:
@@ -129,7 +105,7 @@ def prepare_environment(accelerator: Accelerator, ranks: Ranks) -> None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     elif "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-        raise RuntimeError(
+        raise SetupError(
             f"rank {ranks.rank} of {ranks.world_size}: MASTER_ADDR and MASTER_PORT must be set "
             "(torchrun and the deepspeed launcher set them; under SLURM, export them in the "
             "job script: see launch/)"

@@ -3,6 +3,9 @@
 Each verb has a primary config `configs/<verb>.yaml` checked against a dataclass schema
 (train/config.py); the config is converted to that dataclass here, once, and the verb's `run`
 function receives only the dataclass.
+
+The command itself imports no torch: each verb's module (and with it torch, DeepSpeed,
+transformers) is imported inside the function that runs that verb, after the config checked.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ import os
 import sys
 from dataclasses import dataclass
 
-from data_prep.files import OutputExistsError
-from train.config import ConfigError, register_configs
-from train.errors import CheckpointError, TrainingStopped
+from train.config import ConfigError, TrainConfig, register_configs
+from train.errors import NeoError
+from train.ranks import ranks_from_env
 
 log = logging.getLogger("neo")
 
@@ -49,9 +52,6 @@ VERBS = {
         "write a neotrain checkpoint as a Hugging Face GPTNeoForCausalLM dir (input= output=)",
     ),
 }
-
-# Errors a user can fix from the command line: printed as one line, exit code 2.
-USER_ERRORS = (ConfigError, CheckpointError, OutputExistsError, FileNotFoundError, ValueError)
 
 
 def usage() -> str:
@@ -109,19 +109,18 @@ def run_verb(name: str, overrides: list[str]) -> None:
 
     register_configs()
     module, function = VERBS[name].target.split(":")
-    target = getattr(importlib.import_module(module), function)
 
     @hydra.main(version_base="1.3", config_path="pkg://configs", config_name=name)
     def app(cfg: DictConfig) -> None:
         config = OmegaConf.to_object(cfg)
         try:
-            target(config)
-        except USER_ERRORS as e:
+            # Every rule of the config before the verb's module (torch, DeepSpeed) is imported.
+            if isinstance(config, TrainConfig):
+                config.validate(ranks_from_env().world_size)
+            getattr(importlib.import_module(module), function)(config)
+        except NeoError as e:  # a user's mistake: one line; anything else keeps its traceback
             _report(name, e)
-            sys.exit(2)
-        except TrainingStopped as e:
-            _report(name, e)
-            sys.exit(1)
+            sys.exit(e.exit_code)
 
     sys.argv = [f"neo {name}", *overrides]
     app()

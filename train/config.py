@@ -13,6 +13,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from data_prep.config import PrepConfig
+from train.errors import ConfigError
+
 ATTENTION_KINDS = ("global", "local", "strided")
 ATTENTION_BACKENDS = ("auto", "dense", "blockwise", "flex", "npu")
 ACTIVATIONS = ("gelu_new", "gelu", "relu")
@@ -21,10 +24,6 @@ ACCELERATOR_KINDS = ("auto", "cpu", "cuda", "npu")
 RESUME_MODES = ("auto", "never")
 SCHEDULE_UNITS = ("steps", "tokens")
 WANDB_MODES = ("offline", "online", "disabled")
-
-
-class ConfigError(ValueError):
-    """A configuration value breaks a rule; the message names the key and the numbers."""
 
 
 @dataclass
@@ -344,9 +343,7 @@ class PlotConfig:
 
 def register_configs() -> None:
     """Register the schemas so that YAML files are checked against them."""
-    from hydra.core.config_store import ConfigStore
-
-    from data_prep.config import PrepConfig
+    from hydra.core.config_store import ConfigStore  # only the `neo` command needs Hydra
 
     cs = ConfigStore.instance()
     cs.store(name="prep_schema", node=PrepConfig)

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.shards import IndexedDataset, Manifest, manifest_digest, open_prepared
+from data_prep.manifest import Manifest, manifest_digest, open_prepared
+from data_prep.shards import IndexedDataset
 from data_prep.tokenizers import LoadedTokenizer, load_tokenizer
 from train.config import BlendComponent, ConfigError, DataConfig
 

@@ -28,6 +28,7 @@ from torch import nn
 from data_prep.files import atomic_dir, atomic_write_text
 from train.accelerator import Accelerator
 from train.config import ConfigError, DeepSpeedConfig, ModelConfig, OptimConfig
+from train.errors import CheckpointError
 from train.model import GPT
 from train.optim import parameter_groups
 
@@ -323,7 +324,7 @@ def save(engine, directory: Path, tag: str) -> None:
 def load(engine, directory: Path, tag: str) -> None:
     path, _ = engine.load_checkpoint(str(directory), tag=tag, load_lr_scheduler_states=False)
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {directory / tag}")
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {directory / tag}")
 
 
 @dataclass(frozen=True)
@@ -359,7 +360,7 @@ def checkpoint_layout(directory: Path, tag: str) -> tuple[int, int]:
     """(world size, ZeRO stage) a DeepSpeed checkpoint was written with."""
     files = sorted((directory / tag).glob("*model_states.pt"))
     if not files:
-        raise RuntimeError(f"{directory / tag}: no DeepSpeed model states (*model_states.pt)")
+        raise CheckpointError(f"{directory / tag}: no DeepSpeed model states (*model_states.pt)")
     state = torch.load(files[0], map_location="cpu", weights_only=False)
     stage = int(state.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
     return int(state.get("dp_world_size", len(files))), stage
@@ -384,7 +385,7 @@ def load_universal(engine, directory: Path, tag: str) -> None:
         str(directory), tag=universal.name, load_lr_scheduler_states=False
     )
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {universal}")
+        raise CheckpointError(f"DeepSpeed could not load the universal checkpoint {universal}")
 
 
 class _UniversalArgs:

@@ -1,10 +1,36 @@
-"""Errors the `neo` command reports as one line, importable without torch (train/cli.py
-catches them, and every `neo` verb starts faster when that import is light)."""
+"""One error base class for every mistake a user can fix, and its kinds. torch-free, so that
+data_prep and the `neo` command import it cheaply.
+
+`neo` (train/cli.py) catches only NeoError: it prints the message (which names the key, file,
+line or rank and says what was expected) as one line and exits with `exit_code`. Any other
+exception is a bug and keeps its traceback.
+"""
 
 
-class CheckpointError(ValueError):
+class NeoError(Exception):
+    """A mistake the user can fix."""
+
+    exit_code = 2
+
+
+class ConfigError(NeoError, ValueError):
+    """A configuration value breaks a rule; the message names the key and the numbers."""
+
+
+class CheckpointError(NeoError, ValueError):
     """A checkpoint directory is missing something or does not match what is asked of it."""
 
 
-class TrainingStopped(RuntimeError):
+class NotFound(NeoError, FileNotFoundError):
+    """A file or directory the user named does not exist or holds nothing usable."""
+
+
+class SetupError(NeoError, RuntimeError):
+    """The machine or the launcher is not what the config asks for (no such device, no
+    rendezvous address for several ranks)."""
+
+
+class TrainingStopped(NeoError):
     """Training stopped on purpose (too many non-finite steps) after saving a checkpoint."""
+
+    exit_code = 1

@@ -9,8 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
-from train.config import InfoConfig, ModelConfig
+from train import accelerator as accel
+from train import machine as hw
+from train.config import ConfigError, InfoConfig, ModelConfig
+from train.model import GPT
 
 GIB = 1024**3
 
@@ -26,8 +31,6 @@ class ParameterCount:
 
 
 def count_parameters(config: ModelConfig) -> ParameterCount:
-    from train.model import GPT
-
     with torch.device("meta"):
         model = GPT(config)
     embedding = model.transformer.wte.weight.numel() + model.transformer.wpe.weight.numel()
@@ -97,12 +100,9 @@ def describe_attention(config: ModelConfig) -> str:
 
 
 def run(cfg: InfoConfig) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     config = cfg.model.validate()
     if cfg.world_size < 1:
-        raise ValueError(f"world_size={cfg.world_size} must be >= 1")
+        raise ConfigError(f"world_size={cfg.world_size} must be >= 1")
     seq_len = cfg.seq_len or config.max_position_embeddings
     config.check_sequence_length(seq_len)
     params = count_parameters(config)
@@ -146,11 +146,6 @@ def run(cfg: InfoConfig) -> None:
 def machine_table():
     """This machine, as `neo train` sees it: device, native bf16, what precision=auto picks,
     and the measured matmul peaks behind MFU."""
-    from rich.table import Table
-
-    from train import accelerator as accel
-    from train import machine as hw
-
     acc = accel.select("auto")
     m = hw.describe(acc)
     precision, _ = hw.resolve_precision("auto", acc, m)

@@ -21,8 +21,8 @@ from omegaconf import OmegaConf
 
 from data_prep.config import PrepConfig
 from data_prep.files import atomic_write_text
+from data_prep.manifest import MANIFEST_FILE
 from data_prep.prep import prepare
-from data_prep.shards import MANIFEST_FILE
 from train import accelerator as accel
 from train import engine as ds_engine
 from train import machine as hw

@@ -143,9 +143,8 @@ def batch_on_device(t: Trainer, blend, step: int, micro: int, accumulation: int)
 def validate(t: Trainer) -> dict[str, float]:
     """Loss, perplexity and bits per byte on the first eval_batches of the validation split
     (the same batches every time)."""
-    batches: Iterator[torch.Tensor] = (
-        batch_on_device(t, t.data.validation, b, 0, 1) for b in range(t.cfg.eval_batches)
-    )
+    tokens = (batch_on_device(t, t.data.validation, b, 0, 1) for b in range(t.cfg.eval_batches))
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = ((x[:, :-1], x[:, 1:]) for x in tokens)
     return evaluate(t.engine, batches, t.data.tokenizer, t.data.eod_id, t.device)
 
 

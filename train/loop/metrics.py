@@ -7,12 +7,17 @@ import gc
 import json
 import logging
 import math
+import secrets
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor
+
+from data_prep.files import atomic_write_text
+from train.errors import NotFound
 
 log = logging.getLogger("neo.train")
 
@@ -96,12 +101,10 @@ class MetricsLogger:
 
 def _start_wandb(run_dir: Path, cfg):
     try:
-        import wandb
+        import wandb  # optional, and slow to import: only runs that log to it pay
     except ImportError:
         log.warning("wandb is not installed: logging to %s only", run_dir / METRICS_FILE)
         return None
-    from dataclasses import asdict
-
     return wandb.init(
         project=cfg.logger.wandb.project,
         entity=cfg.logger.wandb.entity,
@@ -118,10 +121,6 @@ def _wandb_id(run_dir: Path) -> str:
     """One wandb run per run directory, so a resumed run continues the same curve."""
     file = run_dir / ".wandb_id"
     if not file.exists():
-        import secrets
-
-        from data_prep.files import atomic_write_text
-
         atomic_write_text(file, secrets.token_hex(4))
     return file.read_text().strip()
 
@@ -135,7 +134,7 @@ def _duration(seconds: float) -> str:
 def read_metrics(run_dir: Path) -> list[dict]:
     file = Path(run_dir) / METRICS_FILE
     if not file.is_file():
-        raise FileNotFoundError(f"{file} does not exist: is {run_dir} a neo train run directory?")
+        raise NotFound(f"{file} does not exist: is {run_dir} a neo train run directory?")
     return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
 
 

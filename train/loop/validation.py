@@ -15,15 +15,17 @@ IGNORE = -100  # targets that carry no loss (Hugging Face's convention)
 
 
 @torch.no_grad()
-def evaluate(model, batches: Iterable[torch.Tensor], tokenizer, eod_id: int, device) -> dict:
-    """Loss, perplexity and BPB of `model` (which returns the mean loss over its non-ignored
-    targets) on token batches of (B, T + 1), summed over this rank's batches and all ranks."""
+def evaluate(
+    model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], tokenizer, eod_id: int, device
+) -> dict:
+    """Loss, perplexity and BPB of `model` (which returns the mean loss over its targets that
+    are not IGNORE) on (inputs, targets) batches, summed over this rank's batches and all
+    ranks."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, tokens, bytes
-    for batch in batches:
-        targets = batch[:, 1:]
+    for inputs, targets in batches:
         counted = int((targets != IGNORE).sum())
-        totals[0] += model(batch[:, :-1], targets).double() * counted
+        totals[0] += model(inputs, targets).double() * counted
         totals[1] += counted
         totals[2] += sum(utf8_bytes(tokenizer, row, eod_id) for row in targets.cpu().numpy())
     all_sum(totals)

@@ -1,7 +1,7 @@
 """`neo train` against a plain PyTorch training loop of the same model, side by side, in fp32
 and bf16, and what `precision=auto` picks on this machine.
 
-    python bench/train.py [--steps 24] [--rounds 2] [--slow-steps 3] [--skip-memory]
+    python bench/training.py [--steps 24] [--rounds 2] [--slow-steps 3] [--skip-memory]
 
 Model: GPT-Neo layout, 6 layers, hidden 384, 6 heads, global/local alternating (window 64),
 GPT-2 vocabulary; sequence 256, batch 8 (2,048 tokens a step), one process, all cores.
@@ -26,20 +26,15 @@ compare here.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# This file is bench/train.py: run as a script, its folder comes first on sys.path and its own
-# name would hide the `train` package. Drop that folder before importing anything of ours.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import argparse
 import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from rich.console import Console

@@ -1,0 +1,185 @@
+"""The manifest of a `neo prep` output directory (`manifest.json`): the tokenizer's identity, the
+shards of each split with their sha256, the document range of each source within each shard,
+and counts of everything read, kept, dropped and skipped; and opening a prepared directory,
+every shard checked against it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_prep.files import atomic_write_text, sha256_file
+from data_prep.shards import IndexedDataset, ShardError, shard_paths
+from train.errors import NotFound
+
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "neotrain-shards"
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class TokenizerInfo:
+    name: str
+    vocab_size: int
+    eod_id: int
+    eod_token: str
+    # Directory beside the shards holding tokenizer.json (+ tokenizer.model for SentencePiece),
+    # relative to the manifest; load it with data_prep.tokenizers.load_tokenizer.
+    path: str | None
+    sha256: dict[str, str]  # file name -> sha256 of the files the tokenizer was loaded from
+
+
+@dataclass
+class SourceRange:
+    """Documents [start, end) of a shard come from one source (a shard is ordered by source)."""
+
+    start: int
+    end: int
+    tokens: int
+
+
+@dataclass
+class ShardInfo:
+    split: str
+    documents: int
+    tokens: int
+    sha256: dict[str, str]
+    bytes: dict[str, int]
+    sources: dict[str, SourceRange]
+
+
+@dataclass
+class Manifest:
+    neotrain_version: str
+    tokenizer: TokenizerInfo
+    dtype: str
+    splits: dict[str, list[str]]  # split -> shard prefixes, relative to the directory
+    shards: dict[str, ShardInfo]  # prefix -> its files and source ranges
+    # Per source: documents, tokens, text_bytes, duplicates, and the same per split.
+    sources: dict[str, dict[str, Any]]
+    totals: dict[str, int]
+    # Per kind of bad record: {"count": n, "examples": [{"where": "file:line", "reason": ...}]}
+    skipped: dict[str, dict[str, Any]]
+    inputs: list[dict[str, Any]]  # path, format, bytes, sha256
+    settings: dict[str, Any]  # what else decided the shards' content (fields, seed, ...)
+    run: dict[str, Any] = field(default_factory=dict)  # timing; not part of the content
+    format: str = MANIFEST_FORMAT
+    format_version: int = MANIFEST_VERSION
+    directory: Path | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        if self.directory is None or self.tokenizer.path is None:
+            return None
+        return self.directory / self.tokenizer.path
+
+    def source_documents(self, shard: IndexedDataset | str, source: str) -> np.ndarray:
+        """Indices (int64) of the documents of `source` in a shard (object or prefix)."""
+        name = Path(shard.prefix if isinstance(shard, IndexedDataset) else shard).name
+        if name not in self.shards:
+            raise KeyError(f"shard {name} is not in the manifest of {self.directory}")
+        r = self.shards[name].sources.get(source)
+        return np.arange(r.start, r.end, dtype=np.int64) if r else np.zeros(0, np.int64)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        del data["directory"]
+        order = ["format", "format_version", "neotrain_version"]
+        return {k: data[k] for k in order} | {k: v for k, v in data.items() if k not in order}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], directory: Path | None = None) -> Manifest:
+        data = dict(data)
+        if data.get("format") != MANIFEST_FORMAT:
+            raise ShardError(f"{directory}: manifest format {data.get('format')!r} is not ours")
+        if data.get("format_version", 0) > MANIFEST_VERSION:
+            raise ShardError(
+                f"{directory}: manifest format_version {data['format_version']} is newer than "
+                f"this neotrain reads ({MANIFEST_VERSION}); upgrade neotrain"
+            )
+        data["tokenizer"] = TokenizerInfo(**data["tokenizer"])
+        data["shards"] = {
+            name: ShardInfo(
+                **{**info, "sources": {s: SourceRange(**r) for s, r in info["sources"].items()}}
+            )
+            for name, info in data["shards"].items()
+        }
+        return cls(**data, directory=directory)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Manifest:
+        directory = Path(directory)
+        path = directory / MANIFEST_FILE
+        if not path.is_file():
+            raise NotFound(
+                f"{path}: no such file; {directory} is not a finished `neo prep` output "
+                "(run neo prep, or rerun it to finish)"
+            )
+        try:
+            return cls.from_dict(json.loads(path.read_text()), directory)
+        except (json.JSONDecodeError, TypeError, KeyError) as e:
+            raise ShardError(f"{path}: not a valid manifest ({e})") from e
+
+    def save(self, directory: str | Path) -> None:
+        atomic_write_text(Path(directory) / MANIFEST_FILE, json.dumps(self.to_dict(), indent=1))
+
+
+def manifest_digest(manifest: Manifest) -> str:
+    """sha256 of what decides the token content: tokenizer, splits and shard checksums."""
+    content = {
+        "tokenizer": asdict(manifest.tokenizer),
+        "splits": manifest.splits,
+        "shards": {name: info.sha256 for name, info in manifest.shards.items()},
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def open_prepared(
+    directory: str | Path, verify: bool = False
+) -> tuple[Manifest, dict[str, list[IndexedDataset]]]:
+    """The manifest and the opened shards of each split of a `neo prep` output directory.
+
+    Every shard's file sizes, document and token counts are checked against the manifest;
+    verify=True also checks the sha256 of every file (reads them all)."""
+    manifest = Manifest.load(directory)
+    splits = {
+        split: [open_shard(manifest, prefix, verify) for prefix in prefixes]
+        for split, prefixes in manifest.splits.items()
+    }
+    return manifest, splits
+
+
+def open_shard(manifest: Manifest, prefix: str, verify: bool = False) -> IndexedDataset:
+    assert manifest.directory is not None
+    info = manifest.shards.get(prefix)
+    if info is None:
+        raise ShardError(f"{manifest.directory}: shard {prefix} is in a split but not in shards")
+    paths = dict(zip(("bin", "idx"), shard_paths(manifest.directory / prefix), strict=True))
+    for kind, path in paths.items():
+        if not path.is_file():
+            raise ShardError(f"shard {path}: missing (listed in {MANIFEST_FILE})")
+        size = path.stat().st_size
+        if size != info.bytes[kind]:
+            raise ShardError(
+                f"shard {path}: {size} bytes, the manifest says {info.bytes[kind]} "
+                "(truncated or replaced)"
+            )
+        if verify and sha256_file(path) != info.sha256[kind]:
+            raise ShardError(f"shard {path}: sha256 differs from the manifest (corrupt)")
+    shard = IndexedDataset(manifest.directory / prefix)
+    if (len(shard), shard.num_tokens, shard.dtype.name) != (
+        info.documents,
+        info.tokens,
+        manifest.dtype,
+    ):
+        raise ShardError(
+            f"shard {manifest.directory / prefix}: {len(shard)} documents, {shard.num_tokens} "
+            f"{shard.dtype.name} tokens; the manifest says {info.documents}, {info.tokens} "
+            f"{manifest.dtype}"
+        )
+    return shard

@@ -1,0 +1,1 @@
+"""Hand-written autograd kernels: blockwise sparse attention, the fused linear cross-entropy."""
