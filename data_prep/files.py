@@ -65,6 +65,20 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def check_format(
+    meta: dict, name: str, version: int, where: str | Path, error: type[Exception]
+) -> None:
+    """A neotrain file's `format` must be `name` and its `format_version` at most `version`
+    (older versions stay readable); `error` names `where` and says what was expected."""
+    if meta.get("format") != name:
+        raise error(f"{where}: format {meta.get('format')!r} is not ours (expected {name!r})")
+    if meta.get("format_version", 0) > version:
+        raise error(
+            f"{where}: format_version {meta['format_version']} is newer than this neotrain "
+            f"reads ({version}); upgrade neotrain"
+        )
+
+
 def update_hash(h: hashlib._Hash, path: str | Path) -> None:
     """Feed the bytes of the file at `path` into the hash object `h`, 4 MB at a time."""
     with open(path, "rb") as f:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.files import atomic_write_text, sha256_file
+from data_prep.files import atomic_write_text, check_format, sha256_file
 from data_prep.shards import IndexedDataset, ShardError, shard_paths
 from train.errors import NotFound
 
@@ -95,13 +95,8 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: dict[str, Any], directory: Path | None = None) -> Manifest:
         data = dict(data)
-        if data.get("format") != MANIFEST_FORMAT:
-            raise ShardError(f"{directory}: manifest format {data.get('format')!r} is not ours")
-        if data.get("format_version", 0) > MANIFEST_VERSION:
-            raise ShardError(
-                f"{directory}: manifest format_version {data['format_version']} is newer than "
-                f"this neotrain reads ({MANIFEST_VERSION}); upgrade neotrain"
-            )
+        where = Path(directory or ".") / MANIFEST_FILE
+        check_format(data, MANIFEST_FORMAT, MANIFEST_VERSION, where, ShardError)
         data["tokenizer"] = TokenizerInfo(**data["tokenizer"])
         data["shards"] = {
             name: ShardInfo(

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from data_prep.files import atomic_dir
+from data_prep.files import atomic_dir, check_format
 from data_prep.tokenizers import LoadedTokenizer, load_tokenizer
 from train.config import ModelConfig
 from train.errors import CheckpointError
@@ -102,11 +102,5 @@ def _read_meta(path: Path) -> dict:
         meta = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{file}:{e.lineno}: not valid JSON ({e.msg})") from e
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{file}: format is {meta.get('format')!r}, expected {FORMAT!r}")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{file}: format_version {meta['format_version']} is newer than this neotrain "
-            f"reads ({FORMAT_VERSION}); upgrade neotrain"
-        )
+    check_format(meta, FORMAT, FORMAT_VERSION, file, CheckpointError)
     return meta
