@@ -175,10 +175,7 @@ def main() -> None:
     median = {key: statistics.median(values) for key, values in samples.items()}
 
     console = Console(width=120)
-    console.print(
-        f"machine: {machine.name} ({machine.isa}), {torch.get_num_threads()} threads, native "
-        f"bf16 {'yes' if machine.native_bf16 else 'no'}\nprecision=auto -> {auto}: {reason}"
-    )
+    console.print(f"machine: {machine.summary()}\nprecision=auto -> {auto}: {reason}")
     table = Table(
         title=f"training throughput, 6 x 384 model, seq {SEQ} x batch {BATCH}, median tokens/s "
         + ", ".join(

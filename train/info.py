@@ -152,8 +152,7 @@ def machine_table():
     table = Table(title="this machine", show_header=False)
     table.add_column(style="bold")
     table.add_column()
-    device = f"{m.kind}: {m.name}" + (f" ({m.isa})" if m.isa else "")
-    table.add_row("device", f"{device}, {m.threads} threads")
+    table.add_row("device", m.summary())
     table.add_row("native bf16", f"{'yes' if m.native_bf16 else 'no'}: {m.bf16_reason}")
     table.add_row("precision=auto", precision)
     for name in ("fp32", "bf16"):

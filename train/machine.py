@@ -53,6 +53,12 @@ class Machine:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def summary(self) -> str:
+        """One line: `cpu AMD EPYC, AVX2, native bf16 no, 2 threads`."""
+        isa = f", {self.isa}" if self.isa else ""
+        native = "yes" if self.native_bf16 else "no"
+        return f"{self.kind} {self.name}{isa}, native bf16 {native}, {self.threads} threads"
+
 
 def cpu_features() -> dict:
     """torch's view of the CPU (cpuinfo): {"avx2": True, "amx_bf16": False, "cpu_name": ...}."""

@@ -134,7 +134,6 @@ def setup(cfg: TrainConfig) -> Trainer:
         f"; resumed at step {state.step}" if resume else "",
     )
     engine.train()
-    layout = spec.layout
     return Trainer(
         cfg=cfg,
         ranks=ranks,
@@ -150,9 +149,7 @@ def setup(cfg: TrainConfig) -> Trainer:
         schedule=Schedule(cfg.optim, cfg.max_steps, cfg.tokens_per_step),
         checkpoints=ckpts,
         meta={
-            "world_size": layout.world_size,
-            "zero_stage": layout.zero_stage,
-            "precision": layout.precision,
+            **asdict(spec.layout),  # world_size, zero_stage, precision
             "identity": identity,
             "model": asdict(cfg.model),
             "eod_token": data.tokenizer.eod_token,
@@ -197,12 +194,9 @@ def write_config(
     """The config as it ran: `precision` is what it resolved to on this machine; the comments
     say how, and which machine it was."""
     text = OmegaConf.to_yaml(OmegaConf.structured(replace(cfg, precision=precision)))
-    m = machine
     header = [
         f"# neo train {' '.join(sys.argv[1:])}",
         f"# precision: {cfg.precision} -> {precision} ({reason})",
-        f"# machine: {m.kind} {m.name}"
-        + (f", {m.isa}" if m.isa else "")
-        + f", native bf16 {'yes' if m.native_bf16 else 'no'}, {m.threads} threads per rank",
+        f"# machine: {machine.summary()} per rank",
     ]
     atomic_write_text(run_dir / "config.yaml", "\n".join(header) + "\n" + text)

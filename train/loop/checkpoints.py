@@ -19,7 +19,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -167,7 +167,7 @@ class RunCheckpoints:
                     f"{where} was trained with {what} (checkpoint -> now: "
                     f"{'; '.join(changed)}); {advice}"
                 )
-        before = ds_engine.Layout(saved["world_size"], saved["zero_stage"], saved["precision"])
+        before = ds_engine.Layout(**{f.name: saved[f.name] for f in fields(ds_engine.Layout)})
         mode = layout.resume_mode(before)
         was = f"{name} ({before.describe()})"
         now = f"{layout.world_size} ranks at ZeRO-{layout.zero_stage}, {layout.precision}"
