@@ -16,7 +16,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from train.config import ConfigError, TrainConfig, register_configs
+from train.config import ConfigError, EvalConfig, TrainConfig, register_configs
 from train.errors import NeoError
 from train.ranks import ranks_from_env
 
@@ -27,6 +27,8 @@ log = logging.getLogger("neo")
 class Verb:
     target: str  # "module:function" taking the verb's config dataclass
     help: str
+    # Where its primary config is: verbs whose `model=` is a path use configs/path_verbs.
+    config_path: str = "pkg://configs"
 
 
 VERBS = {
@@ -46,6 +48,11 @@ VERBS = {
     "import": Verb(
         "train.cli:run_import",
         "read a Hugging Face GPT-Neo directory into a neotrain checkpoint (input= output=)",
+    ),
+    "eval": Verb(
+        "train.evaluate:run",
+        "benchmark a checkpoint as lm-evaluation-harness does (model= tasks=[...])",
+        "pkg://configs.path_verbs",
     ),
     "export": Verb(
         "train.cli:run_export",
@@ -108,15 +115,18 @@ def run_verb(name: str, overrides: list[str]) -> None:
     from omegaconf import DictConfig, OmegaConf
 
     register_configs()
-    module, function = VERBS[name].target.split(":")
+    verb = VERBS[name]
+    module, function = verb.target.split(":")
 
-    @hydra.main(version_base="1.3", config_path="pkg://configs", config_name=name)
+    @hydra.main(version_base="1.3", config_path=verb.config_path, config_name=name)
     def app(cfg: DictConfig) -> None:
         config = OmegaConf.to_object(cfg)
         try:
             # Every rule of the config before the verb's module (torch, DeepSpeed) is imported.
             if isinstance(config, TrainConfig):
                 config.validate(ranks_from_env().world_size)
+            elif isinstance(config, EvalConfig):
+                config.validate()
             getattr(importlib.import_module(module), function)(config)
         except NeoError as e:  # a user's mistake: one line; anything else keeps its traceback
             _report(name, e)

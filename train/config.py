@@ -341,6 +341,78 @@ class PlotConfig:
     run_dir: str = "runs/tiny"
 
 
+EVAL_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class EvalTaskConfig:
+    """One task's data: `task.<name>.path=FILE`. A new name (`+task.mine={type: mc, path:
+    mine.jsonl}`) defines a task of a known type on the user's file."""
+
+    # lambada_openai, wikitext, pubmedqa, hellaswag, piqa, winogrande, mathqa, mc, text, val;
+    # None: the task's own name.
+    type: str | None = None
+    # A file (the published format), hf:NAME[@CONFIG] for a hub dataset, or for val a `neo prep`
+    # directory or corpus file; None: the published file's name in data_dir.
+    path: str | None = None
+    # val: the prepared split; hub datasets: the split to read.
+    split: str | None = None
+
+
+@dataclass
+class EvalConfig:
+    # A neotrain checkpoint, a run directory (its latest checkpoint), a DeepSpeed checkpoint or
+    # a Hugging Face GPT-Neo directory.
+    model: str = "runs/demo"
+    # Tokenizer for a model directory that has none (gpt2, a tokenizer.json or a directory).
+    tokenizer: str | None = None
+    # Task names; None: val and every task whose file is found in data_dir.
+    tasks: list[str] | None = None
+    task: dict[str, EvalTaskConfig] = field(default_factory=dict)
+    # Where the published benchmark files are looked for by their names.
+    data_dir: str = "../shared/eval"
+    num_fewshot: int = 0
+    fewshot_seed: int = 1234
+    # Sequences per forward: auto (as many as batch_tokens allow) or a number.
+    batch_size: str = "auto"
+    # Padded tokens per forward.
+    batch_tokens: int = 16384
+    # The first N items of each task (val: documents).
+    limit: int | None = None
+    # Tokens the model reads at most; None: model.max_position_embeddings.
+    max_length: int | None = None
+    # val: documents over this many tokens are a seeded sample, each source keeping its share.
+    val_tokens: int = 2_000_000
+    val_seed: int = 1234
+    accelerator: str = "auto"
+    dtype: str = "float32"
+    # auto: accelerate's big-model loading, layers spread over the devices and CPU memory.
+    device_map: str | None = None
+    output: str = "runs/eval"
+    overwrite: bool = False
+    log_samples: bool = False
+    # Stop at the first malformed record instead of skipping and counting it.
+    strict: bool = False
+
+    def validate(self) -> EvalConfig:
+        require_choice("dtype", self.dtype, EVAL_DTYPES)
+        require_choice("accelerator", self.accelerator, ACCELERATOR_KINDS)
+        if self.batch_size != "auto" and not (self.batch_size.isdigit() and int(self.batch_size)):
+            raise ConfigError(f"batch_size={self.batch_size!r} must be auto or a positive number")
+        if self.num_fewshot < 0:
+            raise ConfigError(f"num_fewshot={self.num_fewshot} must be >= 0")
+        _require_positive("batch_tokens", self.batch_tokens)
+        _require_positive("val_tokens", self.val_tokens)
+        for key in ("limit", "max_length"):
+            if getattr(self, key) is not None:
+                _require_positive(key, getattr(self, key))
+        if self.device_map not in (None, "auto"):
+            raise ConfigError(f"device_map={self.device_map!r} must be auto or null")
+        if self.tasks is not None and not self.tasks:
+            raise ConfigError("tasks=[] names no task (leave tasks unset for the default set)")
+        return self
+
+
 def register_configs() -> None:
     """Register the schemas so that YAML files are checked against them."""
     from hydra.core.config_store import ConfigStore  # only the `neo` command needs Hydra
@@ -351,3 +423,4 @@ def register_configs() -> None:
     cs.store(name="convert_schema", node=ConvertConfig)
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="plot_schema", node=PlotConfig)
+    cs.store(name="eval_schema", node=EvalConfig)

@@ -180,6 +180,11 @@ class GPT(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) token ids -> (B, T, vocab_size) logits; with (B, T) targets, the mean
         next-token loss instead (computed without materialising the logits)."""
+        return self.lm_head(self.hidden_states(input_ids), targets)
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, hidden_size), the final LayerNorm's output: what lm_head
+        reads. Scoring reads it to project only the positions it needs onto the vocabulary."""
         B, T = input_ids.shape
         self.config.check_sequence_length(T)
         pos = torch.arange(T, device=input_ids.device)
@@ -188,7 +193,7 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             # Activation checkpointing: keep only block inputs, recompute the rest in backward.
             x = self.checkpoint_fn(block, x) if self.checkpoint_fn and self.training else block(x)
-        return self.lm_head(self.transformer.ln_f(x), targets)
+        return self.transformer.ln_f(x)
 
     def num_parameters(self) -> int:
         """Distinct parameters (the tied lm_head counted once)."""

@@ -1,0 +1,1 @@
+"""Evaluation as lm-evaluation-harness defines it: tasks, scoring, metrics."""

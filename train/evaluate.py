@@ -1,0 +1,309 @@
+"""`neo eval`: the GPT-Neo model card's benchmark table, from any checkpoint, computed as
+lm-evaluation-harness computes it (train/evals/).
+
+    neo eval                                          # the demo run's model, every task found
+    neo eval model=runs/demo tasks=[lambada_openai,wikitext] limit=500
+    torchrun --nproc_per_node 2 -m train.cli eval ... # items split over ranks, same numbers
+
+Prints a table (task, metric, value, stderr, items, and the published GPT-Neo numbers for the
+same cells) and writes `results.json` (settings, the model's identity, per-task metrics) and,
+with log_samples=true, `samples.jsonl` into `output`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from data_prep.files import atomic_dir
+from data_prep.tokenizers import LoadedTokenizer, load_tokenizer
+from train import __version__
+from train import accelerator as accel
+from train.config import EvalConfig, EvalTaskConfig, ModelConfig
+from train.errors import ConfigError, NotFound
+from train.evals.runner import TaskResult, build_requests, run_task
+from train.evals.scoring import Progress, Scorer
+from train.evals.tasks import PUBLISHED, SPECS, VAL, LoadedTask, load_task, task_path
+from train.evals.val import load_val
+from train.info import count_parameters
+from train.load import read_any
+from train.model import GPT
+
+log = logging.getLogger("neo.eval")
+RESULTS_FORMAT, RESULTS_VERSION = "neotrain-eval", 1
+
+
+def run(cfg: EvalConfig) -> None:
+    cfg.validate()
+    ranks = accel.ranks_from_env()
+    if not ranks.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    acc = accel.select(cfg.accelerator)
+    selected = select_tasks(cfg)  # every task file checked before the model is loaded
+    model, config, tokenizer, identity = load_for_eval(cfg, acc, ranks.local_rank)
+    distributed = start_process_group(acc, ranks)
+    device = next(model.parameters()).device
+    context = config.max_position_embeddings
+    max_length = min(cfg.max_length or context, context)
+    scorer = Scorer(
+        model,
+        device,
+        max_length,
+        batch_size=None if cfg.batch_size == "auto" else int(cfg.batch_size),
+        batch_tokens=cfg.batch_tokens,
+        rank=ranks.rank,
+        world_size=ranks.world_size,
+        pad_id=tokenizer.eod_id,
+    )
+    gather = _gather if distributed else (lambda scores: scores)
+    results: list[TaskResult] = []
+    timing = {}
+    for name, settings in selected.items():
+        task = load(cfg, name, settings, tokenizer)
+        requests = build_requests(
+            task, tokenizer.encode, tokenizer.eod_id, max_length, cfg.num_fewshot, cfg.fewshot_seed
+        )
+        start = time.perf_counter()
+        result = run_task(
+            task,
+            scorer,
+            requests,
+            gather,
+            cfg.num_fewshot,
+            Progress(name, ranks.is_main),
+            cfg.log_samples,
+        )
+        seconds = time.perf_counter() - start
+        timing[name] = {"seconds": seconds, "items_per_second": result.items / seconds}
+        log.info(
+            "%s: %d items (%d requests) in %.1fs, %.1f items/s%s",
+            name,
+            result.items,
+            sum(map(len, requests)),
+            seconds,
+            result.items / seconds,
+            f"; {result.skipped} bad records skipped, first: {result.skipped_examples[0]}"
+            if result.skipped
+            else "",
+        )
+        results.append(result)
+    if ranks.is_main:
+        print(table(results))
+        write_results(cfg, identity, results, timing, ranks.world_size)
+    if distributed:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def select_tasks(cfg: EvalConfig) -> dict[str, EvalTaskConfig]:
+    """Task name -> its settings. With tasks unset: val, and each benchmark whose published file
+    is in data_dir (the others are named and left out); named tasks must all be found."""
+    names = cfg.tasks
+    if names is None:
+        names = ["val"] + [n for n, s in SPECS.items() if s.default_file]
+        chosen = {}
+        for name in names:
+            settings = cfg.task.get(name, EvalTaskConfig())
+            path = _path(cfg, name, settings)
+            if path.startswith("hf:") or Path(path).exists():
+                chosen[name] = settings
+            else:
+                log.info("%s: %s not found, left out (set task.%s.path=FILE)", name, path, name)
+        if not chosen:
+            raise NotFound(f"no task data found (looked in {cfg.data_dir}); name tasks=[...]")
+        return chosen
+    chosen = {}
+    for name in names:
+        settings = cfg.task.get(name, EvalTaskConfig())
+        task_type = settings.type or name
+        if task_type not in SPECS:
+            raise ConfigError(
+                f"tasks: unknown task {name!r}; known: {', '.join(SPECS)}, or define one with "
+                f"+task.{name}='{{type: mc, path: FILE}}'"
+            )
+        path = _path(cfg, name, settings)
+        if not path.startswith("hf:") and not Path(path).exists():
+            spec = SPECS[task_type]
+            raise NotFound(
+                f"task {name}: {path} does not exist; expected {spec.expected} "
+                f"(published: {spec.published}); set task.{name}.path=FILE"
+            )
+        chosen[name] = settings
+    return chosen
+
+
+def _path(cfg: EvalConfig, name: str, settings: EvalTaskConfig) -> str:
+    return task_path(name, settings.type or name, settings.path, cfg.data_dir)
+
+
+def load(cfg: EvalConfig, name: str, settings: EvalTaskConfig, tokenizer) -> LoadedTask:
+    task_type = settings.type or name
+    path = _path(cfg, name, settings)
+    if task_type == VAL:
+        task = load_val(
+            name,
+            path,
+            settings.split or "validation",
+            tokenizer,
+            cfg.val_tokens,
+            cfg.val_seed,
+            cfg.strict,
+        )
+    else:
+        task = load_task(name, task_type, path, cfg.strict, settings.split)
+    if cfg.limit is not None:
+        task.items = task.items[: cfg.limit]
+    return task
+
+
+def load_for_eval(cfg: EvalConfig, acc, local_rank: int):
+    """(model in eval mode, its config, tokenizer, identity) from any checkpoint."""
+    path = Path(cfg.model)
+    if not path.exists():
+        hint = ": make one with `make demo`, or pass model=PATH" if cfg.model == "runs/demo" else ""
+        raise NotFound(f"model={cfg.model} does not exist{hint}")
+    config, state, tokenizer = read_any(path)
+    tokenizer = _tokenizer(cfg, config, tokenizer)
+    identity = {
+        "path": str(path.resolve()),
+        "name": config.name,
+        "parameters": count_parameters(config).total,
+        "weights_sha256": state_sha256(state),
+        "config": asdict(config),
+        "tokenizer": {
+            "name": tokenizer.name,
+            "vocab_size": tokenizer.vocab_size,
+            "eod_token": tokenizer.eod_token,
+            "sha256": tokenizer.file_hashes(),
+        },
+    }
+    dtype = getattr(torch, cfg.dtype)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=True)
+    model.tie_weights()
+    model.eval()
+    if cfg.device_map == "auto":
+        from train.evals.dispatch import dispatch_auto
+
+        model = dispatch_auto(model, acc)
+    else:
+        acc.set_device(local_rank)
+        model = model.to(acc.device(local_rank))
+    return model, config, tokenizer, identity
+
+
+def _tokenizer(cfg: EvalConfig, config: ModelConfig, found: LoadedTokenizer | None):
+    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else found
+    if tokenizer is None:
+        raise NotFound(
+            f"{cfg.model} has no tokenizer; pass tokenizer=gpt2 (or a tokenizer.json / dir)"
+        )
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ConfigError(
+            f"the tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens, more than the "
+            f"model's vocab_size={config.vocab_size}: its ids would index past the embedding"
+        )
+    return tokenizer
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """The weights' identity by content: names, dtypes, shapes and bytes, in name order (the
+    same for a checkpoint and its export in the same dtype; lm_head, tied to wte, left out)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        if name == "lm_head.weight":
+            continue
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def start_process_group(acc, ranks) -> bool:
+    if ranks.world_size == 1:
+        return False
+    accel.prepare_environment(acc, ranks)
+    torch.distributed.init_process_group(acc.backend)
+    return True
+
+
+def _gather(scores: dict) -> dict:
+    parts: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, scores)
+    out: dict = {}
+    for part in parts:
+        out.update(part)
+    return out
+
+
+MODELS = ("gpt_neo_125m", "gpt_neo_1.3b", "gpt_neo_2.7b")
+
+
+def table(results: list[TaskResult]) -> str:
+    """task | metric | value | stderr | items | the published GPT-Neo numbers."""
+    header = ["task", "metric", "value", "stderr", "items", *MODELS]
+    rows = []
+    for r in results:
+        for metric, value in r.metrics.items():
+            published = PUBLISHED.get(r.name, {}).get(metric, {})
+            stderr = r.stderr.get(metric)
+            rows.append(
+                [
+                    r.name + (f" ({r.num_fewshot}-shot)" if r.num_fewshot else ""),
+                    metric,
+                    f"{value:.4f}",
+                    f"{stderr:.4f}" if stderr is not None else "",
+                    str(r.items),
+                    *(f"{published[m]:.4f}" if m in published else "" for m in MODELS),
+                ]
+            )
+        for source, values in r.per_source.items():
+            rows.append(
+                [
+                    f"  {source}",
+                    "bits_per_byte / ppl",
+                    f"{values['bits_per_byte']:.4f}",
+                    f"{values['perplexity']:.2f}",
+                    str(values["documents"]),
+                    "",
+                    "",
+                    "",
+                ]
+            )
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    lines = [" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("-|-".join("-" * w for w in widths))
+    lines += [" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(cfg: EvalConfig, identity: dict, results, timing: dict, world_size: int):
+    settings = asdict(cfg)
+    settings["world_size"] = world_size
+    document = {
+        "format": RESULTS_FORMAT,
+        "format_version": RESULTS_VERSION,
+        "neotrain_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": identity,
+        "settings": settings,
+        "results": {r.name: r.as_dict() for r in results},
+        "published": {r.name: PUBLISHED[r.name] for r in results if r.name in PUBLISHED},
+        "timing": timing,
+    }
+    with atomic_dir(cfg.output, overwrite=cfg.overwrite) as tmp:
+        (tmp / "results.json").write_text(json.dumps(document, indent=1))
+        if cfg.log_samples:
+            with open(tmp / "samples.jsonl", "w") as f:
+                for r in results:
+                    for s in r.samples:
+                        f.write(json.dumps(s) + "\n")
+    log.info("wrote %s", Path(cfg.output) / "results.json")
