@@ -67,3 +67,55 @@ def neo(tmp_path):
         return proc
 
     return run
+
+
+SHARED_EVAL = ROOT.parent / "shared" / "eval"
+needs_shared_eval = pytest.mark.skipif(
+    not SHARED_EVAL.is_dir(),
+    reason=f"{SHARED_EVAL} (the real LAMBADA, WikiText-2 and PubMedQA files) is not here; "
+    "it always is in CI",
+)
+
+
+@pytest.fixture(scope="session")
+def trained_gpt2_model(tmp_path_factory):
+    """A small model with GPT-2's vocabulary, trained for a few hundred steps on the bundled
+    sample corpus (so that its predictions are not uniform), as a neotrain checkpoint and as
+    the Hugging Face directory `neo export` writes."""
+    import io
+    import json
+
+    import zstandard
+
+    from data_prep.tokenizers import load_tokenizer
+    from train.checkpoint import save_checkpoint
+    from train.export import export_hf
+    from train.model import GPT
+
+    root = tmp_path_factory.mktemp("trained_gpt2")
+    tokenizer = load_tokenizer("gpt2")
+    sample = ROOT / "data_prep" / "sample" / "pile_sample.jsonl.zst"
+    with zstandard.open(sample, "rb") as f:
+        lines = io.TextIOWrapper(f, encoding="utf-8").read().splitlines()
+    ids = []
+    for line in lines[:150]:
+        ids += tokenizer.encode(json.loads(line)["text"]) + [tokenizer.eod_id]
+    config = tiny_config(
+        name="evaltest", vocab_size=tokenizer.vocab_size, hidden_size=64, num_layers=2,
+        attention_types=[[["global", "local"], 1]], window_size=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = GPT(config).init_weights()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    data = torch.tensor(ids)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        starts = torch.randint(0, len(data) - 65, (8,), generator=generator)
+        batch = torch.stack([data[s : s + 65] for s in starts])
+        loss = model(batch[:, :-1], batch[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    save_checkpoint(root / "ckpt", config, model.state_dict(), tokenizer)
+    export_hf(root / "ckpt", root / "hf")
+    return root

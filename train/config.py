@@ -368,7 +368,10 @@ class EvalConfig:
     tokenizer: str | None = None
     # Task names; None: val and every task whose file is found in data_dir.
     tasks: list[str] | None = None
-    task: dict[str, EvalTaskConfig] = field(default_factory=dict)
+    # name -> EvalTaskConfig fields. A plain mapping, so that `+task.mine={type: mc, path: F}`
+    # adds a task (OmegaConf cannot add entries to a mapping of dataclasses); checked in
+    # `task_settings`.
+    task: dict[str, Any] = field(default_factory=dict)
     # Where the published benchmark files are looked for by their names.
     data_dir: str = "../shared/eval"
     num_fewshot: int = 0
@@ -410,7 +413,24 @@ class EvalConfig:
             raise ConfigError(f"device_map={self.device_map!r} must be auto or null")
         if self.tasks is not None and not self.tasks:
             raise ConfigError("tasks=[] names no task (leave tasks unset for the default set)")
+        for name in self.task:
+            self.task_settings(name)
         return self
+
+    def task_settings(self, name: str) -> EvalTaskConfig:
+        """task.<name> as an EvalTaskConfig (the task's defaults where it is not set)."""
+        values = self.task.get(name) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"task.{name}={values!r} must be a mapping like {{path: FILE}}")
+        known = EvalTaskConfig.__dataclass_fields__
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(
+                    f"task.{name}.{key}: unknown setting; expected {', '.join(known)}"
+                )
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"task.{name}.{key}={value!r} must be a string")
+        return EvalTaskConfig(**values)
 
 
 def register_configs() -> None:

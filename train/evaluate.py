@@ -110,7 +110,7 @@ def select_tasks(cfg: EvalConfig) -> dict[str, EvalTaskConfig]:
         names = ["val"] + [n for n, s in SPECS.items() if s.default_file]
         chosen = {}
         for name in names:
-            settings = cfg.task.get(name, EvalTaskConfig())
+            settings = cfg.task_settings(name)
             path = _path(cfg, name, settings)
             if path.startswith("hf:") or Path(path).exists():
                 chosen[name] = settings
@@ -121,7 +121,7 @@ def select_tasks(cfg: EvalConfig) -> dict[str, EvalTaskConfig]:
         return chosen
     chosen = {}
     for name in names:
-        settings = cfg.task.get(name, EvalTaskConfig())
+        settings = cfg.task_settings(name)
         task_type = settings.type or name
         if task_type not in SPECS:
             raise ConfigError(
