@@ -46,6 +46,7 @@ def run(cfg: EvalConfig) -> None:
     if not ranks.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     acc = accel.select(cfg.accelerator)
+    require_model(cfg.model)
     selected = select_tasks(cfg)  # every task file checked before the model is loaded
     model, config, tokenizer, identity = load_for_eval(cfg, acc, ranks.local_rank)
     distributed = start_process_group(acc, ranks)
@@ -100,6 +101,12 @@ def run(cfg: EvalConfig) -> None:
     if distributed:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def require_model(model: str) -> None:
+    if not Path(model).exists():
+        hint = ": make one with `make demo`, or pass model=PATH" if model == "runs/demo" else ""
+        raise NotFound(f"model={model} does not exist{hint}")
 
 
 def select_tasks(cfg: EvalConfig) -> dict[str, EvalTaskConfig]:
@@ -166,9 +173,6 @@ def load(cfg: EvalConfig, name: str, settings: EvalTaskConfig, tokenizer) -> Loa
 def load_for_eval(cfg: EvalConfig, acc, local_rank: int):
     """(model in eval mode, its config, tokenizer, identity) from any checkpoint."""
     path = Path(cfg.model)
-    if not path.exists():
-        hint = ": make one with `make demo`, or pass model=PATH" if cfg.model == "runs/demo" else ""
-        raise NotFound(f"model={cfg.model} does not exist{hint}")
     config, state, tokenizer = read_any(path)
     tokenizer = _tokenizer(cfg, config, tokenizer)
     identity = {
