@@ -341,3 +341,27 @@ def test_val_sample_keeps_every_source_and_repeats_with_its_seed():
     assert sample_documents(items, total // 4, seed=4) != chosen
     assert sample_documents(items, None, seed=3) == items
     assert np.all(np.diff([i.index for i in chosen]) > 0)
+
+
+def test_device_map_auto_offloads_blocks_and_scores_the_same(tmp_path):
+    """accelerate's big-model dispatch, on CPU: CPU memory capped below the model's size, so
+    the last blocks are offloaded to disk and loaded as they run; the scores do not change."""
+    import copy
+
+    from train.accelerator import ACCELERATORS
+    from train.evals.dispatch import dispatch_auto
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config(vocab_size=500, hidden_size=64)).init_weights().eval()
+    reference = copy.deepcopy(model)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    dispatched = dispatch_auto(
+        model, ACCELERATORS["cpu"], max_memory={"cpu": int(size * 0.7)}, offload_dir=tmp_path
+    )
+    placed = dispatched.hf_device_map
+    assert placed["transformer.h.0"] == "cpu" and placed["transformer.h.3"] == "disk"
+    rng = random.Random(0)
+    words = lambda n: tuple(rng.randrange(500) for _ in range(n))  # noqa: E731
+    requests = [Request(words(rng.randrange(1, 60)), words(3)) for _ in range(10)]
+    expected = Scorer(reference, "cpu", 128).score(requests)
+    assert Scorer(dispatched, "cpu", 128).score(requests) == expected

@@ -50,7 +50,9 @@ def run(cfg: EvalConfig) -> None:
     selected = select_tasks(cfg)  # every task file checked before the model is loaded
     model, config, tokenizer, identity = load_for_eval(cfg, acc, ranks.local_rank)
     distributed = start_process_group(acc, ranks)
-    device = next(model.parameters()).device
+    # Inputs go to the rank's device (with device_map=auto, the first device: accelerate's
+    # hooks move activations between the blocks' devices from there).
+    device = acc.device(0 if cfg.device_map else ranks.local_rank)
     context = config.max_position_embeddings
     max_length = min(cfg.max_length or context, context)
     scorer = Scorer(
