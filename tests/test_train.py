@@ -629,3 +629,43 @@ def test_blend_of_sources_by_weight(tmp_path, corpus):
         tmp_path / "bad", corpus, f"data.blend=[{{path:{corpus},source:Nope}}]", check=False
     )
     assert proc.returncode == 2 and "no 'train' documents from source 'Nope'" in proc.stderr
+
+
+@pytest.mark.slow
+def test_benchmarks_run_at_every_validation_on_any_layout(tmp_path, corpus):
+    """eval.tasks during training: the same numbers from 1 rank, 2 ranks splitting the items
+    (ZeRO-2) and 2 ranks running every forward together (ZeRO-3), logged with the validation
+    loss at every eval_every."""
+    mc = tmp_path / "mc.jsonl"
+    words = ["cat", "dog", "house", "tree", "river", "stone", "light", "music"]
+    mc.write_text("".join(
+        json.dumps({"query": f"The {words[i % 8]} and the", "gold": i % 3,
+                    "choices": [words[(i + k) % 8] for k in range(3)]}) + "\n"
+        for i in range(24)
+    ))  # fmt: skip
+    common = ("precision=fp32", "max_steps=4", "eval_every=2", "save_every=4",
+              "eval.tasks=[val,mine]", f"+eval.task.mine={{type: mc, path: {mc}}}",
+              "eval.limit=12", "eval.batch_tokens=256")  # fmt: skip
+    runs = {
+        "one": train(tmp_path / "one", corpus, "deepspeed=zero2", *common, ranks=1),
+        "zero2": train(tmp_path / "zero2", corpus, "deepspeed=zero2", *common, ranks=2),
+        "zero3": train(tmp_path / "zero3", corpus, "deepspeed=zero3", *common, ranks=2),
+    }
+    values = {}
+    for name in runs:
+        records = [r for r in read_metrics(tmp_path / name) if "val_loss" in r]
+        assert [r["step"] for r in records] == [2, 4]
+        values[name] = records[-1]
+        for key in ("mine/acc", "mine/acc_norm", "val/loss", "val/perplexity", "val/bits_per_byte"):
+            assert key in values[name], (name, key)
+    assert "mine/acc" in runs["one"].stdout + runs["one"].stderr  # on the validation line
+    for name in ("zero2", "zero3"):
+        assert values[name]["val/loss"] == pytest.approx(values["one"]["val/loss"], rel=1e-4)
+        assert values[name]["mine/acc"] == values["one"]["mine/acc"]
+
+
+def test_a_missing_benchmark_file_stops_training_before_it_starts(tmp_path, corpus):
+    proc = train(tmp_path / "run", corpus, "eval.tasks=[hellaswag]", f"eval.data_dir={tmp_path}",
+                 check=False)  # fmt: skip
+    assert proc.returncode == 2
+    assert "task hellaswag: " in proc.stderr and not (tmp_path / "run" / "checkpoints").exists()

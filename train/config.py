@@ -271,6 +271,122 @@ class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
+EVAL_DTYPES = ("float32", "bfloat16", "float16")
+# Tasks with settings of their own under task.<name> (train/evals/tasks.py defines them).
+BENCHMARKS = (
+    "val", "lambada_openai", "wikitext", "pubmedqa", "hellaswag", "piqa", "winogrande", "mathqa",
+)  # fmt: skip
+
+
+@dataclass
+class EvalTaskConfig:
+    """One task's data: `task.<name>.path=FILE`. A new name (`+task.mine={type: mc, path:
+    mine.jsonl}`) defines a task of a known type on the user's file."""
+
+    # lambada_openai, wikitext, pubmedqa, hellaswag, piqa, winogrande, mathqa, mc, text, val;
+    # None: the task's own name.
+    type: str | None = None
+    # A file (the published format), hf:NAME[@CONFIG] for a hub dataset, or for val a `neo prep`
+    # directory or corpus file; None: the published file's name in data_dir (val: the data).
+    path: str | None = None
+    # val: the prepared split (default validation); hub datasets: the split to read.
+    split: str | None = None
+
+
+def _task_entries() -> dict[str, Any]:
+    return {name: {"type": None, "path": None, "split": None} for name in BENCHMARKS}
+
+
+@dataclass
+class BenchmarkConfig:
+    """Which tasks and how: `neo eval`'s settings, and `neo train`'s `eval.*` (the same tasks
+    run at every validation)."""
+
+    # Task names. neo eval: None means val and every task whose file is found in data_dir;
+    # neo train: [] runs none.
+    tasks: list[str] | None = field(default_factory=list)
+    # name -> EvalTaskConfig fields. A plain mapping, so that `+task.mine={type: mc, path: F}`
+    # adds a task (OmegaConf cannot add entries to a mapping of dataclasses); checked in
+    # `task_settings`.
+    task: dict[str, Any] = field(default_factory=_task_entries)
+    # Where the published benchmark files are looked for by their names.
+    data_dir: str = "../shared/eval"
+    num_fewshot: int = 0
+    fewshot_seed: int = 1234
+    # Sequences per forward: auto (as many as batch_tokens allow) or a number.
+    batch_size: str = "auto"
+    # Padded tokens per forward.
+    batch_tokens: int = 16384
+    # The first N items of each task (val: documents).
+    limit: int | None = None
+    # Tokens the model reads at most; None: model.max_position_embeddings.
+    max_length: int | None = None
+    # val: documents over this many tokens are a seeded sample, each source keeping its share.
+    val_tokens: int = 2_000_000
+    val_seed: int = 1234
+    # Stop at the first malformed record instead of skipping and counting it.
+    strict: bool = False
+
+    def validate(self, key: str = "") -> BenchmarkConfig:
+        """`key`: the prefix the user wrote (`eval.` under neo train)."""
+        if self.batch_size != "auto" and not (self.batch_size.isdigit() and int(self.batch_size)):
+            raise ConfigError(
+                f"{key}batch_size={self.batch_size!r} must be auto or a positive number"
+            )
+        if self.num_fewshot < 0:
+            raise ConfigError(f"{key}num_fewshot={self.num_fewshot} must be >= 0")
+        _require_positive(f"{key}batch_tokens", self.batch_tokens)
+        _require_positive(f"{key}val_tokens", self.val_tokens)
+        for name in ("limit", "max_length"):
+            if getattr(self, name) is not None:
+                _require_positive(f"{key}{name}", getattr(self, name))
+        for name in self.task:
+            self.task_settings(name, key)
+        return self
+
+    def task_settings(self, name: str, key: str = "") -> EvalTaskConfig:
+        """task.<name> as an EvalTaskConfig (the task's defaults where it is not set)."""
+        values = self.task.get(name) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{key}task.{name}={values!r} must be a mapping like {{path: FILE}}")
+        known = EvalTaskConfig.__dataclass_fields__
+        for k, value in values.items():
+            if k not in known:
+                raise ConfigError(
+                    f"{key}task.{name}.{k}: unknown setting; expected {', '.join(known)}"
+                )
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{key}task.{name}.{k}={value!r} must be a string")
+        return EvalTaskConfig(**values)
+
+
+@dataclass
+class EvalConfig(BenchmarkConfig):
+    # A neotrain checkpoint, a run directory (its latest checkpoint), a DeepSpeed checkpoint or
+    # a Hugging Face GPT-Neo directory.
+    model: str = "runs/demo"
+    # Tokenizer for a model directory that has none (gpt2, a tokenizer.json or a directory).
+    tokenizer: str | None = None
+    tasks: list[str] | None = None
+    accelerator: str = "auto"
+    dtype: str = "float32"
+    # auto: accelerate's big-model loading, layers spread over the devices and CPU memory.
+    device_map: str | None = None
+    output: str = "runs/eval"
+    overwrite: bool = False
+    log_samples: bool = False
+
+    def validate(self, key: str = "") -> EvalConfig:
+        super().validate(key)
+        require_choice("dtype", self.dtype, EVAL_DTYPES)
+        require_choice("accelerator", self.accelerator, ACCELERATOR_KINDS)
+        if self.device_map not in (None, "auto"):
+            raise ConfigError(f"device_map={self.device_map!r} must be auto or null")
+        if self.tasks is not None and not self.tasks:
+            raise ConfigError("tasks=[] names no task (leave tasks unset for the default set)")
+        return self
+
+
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -303,6 +419,9 @@ class TrainConfig:
     resume: str = "auto"
     # At the end: a consolidated neotrain checkpoint (run_dir/model) and a HF directory.
     export_hf: bool = True
+    # Benchmarks run at every validation, as `neo eval` runs them: eval.tasks=[lambada_openai]
+    # eval.limit=500 (val without a path: this run's data).
+    eval: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
     def validate(self, world_size: int) -> int:
         """Every rule a config can break, checked before any process group, data or model
@@ -322,6 +441,7 @@ class TrainConfig:
         _require_positive("logger.log_every", self.logger.log_every)
         if self.data.seq_len is not None:
             _require_positive("data.seq_len", self.data.seq_len)
+        self.eval.validate("eval.")
         if self.peak_flops is not None and self.peak_flops <= 0:
             raise ConfigError(f"peak_flops={self.peak_flops} must be > 0 (FLOP/s per device)")
         return batch_layout(self.global_batch_size, self.micro_batch_size, world_size)
@@ -339,98 +459,6 @@ class TrainConfig:
 @dataclass
 class PlotConfig:
     run_dir: str = "runs/tiny"
-
-
-EVAL_DTYPES = ("float32", "bfloat16", "float16")
-
-
-@dataclass
-class EvalTaskConfig:
-    """One task's data: `task.<name>.path=FILE`. A new name (`+task.mine={type: mc, path:
-    mine.jsonl}`) defines a task of a known type on the user's file."""
-
-    # lambada_openai, wikitext, pubmedqa, hellaswag, piqa, winogrande, mathqa, mc, text, val;
-    # None: the task's own name.
-    type: str | None = None
-    # A file (the published format), hf:NAME[@CONFIG] for a hub dataset, or for val a `neo prep`
-    # directory or corpus file; None: the published file's name in data_dir.
-    path: str | None = None
-    # val: the prepared split; hub datasets: the split to read.
-    split: str | None = None
-
-
-@dataclass
-class EvalConfig:
-    # A neotrain checkpoint, a run directory (its latest checkpoint), a DeepSpeed checkpoint or
-    # a Hugging Face GPT-Neo directory.
-    model: str = "runs/demo"
-    # Tokenizer for a model directory that has none (gpt2, a tokenizer.json or a directory).
-    tokenizer: str | None = None
-    # Task names; None: val and every task whose file is found in data_dir.
-    tasks: list[str] | None = None
-    # name -> EvalTaskConfig fields. A plain mapping, so that `+task.mine={type: mc, path: F}`
-    # adds a task (OmegaConf cannot add entries to a mapping of dataclasses); checked in
-    # `task_settings`.
-    task: dict[str, Any] = field(default_factory=dict)
-    # Where the published benchmark files are looked for by their names.
-    data_dir: str = "../shared/eval"
-    num_fewshot: int = 0
-    fewshot_seed: int = 1234
-    # Sequences per forward: auto (as many as batch_tokens allow) or a number.
-    batch_size: str = "auto"
-    # Padded tokens per forward.
-    batch_tokens: int = 16384
-    # The first N items of each task (val: documents).
-    limit: int | None = None
-    # Tokens the model reads at most; None: model.max_position_embeddings.
-    max_length: int | None = None
-    # val: documents over this many tokens are a seeded sample, each source keeping its share.
-    val_tokens: int = 2_000_000
-    val_seed: int = 1234
-    accelerator: str = "auto"
-    dtype: str = "float32"
-    # auto: accelerate's big-model loading, layers spread over the devices and CPU memory.
-    device_map: str | None = None
-    output: str = "runs/eval"
-    overwrite: bool = False
-    log_samples: bool = False
-    # Stop at the first malformed record instead of skipping and counting it.
-    strict: bool = False
-
-    def validate(self) -> EvalConfig:
-        require_choice("dtype", self.dtype, EVAL_DTYPES)
-        require_choice("accelerator", self.accelerator, ACCELERATOR_KINDS)
-        if self.batch_size != "auto" and not (self.batch_size.isdigit() and int(self.batch_size)):
-            raise ConfigError(f"batch_size={self.batch_size!r} must be auto or a positive number")
-        if self.num_fewshot < 0:
-            raise ConfigError(f"num_fewshot={self.num_fewshot} must be >= 0")
-        _require_positive("batch_tokens", self.batch_tokens)
-        _require_positive("val_tokens", self.val_tokens)
-        for key in ("limit", "max_length"):
-            if getattr(self, key) is not None:
-                _require_positive(key, getattr(self, key))
-        if self.device_map not in (None, "auto"):
-            raise ConfigError(f"device_map={self.device_map!r} must be auto or null")
-        if self.tasks is not None and not self.tasks:
-            raise ConfigError("tasks=[] names no task (leave tasks unset for the default set)")
-        for name in self.task:
-            self.task_settings(name)
-        return self
-
-    def task_settings(self, name: str) -> EvalTaskConfig:
-        """task.<name> as an EvalTaskConfig (the task's defaults where it is not set)."""
-        values = self.task.get(name) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"task.{name}={values!r} must be a mapping like {{path: FILE}}")
-        known = EvalTaskConfig.__dataclass_fields__
-        for key, value in values.items():
-            if key not in known:
-                raise ConfigError(
-                    f"task.{name}.{key}: unknown setting; expected {', '.join(known)}"
-                )
-            if value is not None and not isinstance(value, str):
-                raise ConfigError(f"task.{name}.{key}={value!r} must be a string")
-        return EvalTaskConfig(**values)
 
 
 def register_configs() -> None:

@@ -26,14 +26,15 @@ from data_prep.files import atomic_dir
 from data_prep.tokenizers import LoadedTokenizer, load_tokenizer
 from train import __version__
 from train import accelerator as accel
-from train.config import EvalConfig, EvalTaskConfig, ModelConfig
+from train.config import EvalConfig, ModelConfig
 from train.errors import ConfigError, NotFound
-from train.evals.runner import TaskResult, build_requests, run_task
+from train.evals.runner import TaskResult
 from train.evals.scoring import Progress, Scorer
-from train.evals.tasks import PUBLISHED, SPECS, VAL, LoadedTask, load_task, task_path
-from train.evals.val import load_val
+from train.evals.suite import prepare_tasks, select_tasks
+from train.evals.tasks import PUBLISHED
 from train.info import count_parameters
 from train.load import read_any
+from train.loop.distributed import merged
 from train.model import GPT
 
 log = logging.getLogger("neo.eval")
@@ -47,7 +48,7 @@ def run(cfg: EvalConfig) -> None:
         logging.getLogger().setLevel(logging.WARNING)
     acc = accel.select(cfg.accelerator)
     require_model(cfg.model)
-    selected = select_tasks(cfg)  # every task file checked before the model is loaded
+    selected = select_tasks(cfg, default_set=cfg.tasks is None)  # before the model loads
     model, config, tokenizer, identity = load_for_eval(cfg, acc, ranks.local_rank)
     distributed = start_process_group(acc, ranks)
     # Inputs go to the rank's device (with device_map=auto, the first device: accelerate's
@@ -65,31 +66,19 @@ def run(cfg: EvalConfig) -> None:
         world_size=ranks.world_size,
         pad_id=tokenizer.eod_id,
     )
-    gather = _gather if distributed else (lambda scores: scores)
     results: list[TaskResult] = []
     timing = {}
-    for name, settings in selected.items():
-        task = load(cfg, name, settings, tokenizer)
-        requests = build_requests(
-            task, tokenizer.encode, tokenizer.eod_id, max_length, cfg.num_fewshot, cfg.fewshot_seed
-        )
+    for prepared in prepare_tasks(cfg, selected, tokenizer, max_length):
         start = time.perf_counter()
-        result = run_task(
-            task,
-            scorer,
-            requests,
-            gather,
-            cfg.num_fewshot,
-            Progress(name, ranks.is_main),
-            cfg.log_samples,
-        )
+        progress = Progress(prepared.task.name, ranks.is_main)
+        result = prepared.run(scorer, merged, progress, cfg.log_samples)
         seconds = time.perf_counter() - start
-        timing[name] = {"seconds": seconds, "items_per_second": result.items / seconds}
+        timing[result.name] = {"seconds": seconds, "items_per_second": result.items / seconds}
         log.info(
             "%s: %d items (%d requests) in %.1fs, %.1f items/s%s",
-            name,
+            result.name,
             result.items,
-            sum(map(len, requests)),
+            prepared.request_count,
             seconds,
             result.items / seconds,
             f"; {result.skipped} bad records skipped, first: {result.skipped_examples[0]}"
@@ -109,67 +98,6 @@ def require_model(model: str) -> None:
     if not Path(model).exists():
         hint = ": make one with `make demo`, or pass model=PATH" if model == "runs/demo" else ""
         raise NotFound(f"model={model} does not exist{hint}")
-
-
-def select_tasks(cfg: EvalConfig) -> dict[str, EvalTaskConfig]:
-    """Task name -> its settings. With tasks unset: val, and each benchmark whose published file
-    is in data_dir (the others are named and left out); named tasks must all be found."""
-    names = cfg.tasks
-    if names is None:
-        names = ["val"] + [n for n, s in SPECS.items() if s.default_file]
-        chosen = {}
-        for name in names:
-            settings = cfg.task_settings(name)
-            path = _path(cfg, name, settings)
-            if path.startswith("hf:") or Path(path).exists():
-                chosen[name] = settings
-            else:
-                log.info("%s: %s not found, left out (set task.%s.path=FILE)", name, path, name)
-        if not chosen:
-            raise NotFound(f"no task data found (looked in {cfg.data_dir}); name tasks=[...]")
-        return chosen
-    chosen = {}
-    for name in names:
-        settings = cfg.task_settings(name)
-        task_type = settings.type or name
-        if task_type not in SPECS:
-            raise ConfigError(
-                f"tasks: unknown task {name!r}; known: {', '.join(SPECS)}, or define one with "
-                f"+task.{name}='{{type: mc, path: FILE}}'"
-            )
-        path = _path(cfg, name, settings)
-        if not path.startswith("hf:") and not Path(path).exists():
-            spec = SPECS[task_type]
-            raise NotFound(
-                f"task {name}: {path} does not exist; expected {spec.expected} "
-                f"(published: {spec.published}); set task.{name}.path=FILE"
-            )
-        chosen[name] = settings
-    return chosen
-
-
-def _path(cfg: EvalConfig, name: str, settings: EvalTaskConfig) -> str:
-    return task_path(name, settings.type or name, settings.path, cfg.data_dir)
-
-
-def load(cfg: EvalConfig, name: str, settings: EvalTaskConfig, tokenizer) -> LoadedTask:
-    task_type = settings.type or name
-    path = _path(cfg, name, settings)
-    if task_type == VAL:
-        task = load_val(
-            name,
-            path,
-            settings.split or "validation",
-            tokenizer,
-            cfg.val_tokens,
-            cfg.val_seed,
-            cfg.strict,
-        )
-    else:
-        task = load_task(name, task_type, path, cfg.strict, settings.split)
-    if cfg.limit is not None:
-        task.items = task.items[: cfg.limit]
-    return task
 
 
 def load_for_eval(cfg: EvalConfig, acc, local_rank: int):
@@ -239,15 +167,6 @@ def start_process_group(acc, ranks) -> bool:
     accel.prepare_environment(acc, ranks)
     torch.distributed.init_process_group(acc.backend)
     return True
-
-
-def _gather(scores: dict) -> dict:
-    parts: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, scores)
-    out: dict = {}
-    for part in parts:
-        out.update(part)
-    return out
 
 
 MODELS = ("gpt_neo_125m", "gpt_neo_1.3b", "gpt_neo_2.7b")

@@ -31,6 +31,7 @@ from train.config import ConfigError, TrainConfig
 from train.data import TrainingData
 from train.data import load as load_data
 from train.errors import CheckpointError
+from train.evals.suite import prepare_tasks, select_tasks
 from train.export import export_hf
 from train.info import count_parameters
 from train.loop.checkpoints import RunCheckpoints, run_identity
@@ -62,6 +63,8 @@ def setup(cfg: TrainConfig) -> Trainer:
     if not ranks.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     acc = accel.select(cfg.accelerator)
+    # eval.tasks: every file found before anything starts (val reads this run's data).
+    benchmarks = select_tasks(cfg.eval, default_set=False, val_path=cfg.data.path)
     ckpts = RunCheckpoints(Path(cfg.run_dir), cfg.keep_last, ranks.rank, acc)
     if cfg.resume == "never" and ckpts.exist():
         raise ConfigError(
@@ -90,6 +93,10 @@ def setup(cfg: TrainConfig) -> Trainer:
             f"{cfg.data.path}: the tokenizer has {data.vocab_size} tokens, more than "
             f"model.vocab_size={cfg.model.vocab_size}"
         )
+    context = cfg.model.max_position_embeddings
+    prepared = prepare_tasks(
+        cfg.eval, benchmarks, data.tokenizer, min(cfg.eval.max_length or context, context)
+    )
     spec = ds_engine.EngineSpec(
         cfg.model,
         cfg.deepspeed,
@@ -156,6 +163,7 @@ def setup(cfg: TrainConfig) -> Trainer:
             "tokenizer_name": data.tokenizer.name,
         },
         state=state,
+        benchmarks=prepared,
     )
 
 

@@ -31,6 +31,18 @@ def any_rank(flag: bool, device) -> bool:
     return bool(t.item() > 0)
 
 
+def merged(part: dict) -> dict:
+    """Every rank's dict merged into one, on every rank (the keys of the parts are disjoint)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return part
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    out: dict = {}
+    for p in parts:
+        out.update(p)
+    return out
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,9 +21,11 @@ from train.accelerator import Accelerator, Ranks
 from train.config import TrainConfig
 from train.data import TrainingData, micro_batch
 from train.errors import TrainingStopped
+from train.evals.scoring import Scorer
+from train.evals.suite import PreparedTask
 from train.info import flops_per_token
 from train.loop.checkpoints import RunCheckpoints
-from train.loop.distributed import StopSignal, all_max, all_mean, any_rank
+from train.loop.distributed import StopSignal, all_max, all_mean, any_rank, merged
 from train.loop.metrics import MetricsLogger, Throughput, live_tensor_bytes
 from train.loop.state import TrainState
 from train.loop.validation import evaluate
@@ -54,6 +56,8 @@ class Trainer:
     checkpoints: RunCheckpoints
     meta: dict[str, Any]  # what every checkpoint records about the run besides its state
     state: TrainState
+    # eval.tasks, loaded once; run at every validation as `neo eval` runs them.
+    benchmarks: list[PreparedTask] = field(default_factory=list)
 
 
 def fit(t: Trainer) -> bool:
@@ -142,10 +146,36 @@ def batch_on_device(t: Trainer, blend, step: int, micro: int, accumulation: int)
 
 def validate(t: Trainer) -> dict[str, float]:
     """Loss, perplexity and bits per byte on the first eval_batches of the validation split
-    (the same batches every time)."""
+    (the same batches every time), and the eval.tasks benchmarks."""
     tokens = (batch_on_device(t, t.data.validation, b, 0, 1) for b in range(t.cfg.eval_batches))
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = ((x[:, :-1], x[:, 1:]) for x in tokens)
-    return evaluate(t.engine, batches, t.data.tokenizer, t.data.eod_id, t.device)
+    values = evaluate(t.engine, batches, t.data.tokenizer, t.data.eod_id, t.device)
+    for benchmark in t.benchmarks:
+        values |= run_benchmark(t, benchmark)
+    return values
+
+
+def run_benchmark(t: Trainer, benchmark: PreparedTask) -> dict[str, float]:
+    """One eval.tasks task on the model being trained: `task/metric` values. Under ZeRO 0-2
+    the ranks split the forwards; under ZeRO-3 every forward needs every rank (the weights are
+    partitioned), so each rank runs them all (same order, same collectives)."""
+    split = t.cfg.deepspeed.zero_stage < 3
+    model = t.engine.module
+    context = t.cfg.model.max_position_embeddings
+    scorer = Scorer(
+        model,
+        t.device,
+        min(t.cfg.eval.max_length or context, context),
+        batch_tokens=t.cfg.eval.batch_tokens,
+        rank=t.ranks.rank if split else 0,
+        world_size=t.ranks.world_size if split else 1,
+        pad_id=t.data.eod_id,
+    )
+    model.eval()
+    with torch.no_grad():
+        result = benchmark.run(scorer, merged if split else (lambda scores: scores))
+    model.train()
+    return {f"{result.name}/{metric}": value for metric, value in result.metrics.items()}
 
 
 class MemoryProbe:

@@ -74,11 +74,12 @@ class MetricsLogger:
             return
         self._write({"step": step, **values})
         log.info(
-            "step %d | validation loss %.4f | perplexity %.2f | bits per byte %.4f",
+            "step %d | validation loss %.4f | perplexity %.2f | bits per byte %.4f%s",
             step,
             values["val_loss"],
             values["val_ppl"],
             values["val_bpb"],
+            "".join(f" | {k} {v:.4g}" for k, v in values.items() if not k.startswith("val_")),
         )
 
     def _write(self, record: dict, to_wandb: bool = True) -> None:

@@ -1,0 +1,121 @@
+"""Which tasks a config names, loaded and turned into requests once; `neo eval` runs them once,
+`neo train` at every validation (eval.tasks=[...])."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_prep.tokenizers import LoadedTokenizer
+from train.config import BenchmarkConfig, ConfigError, EvalTaskConfig
+from train.errors import NotFound
+from train.evals.records import HUB_PREFIX
+from train.evals.runner import TaskResult, build_requests, run_task
+from train.evals.scoring import Request, Score, Scorer
+from train.evals.tasks import SPECS, VAL, LoadedTask, load_task, task_path
+from train.evals.val import load_val
+
+log = logging.getLogger("neo.eval")
+
+
+@dataclass
+class PreparedTask:
+    task: LoadedTask
+    requests: list[list[Request]]  # per item
+    num_fewshot: int
+
+    @property
+    def request_count(self) -> int:
+        return sum(map(len, self.requests))
+
+    def run(
+        self,
+        scorer: Scorer,
+        gather: Callable[[dict[int, Score]], dict[int, Score]],
+        progress: Callable[[int, int], None] | None = None,
+        log_samples: bool = False,
+    ) -> TaskResult:
+        return run_task(
+            self.task, scorer, self.requests, gather, self.num_fewshot, progress, log_samples
+        )
+
+
+def select_tasks(
+    cfg: BenchmarkConfig, default_set: bool, val_path: str | None = None
+) -> dict[str, EvalTaskConfig]:
+    """Task name -> its settings. default_set: val and each benchmark whose published file is
+    in data_dir (the others are named and left out); otherwise every task in cfg.tasks, each of
+    which must be found. val_path: where val reads when task.val.path is unset."""
+    chosen = {}
+    if default_set:
+        for name in ["val"] + [n for n, s in SPECS.items() if s.default_file]:
+            settings = _with_val_path(cfg.task_settings(name), name, val_path)
+            path = _path(cfg, name, settings)
+            if path.startswith(HUB_PREFIX) or Path(path).exists():
+                chosen[name] = settings
+            else:
+                log.info("%s: %s not found, left out (set task.%s.path=FILE)", name, path, name)
+        if not chosen:
+            raise NotFound(f"no task data found (looked in {cfg.data_dir}); name tasks=[...]")
+        return chosen
+    for name in cfg.tasks or []:
+        settings = _with_val_path(cfg.task_settings(name), name, val_path)
+        task_type = settings.type or name
+        if task_type not in SPECS:
+            raise ConfigError(
+                f"tasks: unknown task {name!r}; known: {', '.join(SPECS)}, or define one with "
+                f"+task.{name}='{{type: mc, path: FILE}}'"
+            )
+        path = _path(cfg, name, settings)
+        if not path.startswith(HUB_PREFIX) and not Path(path).exists():
+            spec = SPECS[task_type]
+            raise NotFound(
+                f"task {name}: {path} does not exist; expected {spec.expected} "
+                f"(published: {spec.published}); set task.{name}.path=FILE"
+            )
+        chosen[name] = settings
+    return chosen
+
+
+def _with_val_path(settings: EvalTaskConfig, name: str, val_path: str | None) -> EvalTaskConfig:
+    if (settings.type or name) == VAL and settings.path is None and val_path is not None:
+        settings.path = val_path
+    return settings
+
+
+def _path(cfg: BenchmarkConfig, name: str, settings: EvalTaskConfig) -> str:
+    return task_path(name, settings.type or name, settings.path, cfg.data_dir)
+
+
+def prepare_tasks(
+    cfg: BenchmarkConfig,
+    selected: dict[str, EvalTaskConfig],
+    tokenizer: LoadedTokenizer,
+    max_length: int,
+) -> list[PreparedTask]:
+    """Each selected task loaded, cut to `limit` and turned into requests."""
+    out = []
+    for name, settings in selected.items():
+        task_type = settings.type or name
+        path = _path(cfg, name, settings)
+        if task_type == VAL:
+            task = load_val(
+                name,
+                path,
+                settings.split or "validation",
+                tokenizer,
+                cfg.val_tokens,
+                cfg.val_seed,
+                cfg.strict,
+            )
+        else:
+            task = load_task(name, task_type, path, cfg.strict, settings.split)
+        if cfg.limit is not None:
+            task.items = task.items[: cfg.limit]
+        requests = build_requests(
+            task, tokenizer.encode, tokenizer.eod_id, max_length, cfg.num_fewshot, cfg.fewshot_seed
+        )
+        out.append(PreparedTask(task, requests, cfg.num_fewshot))
+    return out
