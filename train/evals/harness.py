@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-KNOWN = ("lambada_openai", "wikitext", "pubmedqa", "hellaswag", "piqa", "winogrande", "mathqa")
 YAML = {
     "lambada_openai": "lambada/lambada_openai.yaml",
     "wikitext": "wikitext/wikitext.yaml",

@@ -110,6 +110,8 @@ def rolling_item(where: str, original: str, text: str) -> Item:
 
 def pubmedqa_item(record: Record) -> Item:
     contexts = require(record, "CONTEXTS", list, "a list of abstract paragraphs")
+    if not all(isinstance(c, str) for c in contexts):
+        raise BadItem(f"{record.where}: every entry of 'CONTEXTS' must be a string")
     question = require(record, "QUESTION", str, "a string")
     answer = require(record, "final_decision", str, "yes, no or maybe")
     choices = ["yes", "no", "maybe"]
