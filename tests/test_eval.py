@@ -365,3 +365,14 @@ def test_device_map_auto_offloads_blocks_and_scores_the_same(tmp_path):
     requests = [Request(words(rng.randrange(1, 60)), words(3)) for _ in range(10)]
     expected = Scorer(reference, "cpu", 128).score(requests)
     assert Scorer(dispatched, "cpu", 128).score(requests) == expected
+
+
+def test_hub_style_names_load_through_datasets(tmp_path):
+    """path=hf:NAME goes through datasets.load_dataset (a hub name where the hub or its cache is
+    reachable; here a local dataset directory, which load_dataset resolves the same way)."""
+    dataset = tmp_path / "lambada_like"
+    dataset.mkdir()
+    write_jsonl(dataset / "test.jsonl", [{"text": "one two three"}, {"text": "four five"}])
+    task = load_task("lambada_openai", "lambada_openai", f"hf:{dataset}", strict=True)
+    assert [i.pairs for i in task.items] == [[("one two", " three")], [("four", " five")]]
+    assert task.items[0].where.startswith(f"hf:{dataset}[test][0]")
