@@ -41,7 +41,7 @@ def test_info_plans_175b_without_allocating(neo):
     [
         ("precision=fp8", "precision='fp8' is not one of auto, bf16, fp16, fp32"),
         ("logger.log_every=0", "logger.log_every=0 must be >= 1"),
-        ("eval_batches=0", "eval_batches=0 must be >= 1"),
+        ("eval_tokens=0", "eval_tokens=0 must be >= 1"),
         ("deepspeed.offload_param=true", "deepspeed.offload_param=true needs"),
         ("accelerator=tpu", "accelerator='tpu' is not one of auto, cpu, cuda, npu"),
     ],

@@ -1,6 +1,6 @@
 """The loop's parts, one at a time: the resume decision, run-checkpoint pruning and identity,
-the run state, and validation as sums (exact with masked targets, the same on 1 and 2 ranks,
-bits per byte counted on the text)."""
+the run state, and validation as sums over documents (the same on 1 and 2 ranks, bits per
+byte counted on the text)."""
 
 import json
 import math
@@ -14,9 +14,14 @@ from distributed import run_distributed
 from data_prep.tokenizers import load_tokenizer
 from train.accelerator import ACCELERATORS
 from train.engine import Layout
+from train.evals.records import Skipped
+from train.evals.scoring import Scorer
+from train.evals.suite import prepare_task
+from train.evals.tasks import Item
+from train.evals.val import val_task
 from train.loop.checkpoints import STATE_FILE, RunCheckpoints, differences, tag
+from train.loop.distributed import merged
 from train.loop.state import TrainState
-from train.loop.validation import IGNORE, evaluate, utf8_bytes
 from train.model import GPT
 
 # --------------------------------------------------------------------------------------------
@@ -79,55 +84,56 @@ def test_run_state_advances_and_round_trips_through_json():
 
 
 # --------------------------------------------------------------------------------------------
-# validation: sums, masks, ranks, bytes
+# validation: the split's documents as a val task, summed over ranks
 
 
-def test_bits_per_byte_counts_text_not_separators_or_ignored_targets():
+def validation_task():
+    """Twelve documents of two sources with their UTF-8 bytes, as the trainer loads them."""
     tok = load_tokenizer("gpt2")
-    first, second = tok.encode("héllo wörld"), tok.encode(" abc")
-    tokens = torch.tensor([*first, tok.eod_id, *second, IGNORE, IGNORE]).numpy()
-    assert utf8_bytes(tok, tokens, tok.eod_id) == len("héllo wörld".encode()) + len(" abc")
+    texts = [("Easy", "the cat sat on the mat. " * (3 + i)) for i in range(6)]
+    texts += [("Hard", f"zq{i} xv wök {i * 7919} ¿qué? " * (2 + i)) for i in range(6)]
+    items = [Item(0, f"doc{n}", tokens=tok.encode(t), bytes=len(t.encode()), source=s)
+             for n, (s, t) in enumerate(texts)]  # fmt: skip
+    task = val_task("val", items, None, 0, Skipped(), "test")
+    return prepare_task(task, tok, 16, 0, 0)
 
 
-def validation_batches(rank: int, world: int):
-    """Four fixed (inputs, targets) batches, some targets ignored; rank r takes every
-    world-th batch starting at r."""
-    g = torch.Generator().manual_seed(0)
-    batches = []
-    for b in range(4):
-        ids = torch.randint(0, 1000, (2, 17), generator=g)
-        inputs, targets = ids[:, :-1], ids[:, 1:].clone()
-        targets[b % 2, : 3 + b] = IGNORE  # uneven masks: means of means would be wrong
-        batches.append((inputs, targets))
-    return batches[rank::world]
+def _validate_on_rank(world: int) -> dict:
+    import torch.distributed as dist
+
+    scorer = Scorer(model(), "cpu", 16, batch_tokens=64, rank=dist.get_rank(), world_size=world)
+    result = validation_task().run(scorer, merged)
+    return {"metrics": result.metrics, "per_source": result.per_source}
 
 
 def model() -> GPT:
-    return GPT(tiny_config()).init_weights(torch.Generator().manual_seed(1))
+    config = tiny_config(vocab_size=load_tokenizer("gpt2").vocab_size, max_position_embeddings=16)
+    return GPT(config).init_weights(torch.Generator().manual_seed(1)).eval()
 
 
-def _evaluate_on_rank(world: int) -> dict:
-    import torch.distributed as dist
-
-    rank = dist.get_rank()
-    return evaluate(model(), validation_batches(rank, world), load_tokenizer("gpt2"), 50256, "cpu")
-
-
-def test_validation_is_exact_with_masked_targets_and_equal_on_one_and_two_ranks():
-    net, tok = model().eval(), load_tokenizer("gpt2")
-    loss_sum, count, text_bytes = 0.0, 0, 0
-    with torch.no_grad():
-        for inputs, targets in validation_batches(0, 1):
-            logits = net(inputs).reshape(-1, 1000)
-            loss_sum += F.cross_entropy(
-                logits, targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
-            ).item()
-            count += int((targets != IGNORE).sum())
-            text_bytes += sum(utf8_bytes(tok, row, 50256) for row in targets.numpy())
-    one = run_distributed(_evaluate_on_rank, 1, 1)[0]
-    two = run_distributed(_evaluate_on_rank, 2, 2)
-    assert two[0] == two[1]  # every rank gets the all-reduced numbers
-    assert one["val_loss"] == pytest.approx(loss_sum / count, rel=1e-6)
-    assert two[0]["val_loss"] == pytest.approx(one["val_loss"], rel=1e-6)
-    assert one["val_bpb"] == pytest.approx(loss_sum / text_bytes / math.log(2), rel=1e-6)
-    assert two[0]["val_bpb"] == pytest.approx(one["val_bpb"], rel=1e-6)
+def test_validation_sums_documents_and_is_equal_on_one_and_two_ranks():
+    net = model()
+    prepared = validation_task()
+    nll, count, text_bytes = 0.0, 0, 0
+    with torch.no_grad():  # every document on its own, window by window, by hand
+        for item, requests in zip(prepared.task.items, prepared.requests, strict=True):
+            for r in requests:
+                seq = list(r.context + r.continuation)[-17:]
+                logits = net(torch.tensor([seq[:-1]]))[0, -len(r.continuation) :]
+                nll += F.cross_entropy(logits, torch.tensor(r.continuation), reduction="sum").item()
+                count += len(r.continuation)
+            text_bytes += item.bytes
+    assert count == sum(len(i.tokens) for i in prepared.task.items)
+    one = run_distributed(_validate_on_rank, 1, 1)[0]
+    two = run_distributed(_validate_on_rank, 2, 2)
+    assert two[0] == two[1]  # every rank gets the gathered numbers
+    assert one["metrics"]["loss"] == pytest.approx(nll / count, rel=1e-6)
+    assert one["metrics"]["bits_per_byte"] == pytest.approx(
+        nll / text_bytes / math.log(2), rel=1e-6
+    )
+    for key, value in one["metrics"].items():
+        assert two[0]["metrics"][key] == pytest.approx(value, rel=1e-9)
+    sources = one["per_source"]
+    assert set(sources) == {"Easy", "Hard"}
+    weighted = sum(s["loss"] * s["tokens"] for s in sources.values()) / count
+    assert one["metrics"]["loss"] == pytest.approx(weighted, rel=1e-9)

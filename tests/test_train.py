@@ -37,7 +37,7 @@ SMALL = [
     "data.seq_len=64",
     "micro_batch_size=2",
     "global_batch_size=8",
-    "eval_batches=2",
+    "eval_tokens=8192",
     "logger.log_every=1",
     "logger.wandb.mode=disabled",
     "optim.lr=3e-3",
@@ -669,3 +669,29 @@ def test_a_missing_benchmark_file_stops_training_before_it_starts(tmp_path, corp
                  check=False)  # fmt: skip
     assert proc.returncode == 2
     assert "task hellaswag: " in proc.stderr and not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_last_validation_is_what_neo_eval_gives_on_the_final_model(tmp_path, corpus):
+    """The trainer's validation is neo eval's val task: the same documents (here a seeded
+    sample, eval_tokens below the split's size) and the same numbers, overall and per source."""
+    run = tmp_path / "run"
+    proc = train(run, corpus, "precision=fp32", "eval_every=4", "eval_tokens=3000")
+    assert "validation: " in proc.stdout and "a seeded sample, eval_tokens=3,000" in proc.stdout
+    last = [r for r in read_metrics(run) if "val_loss" in r][-1]
+    sources = {k.split("/")[1] for k in last if k.startswith("val/")}
+    assert len(sources) >= 2, last  # the corpus's validation split has several sources
+    out = tmp_path / "eval"
+    subprocess.run(
+        [NEO, "eval", f"model={run / 'model'}", "tasks=[val]", f"task.val.path={corpus}",
+         "val_tokens=3000", f"output={out}"],
+        check=True, capture_output=True, cwd=tmp_path,
+    )  # fmt: skip
+    val = json.loads((out / "results.json").read_text())["results"]["val"]
+    assert val["metrics"]["loss"] == pytest.approx(last["val_loss"], rel=1e-5)
+    assert val["metrics"]["bits_per_byte"] == pytest.approx(last["val_bpb"], rel=1e-5)
+    assert set(val["per_source"]) == sources
+    for source in sources:
+        assert val["per_source"][source]["loss"] == pytest.approx(
+            last[f"val/{source}/loss"], rel=1e-5
+        )

@@ -407,7 +407,10 @@ class TrainConfig:
     global_batch_size: int = 8
     max_steps: int = 200
     eval_every: int = 50
-    eval_batches: int = 4
+    # Validation scores every document of the validation split up to this many tokens; over it,
+    # a seeded sample of documents (each source keeping its share), the same at every
+    # validation and on resume. `neo eval tasks=[val] val_tokens=N` gives the same numbers.
+    eval_tokens: int = 2_000_000
     save_every: int = 100
     keep_last: int = 2
     # Stop with an error after this many optimizer steps in a row with a non-finite loss.
@@ -435,7 +438,7 @@ class TrainConfig:
         require_choice("resume", self.resume, RESUME_MODES)
         require_choice("optim.unit", self.optim.unit, SCHEDULE_UNITS)
         require_choice("logger.wandb.mode", self.logger.wandb.mode, WANDB_MODES)
-        for key in ("max_steps", "eval_every", "eval_batches", "save_every", "keep_last"):
+        for key in ("max_steps", "eval_every", "eval_tokens", "save_every", "keep_last"):
             _require_positive(key, getattr(self, key))
         _require_positive("max_bad_steps", self.max_bad_steps)
         _require_positive("logger.log_every", self.logger.log_every)

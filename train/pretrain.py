@@ -31,7 +31,8 @@ from train.config import ConfigError, TrainConfig
 from train.data import TrainingData
 from train.data import load as load_data
 from train.errors import CheckpointError
-from train.evals.suite import prepare_tasks, select_tasks
+from train.evals.suite import PreparedTask, prepare_task, prepare_tasks, select_tasks
+from train.evals.val import load_blend_val
 from train.export import export_hf
 from train.info import count_parameters
 from train.loop.checkpoints import RunCheckpoints, run_identity
@@ -94,9 +95,9 @@ def setup(cfg: TrainConfig) -> Trainer:
             f"model.vocab_size={cfg.model.vocab_size}"
         )
     context = cfg.model.max_position_embeddings
-    prepared = prepare_tasks(
-        cfg.eval, benchmarks, data.tokenizer, min(cfg.eval.max_length or context, context)
-    )
+    max_length = min(cfg.eval.max_length or context, context)
+    prepared = prepare_tasks(cfg.eval, benchmarks, data.tokenizer, max_length)
+    validation = validation_task(cfg, data, max_length)
     spec = ds_engine.EngineSpec(
         cfg.model,
         cfg.deepspeed,
@@ -163,8 +164,31 @@ def setup(cfg: TrainConfig) -> Trainer:
             "tokenizer_name": data.tokenizer.name,
         },
         state=state,
+        validation=validation,
         benchmarks=prepared,
     )
+
+
+def validation_task(cfg: TrainConfig, data: TrainingData, max_length: int) -> PreparedTask | None:
+    """The data's validation documents (each component's, within its source), every one up to
+    eval_tokens, else a sample seeded by data.seed: the same at every validation and resume."""
+    components = [(c.path, c.source) for c in cfg.data.blend] or [(cfg.data.path, None)]
+    task = load_blend_val(components, data.tokenizer, cfg.eval_tokens, cfg.data.seed)
+    if task is None:
+        log.info("no validation documents in %s: no validation", cfg.data.path)
+        return None
+    tokens = sum(len(i.tokens) for i in task.items)
+    whole = tokens == task.split_tokens
+    log.info(
+        "validation: %d of %d documents, %s of %s tokens (%s), per source: %s",
+        len(task.items),
+        task.split_documents,
+        f"{tokens:,}",
+        f"{task.split_tokens:,}",
+        "the whole split" if whole else f"a seeded sample, eval_tokens={cfg.eval_tokens:,}",
+        ", ".join(sorted({i.source for i in task.items})),
+    )
+    return prepare_task(task, data.tokenizer, max_length, 0, cfg.data.seed)
 
 
 def finish(run_dir: Path, cfg: TrainConfig, data: TrainingData, weights: dict) -> None:

@@ -114,8 +114,14 @@ def prepare_tasks(
             task = load_task(name, task_type, path, cfg.strict, settings.split)
         if cfg.limit is not None:
             task.items = task.items[: cfg.limit]
-        requests = build_requests(
-            task, tokenizer.encode, tokenizer.eod_id, max_length, cfg.num_fewshot, cfg.fewshot_seed
-        )
-        out.append(PreparedTask(task, requests, cfg.num_fewshot))
+        out.append(prepare_task(task, tokenizer, max_length, cfg.num_fewshot, cfg.fewshot_seed))
     return out
+
+
+def prepare_task(
+    task: LoadedTask, tokenizer: LoadedTokenizer, max_length: int, num_fewshot: int, seed: int
+) -> PreparedTask:
+    requests = build_requests(
+        task, tokenizer.encode, tokenizer.eod_id, max_length, num_fewshot, seed
+    )
+    return PreparedTask(task, requests, num_fewshot)

@@ -63,6 +63,9 @@ class LoadedTask:
     fewshot: list[Item] | None  # a separate split to draw examples from; None: the items
     skipped: Skipped
     source: str  # the file (or hub dataset) it was read from
+    # val: the documents and tokens of the whole split its items are drawn from
+    split_documents: int = 0
+    split_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -46,14 +46,47 @@ def load_val(
         items = _corpus_items(path, tokenizer, skipped, strict)
     if not items:
         raise NotFound(f"task {name}: {path} has no {split!r} documents")
+    return val_task(name, items, max_tokens, seed, skipped, path)
+
+
+def load_blend_val(
+    components: list[tuple[str, str | None]],
+    tokenizer: LoadedTokenizer,
+    max_tokens: int | None,
+    seed: int,
+) -> LoadedTask | None:
+    """`neo train`'s validation: the validation documents of every (prepared directory,
+    source or None) of its data, as one val task; None when there are none."""
+    items: list[Item] = []
+    for path in dict.fromkeys(p for p, _ in components):  # each directory once, in order
+        sources = {s for p, s in components if p == path}
+        found = _prepared_items(path, "validation", tokenizer, missing_ok=True)
+        items += [i for i in found if None in sources or i.source in sources]
+    if not items:
+        return None
+    source = ", ".join(dict.fromkeys(p for p, _ in components))
+    return val_task("val", items, max_tokens, seed, Skipped(), source)
+
+
+def val_task(
+    name: str, items: list[Item], max_tokens: int | None, seed: int, skipped: Skipped, source: str
+) -> LoadedTask:
+    """The documents (a seeded sample of them over max_tokens) as a val task; `split_tokens`
+    and `split_documents` say what the sample stands for."""
     for i, item in enumerate(items):
         item.index = i
-    items = sample_documents(items, max_tokens, seed)
-    return LoadedTask(name, VAL, SPECS[VAL].metrics, items, None, skipped, path)
+    chosen = sample_documents(items, max_tokens, seed)
+    task = LoadedTask(name, VAL, SPECS[VAL].metrics, chosen, None, skipped, source)
+    task.split_documents, task.split_tokens = len(items), sum(len(i.tokens) for i in items)
+    return task
 
 
-def _prepared_items(path: str, split: str, tokenizer: LoadedTokenizer) -> list[Item]:
+def _prepared_items(
+    path: str, split: str, tokenizer: LoadedTokenizer, missing_ok: bool = False
+) -> list[Item]:
     manifest, shards = open_prepared(path)
+    if split not in manifest.splits and missing_ok:
+        return []
     if split not in manifest.splits:
         raise ConfigError(
             f"{path}: no split {split!r} (it has {', '.join(sorted(manifest.splits))})"

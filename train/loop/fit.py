@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,7 @@ from train.accelerator import Accelerator, Ranks
 from train.config import TrainConfig
 from train.data import TrainingData, micro_batch
 from train.errors import TrainingStopped
+from train.evals.runner import TaskResult
 from train.evals.scoring import Scorer
 from train.evals.suite import PreparedTask
 from train.info import flops_per_token
@@ -28,7 +28,6 @@ from train.loop.checkpoints import RunCheckpoints
 from train.loop.distributed import StopSignal, all_max, all_mean, any_rank, merged
 from train.loop.metrics import MetricsLogger, Throughput, live_tensor_bytes
 from train.loop.state import TrainState
-from train.loop.validation import evaluate
 from train.optim import Schedule
 
 if TYPE_CHECKING:
@@ -56,7 +55,8 @@ class Trainer:
     checkpoints: RunCheckpoints
     meta: dict[str, Any]  # what every checkpoint records about the run besides its state
     state: TrainState
-    # eval.tasks, loaded once; run at every validation as `neo eval` runs them.
+    # The validation split as a val task, and eval.tasks: loaded once, run at every validation.
+    validation: PreparedTask | None = None
     benchmarks: list[PreparedTask] = field(default_factory=list)
 
 
@@ -87,7 +87,7 @@ def fit(t: Trainer) -> bool:
                 **meter.measure(step),
                 **(probe.record if probe else {}),
             )
-        if t.data.validation is not None and (step % cfg.eval_every == 0 or done):
+        if (t.validation or t.benchmarks) and (step % cfg.eval_every == 0 or done):
             metrics.validation(step, **validate(t))
         too_many_bad = state.bad_steps_in_row >= cfg.max_bad_steps
         stopping = any_rank(stop.requested, t.device)
@@ -145,20 +145,29 @@ def batch_on_device(t: Trainer, blend, step: int, micro: int, accumulation: int)
 
 
 def validate(t: Trainer) -> dict[str, float]:
-    """Loss, perplexity and bits per byte on the first eval_batches of the validation split
-    (the same batches every time), and the eval.tasks benchmarks."""
-    tokens = (batch_on_device(t, t.data.validation, b, 0, 1) for b in range(t.cfg.eval_batches))
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = ((x[:, :-1], x[:, 1:]) for x in tokens)
-    values = evaluate(t.engine, batches, t.data.tokenizer, t.data.eod_id, t.device)
+    """Loss, perplexity and bits per byte of the validation split (every document up to
+    eval_tokens, else the same seeded sample every time), overall and per source, as `neo eval
+    tasks=[val]` computes them; and the eval.tasks benchmarks as `task/metric`."""
+    values: dict[str, float] = {}
+    if t.validation is not None:
+        result = score(t, t.validation)
+        values |= {
+            "val_loss": result.metrics["loss"],
+            "val_ppl": result.metrics["perplexity"],
+            "val_bpb": result.metrics["bits_per_byte"],
+        }
+        for source, m in result.per_source.items():
+            values |= {f"val/{source}/loss": m["loss"], f"val/{source}/bpb": m["bits_per_byte"]}
     for benchmark in t.benchmarks:
-        values |= run_benchmark(t, benchmark)
+        result = score(t, benchmark)
+        values |= {f"{result.name}/{metric}": value for metric, value in result.metrics.items()}
     return values
 
 
-def run_benchmark(t: Trainer, benchmark: PreparedTask) -> dict[str, float]:
-    """One eval.tasks task on the model being trained: `task/metric` values. Under ZeRO 0-2
-    the ranks split the forwards; under ZeRO-3 every forward needs every rank (the weights are
-    partitioned), so each rank runs them all (same order, same collectives)."""
+def score(t: Trainer, prepared: PreparedTask) -> TaskResult:
+    """A task on the model being trained. Under ZeRO 0-2 the ranks split the forwards; under
+    ZeRO-3 every forward needs every rank (the weights are partitioned), so each rank runs them
+    all, in the same order, with the same collectives."""
     split = t.cfg.deepspeed.zero_stage < 3
     model = t.engine.module
     context = t.cfg.model.max_position_embeddings
@@ -173,9 +182,9 @@ def run_benchmark(t: Trainer, benchmark: PreparedTask) -> dict[str, float]:
     )
     model.eval()
     with torch.no_grad():
-        result = benchmark.run(scorer, merged if split else (lambda scores: scores))
+        result = prepared.run(scorer, merged if split else (lambda scores: scores))
     model.train()
-    return {f"{result.name}/{metric}": value for metric, value in result.metrics.items()}
+    return result
 
 
 class MemoryProbe:

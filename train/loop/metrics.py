@@ -73,14 +73,13 @@ class MetricsLogger:
         if not self.enabled:
             return
         self._write({"step": step, **values})
-        log.info(
-            "step %d | validation loss %.4f | perplexity %.2f | bits per byte %.4f%s",
-            step,
-            values["val_loss"],
-            values["val_ppl"],
-            values["val_bpb"],
-            "".join(f" | {k} {v:.4g}" for k, v in values.items() if not k.startswith("val_")),
-        )
+        line = f"step {step}"
+        if "val_loss" in values:
+            line += (
+                f" | validation loss {values['val_loss']:.4f} | perplexity {values['val_ppl']:.2f}"
+                f" | bits per byte {values['val_bpb']:.4f}"
+            )
+        log.info(line + "".join(f" | {k} {v:.4g}" for k, v in values.items() if "/" in k))
 
     def _write(self, record: dict, to_wandb: bool = True) -> None:
         record = {
