@@ -191,18 +191,11 @@ def table(results: list[TaskResult]) -> str:
                 ]
             )
         for source, values in r.per_source.items():
-            rows.append(
-                [
-                    f"  {source}",
-                    "bits_per_byte / ppl",
-                    f"{values['bits_per_byte']:.4f}",
-                    f"{values['perplexity']:.2f}",
-                    str(values["documents"]),
-                    "",
-                    "",
-                    "",
-                ]
-            )
+            for metric in ("bits_per_byte", "perplexity"):
+                rows.append(
+                    [f"  {source}", metric, f"{values[metric]:.4f}", "",
+                     str(values["documents"]), "", "", ""]
+                )  # fmt: skip
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
     lines = [" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     lines.append("-|-".join("-" * w for w in widths))
