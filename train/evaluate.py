@@ -33,9 +33,8 @@ from train.evals.scoring import Progress, Scorer
 from train.evals.suite import prepare_tasks, select_tasks
 from train.evals.tasks import PUBLISHED
 from train.info import count_parameters
-from train.load import read_any
+from train.load import model_from_state, read_any
 from train.loop.distributed import merged
-from train.model import GPT
 
 log = logging.getLogger("neo.eval")
 RESULTS_FORMAT, RESULTS_VERSION = "neotrain-eval", 1
@@ -119,11 +118,7 @@ def load_for_eval(cfg: EvalConfig, acc, local_rank: int):
         },
     }
     dtype = getattr(torch, cfg.dtype)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=True)
-    model.tie_weights()
-    model.eval()
+    model = model_from_state(config, {k: v.to(dtype) for k, v in state.items()}).eval()
     if cfg.device_map == "auto":
         from train.evals.dispatch import dispatch_auto
 

@@ -66,8 +66,13 @@ def read_any(
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
     """A GPT from any checkpoint this module reads."""
     config, state, _ = read_any(path)
+    return model_from_state(config, state).to(device)
+
+
+def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor]) -> GPT:
+    """A GPT holding `state`'s tensors themselves (built on the meta device: no second copy)."""
     with torch.device("meta"):
         model = GPT(config)
     model.load_state_dict(state, assign=True, strict=True)
     model.tie_weights()
-    return model.to(device)
+    return model

@@ -11,7 +11,7 @@ from pathlib import Path
 from data_prep.tokenizers import LoadedTokenizer
 from train.config import BenchmarkConfig, ConfigError, EvalTaskConfig
 from train.errors import NotFound
-from train.evals.records import HUB_PREFIX
+from train.evals.records import HUB_PREFIX, missing_file
 from train.evals.runner import TaskResult, build_requests, run_task
 from train.evals.scoring import Request, Score, Scorer
 from train.evals.tasks import SPECS, VAL, LoadedTask, load_task, task_path
@@ -71,10 +71,7 @@ def select_tasks(
         path = _path(cfg, name, settings)
         if not path.startswith(HUB_PREFIX) and not Path(path).exists():
             spec = SPECS[task_type]
-            raise NotFound(
-                f"task {name}: {path} does not exist; expected {spec.expected} "
-                f"(published: {spec.published}); set task.{name}.path=FILE"
-            )
+            raise missing_file(name, path, spec.expected, spec.published)
         chosen[name] = settings
     return chosen
 
