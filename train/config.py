@@ -361,29 +361,136 @@ class BenchmarkConfig:
 
 
 @dataclass
-class EvalConfig(BenchmarkConfig):
+class ModelSourceConfig:
+    """Where a verb that runs a finished model (eval, generate) reads it from, and how it
+    places it."""
+
     # A neotrain checkpoint, a run directory (its latest checkpoint), a DeepSpeed checkpoint or
     # a Hugging Face GPT-Neo directory.
     model: str = "runs/demo"
     # Tokenizer for a model directory that has none (gpt2, a tokenizer.json or a directory).
     tokenizer: str | None = None
-    tasks: list[str] | None = None
     accelerator: str = "auto"
     dtype: str = "float32"
     # auto: accelerate's big-model loading, layers spread over the devices and CPU memory.
     device_map: str | None = None
+
+    def validate_source(self) -> None:
+        require_choice("dtype", self.dtype, EVAL_DTYPES)
+        require_choice("accelerator", self.accelerator, ACCELERATOR_KINDS)
+        if self.device_map not in (None, "auto"):
+            raise ConfigError(f"device_map={self.device_map!r} must be auto or null")
+
+
+@dataclass
+class EvalConfig(BenchmarkConfig, ModelSourceConfig):
+    tasks: list[str] | None = None
     output: str = "runs/eval"
     overwrite: bool = False
     log_samples: bool = False
 
     def validate(self, key: str = "") -> EvalConfig:
         super().validate(key)
-        require_choice("dtype", self.dtype, EVAL_DTYPES)
-        require_choice("accelerator", self.accelerator, ACCELERATOR_KINDS)
-        if self.device_map not in (None, "auto"):
-            raise ConfigError(f"device_map={self.device_map!r} must be auto or null")
+        self.validate_source()
         if self.tasks is not None and not self.tasks:
             raise ConfigError("tasks=[] names no task (leave tasks unset for the default set)")
+        return self
+
+
+TRUNCATE_MODES = ("error", "left")
+
+
+@dataclass
+class GenerationConfig:
+    """How to decode; the names, defaults and meaning are Hugging Face GenerationConfig's."""
+
+    # New tokens per sequence; max_length (prompt + new, the batch's longest prompt) is used
+    # only when max_new_tokens is null.
+    max_new_tokens: int | None = 64
+    max_length: int | None = None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50  # 0: off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: Any = False  # true | false | never
+    num_return_sequences: int = 1
+    # Text that ends a sequence (kept in its output, as Hugging Face's stop_strings does).
+    stop: list[str] = field(default_factory=list)
+    # Sampling is reproducible for a given seed (null: a random one, printed).
+    seed: int | None = None
+    # A sequence reaching max_position_embeddings: error, or left (keep the last positions).
+    truncate: str = "error"
+
+    def validate(self) -> GenerationConfig:
+        if self.max_new_tokens is None and self.max_length is None:
+            raise ConfigError("set max_new_tokens (or max_length)")
+        if self.max_new_tokens is not None and self.max_new_tokens <= 0:
+            raise ConfigError(
+                f"max_new_tokens must be greater than 0, but is {self.max_new_tokens}"
+            )
+        if self.early_stopping not in (True, False, "never"):
+            raise ConfigError(
+                f"early_stopping must be a boolean or 'never', but is {self.early_stopping!r}"
+            )
+        if self.do_sample and not self.temperature > 0:
+            raise ConfigError(
+                f"temperature={self.temperature} has to be a strictly positive float; for greedy "
+                "decoding set do_sample=false"
+            )
+        if self.top_k < 0:
+            raise ConfigError(f"top_k has to be a positive integer (0: off), but is {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p has to be a float > 0 and <= 1, but is {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise ConfigError(
+                f"repetition_penalty has to be a strictly positive float, but is "
+                f"{self.repetition_penalty}"
+            )
+        if self.num_beams < 1:
+            raise ConfigError(f"num_beams must be at least 1, but is {self.num_beams}")
+        if self.num_return_sequences < 1:
+            raise ConfigError("num_return_sequences must be at least 1")
+        if self.num_return_sequences > 1 and self.num_beams == 1 and not self.do_sample:
+            raise ConfigError(
+                "Greedy methods (do_sample != True) without beam search do not support "
+                f"num_return_sequences different than 1 (got {self.num_return_sequences})"
+            )
+        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
+            raise ConfigError(
+                f"num_return_sequences ({self.num_return_sequences}) has to be smaller or equal "
+                f"to num_beams ({self.num_beams})"
+            )
+        if any(not s for s in self.stop):
+            raise ConfigError("stop=[...] holds an empty string")
+        require_choice("truncate", self.truncate, TRUNCATE_MODES)
+        return self
+
+
+GENERATE_FORMATS = ("text", "jsonl")
+
+
+@dataclass
+class GenerateConfig(GenerationConfig, ModelSourceConfig):
+    prompt: str = "Hello, I'm a language model,"
+    # One prompt per line, or JSONL with a "prompt" field; replaces `prompt`.
+    prompts_file: str | None = None
+    batch_size: int = 8
+    # text: the prompts and their continuations; jsonl: one record per sequence with token ids
+    # and per-token log-probabilities.
+    format: str = "text"
+    # Where to write (null: standard output).
+    output: str | None = None
+    overwrite: bool = False
+
+    def validate(self) -> GenerateConfig:
+        super().validate()
+        self.validate_source()
+        require_choice("format", self.format, GENERATE_FORMATS)
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, but is {self.batch_size}")
         return self
 
 
@@ -475,3 +582,4 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="plot_schema", node=PlotConfig)
     cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(name="generate_schema", node=GenerateConfig)

@@ -23,17 +23,15 @@ from pathlib import Path
 import torch
 
 from data_prep.files import atomic_dir
-from data_prep.tokenizers import LoadedTokenizer, load_tokenizer
 from train import __version__
 from train import accelerator as accel
-from train.config import EvalConfig, ModelConfig
-from train.errors import ConfigError, NotFound
+from train.config import EvalConfig
 from train.evals.runner import TaskResult
 from train.evals.scoring import Progress, Scorer
 from train.evals.suite import prepare_tasks, select_tasks
 from train.evals.tasks import PUBLISHED
 from train.info import count_parameters
-from train.load import model_from_state, read_any
+from train.load import placed_model, read_any, require_model, source_tokenizer
 from train.loop.distributed import merged
 
 log = logging.getLogger("neo.eval")
@@ -93,17 +91,11 @@ def run(cfg: EvalConfig) -> None:
         torch.distributed.destroy_process_group()
 
 
-def require_model(model: str) -> None:
-    if not Path(model).exists():
-        hint = ": make one with `make demo`, or pass model=PATH" if model == "runs/demo" else ""
-        raise NotFound(f"model={model} does not exist{hint}")
-
-
 def load_for_eval(cfg: EvalConfig, acc, local_rank: int):
     """(model in eval mode, its config, tokenizer, identity) from any checkpoint."""
     path = Path(cfg.model)
     config, state, tokenizer = read_any(path)
-    tokenizer = _tokenizer(cfg, config, tokenizer)
+    tokenizer = source_tokenizer(cfg, config, tokenizer)
     identity = {
         "path": str(path.resolve()),
         "name": config.name,
@@ -117,30 +109,7 @@ def load_for_eval(cfg: EvalConfig, acc, local_rank: int):
             "sha256": tokenizer.file_hashes(),
         },
     }
-    dtype = getattr(torch, cfg.dtype)
-    model = model_from_state(config, {k: v.to(dtype) for k, v in state.items()}).eval()
-    if cfg.device_map == "auto":
-        from train.evals.dispatch import dispatch_auto
-
-        model = dispatch_auto(model, acc)
-    else:
-        acc.set_device(local_rank)
-        model = model.to(acc.device(local_rank))
-    return model, config, tokenizer, identity
-
-
-def _tokenizer(cfg: EvalConfig, config: ModelConfig, found: LoadedTokenizer | None):
-    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else found
-    if tokenizer is None:
-        raise NotFound(
-            f"{cfg.model} has no tokenizer; pass tokenizer=gpt2 (or a tokenizer.json / dir)"
-        )
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ConfigError(
-            f"the tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens, more than the "
-            f"model's vocab_size={config.vocab_size}: its ids would index past the embedding"
-        )
-    return tokenizer
+    return placed_model(cfg, config, state, acc, local_rank), config, tokenizer, identity
 
 
 def state_sha256(state: dict[str, torch.Tensor]) -> str:

@@ -22,8 +22,9 @@ from train.checkpoint import (
     model_config_from_dict,
     read_checkpoint,
 )
-from train.config import ModelConfig
+from train.config import ModelConfig, ModelSourceConfig
 from train.engine import consolidated_state_dict
+from train.errors import ConfigError, NotFound
 from train.hf import hf_dir_tokenizer, is_hf_dir, read_hf_dir
 from train.loop import checkpoints as run_checkpoints
 from train.model import GPT
@@ -76,3 +77,41 @@ def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor]) -> GPT
     model.load_state_dict(state, assign=True, strict=True)
     model.tie_weights()
     return model
+
+
+def require_model(model: str) -> None:
+    if not Path(model).exists():
+        hint = ": make one with `make demo`, or pass model=PATH" if model == "runs/demo" else ""
+        raise NotFound(f"model={model} does not exist{hint}")
+
+
+def source_tokenizer(
+    source: ModelSourceConfig, config: ModelConfig, found: LoadedTokenizer | None
+) -> LoadedTokenizer:
+    """`tokenizer=` if given, else the checkpoint's own; it must fit the model's vocabulary."""
+    tokenizer = load_tokenizer(source.tokenizer) if source.tokenizer else found
+    if tokenizer is None:
+        raise NotFound(
+            f"{source.model} has no tokenizer; pass tokenizer=gpt2 (or a tokenizer.json / dir)"
+        )
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ConfigError(
+            f"the tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens, more than the "
+            f"model's vocab_size={config.vocab_size}: its ids would index past the embedding"
+        )
+    return tokenizer
+
+
+def placed_model(
+    source: ModelSourceConfig, config: ModelConfig, state: dict[str, torch.Tensor], acc, local_rank
+) -> GPT:
+    """The model in eval mode, in `source.dtype`, on this rank's device or, with
+    device_map=auto, spread over the devices, CPU memory and disk by accelerate."""
+    dtype = getattr(torch, source.dtype)
+    model = model_from_state(config, {k: v.to(dtype) for k, v in state.items()}).eval()
+    if source.device_map == "auto":
+        from train.evals.dispatch import dispatch_auto
+
+        return dispatch_auto(model, acc)
+    acc.set_device(local_rank)
+    return model.to(acc.device(local_rank))

@@ -5,6 +5,9 @@ gelu_new MLP, q/k/v without bias, lm_head tied to the token embedding) and the p
 are its state-dict keys, so weights move between the two without renaming. Attention per layer
 is `global`, `local` or `strided` (train/attention.py).
 
+Decoding keeps keys and values in a KVCache (below): `GPT.prefill` runs the prompts through the
+training attention backends and fills it, `GPT.decode` appends one token per row.
+
 This file imports torch, the attention kinds and its config only: no deepspeed, no
 torch.distributed, no file I/O (train/load.py reads checkpoints into it).
 """
@@ -17,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.attention import attend
+from train.attention import attend, visible
 from train.config import ModelConfig
 from train.ops.fused_loss import LinearCrossEntropy, chunked_cross_entropy
 
@@ -45,14 +48,24 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(d, d, bias=True)
         self.resid_dropout = nn.Dropout(config.resid_dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         # (B, T, C) -> (B, H, T, D), kept as a view of (B, T, H, D) memory.
         q, k, v = (
             proj(x).view(B, T, self.num_heads, -1).transpose(1, 2)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
-        y = attend(
+        if cache is not None and cache.decoding:
+            y = cache.attend_step(q, k, v, self.scale)
+        else:
+            y = self._attend(q, k, v)
+            if cache is not None:
+                cache.fill(k, v)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.out_proj(y))
+
+    def _attend(self, q, k, v):
+        return attend(
             q,
             k,
             v,
@@ -63,8 +76,6 @@ class SelfAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             backend=self.backend,
         )
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_dropout(self.out_proj(y))
 
 
 class Attention(nn.Module):
@@ -75,8 +86,8 @@ class Attention(nn.Module):
         super().__init__()
         self.attention = SelfAttention(config, kind)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attention(x)
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        return self.attention(x, cache)
 
 
 class MLP(nn.Module):
@@ -99,8 +110,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -182,22 +193,174 @@ class GPT(nn.Module):
         next-token loss instead (computed without materialising the logits)."""
         return self.lm_head(self.hidden_states(input_ids), targets)
 
-    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """(B, T) token ids -> (B, T, hidden_size), the final LayerNorm's output: what lm_head
-        reads. Scoring reads it to project only the positions it needs onto the vocabulary."""
+        reads. Scoring reads it to project only the positions it needs onto the vocabulary.
+        With a cache: while it is filling, the tokens are at indices 0..T-1 and their keys and
+        values are kept; while decoding, each row's token is at that row's next index."""
         B, T = input_ids.shape
-        self.config.check_sequence_length(T)
-        pos = torch.arange(T, device=input_ids.device)
+        if cache is not None and cache.decoding:
+            pos = cache.positions[:, None]
+        else:
+            self.config.check_sequence_length(T)
+            pos = torch.arange(T, device=input_ids.device)
         x = self.transformer.wte(input_ids) + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            # Activation checkpointing: keep only block inputs, recompute the rest in backward.
-            x = self.checkpoint_fn(block, x) if self.checkpoint_fn and self.training else block(x)
+        for i, block in enumerate(self.transformer.h):
+            if cache is not None:
+                x = block(x, cache.layers[i])
+            elif self.checkpoint_fn and self.training:
+                # Activation checkpointing: keep only block inputs, recompute them in backward.
+                x = self.checkpoint_fn(block, x)
+            else:
+                x = block(x)
         return self.transformer.ln_f(x)
+
+    @torch.no_grad()
+    def prefill(
+        self, input_ids: torch.Tensor, lengths: torch.Tensor, capacity: int
+    ) -> tuple[torch.Tensor, KVCache]:
+        """Start decoding: right-padded prompts (B, T), row b's tokens being the first
+        lengths[b], -> (B, vocab_size) logits after each row's last token, and the cache, with
+        room for `capacity` tokens per row. Padding sits after every real token, so causal
+        attention never lets a real token see it: no padding mask is needed."""
+        cache = KVCache(self.config, lengths, capacity)
+        h = self.hidden_states(input_ids, cache)
+        cache.start_decoding()
+        last = h[torch.arange(h.shape[0], device=h.device), lengths - 1]
+        return self.lm_head(last), cache
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Append one token to every row: (B,) ids -> (B, vocab_size) logits after it."""
+        cache.begin_step()
+        h = self.hidden_states(tokens[:, None], cache)
+        cache.end_step()
+        return self.lm_head(h[:, 0])
 
     def num_parameters(self) -> int:
         """Distinct parameters (the tied lm_head counted once)."""
         return sum(p.numel() for p in self.parameters())
+
+
+class KVCache:
+    """Keys and values of every layer for rows decoded together.
+
+    Rows are independent: row b holds `positions[b]` tokens at sequence indices
+    0 .. positions[b] - 1, so prompts of different lengths need no padding mask. A layer keeps
+    its keys in `slots` places, the key of index p in slot p % slots:
+
+        global, strided   slots = capacity: every index the rows will reach (a strided query
+                          sees keys at every multiple of the stride back to the start)
+        local             slots = min(window, capacity): a ring. Writing index p overwrites
+                          index p - window, the first key the query at p cannot see, so the
+                          memory does not grow with the generated length and a decoding step
+                          reads `window` keys.
+
+    `index[slots]` (B, slots) holds the sequence index stored in each slot (-1: empty); which
+    slots a query may read comes from `visible`, attention's one mask definition.
+    """
+
+    def __init__(self, config: ModelConfig, lengths: torch.Tensor, capacity: int):
+        config.check_sequence_length(capacity)
+        if int(lengths.min()) < 1 or int(lengths.max()) > capacity:
+            raise ValueError(f"prompt lengths must be within 1..{capacity}")
+        self.capacity = capacity
+        self.positions = lengths.clone()  # the next index of each row
+        self.rows = torch.arange(len(lengths), device=lengths.device)
+        self.last_index = int(lengths.max()) - 1  # the largest index any row holds
+        self.decoding = False
+        self.layers = [
+            LayerCache(self, kind, config.window_size, config.sparse_stride, capacity)
+            for kind in config.layer_kinds()
+        ]
+        self.index: dict[int, torch.Tensor] = {}
+        self._masks: dict[tuple[str, int], torch.Tensor] = {}
+
+    def fill_index(self, slots: int) -> torch.Tensor:
+        """(B, slots): after the prompt, the index in each slot: the largest p < length with
+        p % slots == slot, or -1."""
+        if slots not in self.index:
+            last = (self.positions - 1)[:, None]
+            slot = torch.arange(slots, device=last.device)[None, :]
+            index = last - (last - slot) % slots
+            self.index[slots] = torch.where(index >= 0, index, -1)
+        return self.index[slots]
+
+    def start_decoding(self) -> None:
+        self.decoding = True
+
+    def begin_step(self) -> None:
+        if self.last_index + 1 >= self.capacity:
+            raise ValueError(f"the cache holds {self.capacity} tokens per row and is full")
+        self.last_index += 1
+        self._masks.clear()
+        for slots, index in self.index.items():
+            index[self.rows, self.positions % slots] = self.positions
+
+    def end_step(self) -> None:
+        self.positions += 1
+
+    def used(self, slots: int) -> int:
+        """Slots that can hold a key so far (all of a ring; the start of the others)."""
+        return min(slots, self.last_index + 1)
+
+    def mask(self, kind: str, slots: int, window: int, stride: int) -> torch.Tensor:
+        """(B, 1, 1, used) True where this step's query may read the slot."""
+        key = (kind, slots)
+        if key not in self._masks:
+            index = self.index[slots][:, : self.used(slots)]
+            allowed = visible(kind, self.positions[:, None], index, window, stride) & (index >= 0)
+            self._masks[key] = allowed[:, None, None, :]
+        return self._masks[key]
+
+    def reorder(self, order: torch.Tensor) -> None:
+        """Keep rows `order` (beam search): row i becomes the old row order[i]."""
+        self.positions = self.positions.index_select(0, order)
+        self.rows = torch.arange(len(order), device=order.device)
+        self.last_index = int(self.positions.max()) - 1
+        self.index = {s: index.index_select(0, order) for s, index in self.index.items()}
+        for layer in self.layers:
+            layer.k = layer.k.index_select(0, order)
+            layer.v = layer.v.index_select(0, order)
+
+    def nbytes(self, kind: str) -> int:
+        """Bytes of keys and values held for the layers of one kind."""
+        return sum(layer.k.nbytes + layer.v.nbytes for layer in self.layers if layer.kind == kind)
+
+
+class LayerCache:
+    """One layer's keys and values (B, H, slots, D); the slot bookkeeping is the KVCache's."""
+
+    def __init__(self, cache: KVCache, kind: str, window: int, stride: int, capacity: int):
+        self.cache = cache
+        self.kind, self.window, self.stride = kind, window, stride
+        self.slots = min(window, capacity) if kind == "local" else capacity
+        self.k = self.v = None
+
+    @property
+    def decoding(self) -> bool:
+        return self.cache.decoding
+
+    def fill(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keep the prompt's keys and values (B, H, T, D), each row's up to its length."""
+        B, H, _, D = k.shape
+        index = self.cache.fill_index(self.slots)
+        gather = index.clamp(min=0)[:, None, :, None].expand(B, H, self.slots, D)
+        self.k = k.gather(2, gather)
+        self.v = v.gather(2, gather)
+
+    def attend_step(self, q, k, v, scale: float) -> torch.Tensor:
+        """One new token per row: store its key and value, attend over the visible slots."""
+        cache = self.cache
+        slot = cache.positions % self.slots
+        self.k[cache.rows, :, slot] = k[:, :, 0]
+        self.v[cache.rows, :, slot] = v[:, :, 0]
+        n = cache.used(self.slots)
+        mask = cache.mask(self.kind, self.slots, self.window, self.stride)
+        return F.scaled_dot_product_attention(
+            q, self.k[:, :, :n], self.v[:, :, :n], attn_mask=mask, scale=scale
+        )
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
