@@ -16,7 +16,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from train.config import ConfigError, EvalConfig, TrainConfig, register_configs
+from train.config import ConfigError, EvalConfig, GenerateConfig, TrainConfig, register_configs
 from train.errors import NeoError
 from train.ranks import ranks_from_env
 
@@ -52,6 +52,11 @@ VERBS = {
     "eval": Verb(
         "train.evaluate:run",
         "benchmark a checkpoint as lm-evaluation-harness does (model= tasks=[...])",
+        "pkg://configs.path_verbs",
+    ),
+    "generate": Verb(
+        "train.generate:run",
+        "continue prompts with a checkpoint: greedy, sampling, beam search (model= prompt=)",
         "pkg://configs.path_verbs",
     ),
     "export": Verb(
@@ -125,7 +130,7 @@ def run_verb(name: str, overrides: list[str]) -> None:
             # Every rule of the config before the verb's module (torch, DeepSpeed) is imported.
             if isinstance(config, TrainConfig):
                 config.validate(ranks_from_env().world_size)
-            elif isinstance(config, EvalConfig):
+            elif isinstance(config, EvalConfig | GenerateConfig):
                 config.validate()
             getattr(importlib.import_module(module), function)(config)
         except NeoError as e:  # a user's mistake: one line; anything else keeps its traceback
