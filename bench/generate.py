@@ -156,7 +156,7 @@ def generation_table(hf, ours, args, new: int) -> None:
     header = ["case", "new tokens/row", "HF tokens/s", "neo tokens/s", "neo / HF",
               "HF prefill s", "neo prefill s", "neo / HF prefill", "same tokens"]  # fmt: skip
     rows = []
-    for label, prompts in cases:
+    for case, (label, prompts) in enumerate(cases):
         t, out = best_time(
             {
                 "hf": lambda p=prompts: hf_generate(hf, p, new),
@@ -167,7 +167,7 @@ def generation_table(hf, ours, args, new: int) -> None:
         hf_tps = sum(map(len, out["hf"])) / t["hf"]
         neo_tps = sum(map(len, out["neo"])) / t["neo"]
         prefill = ["-", "-", "-"]
-        if len(prompts[0]) == args.long_prompt:
+        if case == 2:  # the long prompt
             p, _ = best_time(
                 {
                     "hf": lambda p=prompts[0]: hf_prefill(hf, p),

@@ -50,12 +50,17 @@ def prompts(lengths=(3, 11, 7), seed=1):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("backend", ["dense", "blockwise"])
+@pytest.mark.parametrize(
+    "backend",
+    # flex's forward runs on CPU under torch.compile (compiling takes a while: slow)
+    ["dense", "blockwise", pytest.param("flex", marks=pytest.mark.slow)],
+)
 def test_cached_decoding_gives_the_logits_of_a_full_forward_at_every_step(kind, backend):
     """Rows of 1, 4 and 13 tokens (window 6), 30 steps: every row passes the window. (With
     GPT-Neo's initialisation the logits are O(1): one key too few in a window moves them by
     ~3e-2.)"""
-    model = random_model(KINDS[kind], backend, init=0.02)
+    model = random_model(KINDS[kind], backend, init=0.02)  # prefill with `backend`
+    reference = random_model(KINDS[kind], "dense", init=0.02)  # the same weights
     lengths = torch.tensor([1, 4, 13])
     g = torch.Generator().manual_seed(2)
     sequences = torch.randint(0, V, (3, 50), generator=g)
@@ -64,7 +69,7 @@ def test_cached_decoding_gives_the_logits_of_a_full_forward_at_every_step(kind, 
     with torch.no_grad():
         for step in range(30):
             for row, length in enumerate(lengths.tolist()):
-                full = model(sequences[row : row + 1, : length + step])[0, -1]
+                full = reference(sequences[row : row + 1, : length + step])[0, -1]
                 torch.testing.assert_close(logits[row], full, atol=1e-5, rtol=1e-5)
             logits = model.decode(sequences[torch.arange(3), lengths + step], cache)
 
@@ -375,3 +380,24 @@ def test_max_length_shorter_than_the_prompt_is_refused():
             GenerationConfig(max_new_tokens=None, max_length=5),
             eos_id=EOS,
         )
+
+
+def test_device_map_auto_with_blocks_on_disk_generates_the_same(tmp_path):
+    """accelerate's big-model dispatch (CPU memory capped below the model's size, the last
+    blocks offloaded to disk): the cache lives beside each block and the tokens do not change."""
+    import copy
+
+    from train.accelerator import ACCELERATORS
+    from train.evals.dispatch import dispatch_auto
+
+    model = random_model([[["global", "local"], 2]])
+    reference = copy.deepcopy(model)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    dispatched = dispatch_auto(
+        model, ACCELERATORS["cpu"], max_memory={"cpu": int(size * 0.7)}, offload_dir=tmp_path
+    )
+    assert "disk" in dispatched.hf_device_map.values()
+    for settings in (dict(max_new_tokens=20), dict(max_new_tokens=15, num_beams=3)):
+        config = GenerationConfig(**settings)
+        expected = generate_ids(reference, prompts(), config, eos_id=EOS)
+        assert generate_ids(dispatched, prompts(), config, eos_id=EOS) == expected
