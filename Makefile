@@ -37,6 +37,7 @@ bench: install
 	$(BIN)/python bench/attention.py
 	$(BIN)/python bench/training.py
 	$(BIN)/python bench/prep.py
+	$(BIN)/python bench/generate.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -85,3 +85,11 @@ def test_impossible_settings_fail_before_the_model_loads(neo, tmp_path):
                check=False)  # fmt: skip
     assert proc.returncode != 0
     assert "num_return_sequences different than 1 (got 3)" in proc.stderr
+
+
+def test_prompt_is_taken_as_typed(neo, trained_gpt2_model):
+    """Commas, quotes, backslashes and `${` are text in a prompt, not Hydra or OmegaConf syntax."""
+    for prompt in ("Hello, I'm a language model,", 'say "a,b" \\n ${x} [1]'):
+        proc = neo("generate", f"model={trained_gpt2_model / 'ckpt'}", f"prompt={prompt}",
+                   "max_new_tokens=2", "format=jsonl")  # fmt: skip
+        assert json.loads(proc.stdout)["prompt"] == prompt

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -29,6 +30,9 @@ class Verb:
     help: str
     # Where its primary config is: verbs whose `model=` is a path use configs/path_verbs.
     config_path: str = "pkg://configs"
+    # Keys whose value is free text, taken as typed (quoted for Hydra here): a prompt may hold
+    # commas and quotes, which Hydra's override grammar would read as syntax.
+    text_keys: tuple[str, ...] = ()
 
 
 VERBS = {
@@ -58,6 +62,7 @@ VERBS = {
         "train.generate:run",
         "continue prompts with a checkpoint: greedy, sampling, beam search (model= prompt=)",
         "pkg://configs.path_verbs",
+        text_keys=("prompt",),
     ),
     "export": Verb(
         "train.cli:run_export",
@@ -137,8 +142,24 @@ def run_verb(name: str, overrides: list[str]) -> None:
             _report(name, e)
             sys.exit(e.exit_code)
 
-    sys.argv = [f"neo {name}", *overrides]
+    sys.argv = [f"neo {name}", *(quote_text(o, verb.text_keys) for o in overrides)]
     app()
+
+
+def quote_text(override: str, text_keys: tuple[str, ...]) -> str:
+    """`prompt=Hello, I'm here` -> `prompt='Hello, I\\'m here'` (Hydra's quoted string), unless
+    the value is quoted already."""
+    key, sep, value = override.partition("=")
+    if not sep or key not in text_keys:
+        return override
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return override
+    # Inside Hydra's quotes a backslash is literal except where it precedes a quote or ends the
+    # string: those runs are doubled, and every quote escaped; `${` is not an interpolation.
+    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
+    escaped = escaped.replace("${", "\\${")
+    return f"{key}='{escaped}'"
 
 
 def run_prep(cfg) -> None:
