@@ -35,6 +35,8 @@ the range's last step: ours from `KVCache.nbytes` (local layers keep a ring of `
 global layers are allocated for the whole sequence at prefill), theirs the sum of the key and
 value tensors in its DynamicCache (every layer grows by one position per step).
 
+Runtime on 2 cores: the default (125m) about 6-7 minutes when the machine is otherwise idle
+(`--repeats 1` saves about a minute and a half), `--quick --model tiny` about half a minute.
 The machine's other work shows in the numbers: on a small, shared CPU run it alone and more
 than once before trusting a ratio.
 """

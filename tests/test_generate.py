@@ -55,23 +55,25 @@ def prompts(lengths=(3, 11, 7), seed=1):
     # flex's forward runs on CPU under torch.compile (compiling takes a while: slow)
     ["dense", "blockwise", pytest.param("flex", marks=pytest.mark.slow)],
 )
-def test_cached_decoding_gives_the_logits_of_a_full_forward_at_every_step(kind, backend):
-    """Rows of 1, 4 and 13 tokens (window 6), 30 steps: every row passes the window. (With
+@pytest.mark.parametrize("lengths", [(1, 4, 13), (5,)], ids=["3 rows", "1 row"])
+def test_cached_decoding_gives_the_logits_of_a_full_forward_at_every_step(kind, backend, lengths):
+    """Rows of different lengths (window 6), 30 steps: every row passes the window. (With
     GPT-Neo's initialisation the logits are O(1): one key too few in a window moves them by
-    ~3e-2.)"""
+    ~3e-2.) One row exercises the unmasked path (every slot filled)."""
     model = random_model(KINDS[kind], backend, init=0.02)  # prefill with `backend`
     reference = random_model(KINDS[kind], "dense", init=0.02)  # the same weights
-    lengths = torch.tensor([1, 4, 13])
+    lengths = torch.tensor(lengths)
     g = torch.Generator().manual_seed(2)
-    sequences = torch.randint(0, V, (3, 50), generator=g)
-    ids = sequences[:, :13].clone()
+    sequences = torch.randint(0, V, (len(lengths), 50), generator=g)
+    ids = sequences[:, : int(lengths.max())].clone()
     logits, cache = model.prefill(ids, lengths, capacity=50)
+    rows = torch.arange(len(lengths))
     with torch.no_grad():
         for step in range(30):
             for row, length in enumerate(lengths.tolist()):
                 full = reference(sequences[row : row + 1, : length + step])[0, -1]
                 torch.testing.assert_close(logits[row], full, atol=1e-5, rtol=1e-5)
-            logits = model.decode(sequences[torch.arange(3), lengths + step], cache)
+            logits = model.decode(sequences[rows, lengths + step], cache)
 
 
 def test_local_layers_cache_stays_the_window_while_global_layers_hold_every_position():

@@ -216,7 +216,7 @@ class GPT(nn.Module):
                 x = block(x)
         return self.transformer.ln_f(x)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def prefill(
         self, input_ids: torch.Tensor, lengths: torch.Tensor, capacity: int
     ) -> tuple[torch.Tensor, KVCache]:
@@ -230,7 +230,7 @@ class GPT(nn.Module):
         last = h[torch.arange(h.shape[0], device=h.device), lengths - 1]
         return self.lm_head(last), cache
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Append one token to every row: (B,) ids -> (B, vocab_size) logits after it."""
         cache.begin_step()
@@ -269,6 +269,7 @@ class KVCache:
         self.positions = lengths.clone()  # the next index of each row
         self.rows = torch.arange(len(lengths), device=lengths.device)
         self.last_index = int(lengths.max()) - 1  # the largest index any row holds
+        self.shortest = int(lengths.min())  # the fewest tokens any row holds
         self.decoding = False
         self.layers = [
             LayerCache(self, kind, config.window_size, config.sparse_stride, capacity)
@@ -294,9 +295,12 @@ class KVCache:
         if self.last_index + 1 >= self.capacity:
             raise ValueError(f"the cache holds {self.capacity} tokens per row and is full")
         self.last_index += 1
+        self.shortest += 1
         self._masks.clear()
+        self.write_slot = {}
         for slots, index in self.index.items():
-            index[self.rows, self.positions % slots] = self.positions
+            self.write_slot[slots] = slot = self.positions % slots
+            index[self.rows, slot] = self.positions
 
     def end_step(self) -> None:
         self.positions += 1
@@ -305,8 +309,12 @@ class KVCache:
         """Slots that can hold a key so far (all of a ring; the start of the others)."""
         return min(slots, self.last_index + 1)
 
-    def mask(self, kind: str, slots: int, window: int, stride: int) -> torch.Tensor:
-        """(B, 1, 1, used) True where this step's query may read the slot."""
+    def mask(self, kind: str, slots: int, window: int, stride: int) -> torch.Tensor | None:
+        """(B, 1, 1, used) True where this step's query may read the slot; None when it may
+        read them all: a global or local layer whose slots are all filled in every row (what
+        a slot holds is then, by construction, a key its pattern lets the query see)."""
+        if kind != "strided" and self.shortest >= self.used(slots):
+            return None
         key = (kind, slots)
         if key not in self._masks:
             index = self.index[slots][:, : self.used(slots)]
@@ -319,6 +327,7 @@ class KVCache:
         self.positions = self.positions.index_select(0, order)
         self.rows = torch.arange(len(order), device=order.device)
         self.last_index = int(self.positions.max()) - 1
+        self.shortest = int(self.positions.min())
         self.index = {s: index.index_select(0, order) for s, index in self.index.items()}
         for layer in self.layers:
             layer.k = layer.k.index_select(0, order)
@@ -353,7 +362,7 @@ class LayerCache:
     def attend_step(self, q, k, v, scale: float) -> torch.Tensor:
         """One new token per row: store its key and value, attend over the visible slots."""
         cache = self.cache
-        slot = cache.positions % self.slots
+        slot = cache.write_slot[self.slots]
         self.k[cache.rows, :, slot] = k[:, :, 0]
         self.v[cache.rows, :, slot] = v[:, :, 0]
         n = cache.used(self.slots)
