@@ -330,7 +330,7 @@ def test_stop_strings_stop_generation(trained_gpt2_model):
     assert len(words) > 3, free.text
     stop_at = words[2]
     stopped = generate(
-        model, tokenizer, "The", GenerationConfig(max_new_tokens=40, stop=[stop_at])
+        model, tokenizer, "The", GenerationConfig(max_new_tokens=40, stop_strings=[stop_at])
     )[0][0]
     assert stopped.finish_reason == "stop"
     assert stop_at in stopped.text

@@ -87,6 +87,17 @@ def test_impossible_settings_fail_before_the_model_loads(neo, tmp_path):
     assert "num_return_sequences different than 1 (got 3)" in proc.stderr
 
 
+def test_stop_strings_from_the_command_line(neo, trained_gpt2_model):
+    ckpt = f"model={trained_gpt2_model / 'ckpt'}"
+    free = json.loads(neo("generate", ckpt, "do_sample=false", "max_new_tokens=30",
+                          "format=jsonl").stdout)  # fmt: skip
+    word = free["text"].split()[1]
+    stopped = json.loads(neo("generate", ckpt, "do_sample=false", "max_new_tokens=30",
+                             "format=jsonl", f'stop_strings=["{word}","###"]').stdout)  # fmt: skip
+    assert stopped["finish_reason"] == "stop" and word in stopped["text"]
+    assert len(stopped["token_ids"]) < len(free["token_ids"])
+
+
 def test_prompt_is_taken_as_typed(neo, trained_gpt2_model):
     """Commas, quotes, backslashes and `${` are text in a prompt, not Hydra or OmegaConf syntax."""
     for prompt in ("Hello, I'm a language model,", 'say "a,b" \\n ${x} [1]'):

@@ -418,7 +418,7 @@ class GenerationConfig:
     early_stopping: Any = False  # true | false | never
     num_return_sequences: int = 1
     # Text that ends a sequence (kept in its output, as Hugging Face's stop_strings does).
-    stop: list[str] = field(default_factory=list)
+    stop_strings: list[str] = field(default_factory=list)
     # Sampling is reproducible for a given seed (null: a random one, printed).
     seed: int | None = None
     # A sequence reaching max_position_embeddings: error, or left (keep the last positions).
@@ -463,8 +463,8 @@ class GenerationConfig:
                 f"num_return_sequences ({self.num_return_sequences}) has to be smaller or equal "
                 f"to num_beams ({self.num_beams})"
             )
-        if any(not s for s in self.stop):
-            raise ConfigError("stop=[...] holds an empty string")
+        if any(not s for s in self.stop_strings):
+            raise ConfigError("stop_strings=[...] holds an empty string")
         require_choice("truncate", self.truncate, TRUNCATE_MODES)
         return self
 

@@ -72,7 +72,7 @@ def generate(
         generator = make_generator(config.seed, device)
     eos = tokenizer.eod_id
     encoded = [tokenizer.encode(p) or [eos] for p in prompts]
-    stop = StopStrings(tokenizer, config.stop) if config.stop else None
+    stop = StopStrings(tokenizer, config.stop_strings) if config.stop_strings else None
     outputs: list[list[Generation]] = []
     start, new_tokens = time.perf_counter(), 0
     for first in range(0, len(prompts), batch_size):
