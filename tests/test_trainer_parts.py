@@ -15,7 +15,7 @@ from conftest import tiny_config
 from data_prep.shards import IndexedDataset, write_indexed_dataset
 from train import accelerator as accel
 from train.config import ConfigError, DeepSpeedConfig, OptimConfig, TrainConfig, batch_layout
-from train.data import Blend, Documents, SampleStream, micro_batch
+from train.data.pretrain import Blend, Documents, SampleStream, micro_batch
 from train.engine import deepspeed_config
 from train.model import GPT
 from train.optim import Schedule, parameter_groups

@@ -8,6 +8,9 @@ Three kinds of layer (GPT-Neo's `attention_types`, plus Sparse-Transformer strid
     strided  query i sees keys with 0 <= i - j < stride, and keys whose distance i - j is a
              multiple of stride                               (Child et al. 2019, "strided")
 
+Packed sequences (several examples in one row, SFT) add one rule to every kind: a query sees
+only keys of its own document (`documents`: (B, T) ids, equal within an example).
+
 `visible` below is the only definition of these patterns; every backend is tested against the
 dense mask built from it.
 
@@ -34,23 +37,44 @@ from train.ops.blockwise import blockwise_attention
 log = logging.getLogger(__name__)
 
 
-def visible(kind: str, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, stride: int):
-    """True where a query at q_pos may attend to a key at k_pos (broadcasting tensors)."""
+def visible(
+    kind: str,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    window: int,
+    stride: int,
+    q_doc: torch.Tensor | None = None,
+    k_doc: torch.Tensor | None = None,
+):
+    """True where a query at q_pos (of document q_doc) may attend to a key at k_pos (of
+    document k_doc); broadcasting tensors."""
     distance = q_pos - k_pos
-    causal = distance >= 0
-    if kind == "global":
-        return causal
+    allowed = distance >= 0
     if kind == "local":
-        return causal & (distance < window)
-    if kind == "strided":
-        return causal & ((distance < stride) | (distance % stride == 0))
-    raise ValueError(f"unknown attention kind {kind!r}")
+        allowed = allowed & (distance < window)
+    elif kind == "strided":
+        allowed = allowed & ((distance < stride) | (distance % stride == 0))
+    elif kind != "global":
+        raise ValueError(f"unknown attention kind {kind!r}")
+    if q_doc is not None:
+        allowed = allowed & (q_doc == k_doc)
+    return allowed
 
 
-def attention_mask(kind: str, seq_len: int, window: int, stride: int, device=None) -> torch.Tensor:
-    """(T, T) boolean mask, True where attention is allowed."""
+def attention_mask(
+    kind: str,
+    seq_len: int,
+    window: int,
+    stride: int,
+    device=None,
+    documents: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(T, T) boolean mask, True where attention is allowed; with (B, T) documents, (B, 1, T, T)."""
     pos = torch.arange(seq_len, device=device)
-    return visible(kind, pos[:, None], pos[None, :], window, stride)
+    if documents is None:
+        return visible(kind, pos[:, None], pos[None, :], window, stride)
+    q_doc, k_doc = documents[:, None, :, None], documents[:, None, None, :]
+    return visible(kind, pos[:, None], pos[None, :], window, stride, q_doc, k_doc)
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
@@ -79,40 +103,44 @@ def attend(
     scale: float,
     dropout_p: float = 0.0,
     backend: str = "auto",
+    documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention of one layer. q, k, v: (B, H, T, D) -> (B, H, T, D)."""
+    """Causal attention of one layer. q, k, v: (B, H, T, D) -> (B, H, T, D). `documents`
+    (B, T): packed examples, each seeing only itself."""
     backend = resolve_backend(backend, q.device)
     if backend == "dense":
-        return dense_attention(q, k, v, kind, window, stride, scale, dropout_p)
+        return dense_attention(q, k, v, kind, window, stride, scale, dropout_p, documents)
     if backend == "npu":
-        return npu_attention(q, k, v, kind, window, stride, scale, dropout_p)
-    if kind == "global" or (kind == "local" and window >= q.shape[2]):
-        # A window at least as long as the sequence is plain causal attention.
+        return npu_attention(q, k, v, kind, window, stride, scale, dropout_p, documents)
+    if kind == "local" and window >= q.shape[2]:
+        kind = "global"  # a window at least as long as the sequence is plain causal attention
+    if kind == "global" and documents is None:
         return F.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale
         )
-    if dropout_p > 0.0:
-        _warn_dropout_fallback(backend)
-        mask = attention_mask(kind, q.shape[2], window, stride, q.device)
+    if dropout_p > 0.0 or (kind == "global" and backend != "flex"):
+        if dropout_p > 0.0 and kind != "global":
+            _warn_dropout_fallback(backend)
+        mask = attention_mask(kind, q.shape[2], window, stride, q.device, documents)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale
         )
     if backend == "flex":
-        return flex_attention(q, k, v, kind, window, stride, scale)
-    return blockwise_attention(q, k, v, kind, window, stride, scale)
+        return flex_attention(q, k, v, kind, window, stride, scale, documents)
+    return blockwise_attention(q, k, v, kind, window, stride, scale, documents)
 
 
 # --------------------------------------------------------------------------------------------
 # dense: the reference
 
 
-def dense_attention(q, k, v, kind, window, stride, scale, dropout_p=0.0):
+def dense_attention(q, k, v, kind, window, stride, scale, dropout_p=0.0, documents=None):
     """Exactly Hugging Face GPT-Neo's computation: fp32 scores, masked with the dtype minimum."""
     T = q.shape[2]
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2))  # (B, H, T, T)
     if scale != 1.0:
         scores = scores * scale
-    mask = attention_mask(kind, T, window, stride, q.device)
+    mask = attention_mask(kind, T, window, stride, q.device, documents)
     scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     probs = F.dropout(probs, dropout_p) if dropout_p > 0.0 else probs
@@ -149,8 +177,18 @@ def _flex_block_mask(kind: str, seq_len: int, window: int, stride: int, device: 
     return create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device)
 
 
-def flex_attention(q, k, v, kind, window, stride, scale):
-    block_mask = _flex_block_mask(kind, q.shape[2], window, stride, str(q.device))
+def flex_attention(q, k, v, kind, window, stride, scale, documents=None):
+    if documents is None:
+        block_mask = _flex_block_mask(kind, q.shape[2], window, stride, str(q.device))
+    else:  # the documents change with every batch: a block mask of its own
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return visible(kind, q_idx, kv_idx, window, stride,
+                           documents[b, q_idx], documents[b, kv_idx])  # fmt: skip
+
+        T = q.shape[2]
+        block_mask = create_block_mask(mask_mod, q.shape[0], None, T, T, device=str(q.device))
     return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale)
 
 
@@ -166,7 +204,7 @@ def _npu_compressed_mask(device: str) -> torch.Tensor:
     return torch.ones(_NPU_MASK_SIZE, _NPU_MASK_SIZE, dtype=torch.bool, device=device).triu(1)
 
 
-def npu_attention(q, k, v, kind, window, stride, scale, dropout_p):
+def npu_attention(q, k, v, kind, window, stride, scale, dropout_p, documents=None):
     try:
         import torch_npu
     except ImportError as e:
@@ -176,7 +214,12 @@ def npu_attention(q, k, v, kind, window, stride, scale, dropout_p):
         ) from e
     H, T = q.shape[1], q.shape[2]
     common = dict(head_num=H, input_layout="BNSD", scale=scale, keep_prob=1.0 - dropout_p)
-    if kind == "global":
+    if documents is not None:
+        # Packed examples: an explicit (B, 1, T, T) mask (True = masked). The fused kernel's
+        # variable-length mode (TND layout, actual_seq_qlen) would avoid it; not done yet.
+        mask = ~attention_mask(kind, T, window, stride, q.device, documents)
+        result = torch_npu.npu_fusion_attention(q, k, v, atten_mask=mask, sparse_mode=0, **common)
+    elif kind == "global":
         mask = _npu_compressed_mask(str(q.device))
         result = torch_npu.npu_fusion_attention(q, k, v, atten_mask=mask, sparse_mode=2, **common)
     elif kind == "local":

@@ -14,6 +14,7 @@ torch.distributed, no file I/O (train/load.py reads checkpoints into it).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -48,7 +49,12 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(d, d, bias=True)
         self.resid_dropout = nn.Dropout(config.resid_dropout)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: LayerCache | None = None,
+        documents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         B, T, C = x.shape
         # (B, T, C) -> (B, H, T, D), kept as a view of (B, T, H, D) memory.
         q, k, v = (
@@ -58,13 +64,13 @@ class SelfAttention(nn.Module):
         if cache is not None and cache.decoding:
             y = cache.attend_step(q, k, v, self.scale)
         else:
-            y = self._attend(q, k, v)
+            y = self._attend(q, k, v, documents)
             if cache is not None:
                 cache.fill(k, v)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.out_proj(y))
 
-    def _attend(self, q, k, v):
+    def _attend(self, q, k, v, documents=None):
         return attend(
             q,
             k,
@@ -75,6 +81,7 @@ class SelfAttention(nn.Module):
             scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0,
             backend=self.backend,
+            documents=documents,
         )
 
 
@@ -86,8 +93,8 @@ class Attention(nn.Module):
         super().__init__()
         self.attention = SelfAttention(config, kind)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        return self.attention(x, cache)
+    def forward(self, x, cache=None, documents=None) -> torch.Tensor:
+        return self.attention(x, cache, documents)
 
 
 class MLP(nn.Module):
@@ -110,8 +117,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x, cache=None, documents=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, documents)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -188,12 +195,26 @@ class GPT(nn.Module):
             for m in (block.attn.attention.out_proj, block.mlp.c_proj)
         }
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        documents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """(B, T) token ids -> (B, T, vocab_size) logits; with (B, T) targets, the mean
-        next-token loss instead (computed without materialising the logits)."""
-        return self.lm_head(self.hidden_states(input_ids), targets)
+        next-token loss instead (computed without materialising the logits). Packed rows
+        (several examples each) give each token's (B, T) position within its example and its
+        example's id in `documents`: attention stays within an example."""
+        return self.lm_head(self.hidden_states(input_ids, None, positions, documents), targets)
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        documents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """(B, T) token ids -> (B, T, hidden_size), the final LayerNorm's output: what lm_head
         reads. Scoring reads it to project only the positions it needs onto the vocabulary.
         With a cache: while it is filling, the tokens are at indices 0..T-1 and their keys and
@@ -203,7 +224,7 @@ class GPT(nn.Module):
             pos = cache.positions[:, None]
         else:
             self.config.check_sequence_length(T)
-            pos = torch.arange(T, device=input_ids.device)
+            pos = torch.arange(T, device=input_ids.device) if positions is None else positions
         x = self.transformer.wte(input_ids) + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
@@ -211,9 +232,10 @@ class GPT(nn.Module):
                 x = block(x, cache.layers[i])
             elif self.checkpoint_fn and self.training:
                 # Activation checkpointing: keep only block inputs, recompute them in backward.
-                x = self.checkpoint_fn(block, x)
+                run = block if documents is None else functools.partial(block, documents=documents)
+                x = self.checkpoint_fn(run, x)
             else:
-                x = block(x)
+                x = block(x, documents=documents)
         return self.transformer.ln_f(x)
 
     @torch.inference_mode()

@@ -28,8 +28,8 @@ from train import engine as ds_engine
 from train import machine as hw
 from train.checkpoint import save_checkpoint
 from train.config import ConfigError, TrainConfig
-from train.data import TrainingData
-from train.data import load as load_data
+from train.data.pretrain import TrainingData
+from train.data.pretrain import load as load_data
 from train.errors import CheckpointError
 from train.evals.suite import PreparedTask, prepare_task, prepare_tasks, select_tasks
 from train.evals.val import load_blend_val

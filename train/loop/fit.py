@@ -18,7 +18,7 @@ from train import engine as ds_engine
 from train import machine as hw
 from train.accelerator import Accelerator, Ranks
 from train.config import TrainConfig
-from train.data import TrainingData, micro_batch
+from train.data.pretrain import TrainingData, micro_batch
 from train.errors import TrainingStopped
 from train.evals.runner import TaskResult
 from train.evals.scoring import Scorer

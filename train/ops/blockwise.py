@@ -16,11 +16,12 @@ import torch.nn.functional as F
 BAND_BLOCK = 64
 
 
-def blockwise_attention(q, k, v, kind, window, stride, scale):
+def blockwise_attention(q, k, v, kind, window, stride, scale, documents=None):
+    """`documents` (B, T): packed examples; a query also needs its key's document."""
     if kind == "local":
-        return _SparseAttention.apply(q, k, v, window, 0, scale)
+        return _SparseAttention.apply(q, k, v, window, 0, scale, documents)
     if kind == "strided":
-        return _SparseAttention.apply(q, k, v, stride, stride, scale)
+        return _SparseAttention.apply(q, k, v, stride, stride, scale, documents)
     raise ValueError(f"blockwise attention handles local and strided layers, not {kind!r}")
 
 
@@ -38,13 +39,16 @@ class _SparseAttention(torch.autograd.Function):
              views (no copies) with a small additive band mask.
     columns: positions i = a * stride + r regrouped by residue r, so "distance a multiple of
              stride" becomes strictly-causal dense attention over T / stride positions per r.
+    documents: both parts add "same document" to their masks (per batch row). A query always
+             sees itself in the band; its columns may see nothing, so their document mask is
+             finite (the dtype's minimum), never a row of -inf.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, window: int, stride: int, scale: float):
-        out, lse = _band_forward(q, k, v, window, scale)
+    def forward(ctx, q, k, v, window: int, stride: int, scale: float, documents=None):
+        out, lse = _band_forward(q, k, v, window, scale, documents)
         if stride and q.shape[2] > stride:
-            col_out, col_lse = _columns_forward(q, k, v, stride, scale)
+            col_out, col_lse = _columns_forward(q, k, v, stride, scale, documents)
             merged = torch.logaddexp(lse, col_lse)
             out = (
                 out * torch.exp(lse - merged)[..., None]
@@ -54,16 +58,18 @@ class _SparseAttention(torch.autograd.Function):
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.window, ctx.stride, ctx.scale = window, stride, scale
+        ctx.documents = documents
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _band_backward(dout, q, k, v, out, lse, ctx.window, ctx.scale)
+        docs = ctx.documents
+        dq, dk, dv = _band_backward(dout, q, k, v, out, lse, ctx.window, ctx.scale, docs)
         if ctx.stride and q.shape[2] > ctx.stride:
-            cq, ck, cv = _columns_backward(dout, q, k, v, out, lse, ctx.stride, ctx.scale)
+            cq, ck, cv = _columns_backward(dout, q, k, v, out, lse, ctx.stride, ctx.scale, docs)
             dq, dk, dv = dq + cq, dk + ck, dv + cv
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def _band_span(block: int, window: int) -> int:
@@ -94,7 +100,15 @@ def _band_spans(T: int, window: int):
         yield s, e, ks, ks - first
 
 
-def _band_forward(q, k, v, window, scale):
+def _with_documents(mask, documents, s, e, ks):
+    """The band block's mask (L, S), and (B, 1, L, S) with keys of other documents removed."""
+    if documents is None:
+        return mask
+    same = documents[:, s:e, None] == documents[:, None, ks:e]
+    return mask.masked_fill(~same[:, None], -math.inf)
+
+
+def _band_forward(q, k, v, window, scale, documents=None):
     B, H, T, D = q.shape
     block = min(BAND_BLOCK, T)
     mask = _band_mask(block, window, _mask_dtype(q), q.device)
@@ -102,14 +116,14 @@ def _band_forward(q, k, v, window, scale):
     out = torch.empty(B, T, H, D, dtype=torch.float32, device=q.device).transpose(1, 2)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     for s, e, ks, m0 in _band_spans(T, window):
-        m = mask[: e - s, m0 : m0 + e - ks]
+        m = _with_documents(mask[: e - s, m0 : m0 + e - ks], documents, s, e, ks)
         o, block_lse = _kernel_forward(q[:, :, s:e], k[:, :, ks:e], v[:, :, ks:e], m, False, scale)
         out[:, :, s:e] = o
         lse[:, :, s:e] = block_lse
     return out, lse
 
 
-def _band_backward(dout, q, k, v, out, lse, window, scale):
+def _band_backward(dout, q, k, v, out, lse, window, scale, documents=None):
     B, H, T, D = q.shape
     block = min(BAND_BLOCK, T)
     mask = _band_mask(block, window, _mask_dtype(q), q.device)
@@ -117,7 +131,7 @@ def _band_backward(dout, q, k, v, out, lse, window, scale):
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
     for s, e, ks, m0 in _band_spans(T, window):
-        m = mask[: e - s, m0 : m0 + e - ks]
+        m = _with_documents(mask[: e - s, m0 : m0 + e - ks], documents, s, e, ks)
         gq, gk, gv = _kernel_backward(
             dout[:, :, s:e],
             q[:, :, s:e],
@@ -153,13 +167,30 @@ def _from_columns(x: torch.Tensor, H: int, T: int) -> torch.Tensor:
     return x.reshape(B, H, n * stride, *x.shape[4:])[:, :, :T]
 
 
-def _columns_forward(q, k, v, stride, scale):
+def _columns_mask(documents, H, stride, dtype):
+    """Without documents: None (the kernel's causal mode). With them: the additive
+    (B, H * stride, n - 1, n - 1) mask of causal & same document between query columns 1..n-1
+    and key columns 0..n-2, finite where masked (a column may see no key at all)."""
+    if documents is None:
+        return None
+    cols = _to_columns(documents[:, None], stride)  # (B, stride, n)
+    same = cols[:, :, 1:, None] == cols[:, :, None, :-1]
+    allowed = same & torch.ones(same.shape[-2:], dtype=torch.bool, device=same.device).tril()
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask = mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    B, _, L, S = mask.shape
+    return mask[:, None].expand(B, H, stride, L, S).reshape(B, H * stride, L, S)
+
+
+def _columns_forward(q, k, v, stride, scale, documents=None):
     """Keys at distance stride, 2*stride, ...: strictly causal attention within each residue.
     Column a of the queries attends to columns 0..a-1 of the keys, which is ordinary causal
     attention between query columns 1..n-1 and key columns 0..n-2."""
     B, H, T, D = q.shape
     qc, kc, vc = (_to_columns(x, stride) for x in (q, k, v))
-    o, col_lse = _kernel_forward(qc[:, :, 1:], kc[:, :, :-1], vc[:, :, :-1], None, True, scale)
+    mask = _columns_mask(documents, H, stride, _mask_dtype(q))
+    causal = mask is None
+    o, col_lse = _kernel_forward(qc[:, :, 1:], kc[:, :, :-1], vc[:, :, :-1], mask, causal, scale)
     out = torch.zeros(*qc.shape, dtype=torch.float32, device=q.device)
     lse = torch.full(qc.shape[:3], -math.inf, dtype=torch.float32, device=q.device)
     out[:, :, 1:] = o
@@ -167,10 +198,11 @@ def _columns_forward(q, k, v, stride, scale):
     return _from_columns(out, H, T), _from_columns(lse, H, T)
 
 
-def _columns_backward(dout, q, k, v, out, lse, stride, scale):
+def _columns_backward(dout, q, k, v, out, lse, stride, scale, documents=None):
     B, H, T, D = q.shape
     qc, kc, vc, dc, oc = (_to_columns(x, stride) for x in (q, k, v, dout, out))
     lc = _to_columns(lse, stride)
+    mask = _columns_mask(documents, H, stride, _mask_dtype(q))
     gq, gk, gv = _kernel_backward(
         dc[:, :, 1:],
         qc[:, :, 1:],
@@ -178,8 +210,8 @@ def _columns_backward(dout, q, k, v, out, lse, stride, scale):
         vc[:, :, :-1],
         oc[:, :, 1:],
         lc[:, :, 1:],
-        None,
-        True,
+        mask,
+        mask is None,
         scale,
     )
     dq, dk, dv = torch.zeros_like(qc), torch.zeros_like(kc), torch.zeros_like(vc)
