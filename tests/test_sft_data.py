@@ -194,3 +194,17 @@ def test_build_row_layout():
     assert row["targets"].tolist() == [2, 3, IGNORE, 5, IGNORE, IGNORE, IGNORE]
     assert row["positions"].tolist() == [0, 1, 2, 0, 1, 0, 0]
     assert row["documents"].tolist() == [0, 0, 0, 1, 1, -1, -1]
+
+
+def test_bundled_samples_read_cleanly():
+    from pathlib import Path
+
+    sample = Path(__file__).parents[1] / "data_prep" / "sample"
+    out = read_examples(str(sample / "sft_instructions.jsonl"), "alpaca", TOKENIZER, 256)
+    assert len(out.examples) == 1612 and out.skipped.count == 0 and out.truncated == 0
+    assert all(e.trained_tokens >= 2 for e in out.examples)
+    lines = (sample / "sft_classification.jsonl").read_text().splitlines()
+    labels = [json.loads(line)["label"] for line in lines]
+    assert {label: labels.count(label) for label in set(labels)} == {
+        "code": 300, "e-mail": 300, "book": 300, "forum": 300,
+    }  # fmt: skip
