@@ -38,6 +38,7 @@ bench: install
 	$(BIN)/python bench/training.py
 	$(BIN)/python bench/prep.py
 	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/sft.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -189,6 +189,12 @@ def test_ranks_from_torchrun_slurm_or_nothing():
 
 
 def test_multi_rank_without_rendezvous_is_an_error(monkeypatch):
+    # prepare_environment sets these before it fails: monkeypatch must restore their absence
+    # (setenv first: a bare delenv of an unset variable records nothing), or later tests'
+    # subprocesses would inherit WORLD_SIZE=4.
+    for name in ("LOCAL_RANK", "WORLD_SIZE", "DS_ACCELERATOR"):
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     monkeypatch.delenv("MASTER_PORT", raising=False)
     monkeypatch.setenv("RANK", "1")

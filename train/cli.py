@@ -17,7 +17,14 @@ import re
 import sys
 from dataclasses import dataclass
 
-from train.config import ConfigError, EvalConfig, GenerateConfig, TrainConfig, register_configs
+from train.config import (
+    ConfigError,
+    EvalConfig,
+    GenerateConfig,
+    SftConfig,
+    TrainConfig,
+    register_configs,
+)
 from train.errors import NeoError
 from train.ranks import ranks_from_env
 
@@ -43,6 +50,10 @@ VERBS = {
     "train": Verb(
         "train.pretrain:run",
         "pretrain a causal LM with DeepSpeed ZeRO; resumes from the run's last checkpoint",
+    ),
+    "sft": Verb(
+        "train.sft:run",
+        "fine-tune a checkpoint on instruction, completion or chat data (base= sft.path=)",
     ),
     "plot": Verb("train.cli:run_plot", "draw the loss curve of a run into <run_dir>/loss.png"),
     "info": Verb(
@@ -133,7 +144,9 @@ def run_verb(name: str, overrides: list[str]) -> None:
         config = OmegaConf.to_object(cfg)
         try:
             # Every rule of the config before the verb's module (torch, DeepSpeed) is imported.
-            if isinstance(config, TrainConfig):
+            if isinstance(config, SftConfig):
+                config.sft.validate()  # the model is the base's: checked once it is read
+            elif isinstance(config, TrainConfig):
                 config.validate(ranks_from_env().world_size)
             elif isinstance(config, EvalConfig | GenerateConfig):
                 config.validate()

@@ -566,6 +566,78 @@ class TrainConfig:
         return self.global_batch_size * self.seq_len
 
 
+SFT_FORMATS = ("alpaca", "prompt_completion", "chat")
+
+
+@dataclass
+class SftFieldsConfig:
+    """Field names of the records, for data that names them otherwise."""
+
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+    prompt: str = "prompt"
+    completion: str = "completion"
+    messages: str = "messages"
+
+
+@dataclass
+class SftDataConfig:
+    # JSON lines / JSON / hf:NAME; null: the bundled instruction sample.
+    path: str | None = None
+    # alpaca {instruction, input, output} | prompt_completion {prompt, completion} |
+    # chat {messages: [{role, content}]}
+    format: str = "alpaca"
+    fields: SftFieldsConfig = field(default_factory=SftFieldsConfig)
+    # A file of its own for validation; null: a seeded `validation_fraction` of `path`.
+    validation_path: str | None = None
+    validation_fraction: float = 0.05
+    seed: int = 1234
+    # Several examples per row (first-fit decreasing, attention blocked between them); false:
+    # one example per row, padded to the micro-batch's longest.
+    packing: bool = True
+    # Train on the prompt tokens too (default: the response only; chats: assistant turns).
+    train_on_prompt: bool = False
+    # Chats: a Jinja template (or a name: neotrain); null: the tokenizer's own, else neotrain.
+    chat_template: str | None = None
+    # Stop at the first bad record or over-long example instead of counting and skipping it.
+    strict: bool = False
+    # hf:NAME datasets: the split to read.
+    split: str | None = None
+
+    def validate(self) -> SftDataConfig:
+        require_choice("sft.format", self.format, SFT_FORMATS)
+        if not 0 <= self.validation_fraction < 1:
+            raise ConfigError(
+                f"sft.validation_fraction={self.validation_fraction} must be in [0, 1)"
+            )
+        return self
+
+
+@dataclass
+class SftConfig(TrainConfig):
+    """`neo sft`: TrainConfig's machinery (ZeRO, precision, accumulation, schedule, resume,
+    checkpoints, export) on fine-tuning data, starting from `base`."""
+
+    # A neotrain checkpoint, run directory, DeepSpeed checkpoint or Hugging Face GPT-Neo
+    # directory; its model config replaces `model`. runs/demo missing: a fresh `model`.
+    base: str = "runs/demo"
+    sft: SftDataConfig = field(default_factory=SftDataConfig)
+    # Passes over the training rows; sets max_steps when given.
+    epochs: float | None = None
+    # Greedy answers to this many validation prompts, logged at every validation.
+    samples: int = 3
+    sample_max_new_tokens: int = 48
+
+    def validate(self, world_size: int) -> int:
+        self.sft.validate()
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"epochs={self.epochs} must be > 0")
+        if self.samples < 0:
+            raise ConfigError(f"samples={self.samples} must be >= 0")
+        return super().validate(world_size)
+
+
 @dataclass
 class PlotConfig:
     run_dir: str = "runs/tiny"
@@ -583,3 +655,4 @@ def register_configs() -> None:
     cs.store(name="plot_schema", node=PlotConfig)
     cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="generate_schema", node=GenerateConfig)
+    cs.store(name="sft_schema", node=SftConfig)

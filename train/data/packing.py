@@ -78,3 +78,71 @@ def padding_share(rows: list[dict[str, np.ndarray]]) -> float:
     """The share of row tokens that are padding."""
     total = sum(len(r["documents"]) for r in rows)
     return sum(int((r["documents"] < 0).sum()) for r in rows) / max(total, 1)
+
+
+class RowStream:
+    """Rows epoch after epoch, random-access: epoch e visits every row once, in an order
+    seeded by (seed, e), so resuming needs only the number of rows consumed."""
+
+    def __init__(self, rows: list[dict[str, np.ndarray]], seed: int):
+        if not rows:
+            raise ValueError("no rows to train on")
+        self.rows, self.seed = rows, seed
+        self.trained = np.array([int((r["targets"] != IGNORE).sum()) for r in rows])
+        self._orders: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def index(self, k: int) -> int:
+        epoch, i = divmod(k, len(self.rows))
+        if epoch not in self._orders:
+            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self))}
+        return int(self._orders[epoch][i])
+
+    def __getitem__(self, k: int) -> dict[str, np.ndarray]:
+        return self.rows[self.index(k)]
+
+
+def collate(rows: list[dict[str, np.ndarray]], pad_id: int) -> dict[str, np.ndarray]:
+    """Rows stacked, the shorter ones padded at the end to the longest (padding: pad_id, no
+    target, position 0, document -1)."""
+    length = max(len(r["input_ids"]) for r in rows)
+    fill = {"input_ids": pad_id, "targets": IGNORE, "positions": 0, "documents": -1}
+    return {
+        key: np.stack(
+            [np.pad(r[key], (0, length - len(r[key])), constant_values=fill[key]) for r in rows]
+        )  # fmt: skip
+        for key in rows[0]
+    }
+
+
+class SftBatches:
+    """The loop's view of SFT rows: the same global-batch layout as pretraining (step s takes
+    rows [s * G, (s + 1) * G), rank r micro-batch a's slice of them), so the rows of a step do
+    not depend on the world size."""
+
+    def __init__(self, stream: RowStream, rank: int, world_size: int, micro_size: int,
+                 accumulation: int, pad_id: int):  # fmt: skip
+        self.stream, self.rank, self.world = stream, rank, world_size
+        self.micro_size, self.accumulation, self.pad_id = micro_size, accumulation, pad_id
+        self.global_batch = micro_size * accumulation * world_size
+
+    def micro_batch(self, step: int, micro: int) -> dict[str, np.ndarray]:
+        first = step * self.global_batch + (micro * self.world + self.rank) * self.micro_size
+        return collate([self.stream[first + i] for i in range(self.micro_size)], self.pad_id)
+
+    def targets_in_step(self, step: int) -> int:
+        first = step * self.global_batch
+        return int(sum(self.stream.trained[self.stream.index(first + i)]
+                       for i in range(self.global_batch)))  # fmt: skip
+
+
+def padded_rows(examples: list[Example]) -> list[dict[str, np.ndarray]]:
+    """One example per row (packing=false); collate pads each micro-batch to its longest."""
+    rows = []
+    for e in examples:
+        row = build_row([e], len(e), pad_id=0)
+        del row["documents"]  # one example: causal attention alone keeps padding out of view
+        rows.append(row)
+    return rows

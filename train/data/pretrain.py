@@ -165,6 +165,27 @@ def micro_batch(
 
 
 @dataclass
+class PretrainBatches:
+    """The loop's view of pretraining data: this rank's micro-batches, inputs and targets."""
+
+    blend: Blend
+    rank: int
+    world_size: int
+    micro_size: int
+    accumulation: int
+    seq_len: int
+
+    def micro_batch(self, step: int, micro: int) -> dict[str, np.ndarray]:
+        tokens = micro_batch(self.blend, step, micro, self.rank, self.world_size,
+                             self.micro_size, self.accumulation)  # fmt: skip
+        return {"input_ids": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+    def targets_in_step(self, step: int) -> int:
+        """Targets the loss counts in step `step`, over all ranks: every one."""
+        return self.micro_size * self.accumulation * self.world_size * self.seq_len
+
+
+@dataclass
 class TrainingData:
     train: Blend
     validation: Blend | None

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cache
 
+from train.config import SftFieldsConfig
 from train.evals.records import BadItem, Record, Skipped, read_records, require
 
 IGNORE = -100
@@ -46,16 +47,6 @@ CHAT_TEMPLATES = {
         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
     ),
 }
-
-
-@dataclass
-class SftFields:
-    instruction: str = "instruction"
-    input: str = "input"
-    output: str = "output"
-    prompt: str = "prompt"
-    completion: str = "completion"
-    messages: str = "messages"
 
 
 @dataclass
@@ -86,7 +77,7 @@ def read_examples(
     tokenizer,
     max_tokens: int,
     *,
-    fields: SftFields | None = None,
+    fields: SftFieldsConfig | None = None,
     train_on_prompt: bool = False,
     chat_template: str | None = None,
     strict: bool = False,
@@ -96,7 +87,7 @@ def read_examples(
     and skipped, or with strict=true stop."""
     if format not in FORMATS:
         raise ValueError(f"format={format!r} is not one of {', '.join(FORMATS)}")
-    fields = fields or SftFields()
+    fields = fields or SftFieldsConfig()
     out = Examples([])
     for record in read_records(path, out.skipped, strict, split):
         try:
@@ -119,7 +110,7 @@ def read_examples(
     return out
 
 
-def prompt_response(record: Record, format: str, fields: SftFields) -> list[tuple[str, bool]]:
+def prompt_response(record: Record, format: str, fields: SftFieldsConfig) -> list[tuple[str, bool]]:
     """[(prompt text, False), (response text, True)]."""
     if format == "alpaca":
         instruction = require(record, fields.instruction, str, "a string")
@@ -138,7 +129,7 @@ def prompt_response(record: Record, format: str, fields: SftFields) -> list[tupl
     return [(prompt, False), (response, True)]
 
 
-def chat_pieces(record: Record, fields: SftFields, template: str) -> list[tuple[str, bool]]:
+def chat_pieces(record: Record, fields: SftFieldsConfig, template: str) -> list[tuple[str, bool]]:
     """The rendered conversation cut at message boundaries: each piece is what rendering one
     more message adds, trained if that message is the assistant's."""
     messages = require(record, fields.messages, list, "a list of {role, content}")

@@ -8,12 +8,6 @@ import torch
 import torch.distributed as dist
 
 
-def all_mean(x: torch.Tensor, device) -> float:
-    x = x.to(device=device, dtype=torch.float32).clone()
-    dist.all_reduce(x)
-    return (x / dist.get_world_size()).item()
-
-
 def all_max(value: int, device) -> int:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)

@@ -8,24 +8,26 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import torch
 
+from data_prep.tokenizers import LoadedTokenizer
 from train import engine as ds_engine
 from train import machine as hw
 from train.accelerator import Accelerator, Ranks
 from train.config import TrainConfig
-from train.data.pretrain import TrainingData, micro_batch
 from train.errors import TrainingStopped
 from train.evals.runner import TaskResult
 from train.evals.scoring import Scorer
 from train.evals.suite import PreparedTask
 from train.info import flops_per_token
 from train.loop.checkpoints import RunCheckpoints
-from train.loop.distributed import StopSignal, all_max, all_mean, any_rank, merged
+from train.loop.distributed import StopSignal, all_max, all_sum, any_rank, merged
 from train.loop.metrics import MetricsLogger, Throughput, live_tensor_bytes
 from train.loop.state import TrainState
 from train.optim import Schedule
@@ -34,6 +36,18 @@ if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
 log = logging.getLogger("neo.train")
+IGNORE = -100  # targets the loss does not count
+
+
+class Batches(Protocol):
+    """What the loop trains on: this rank's micro-batches of a step, as arrays named like the
+    model's arguments (input_ids, targets, and for packed rows positions, documents)."""
+
+    def micro_batch(self, step: int, micro: int) -> dict[str, np.ndarray]: ...
+
+    def targets_in_step(self, step: int) -> int:
+        """Targets the loss counts in the whole step, over every rank."""
+        ...
 
 
 @dataclass(kw_only=True)
@@ -48,7 +62,8 @@ class Trainer:
     precision: str  # bf16 | fp16 | fp32: what `precision` (auto or explicit) resolved to here
     precision_reason: str
     peak_flops: float | None  # per device, the MFU denominator (rank 0 only)
-    data: TrainingData
+    tokenizer: LoadedTokenizer
+    batches: Batches
     engine: DeepSpeedEngine
     accumulation: int  # micro-batches per optimizer step on each rank
     schedule: Schedule
@@ -58,6 +73,8 @@ class Trainer:
     # The validation split as a val task, and eval.tasks: loaded once, run at every validation.
     validation: PreparedTask | None = None
     benchmarks: list[PreparedTask] = field(default_factory=list)
+    # A verb's own validation (neo sft: loss on responses, sample answers): metric -> value.
+    extra_validation: Callable[[Trainer], dict[str, Any]] | None = None
 
 
 def fit(t: Trainer) -> bool:
@@ -87,12 +104,13 @@ def fit(t: Trainer) -> bool:
                 **meter.measure(step),
                 **(probe.record if probe else {}),
             )
-        if (t.validation or t.benchmarks) and (step % cfg.eval_every == 0 or done):
+        validates = t.validation or t.benchmarks or t.extra_validation
+        if validates and (step % cfg.eval_every == 0 or done):
             metrics.validation(step, **validate(t))
         too_many_bad = state.bad_steps_in_row >= cfg.max_bad_steps
         stopping = any_rank(stop.requested, t.device)
         if step % cfg.save_every == 0 or done or too_many_bad or stopping:
-            saved = t.checkpoints.save(t.engine, state, t.meta, t.data.tokenizer)
+            saved = t.checkpoints.save(t.engine, state, t.meta, t.tokenizer)
         if too_many_bad:
             metrics.close()
             raise TrainingStopped(
@@ -115,40 +133,44 @@ def fit(t: Trainer) -> bool:
 
 
 def train_step(t: Trainer, probe: MemoryProbe | None = None) -> tuple[float, bool]:
-    """One optimizer step of `accumulation` micro-batches: the loss (mean over the global batch)
-    and whether the optimizer step was applied (not skipped for non-finite gradients)."""
-    losses = []
+    """One optimizer step of `accumulation` micro-batches: the loss (mean over every target of
+    the global batch) and whether the optimizer step was applied (not skipped for non-finite
+    gradients).
+
+    The model returns each micro-batch's mean loss; DeepSpeed divides by the accumulation steps
+    and averages over ranks. Weighting each mean by its share of the step's targets (times
+    accumulation x world size) makes the step's gradient that of the mean over all of them,
+    however the targets fall into micro-batches (SFT's differ; pretraining's weights are 1)."""
+    step = t.state.step
+    in_step = t.batches.targets_in_step(step)
+    scale = t.accumulation * t.ranks.world_size / in_step
+    total = torch.zeros((), dtype=torch.float32, device=t.device)
     for micro in range(t.accumulation):
-        batch = batch_on_device(t, t.data.train, t.state.step, micro, t.accumulation)
-        loss = t.engine(batch[:, :-1], batch[:, 1:])  # the model returns the mean loss
-        t.engine.backward(loss)
+        arrays = t.batches.micro_batch(step, micro)
+        counted = int(np.count_nonzero(arrays["targets"] != IGNORE))
+        batch = {
+            k: torch.from_numpy(np.ascontiguousarray(v)).to(t.device) for k, v in arrays.items()
+        }
+        loss = t.engine(**batch)  # the mean over this micro-batch's targets
+        t.engine.backward(loss * (counted * scale))
         if probe is not None and micro == t.accumulation - 1:
             probe()  # gradients and optimizer state are live now
         t.engine.step()
-        losses.append(loss.detach().float())
-    mean_loss = all_mean(torch.stack(losses).mean(), t.device)
+        total += loss.detach().float() * counted
+    mean_loss = (all_sum(total) / in_step).item()
     applied = ds_engine.step_was_applied(t.engine)
-    step = t.state.step + 1
     if math.isfinite(mean_loss) and not applied:
-        log.warning("step %d: the optimizer step was skipped (non-finite gradients)", step)
+        log.warning("step %d: the optimizer step was skipped (non-finite gradients)", step + 1)
     if not math.isfinite(mean_loss) and applied:
-        raise RuntimeError(f"step {step}: the loss is not finite but the step was applied")
+        raise RuntimeError(f"step {step + 1}: the loss is not finite but the step was applied")
     return mean_loss, applied
-
-
-def batch_on_device(t: Trainer, blend, step: int, micro: int, accumulation: int) -> torch.Tensor:
-    """This rank's (micro_batch_size, seq_len + 1) tokens of micro-batch `micro` of `step`."""
-    tokens = micro_batch(
-        blend, step, micro, t.ranks.rank, t.ranks.world_size, t.cfg.micro_batch_size, accumulation
-    )
-    return torch.from_numpy(tokens).to(t.device)
 
 
 def validate(t: Trainer) -> dict[str, float]:
     """Loss, perplexity and bits per byte of the validation split (every document up to
     eval_tokens, else the same seeded sample every time), overall and per source, as `neo eval
     tasks=[val]` computes them; and the eval.tasks benchmarks as `task/metric`."""
-    values: dict[str, float] = {}
+    values: dict[str, Any] = t.extra_validation(t) if t.extra_validation else {}
     if t.validation is not None:
         result = score(t, t.validation)
         values |= {
@@ -178,7 +200,7 @@ def score(t: Trainer, prepared: PreparedTask) -> TaskResult:
         batch_tokens=t.cfg.eval.batch_tokens,
         rank=t.ranks.rank if split else 0,
         world_size=t.ranks.world_size if split else 1,
-        pad_id=t.data.eod_id,
+        pad_id=t.tokenizer.eod_id,
     )
     model.eval()
     with torch.no_grad():

@@ -72,14 +72,20 @@ class MetricsLogger:
     def validation(self, step: int, **values) -> None:
         if not self.enabled:
             return
+        samples = values.pop("samples", None)
         self._write({"step": step, **values})
         line = f"step {step}"
         if "val_loss" in values:
             line += (
                 f" | validation loss {values['val_loss']:.4f} | perplexity {values['val_ppl']:.2f}"
-                f" | bits per byte {values['val_bpb']:.4f}"
             )
+            if "val_bpb" in values:
+                line += f" | bits per byte {values['val_bpb']:.4f}"
         log.info(line + "".join(f" | {k} {v:.4g}" for k, v in values.items() if "/" in k))
+        if samples:
+            self._write({"step": step, "event": "samples", "samples": samples}, to_wandb=False)
+            for s in samples:
+                log.info("  sample: %r -> %r", s["prompt"][-80:], s["answer"][:160])
 
     def _write(self, record: dict, to_wandb: bool = True) -> None:
         record = {

@@ -1,0 +1,248 @@
+"""`neo sft`: supervised fine-tuning of a causal LM on instruction, completion or chat data, with
+`neo train`'s machinery (DeepSpeed ZeRO 0-3, precision, accumulation, schedule, exact resume,
+SIGTERM/SIGUSR1 save, metrics, export).
+
+    neo sft                                   # the demo model on the bundled instruction sample
+    neo sft base=runs/demo sft.path=train.jsonl sft.format=alpaca epochs=3
+    torchrun --nproc_per_node 2 -m train.cli sft base=~/models/gpt-neo-125M deepspeed=zero2 \\
+        sft.path=chats.jsonl sft.format=chat
+
+Records become ids and labels (train/data/sft.py: the loss on responses only, or on assistant
+turns), packed several to a row (train/data/packing.py; positions restart and attention is
+blocked at each example, so a packed row trains each example as if it were alone) or padded.
+Validation reports the loss on responses and greedy answers to a few validation prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_prep.tokenizers import LoadedTokenizer, load_tokenizer
+from train.config import ConfigError, GenerationConfig, SftConfig
+from train.data.packing import RowStream, SftBatches, collate, pack, padded_rows, padding_share
+from train.data.sft import CHAT_TEMPLATES, IGNORE, Example, read_examples
+from train.decoding import generate_ids
+from train.errors import NotFound
+from train.info import count_parameters
+from train.load import read_any
+from train.loop.distributed import all_sum
+from train.loop.fit import Trainer
+from train.loop.run import (
+    build_or_resume,
+    checkpoint_meta,
+    start_run,
+    train_and_finish,
+    trainer_fields,
+    write_config,
+)
+from train.optim import Schedule
+
+log = logging.getLogger("neo.sft")
+BUNDLED = Path(__file__).parents[1] / "data_prep" / "sample" / "sft_instructions.jsonl"
+
+
+def run(cfg: SftConfig) -> None:
+    train_and_finish(setup(cfg))
+
+
+def setup(cfg: SftConfig) -> Trainer:
+    cfg.sft.validate()
+    weights, tokenizer, base_identity = read_base(cfg)
+    train, validation = read_data(cfg, tokenizer)
+    rows = pack(train, cfg.seq_len, tokenizer.eod_id) if cfg.sft.packing else padded_rows(train)
+    if cfg.epochs is not None:
+        cfg.max_steps = max(1, math.ceil(cfg.epochs * len(rows) / cfg.global_batch_size))
+    run = start_run(cfg)
+    ranks = run.ranks
+    log.info(
+        "%d training examples in %d rows (%s, %.1f%% padding), %d validation examples; "
+        "%d steps of %d rows (%s epochs)",
+        len(train),
+        len(rows),
+        "packed" if cfg.sft.packing else "one per row",
+        100 * padding_share([*rows]) if cfg.sft.packing else 100 * _padding_if_padded(rows, cfg),
+        len(validation),
+        cfg.max_steps,
+        cfg.global_batch_size,
+        f"{cfg.max_steps * cfg.global_batch_size / len(rows):.2f}",
+    )
+    identity = {
+        "model": {k: v for k, v in asdict(cfg.model).items() if k != "attention_backend"},
+        "base": base_identity,
+        "data": {
+            **data_identity(cfg, tokenizer),
+            "global_batch_size": cfg.global_batch_size,
+            "seq_len": cfg.seq_len,
+        },
+    }
+    engine, state, spec, resume = build_or_resume(cfg, run, identity, weights)
+    del weights
+    if ranks.is_main:
+        write_config("sft", cfg, run)
+    log.info(
+        "fine-tuning %s (%s parameters) from %s on %d x %s, ZeRO-%d, %s, accumulation %d; "
+        "run dir %s%s",
+        cfg.model.name,
+        f"{count_parameters(cfg.model).total:,}",
+        cfg.base if base_identity else "fresh weights",
+        ranks.world_size,
+        run.acc.kind,
+        cfg.deepspeed.zero_stage,
+        run.precision,
+        run.accumulation,
+        cfg.run_dir,
+        f"; resumed at step {state.step}" if resume else "",
+    )
+    engine.train()
+    stream = RowStream(rows, cfg.sft.seed)
+    pad_id = tokenizer.eod_id
+    return Trainer(
+        cfg=cfg,
+        **trainer_fields(run),
+        tokenizer=tokenizer,
+        batches=SftBatches(
+            stream, ranks.rank, ranks.world_size, cfg.micro_batch_size, run.accumulation, pad_id
+        ),  # fmt: skip
+        engine=engine,
+        schedule=Schedule(cfg.optim, cfg.max_steps, cfg.tokens_per_step),
+        meta=checkpoint_meta(spec, identity, cfg.model, tokenizer),
+        state=state,
+        extra_validation=SftValidation(cfg, validation, tokenizer) if validation else None,
+    )
+
+
+def read_base(cfg: SftConfig) -> tuple[dict | None, LoadedTokenizer, dict | None]:
+    """The base model's weights and tokenizer; cfg.model becomes its config. Without the demo
+    model: fresh weights of cfg.model and the GPT-2 tokenizer, said so."""
+    if not Path(cfg.base).exists():
+        if cfg.base != "runs/demo":
+            raise NotFound(f"base={cfg.base} does not exist")
+        log.warning(
+            "base=runs/demo does not exist (`make demo` makes it): fine-tuning a fresh %s model "
+            "instead; pass base=PATH to start from a trained one",
+            cfg.model.name,
+        )
+        return None, load_tokenizer("gpt2"), None
+    config, state, tokenizer = read_any(cfg.base)
+    if tokenizer is None:
+        raise NotFound(f"base={cfg.base} has no tokenizer files (tokenizer.json or vocab+merges)")
+    # The base decides the architecture; how attention is computed stays the user's choice.
+    cfg.model = replace(config, attention_backend=cfg.model.attention_backend)
+    return dict(state), tokenizer, {"path": str(Path(cfg.base).resolve()), "name": config.name}
+
+
+def read_data(cfg: SftConfig, tokenizer) -> tuple[list[Example], list[Example]]:
+    """Training and validation examples (a file of its own, or a seeded fraction)."""
+    s = cfg.sft
+    template = CHAT_TEMPLATES.get(s.chat_template, s.chat_template)
+    common = dict(fields=s.fields, train_on_prompt=s.train_on_prompt,
+                  chat_template=template, strict=s.strict, split=s.split)  # fmt: skip
+    path = s.path or str(BUNDLED)
+    read = read_examples(path, s.format, tokenizer, cfg.seq_len, **common)
+    _report(path, read)
+    examples = read.examples
+    if s.validation_path:
+        held = read_examples(s.validation_path, s.format, tokenizer, cfg.seq_len, **common)
+        _report(s.validation_path, held)
+        train, validation = examples, held.examples
+    else:
+        order = np.random.default_rng(s.seed).permutation(len(examples))
+        n = int(round(s.validation_fraction * len(examples)))
+        n = min(n, len(examples) - 1)
+        validation = [examples[i] for i in sorted(order[:n])]
+        train = [examples[i] for i in sorted(order[n:])]
+    if not train:
+        raise ConfigError(f"{path}: no usable training example")
+    return train, validation
+
+
+def _report(path: str, read) -> None:
+    if read.skipped.count:
+        log.warning("%s: %d bad records skipped, first: %s", path, read.skipped.count,
+                    read.skipped.examples[0])  # fmt: skip
+    if read.truncated:
+        log.warning("%s: %d examples longer than the context lost prompt tokens from the left",
+                    path, read.truncated)  # fmt: skip
+
+
+def _padding_if_padded(rows, cfg: SftConfig) -> float:
+    """Padding share when each micro-batch pads to its longest row (rows in file order)."""
+    m = cfg.micro_batch_size
+    lengths = [len(r["input_ids"]) for r in rows]
+    padded = sum(max(lengths[i : i + m]) * len(lengths[i : i + m]) for i in range(0, len(rows), m))
+    return 1 - sum(lengths) / padded
+
+
+def data_identity(cfg: SftConfig, tokenizer) -> dict:
+    """What decides the rows and their order: the data files by content, and the settings."""
+    files = {}
+    for path in filter(None, [cfg.sft.path or str(BUNDLED), cfg.sft.validation_path]):
+        if Path(path).is_file():
+            files[Path(path).name] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        else:
+            files[path] = None  # hf:NAME
+    settings = asdict(cfg.sft)
+    for key in ("path", "validation_path", "strict"):
+        settings.pop(key)
+    return {"files": files, **settings, "tokenizer": tokenizer.file_hashes()}
+
+
+class SftValidation:
+    """Loss on the validation examples' trained tokens (responses), and greedy answers to the
+    first `samples` validation prompts. Under ZeRO 0-2 the ranks split the rows and rank 0
+    answers; under ZeRO-3 every rank runs every forward (the weights are partitioned) and no
+    answers are generated."""
+
+    def __init__(self, cfg: SftConfig, examples: list[Example], tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        pad = tokenizer.eod_id
+        self.rows = pack(examples, cfg.seq_len, pad) if cfg.sft.packing else padded_rows(examples)
+        self.prompts = [
+            (e.input_ids[: e.prompt_length],
+             tokenizer.decode([t for t in e.labels if t != IGNORE][:-1]))
+            for e in examples[: cfg.samples]
+        ]  # fmt: skip
+
+    def __call__(self, t: Trainer) -> dict:
+        split = self.cfg.deepspeed.zero_stage < 3
+        rank, world = (t.ranks.rank, t.ranks.world_size) if split else (0, 1)
+        model = t.engine.module
+        model.eval()
+        sums = torch.zeros(2, dtype=torch.float64, device=t.device)  # loss sum, targets
+        m = self.cfg.micro_batch_size
+        with torch.no_grad():
+            chunks = range(0, len(self.rows), m)
+            for first in list(chunks)[rank::world]:
+                arrays = collate(self.rows[first : first + m], self.tokenizer.eod_id)
+                batch = {k: torch.from_numpy(v).to(t.device) for k, v in arrays.items()}
+                n = int((batch["targets"] != IGNORE).sum())
+                sums += torch.tensor([float(model(**batch)) * n, n], device=t.device)
+        if split:
+            all_sum(sums)
+        loss = float(sums[0] / sums[1])
+        values: dict = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        if split and t.ranks.is_main and self.prompts:
+            values["samples"] = self.answers(model, t.device)
+        model.train()
+        return values
+
+    def answers(self, model, device) -> list[dict]:
+        config = GenerationConfig(max_new_tokens=self.cfg.sample_max_new_tokens, truncate="left")
+        outputs = generate_ids(model, [p for p, _ in self.prompts], config,
+                               eos_id=self.tokenizer.eod_id, device=device)  # fmt: skip
+        answers = []
+        for (prompt, reference), (out,) in zip(self.prompts, outputs, strict=True):
+            ids = out.token_ids[:-1] if out.finish_reason == "eos" else out.token_ids
+            answers.append({
+                "prompt": self.tokenizer.decode(prompt),
+                "answer": self.tokenizer.decode(ids),
+                "reference": reference,
+            })  # fmt: skip
+        return answers
