@@ -145,14 +145,13 @@ def test_warm_up_stays_out_of_rate_and_eta(monkeypatch):
     clock = Clock()
     monkeypatch.setattr(metrics.time, "perf_counter", clock)
     meter = metrics.Throughput(
-        first_step=0, max_steps=12, tokens_per_step=1000, flops_per_token=1.0,
-        peak_flops_total=1e6,
+        first_step=0, first_tokens=0, max_steps=12, flops_per_token=1.0, peak_flops_total=1e6,
     )  # fmt: skip
     clock.now += 30.0  # step 1: kernel builds, first buckets
-    first = meter.measure(1)
+    first = meter.measure(1, 1000)
     assert first["tokens_per_s"] is None and first["warmup_s"] == 30.0 and "eta_s" not in first
-    clock.now += 2.0  # steps 2 and 3: 1 s each
-    second = meter.measure(3)
+    clock.now += 2.0  # steps 2 and 3: 1 s each, 1000 tokens each
+    second = meter.measure(3, 3000)
     assert second["tokens_per_s"] == 1000.0
     assert second["eta_s"] == pytest.approx(9.0)  # 9 steps left at 1 s, the 30 s not counted
     assert second["mfu"] == pytest.approx(1e-3)
@@ -162,12 +161,12 @@ def test_mfu_above_one_is_never_reported_and_said_once(monkeypatch):
     clock = Clock()
     monkeypatch.setattr(metrics.time, "perf_counter", clock)
     said = []
-    meter = metrics.Throughput(0, 10, 1000, 2000.0, 1e6, on_impossible_mfu=said.append)
-    meter.measure(1)
+    meter = metrics.Throughput(0, 0, 10, 2000.0, 1e6, on_impossible_mfu=said.append)
+    meter.measure(1, 1000)
     clock.now += 1.0
-    assert meter.measure(2)["mfu"] is None  # 2000 x 1000 / 1e6 = 2.0
+    assert meter.measure(2, 2000)["mfu"] is None  # 2000 x 1000 / 1e6 = 2.0
     clock.now += 100.0
-    assert meter.measure(3)["mfu"] is None  # 0.02 now, but the peak is known to be wrong
+    assert meter.measure(3, 3000)["mfu"] is None  # 0.02 now, but the peak is known to be wrong
     assert said == [2.0]
 
 

@@ -190,3 +190,19 @@ def test_rows_of_a_step_do_not_depend_on_the_world_size():
     epoch0 = [int(stream[k]["input_ids"][0]) for k in range(40)]
     epoch1 = [int(stream[k]["input_ids"][0]) for k in range(40, 80)]
     assert sorted(epoch0) == sorted(epoch1) == list(range(40)) and epoch0 != epoch1
+
+
+def test_tokens_of_a_step_count_the_padding_each_micro_batch_computes():
+    """One example per row: a micro-batch computes its longest row times its rows (what the
+    tokens/s and MFU of the progress line count), whatever the world size."""
+    rows = [{"input_ids": np.zeros(n, dtype=np.int64), "targets": np.zeros(n, dtype=np.int64)}
+            for n in (3, 9, 4, 4, 7, 1, 2, 8)]  # fmt: skip
+    stream = RowStream(rows, seed=0)
+    batches = SftBatches(stream, 0, 1, micro_size=2, accumulation=4, pad_id=0)
+    lengths = [len(stream[k]["input_ids"]) for k in range(8)]
+    expected = sum(2 * max(lengths[i : i + 2]) for i in range(0, 8, 2))
+    assert batches.tokens_in_step(0) == expected
+    computed = sum(batches.micro_batch(0, m)["input_ids"].size for m in range(4))
+    assert computed == expected
+    two = SftBatches(stream, 1, 2, micro_size=2, accumulation=2, pad_id=0)
+    assert two.tokens_in_step(0) == expected

@@ -132,6 +132,14 @@ class SftBatches:
         first = step * self.global_batch + (micro * self.world + self.rank) * self.micro_size
         return collate([self.stream[first + i] for i in range(self.micro_size)], self.pad_id)
 
+    def tokens_in_step(self, step: int) -> int:
+        """Tokens computed in step `step` over all ranks: each micro-batch pads its rows to its
+        longest."""
+        first, m = step * self.global_batch, self.micro_size
+        lengths = [len(self.stream[first + i]["input_ids"]) for i in range(self.global_batch)]
+        return sum(max(lengths[i : i + m]) * len(lengths[i : i + m])
+                   for i in range(0, len(lengths), m))  # fmt: skip
+
     def targets_in_step(self, step: int) -> int:
         first = step * self.global_batch
         return int(sum(self.stream.trained[self.stream.index(first + i)]

@@ -184,6 +184,9 @@ class PretrainBatches:
         """Targets the loss counts in step `step`, over all ranks: every one."""
         return self.micro_size * self.accumulation * self.world_size * self.seq_len
 
+    def tokens_in_step(self, step: int) -> int:
+        return self.targets_in_step(step)
+
 
 @dataclass
 class TrainingData:

@@ -49,6 +49,10 @@ class Batches(Protocol):
         """Targets the loss counts in the whole step, over every rank."""
         ...
 
+    def tokens_in_step(self, step: int) -> int:
+        """Tokens the model computes in the whole step, over every rank (padding included)."""
+        ...
+
 
 @dataclass(kw_only=True)
 class Trainer:
@@ -89,8 +93,9 @@ def fit(t: Trainer) -> bool:
         ds_engine.set_lr(t.engine, lr)
         # Model-state memory, once: on the step after warm-up, when every buffer exists.
         probe = MemoryProbe(t.device) if state.step == meter.first + 1 else None
+        tokens = t.batches.tokens_in_step(state.step)
         loss, applied = train_step(t, probe)
-        state.advance(cfg.global_batch_size, cfg.tokens_per_step, applied)
+        state.advance(cfg.global_batch_size, tokens, applied)
         step, done = state.step, state.step == cfg.max_steps
 
         if step % cfg.logger.log_every == 0 or done or step == meter.first + 1 or probe:
@@ -101,7 +106,7 @@ def fit(t: Trainer) -> bool:
                 grad_norm=ds_engine.grad_norm(t.engine),
                 tokens=state.tokens,
                 skipped=state.skipped_steps,
-                **meter.measure(step),
+                **meter.measure(step, state.tokens),
                 **(probe.record if probe else {}),
             )
         validates = t.validation or t.benchmarks or t.extra_validation
@@ -254,8 +259,8 @@ def throughput(t: Trainer) -> Throughput:
 
     return Throughput(
         first_step=t.state.step,
+        first_tokens=t.state.tokens,
         max_steps=t.cfg.max_steps,
-        tokens_per_step=t.cfg.tokens_per_step,
         flops_per_token=flops_per_token(t.cfg.model, t.cfg.seq_len),
         peak_flops_total=t.peak_flops * t.ranks.world_size if t.peak_flops else None,
         on_impossible_mfu=impossible,

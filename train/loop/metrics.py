@@ -187,29 +187,29 @@ class Throughput:
     def __init__(
         self,
         first_step: int,
+        first_tokens: int,
         max_steps: int,
-        tokens_per_step: int,
         flops_per_token: float,
         peak_flops_total: float | None,
         on_impossible_mfu=None,
     ):
         self.first, self.max_steps = first_step, max_steps
-        self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
         self.peak = peak_flops_total
         self.on_impossible_mfu = on_impossible_mfu  # called once, with the impossible value
         self.started = self.last_time = time.perf_counter()
-        self.last_step = first_step
+        self.last_step, self.last_tokens = first_step, first_tokens
         self.warm: tuple[int, float] | None = None  # (step, time) at the end of warm-up
 
-    def measure(self, step: int) -> dict[str, float | None]:
+    def measure(self, step: int, tokens: int) -> dict[str, float | None]:
+        """At `step`, with `tokens` computed since the run began (the state's counter)."""
         now = time.perf_counter()
         if self.warm is None:  # the warm-up step, or the first line after it
             self.warm = (step, now)
-            self.last_step, self.last_time = step, now
+            self.last_step, self.last_time, self.last_tokens = step, now, tokens
             return {"tokens_per_s": None, "mfu": None, "warmup_s": now - self.started}
-        tokens_per_s = self.tokens_per_step * (step - self.last_step) / (now - self.last_time)
-        self.last_step, self.last_time = step, now
+        tokens_per_s = (tokens - self.last_tokens) / (now - self.last_time)
+        self.last_step, self.last_time, self.last_tokens = step, now, tokens
         warm_step, warm_time = self.warm
         eta = (now - warm_time) / (step - warm_step) * (self.max_steps - step)
         return {"tokens_per_s": tokens_per_s, "mfu": self._mfu(tokens_per_s), "eta_s": eta}
