@@ -56,6 +56,8 @@ class LoadedTokenizer:
     name: str
     # The files it was loaded from: their sha256 identify it (see `file_hashes`).
     files: list[Path] = field(default_factory=list)
+    # A Hugging Face directory's chat template (tokenizer_config.json), for SFT chat data.
+    chat_template: str | None = None
 
     @property
     def eod_id(self) -> int:

@@ -208,3 +208,23 @@ def test_bundled_samples_read_cleanly():
     assert {label: labels.count(label) for label in set(labels)} == {
         "code": 300, "e-mail": 300, "book": 300, "forum": 300,
     }  # fmt: skip
+
+
+def test_a_hugging_face_directory_brings_its_chat_template(tmp_path, trained_gpt2_model):
+    import shutil
+
+    from train.hf import hf_dir_tokenizer
+
+    hf = tmp_path / "hf"
+    shutil.copytree(trained_gpt2_model / "hf", hf)
+    config = json.loads((hf / "tokenizer_config.json").read_text())
+    config["chat_template"] = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    )
+    (hf / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = hf_dir_tokenizer(hf)
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": chat}])
+    (example,) = read_examples(path, "chat", tokenizer, 64).examples
+    assert tokenizer.decode(example.input_ids) == "[user] hi\n[assistant] hello\n<|endoftext|>"
+    assert trained_text(example) == "[assistant] hello\n<|endoftext|>"

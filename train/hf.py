@@ -207,10 +207,17 @@ def write_hf_dir(
 
 
 def hf_dir_tokenizer(path: Path) -> LoadedTokenizer | None:
+    """The directory's tokenizer, with its chat template when tokenizer_config.json has one
+    (a string; transformers' named-template lists are not read)."""
     try:
-        return load_tokenizer(path)
+        tokenizer = load_tokenizer(path)
     except FileNotFoundError:
         return None
+    config = Path(path) / "tokenizer_config.json"
+    if config.is_file():
+        template = json.loads(config.read_text()).get("chat_template")
+        tokenizer.chat_template = template if isinstance(template, str) else None
+    return tokenizer
 
 
 def model_card(config: ModelConfig, tokenizer: LoadedTokenizer, dtype: torch.dtype) -> str:
