@@ -66,7 +66,7 @@ def main() -> None:
     shell(str(BIN / "neo"), "generate", f"model={RUN_DIR}", f"prompt={prompt}",
           "num_return_sequences=2", "top_k=40", "temperature=0.8", "seed=0")  # fmt: skip
     shell(str(BIN / "neo"), "sft", f"base={RUN_DIR}", f"run_dir={RUN_DIR}-sft", "epochs=null",
-          "max_steps=40", "eval_every=20", "save_every=40", "optim.lr=5e-4")  # fmt: skip
+          "max_steps=100", "eval_every=50", "save_every=100", "optim.lr=1e-3")  # fmt: skip
     print(
         f"\neverything is in {RUN_DIR}/: config.yaml, metrics.jsonl, loss.png, checkpoints/ "
         "(DeepSpeed, resumable), model/ (neotrain checkpoint), hf/ (GPTNeoForCausalLM); the "

@@ -85,7 +85,8 @@ class MetricsLogger:
         if samples:
             self._write({"step": step, "event": "samples", "samples": samples}, to_wandb=False)
             for s in samples:
-                log.info("  sample: %r -> %r", s["prompt"][-80:], s["answer"][:160])
+                answer = repr(s["answer"][:160]) if s["answer"] else "(end-of-text at once)"
+                log.info("  sample: %r -> %s", s["prompt"][-80:], answer)
 
     def _write(self, record: dict, to_wandb: bool = True) -> None:
         record = {
