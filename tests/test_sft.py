@@ -206,3 +206,18 @@ def test_tokens_of_a_step_count_the_padding_each_micro_batch_computes():
     assert computed == expected
     two = SftBatches(stream, 1, 2, micro_size=2, accumulation=2, pad_id=0)
     assert two.tokens_in_step(0) == expected
+
+
+@pytest.mark.slow
+def test_zero3_on_two_ranks_validates_and_answers(tmp_path, trained_gpt2_model, instructions):
+    """Partitioned weights: the validation loss matches ZeRO-2's, and every rank decodes the
+    sample answers in step (rank 0 logs them)."""
+    base = trained_gpt2_model / "ckpt"
+    common = ("max_steps=2", "eval_every=2", "save_every=2")
+    sft(tmp_path / "z2", "deepspeed=zero2", *common, base=base, data=instructions, ranks=2)
+    sft(tmp_path / "z3", "deepspeed=zero3", *common, base=base, data=instructions, ranks=2)
+    assert validations(tmp_path / "z3") == pytest.approx(validations(tmp_path / "z2"), rel=1e-4)
+    (z3,) = [r for r in read_metrics(tmp_path / "z3") if r.get("event") == "samples"]
+    (z2,) = [r for r in read_metrics(tmp_path / "z2") if r.get("event") == "samples"]
+    assert len(z3["samples"]) == 2
+    assert z3["samples"] == z2["samples"]  # same weights, same greedy answers

@@ -197,8 +197,8 @@ def data_identity(cfg: SftConfig, tokenizer) -> dict:
 class SftValidation:
     """Loss on the validation examples' trained tokens (responses), and greedy answers to the
     first `samples` validation prompts. Under ZeRO 0-2 the ranks split the rows and rank 0
-    answers; under ZeRO-3 every rank runs every forward (the weights are partitioned) and no
-    answers are generated."""
+    answers; under ZeRO-3 every rank runs every forward, answers included (the weights are
+    partitioned)."""
 
     def __init__(self, cfg: SftConfig, examples: list[Example], tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
@@ -228,8 +228,12 @@ class SftValidation:
             all_sum(sums)
         loss = float(sums[0] / sums[1])
         values: dict = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
-        if split and t.ranks.is_main and self.prompts:
-            values["samples"] = self.answers(model, t.device)
+        # ZeRO-3: every rank decodes the same greedy answers in step (each forward gathers the
+        # partitioned weights with collectives every rank must join); rank 0 reports them.
+        if self.prompts and (t.ranks.is_main or not split):
+            answers = self.answers(model, t.device)
+            if t.ranks.is_main:
+                values["samples"] = answers
         model.train()
         return values
 
