@@ -67,7 +67,7 @@ def setup(cfg: SftConfig) -> Trainer:
         len(train),
         len(rows),
         "packed" if cfg.sft.packing else "one per row",
-        100 * padding_share([*rows]) if cfg.sft.packing else 100 * _padding_if_padded(rows, cfg),
+        100 * padding_share(rows) if cfg.sft.packing else 100 * _padding_if_padded(rows, cfg),
         len(validation),
         cfg.max_steps,
         cfg.global_batch_size,
@@ -135,7 +135,9 @@ def read_base(cfg: SftConfig) -> tuple[dict | None, LoadedTokenizer, dict | None
         raise NotFound(f"base={cfg.base} has no tokenizer files (tokenizer.json or vocab+merges)")
     # The base decides the architecture; how attention is computed stays the user's choice.
     cfg.model = replace(config, attention_backend=cfg.model.attention_backend)
-    return dict(state), tokenizer, {"path": str(Path(cfg.base).resolve()), "name": config.name}
+    # Identified by what it is, not where: a moved base still resumes (its weights are in the
+    # checkpoints by then).
+    return dict(state), tokenizer, {"name": config.name}
 
 
 def read_data(cfg: SftConfig, tokenizer) -> tuple[list[Example], list[Example]]:
