@@ -50,6 +50,7 @@ import time
 from importlib.metadata import version
 
 import torch
+from markdown_table import markdown
 
 from train.config import GenerationConfig
 from train.decoding import generate_ids
@@ -308,13 +309,6 @@ def describe(model) -> str:
 
 def mib(nbytes: int) -> str:
     return f"{nbytes / 2**20:.2f}"
-
-
-def markdown(header: list[str], rows: list[list[str]]) -> None:
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
 
 
 def main() -> None:

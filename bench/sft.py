@@ -74,6 +74,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from markdown_table import markdown
 
 from data_prep.tokenizers import load_tokenizer
 from train.config import ModelConfig
@@ -320,13 +321,6 @@ def describe(trainer: Trainer) -> str:
         f"hidden {c.hidden_size}, {c.num_layers} layers, window {c.window_size}, "
         f"{trainer.model.num_parameters() / 1e6:.1f}M parameters"
     )
-
-
-def markdown(header: list[str], rows: list[list[str]]) -> None:
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---" for _ in header) + "|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from train import engine as ds_engine
 from train import machine as hw
 from train.accelerator import Accelerator, Ranks
 from train.config import TrainConfig
+from train.data.sft import IGNORE
 from train.errors import TrainingStopped
 from train.evals.runner import TaskResult
 from train.evals.scoring import Scorer
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
 log = logging.getLogger("neo.train")
-IGNORE = -100  # targets the loss does not count
 
 
 class Batches(Protocol):
