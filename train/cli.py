@@ -146,6 +146,7 @@ def run_verb(name: str, overrides: list[str]) -> None:
             # Every rule of the config before the verb's module (torch, DeepSpeed) is imported.
             if isinstance(config, SftConfig):
                 config.sft.validate()  # the model is the base's: checked once it is read
+                config.lora.validate()
             elif isinstance(config, TrainConfig):
                 config.validate(ranks_from_env().world_size)
             elif isinstance(config, EvalConfig | GenerateConfig):

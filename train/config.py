@@ -615,6 +615,46 @@ class SftDataConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (peft's LoRA): the base weights stay frozen and only the adapters
+    train. LoRA usually wants a larger learning rate than full fine-tuning (optim.lr=2e-4)."""
+
+    # Rank of the adapters; 0: full fine-tuning.
+    r: int = 0
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.05
+    # Linear layers to adapt, by name: q_proj k_proj v_proj out_proj (attention), c_fc c_proj
+    # (MLP). GPT-Neo's usual choice (peft's default for gpt_neo) is the query and value.
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # At the end: the base with the adapters folded in as run_dir/model (and its HF export);
+    # false: only the adapters (run_dir/adapter, peft's format).
+    merge: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+    def validate(self) -> LoraConfig:
+        if self.r < 0:
+            raise ConfigError(f"lora.r={self.r} must be >= 0 (0 disables LoRA)")
+        if self.enabled:
+            if self.alpha <= 0:
+                raise ConfigError(f"lora.alpha={self.alpha} must be > 0")
+            if not 0 <= self.dropout < 1:
+                raise ConfigError(f"lora.dropout={self.dropout} must be in [0, 1)")
+            unknown = sorted(set(self.target_modules) - set(LORA_TARGETS))
+            if unknown or not self.target_modules:
+                raise ConfigError(
+                    f"lora.target_modules={list(self.target_modules)}: expected names among "
+                    f"{', '.join(LORA_TARGETS)}"
+                )
+        return self
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj")
+
+
+@dataclass
 class SftConfig(TrainConfig):
     """`neo sft`: TrainConfig's machinery (ZeRO, precision, accumulation, schedule, resume,
     checkpoints, export) on fine-tuning data, starting from `base`."""
@@ -623,6 +663,7 @@ class SftConfig(TrainConfig):
     # directory; its model config replaces `model`. runs/demo missing: a fresh `model`.
     base: str = "runs/demo"
     sft: SftDataConfig = field(default_factory=SftDataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     # Passes over the training rows; sets max_steps when given.
     epochs: float | None = None
     # Greedy answers to this many validation prompts, logged at every validation.
@@ -631,6 +672,7 @@ class SftConfig(TrainConfig):
 
     def validate(self, world_size: int) -> int:
         self.sft.validate()
+        self.lora.validate()
         if self.epochs is not None and self.epochs <= 0:
             raise ConfigError(f"epochs={self.epochs} must be > 0")
         if self.samples < 0:

@@ -26,8 +26,9 @@ import torch.distributed as dist
 from torch import nn
 
 from data_prep.files import atomic_dir, atomic_write_text
+from train import lora as lora_adapters
 from train.accelerator import Accelerator
-from train.config import ConfigError, DeepSpeedConfig, ModelConfig, OptimConfig
+from train.config import ConfigError, DeepSpeedConfig, LoraConfig, ModelConfig, OptimConfig
 from train.errors import CheckpointError
 from train.model import GPT
 from train.optim import parameter_groups
@@ -211,6 +212,7 @@ class EngineSpec:
     micro_batch: int
     accumulation: int
     world_size: int
+    lora: LoraConfig | None = None  # adapters on a frozen model (neo sft lora.r=...)
 
     @property
     def layout(self) -> Layout:
@@ -241,15 +243,31 @@ def build_engine(
 ):
     """The DeepSpeed engine around a GPT whose weights are `weights` (a full state dict) or,
     without them, freshly initialised. Either way they are identical for every ZeRO stage and
-    world size: rank 0 fills them in (from one seeded generator), module by module.
+    world size: rank 0 fills them in (from one seeded generator), module by module. With
+    spec.lora, the GPT carries peft's adapters (initialised as peft does, from the same
+    generator) and only they train.
     `load_universal`: the engine will load a universal checkpoint (a resume that reshards)."""
     import deepspeed  # slow to import (seconds): only the verbs that build an engine pay
 
     ds_config = spec.ds_config(load_universal)
     ds, model_config, optim = spec.deepspeed, spec.model, spec.optim
     generator = torch.Generator().manual_seed(seed)
+    lora = spec.lora if spec.lora and spec.lora.enabled else None
+    if lora:
+        import peft  # noqa: F401  (imported here: its import must not run under zero.Init)
+
+    def build() -> GPT:
+        model = GPT(model_config)
+        return lora_adapters.inject(model, lora) if lora else model
 
     def fill(model: GPT, module: nn.Module, names: dict[int, str]) -> None:
+        params = list(module.parameters(recurse=False))
+        if (
+            params
+            and lora
+            and lora_adapters.init_parameter(names[id(params[0])], params[0], generator)
+        ):
+            return  # an adapter's A or B: its module's only parameter
         if weights is None:
             model.init_module(module, generator)
             return
@@ -262,7 +280,7 @@ def build_engine(
         # dtype comes from the config's bf16/fp16 blocks (passing dtype= explicitly is
         # ignored on CPU by DeepSpeed 0.19, which then picks bf16).
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            model = GPT(model_config)
+            model = build()
         names = {id(p): n for n, p in model.named_parameters()}
         for module in model.modules():
             params = list(module.parameters(recurse=False))
@@ -273,7 +291,7 @@ def build_engine(
                     fill(model, module, names)
     else:
         with torch.device("meta"):
-            model = GPT(model_config)
+            model = build()
         model.to_empty(device=device)
         model.tie_weights()
         names = {id(p): n for n, p in model.named_parameters()}
@@ -402,10 +420,15 @@ class _UniversalArgs:
 def full_state_dict(engine) -> dict[str, torch.Tensor]:
     """The fp32 master weights of a live engine, whole, on every rank (a collective under
     ZeRO-3). Under bf16/fp16 these are the optimizer's fp32 copies, not the rounded ones."""
+    import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
     state = {}
     for name, param in engine.module.named_parameters():
+        if not param.requires_grad:  # frozen (under LoRA): no optimizer copy; gathered as is
+            with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+                state[name] = param.detach().float().cpu().clone()
+            continue
         full = safe_get_full_fp32_param(param)
         state[name] = (param.detach() if full is None else full).float().cpu().clone()
     return state

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from data_prep.tokenizers import LoadedTokenizer, load_tokenizer
+from train import lora
 from train.checkpoint import (
     CONFIG_FILE,
     TIED,
@@ -22,7 +23,7 @@ from train.checkpoint import (
     model_config_from_dict,
     read_checkpoint,
 )
-from train.config import ModelConfig, ModelSourceConfig
+from train.config import LoraConfig, ModelConfig, ModelSourceConfig
 from train.engine import consolidated_state_dict
 from train.errors import ConfigError, NotFound
 from train.hf import hf_dir_tokenizer, is_hf_dir, read_hf_dir
@@ -37,6 +38,8 @@ def read_training_checkpoint(
     saved = run_checkpoints.read_state(tag_dir)
     config = model_config_from_dict(saved["model"], str(tag_dir / run_checkpoints.STATE_FILE))
     state = consolidated_state_dict(tag_dir.parent, tag_dir.name)
+    if saved.get("lora"):  # a LoRA run's checkpoint: the model it computes, adapters merged
+        state = lora.merge(state, LoraConfig(**saved["lora"]))
     state[TIED] = state["transformer.wte.weight"]
     tokenizer = load_tokenizer(
         tag_dir / run_checkpoints.TOKENIZER_FILE, eod_token=saved["eod_token"]

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from data_prep.tokenizers import LoadedTokenizer, load_tokenizer
+from train import lora
 from train.config import ConfigError, GenerationConfig, SftConfig
 from train.data.packing import RowStream, SftBatches, collate, pack, padded_rows, padding_share
 from train.data.sft import CHAT_TEMPLATES, IGNORE, Example, read_examples
@@ -49,7 +50,29 @@ BUNDLED = Path(__file__).parents[1] / "data_prep" / "sample" / "sft_instructions
 
 
 def run(cfg: SftConfig) -> None:
-    train_and_finish(setup(cfg))
+    trainer = setup(cfg)
+    train_and_finish(trainer, adapters_out(cfg) if cfg.lora.enabled else None)
+
+
+def adapters_out(cfg: SftConfig):
+    """At the end of a LoRA run: the adapters in peft's format (run_dir/adapter), and the
+    merged model to save and export (None with lora.merge=false)."""
+    base = cfg.base if Path(cfg.base).exists() else None  # None: a fresh model's
+
+    def final(weights: dict) -> dict | None:
+        directory = Path(cfg.run_dir) / "adapter"
+        lora.save_adapter(directory, weights, cfg.lora, cfg.model, base=base)
+        log.info(
+            "LoRA adapters: %s (peft format, for %s)",
+            directory,
+            f"{base}'s Hugging Face export" if base else "the fresh base model (not saved)",
+        )
+        if not cfg.lora.merge:
+            log.info("lora.merge=false: no merged model written")
+            return None
+        return lora.merge(weights, cfg.lora)
+
+    return final
 
 
 def setup(cfg: SftConfig) -> Trainer:
@@ -76,21 +99,30 @@ def setup(cfg: SftConfig) -> Trainer:
     identity = {
         "model": {k: v for k, v in asdict(cfg.model).items() if k != "attention_backend"},
         "base": base_identity,
+        "lora": asdict(cfg.lora) if cfg.lora.enabled else None,
         "data": {
             **data_identity(cfg, tokenizer),
             "global_batch_size": cfg.global_batch_size,
             "seq_len": cfg.seq_len,
         },
     }
-    engine, state, spec, resume = build_or_resume(cfg, run, identity, weights)
+    if cfg.lora.enabled and weights is not None:
+        weights = lora.base_names(weights, cfg.lora)
+    engine, state, spec, resume = build_or_resume(
+        cfg, run, identity, weights, cfg.lora if cfg.lora.enabled else None
+    )
     del weights
     if ranks.is_main:
         write_config("sft", cfg, run)
     log.info(
-        "fine-tuning %s (%s parameters) from %s on %d x %s, ZeRO-%d, %s, accumulation %d; "
+        "fine-tuning %s (%s parameters%s) from %s on %d x %s, ZeRO-%d, %s, accumulation %d; "
         "run dir %s%s",
         cfg.model.name,
         f"{count_parameters(cfg.model).total:,}",
+        f"; LoRA r={cfg.lora.r} on {'/'.join(cfg.lora.target_modules)}: "
+        f"{_trainable(engine):,} trainable"
+        if cfg.lora.enabled
+        else "",
         cfg.base if base_identity else "fresh weights",
         ranks.world_size,
         run.acc.kind,
@@ -112,10 +144,16 @@ def setup(cfg: SftConfig) -> Trainer:
         ),  # fmt: skip
         engine=engine,
         schedule=Schedule(cfg.optim, cfg.max_steps, cfg.tokens_per_step),
-        meta=checkpoint_meta(spec, identity, cfg.model, tokenizer),
+        meta={**checkpoint_meta(spec, identity, cfg.model, tokenizer), "lora": identity["lora"]},
         state=state,
         extra_validation=SftValidation(cfg, validation, tokenizer) if validation else None,
     )
+
+
+def _trainable(engine) -> int:
+    """Trainable parameters (ZeRO-3 partitions them: ds_numel is the whole count)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()
+               if p.requires_grad)  # fmt: skip
 
 
 def read_base(cfg: SftConfig) -> tuple[dict | None, LoadedTokenizer, dict | None]:

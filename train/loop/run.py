@@ -19,7 +19,7 @@ from train import engine as ds_engine
 from train import machine as hw
 from train.accelerator import Accelerator, Ranks
 from train.checkpoint import save_checkpoint
-from train.config import ConfigError, TrainConfig
+from train.config import ConfigError, LoraConfig, TrainConfig
 from train.errors import CheckpointError
 from train.export import export_hf
 from train.loop.checkpoints import Resume, RunCheckpoints
@@ -78,10 +78,15 @@ def start_run(cfg: TrainConfig, on_main: Callable[[], None] | None = None) -> Ru
 
 
 def build_or_resume(
-    cfg: TrainConfig, run: RunStart, identity: dict, weights: dict | None = None
+    cfg: TrainConfig,
+    run: RunStart,
+    identity: dict,
+    weights: dict | None = None,
+    lora: LoraConfig | None = None,
 ) -> tuple[object, TrainState, ds_engine.EngineSpec, Resume | None]:
     """The engine around `weights` (a full state dict; None: freshly initialised), or around
-    the run's last checkpoint when it has one; and the run's counters."""
+    the run's last checkpoint when it has one; and the run's counters. `lora`: the model
+    carries adapters and only they train."""
     spec = ds_engine.EngineSpec(
         cfg.model,
         cfg.deepspeed,
@@ -90,6 +95,7 @@ def build_or_resume(
         cfg.micro_batch_size,
         run.accumulation,
         run.ranks.world_size,
+        lora,
     )
     resume = run.checkpoints.plan_resume(identity, spec.layout)
     if resume and resume.mode == "consolidated":
@@ -134,22 +140,26 @@ def checkpoint_meta(spec, identity: dict, model, tokenizer) -> dict:
     }
 
 
-def train_and_finish(t) -> None:
+def train_and_finish(t, final: Callable[[dict], dict | None] | None = None) -> None:
     """fit, then (unless a signal stopped it, after saving) the final fp32 weights as
-    run_dir/model, exported to run_dir/hf (cfg.export_hf), and the loss curve."""
+    run_dir/model, exported to run_dir/hf (cfg.export_hf), and the loss curve. `final` (rank 0)
+    turns the engine's weights into the model to save (None: there is none to save)."""
     if not fit(t):
         return  # the same command resumes
     weights = ds_engine.full_state_dict(t.engine)  # every rank takes part (ZeRO-3 gathers)
     if t.ranks.is_main:
         run_dir = Path(t.cfg.run_dir)
-        save_checkpoint(run_dir / "model", t.cfg.model, weights, t.tokenizer, overwrite=True)
-        log.info("final weights: %s (neotrain checkpoint)", run_dir / "model")
-        if t.cfg.export_hf:
-            try:
-                export_hf(run_dir / "model", run_dir / "hf", overwrite=True)
-                log.info("exported %s (GPTNeoForCausalLM)", run_dir / "hf")
-            except CheckpointError as e:  # strided layers have no GPT-Neo form
-                log.warning("no Hugging Face export: %s", e)
+        if final is not None:
+            weights = final(weights)
+        if weights is not None:
+            save_checkpoint(run_dir / "model", t.cfg.model, weights, t.tokenizer, overwrite=True)
+            log.info("final weights: %s (neotrain checkpoint)", run_dir / "model")
+            if t.cfg.export_hf:
+                try:
+                    export_hf(run_dir / "model", run_dir / "hf", overwrite=True)
+                    log.info("exported %s (GPTNeoForCausalLM)", run_dir / "hf")
+                except CheckpointError as e:  # strided layers have no GPT-Neo form
+                    log.warning("no Hugging Face export: %s", e)
         plot_run(run_dir)
         log.info("loss curve: %s", run_dir / "loss.png")
     barrier()

@@ -1,0 +1,128 @@
+"""LoRA (Hu et al. 2021) through peft: adapters injected into a GPT's Linear layers, their
+initialisation, the merge into the base weights, and peft's on-disk format.
+
+peft's own layers do the forward (`inject_adapter_in_model`), so a model trained here behaves
+as peft says. With adapters, a target's base weight is named `...q_proj.base_layer.weight` and
+its adapter `...q_proj.lora_A.default.weight` / `lora_B`; the update is
+W + (alpha / r) * B @ A. Our parameter names are GPT-Neo's, so the adapters saved here load
+with `PeftModel.from_pretrained(GPTNeoForCausalLM.from_pretrained(base_hf), adapter_dir)`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from data_prep.files import atomic_dir
+from train.config import ConfigError, LoraConfig, ModelConfig
+
+ADAPTER = "default"  # peft's adapter name in module paths
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def inject(model: nn.Module, lora: LoraConfig) -> nn.Module:
+    """Adapters on `lora.target_modules`, in place; every other parameter frozen."""
+    import peft  # imports transformers: seconds, paid only with LoRA on
+
+    try:
+        return peft.inject_adapter_in_model(peft_config(lora), model)
+    except ValueError as e:
+        raise ConfigError(f"lora.target_modules={list(lora.target_modules)}: {e}") from e
+
+
+def peft_config(lora: LoraConfig, **extra):
+    import peft
+
+    return peft.LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=sorted(lora.target_modules),
+        bias="none",
+        **extra,
+    )
+
+
+def init_parameter(name: str, param: torch.Tensor, generator: torch.Generator) -> bool:
+    """peft's initialisation of an adapter parameter (A: Kaiming-uniform, B: zeros, so the
+    model starts as the base), drawn from `generator`; False for other parameters."""
+    if ".lora_A." in name:
+        nn.init.kaiming_uniform_(param, a=math.sqrt(5), generator=generator)
+        return True
+    if ".lora_B." in name:
+        nn.init.zeros_(param)
+        return True
+    return False
+
+
+def base_names(state: dict[str, torch.Tensor], lora: LoraConfig) -> dict[str, torch.Tensor]:
+    """A base state dict renamed for the adapted model: a target's weight and bias move under
+    its `.base_layer`."""
+    out = {}
+    for name, tensor in state.items():
+        module, _, leaf = name.rpartition(".")
+        if module.rpartition(".")[2] in lora.target_modules:
+            name = f"{module}.base_layer.{leaf}"
+        out[name] = tensor
+    return out
+
+
+def split(state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, tuple]]:
+    """An adapted state dict -> (base weights under their plain names, {module: (A, B)})."""
+    base, pairs = {}, {}
+    for name, tensor in state.items():
+        if f".lora_A.{ADAPTER}." in name or f".lora_B.{ADAPTER}." in name:
+            module, kind = name.split(f".lora_A.{ADAPTER}.")[0], "A"
+            if f".lora_B.{ADAPTER}." in name:
+                module, kind = name.split(f".lora_B.{ADAPTER}.")[0], "B"
+            pairs.setdefault(module, {})[kind] = tensor
+        else:
+            base[name.replace(".base_layer.", ".")] = tensor
+    return base, {m: (p["A"], p["B"]) for m, p in pairs.items()}
+
+
+def is_adapted_state(state: dict[str, torch.Tensor]) -> bool:
+    return any(f".lora_A.{ADAPTER}." in name for name in state)
+
+
+def merge(state: dict[str, torch.Tensor], lora: LoraConfig) -> dict[str, torch.Tensor]:
+    """The plain model the adapted one computes: W + (alpha / r) * B @ A for each target."""
+    base, pairs = split(state)
+    scale = lora.alpha / lora.r
+    for module, (a, b) in pairs.items():
+        name = f"{module}.weight"
+        w = base[name]
+        base[name] = (w.double() + scale * (b.double() @ a.double())).to(w.dtype)
+    return base
+
+
+def save_adapter(
+    directory: str | Path,
+    state: dict[str, torch.Tensor],
+    lora: LoraConfig,
+    model: ModelConfig,
+    base: str | None,
+    overwrite: bool = True,
+) -> None:
+    """The adapters in peft's format (adapter_config.json, adapter_model.safetensors), named for
+    GPTNeoForCausalLM. GPT-3 sizes fold their attention scale into q_proj on export
+    (train/hf.py), so a q_proj adapter's B is scaled the same way."""
+    from safetensors.torch import save_file
+
+    _, pairs = split(state)
+    tensors = {}
+    for module, (a, b) in pairs.items():
+        if model.scale_attn_weights and module.endswith("q_proj"):
+            b = b.float() * model.attention_scale
+        prefix = f"base_model.model.{module}"
+        tensors[f"{prefix}.lora_A.weight"] = a.float().contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = b.float().contiguous()
+    config = peft_config(lora, task_type="CAUSAL_LM", base_model_name_or_path=base,
+                         inference_mode=True)  # fmt: skip
+    with atomic_dir(directory, overwrite) as tmp:
+        config.save_pretrained(str(tmp))
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
