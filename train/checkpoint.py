@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from data_prep.files import atomic_dir, check_format
 from data_prep.tokenizers import LoadedTokenizer, load_tokenizer
-from train.config import ModelConfig
+from train.config import ModelConfig, TaskHead
 from train.errors import CheckpointError
 
 FORMAT = "neotrain-model"
@@ -49,8 +49,10 @@ def save_checkpoint(
     state_dict: dict[str, torch.Tensor],
     tokenizer: LoadedTokenizer | None,
     overwrite: bool = False,
+    head: TaskHead | None = None,
 ) -> Path:
-    """Write a checkpoint atomically: it appears under out_dir only when complete."""
+    """Write a checkpoint atomically: it appears under out_dir only when complete. `head`: a
+    task model's (neo sft task=...), whose weights are `score.weight`."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items() if k != TIED}
     meta = {
         "format": FORMAT,
@@ -59,6 +61,7 @@ def save_checkpoint(
         "tokenizer": {"eod_token": tokenizer.eod_token, "name": tokenizer.name}
         if tokenizer
         else None,
+        **({"head": asdict(head)} if head else {}),
     }
     with atomic_dir(out_dir, overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -92,6 +95,12 @@ def checkpoint_tokenizer(path: str | Path) -> LoadedTokenizer:
         tok.name = info.get("name", tok.name)
         return tok
     return load_tokenizer("gpt2")
+
+
+def checkpoint_head(path: str | Path) -> TaskHead | None:
+    """A task model's head description, or None for a language model."""
+    head = _read_meta(Path(path)).get("head")
+    return TaskHead(**head) if head else None
 
 
 def _read_meta(path: Path) -> dict:

@@ -147,6 +147,7 @@ def run_verb(name: str, overrides: list[str]) -> None:
             if isinstance(config, SftConfig):
                 config.sft.validate()  # the model is the base's: checked once it is read
                 config.lora.validate()
+                config.task.validate()
             elif isinstance(config, TrainConfig):
                 config.validate(ranks_from_env().world_size)
             elif isinstance(config, EvalConfig | GenerateConfig):

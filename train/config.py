@@ -653,6 +653,71 @@ class LoraConfig:
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj")
 
+TASK_TYPES = ("lm", "classification", "entailment", "similarity", "multiple_choice")
+
+
+@dataclass
+class TaskTokensConfig:
+    """The GPT-1 input transformation's tokens: new tokens by these names (special_tokens=add)
+    or existing single tokens of the vocabulary (special_tokens=map)."""
+
+    start: str = "<|start|>"
+    delim: str = "<|delim|>"
+    classify: str = "<|classify|>"
+
+
+@dataclass
+class TaskFieldsConfig:
+    """Field names of task records (JSON lines)."""
+
+    text: str = "text"  # the text; the premise, or first text, of a pair; a choice's context
+    text_pair: str = "text_pair"  # entailment's hypothesis, similarity's second text
+    label: str = "label"  # a name or a number; the label names come from the training data
+    choices: str = "choices"  # multiple_choice: the candidate answers
+    gold: str = "gold"  # multiple_choice: the index of the right one
+
+
+@dataclass
+class TaskConfig:
+    """`neo sft task=...`: lm fine-tunes the language model itself; the others put GPT-1's
+    linear head (Radford et al. 2018) over the final hidden state at the classify token and
+    train task loss + lm_coef * LM loss on the task's text."""
+
+    type: str = "lm"  # lm | classification | entailment | similarity | multiple_choice
+    lm_coef: float = 0.5  # GPT-1's weight of the auxiliary LM loss; 0 disables it
+    special_tokens: str = "add"  # add: new embedding rows, N(0, initializer_range); map
+    tokens: TaskTokensConfig = field(default_factory=TaskTokensConfig)
+    fields: TaskFieldsConfig = field(default_factory=TaskFieldsConfig)
+
+    @property
+    def head(self) -> bool:
+        return self.type != "lm"
+
+    def validate(self) -> TaskConfig:
+        require_choice("task.type", self.type, TASK_TYPES)
+        require_choice("task.special_tokens", self.special_tokens, ("add", "map"))
+        if self.lm_coef < 0:
+            raise ConfigError(f"task.lm_coef={self.lm_coef} must be >= 0")
+        names = [self.tokens.start, self.tokens.delim, self.tokens.classify]
+        if len(set(names)) != 3 or not all(names):
+            raise ConfigError(f"task.tokens {names}: three different, non-empty tokens expected")
+        return self
+
+
+@dataclass
+class TaskHead:
+    """What a checkpoint records about its task head: what the rows of `score.weight` mean
+    and how inputs are built."""
+
+    type: str
+    labels: list[str]  # classes in score's row order (multiple_choice: none, one score row)
+    token_ids: dict[str, int]  # start, delim, classify
+    tokens: dict[str, str]
+
+    @property
+    def num_outputs(self) -> int:
+        return 1 if self.type == "multiple_choice" else len(self.labels)
+
 
 @dataclass
 class SftConfig(TrainConfig):
@@ -664,6 +729,7 @@ class SftConfig(TrainConfig):
     base: str = "runs/demo"
     sft: SftDataConfig = field(default_factory=SftDataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     # Passes over the training rows; sets max_steps when given.
     epochs: float | None = None
     # Greedy answers to this many validation prompts, logged at every validation.
@@ -673,6 +739,7 @@ class SftConfig(TrainConfig):
     def validate(self, world_size: int) -> int:
         self.sft.validate()
         self.lora.validate()
+        self.task.validate()
         if self.epochs is not None and self.epochs <= 0:
             raise ConfigError(f"epochs={self.epochs} must be > 0")
         if self.samples < 0:

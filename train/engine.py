@@ -28,9 +28,16 @@ from torch import nn
 from data_prep.files import atomic_dir, atomic_write_text
 from train import lora as lora_adapters
 from train.accelerator import Accelerator
-from train.config import ConfigError, DeepSpeedConfig, LoraConfig, ModelConfig, OptimConfig
+from train.config import (
+    ConfigError,
+    DeepSpeedConfig,
+    LoraConfig,
+    ModelConfig,
+    OptimConfig,
+    TaskHead,
+)
 from train.errors import CheckpointError
-from train.model import GPT
+from train.model import GPT, TaskGPT
 from train.optim import parameter_groups
 
 log = logging.getLogger(__name__)
@@ -213,6 +220,8 @@ class EngineSpec:
     accumulation: int
     world_size: int
     lora: LoraConfig | None = None  # adapters on a frozen model (neo sft lora.r=...)
+    head: TaskHead | None = None  # GPT-1's task head (neo sft task=...), trained with
+    lm_coef: float = 0.0  # this weight on the auxiliary LM loss
 
     @property
     def layout(self) -> Layout:
@@ -257,21 +266,23 @@ def build_engine(
         import peft  # noqa: F401  (imported here: its import must not run under zero.Init)
 
     def build() -> GPT:
-        model = GPT(model_config)
+        if spec.head is None:
+            model = GPT(model_config)
+        else:
+            model = TaskGPT(model_config, spec.head, spec.lm_coef)
         return lora_adapters.inject(model, lora) if lora else model
 
     def fill(model: GPT, module: nn.Module, names: dict[int, str]) -> None:
         params = list(module.parameters(recurse=False))
-        if (
-            params
-            and lora
-            and lora_adapters.init_parameter(names[id(params[0])], params[0], generator)
-        ):
+        if not params:
+            return
+        name = names[id(params[0])]
+        if lora and lora_adapters.init_parameter(name, params[0], generator):
             return  # an adapter's A or B: its module's only parameter
-        if weights is None:
+        if weights is None or name not in weights:  # fresh weights, or a new task head
             model.init_module(module, generator)
             return
-        for param in module.parameters(recurse=False):
+        for param in params:
             param.data.copy_(weights[names[id(param)]])
 
     if ds.zero_stage == 3:

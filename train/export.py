@@ -9,7 +9,7 @@ import torch
 from data_prep.tokenizers import load_tokenizer
 from train.config import ModelConfig
 from train.hf import write_hf_dir
-from train.load import read_any
+from train.load import read_any, read_head
 
 
 def export_hf(
@@ -18,8 +18,10 @@ def export_hf(
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
 ) -> ModelConfig:
-    """A checkpoint -> a directory GPTNeoForCausalLM and AutoTokenizer load offline."""
+    """A checkpoint -> a directory GPTNeoForCausalLM (a task model:
+    GPTNeoForSequenceClassification) and AutoTokenizer load offline."""
     config, state, tokenizer = read_any(input_dir)
+    head = read_head(input_dir)
     write_hf_dir(
         output_dir,
         config,
@@ -28,5 +30,6 @@ def export_hf(
         overwrite=overwrite,
         dtype=dtype,
         source=str(input_dir),
+        head=head,
     )
     return config

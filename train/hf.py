@@ -13,6 +13,7 @@ Weights are read with safetensors or torch.load(weights_only=True); no remote co
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from data_prep.files import atomic_dir
 from data_prep.tokenizers import GPT2_EOD, LoadedTokenizer, load_tokenizer, save_hf_tokenizer
 from train.checkpoint import TIED, CheckpointError, model_config_from_dict, save_checkpoint
-from train.config import ModelConfig
+from train.config import ModelConfig, TaskHead
 
 # GPTNeoConfig fields that are ModelConfig fields of the same name and meaning.
 SHARED_FIELDS = (
@@ -67,7 +68,12 @@ def config_from_hf(hf: dict, source: str) -> ModelConfig:
     return model_config_from_dict({"name": name, **values, "scale_attn_weights": False}, source)
 
 
-def config_to_hf(config: ModelConfig, tokenizer: LoadedTokenizer, dtype: torch.dtype):
+def config_to_hf(
+    config: ModelConfig,
+    tokenizer: LoadedTokenizer,
+    dtype: torch.dtype,
+    head: TaskHead | None = None,
+):
     from transformers import GPTNeoConfig  # transformers takes seconds to import
 
     kinds = config.layer_kinds()
@@ -78,13 +84,22 @@ def config_to_hf(config: ModelConfig, tokenizer: LoadedTokenizer, dtype: torch.d
             "global and local layers, so this model cannot be exported as GPTNeoForCausalLM"
         )
     fields = {k: getattr(config, k) for k in SHARED_FIELDS}
+    if head is not None:
+        # GPTNeoForSequenceClassification reads the last token that is not padding: the
+        # classify token, when inputs are built as neo sft builds them.
+        fields |= dict(num_labels=head.num_outputs, pad_token_id=tokenizer.eod_id,
+                       architectures=["GPTNeoForSequenceClassification"],
+                       task_specific_params={"neotrain_task": asdict(head)})  # fmt: skip
+        if head.type != "multiple_choice":
+            fields |= dict(id2label=dict(enumerate(head.labels)),
+                           label2id={name: i for i, name in enumerate(head.labels)},
+                           problem_type="single_label_classification")  # fmt: skip
     return GPTNeoConfig(
-        **fields,
+        **{"architectures": ["GPTNeoForCausalLM"], **fields},
         bos_token_id=tokenizer.eod_id,
         eos_token_id=tokenizer.eod_id,
         tie_word_embeddings=True,
         dtype=str(dtype).removeprefix("torch."),
-        architectures=["GPTNeoForCausalLM"],
     )
 
 
@@ -178,9 +193,11 @@ def write_hf_dir(
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
     source: str = "the model",
+    head: TaskHead | None = None,
 ) -> None:
     """A directory GPTNeoForCausalLM and AutoTokenizer load offline, written atomically;
-    `source` names what the weights came from, in errors."""
+    `source` names what the weights came from, in errors. With a task `head`: a
+    GPTNeoForSequenceClassification directory (score.weight, id2label)."""
     from transformers import GenerationConfig  # transformers takes seconds to import
 
     if tokenizer.vocab_size > config.vocab_size:
@@ -189,7 +206,7 @@ def write_hf_dir(
             f"({tokenizer.name} has {tokenizer.vocab_size} tokens)"
         )
     dtype = dtype or state["transformer.wte.weight"].dtype
-    hf_config = config_to_hf(config, tokenizer, dtype)  # refuses strided layers before writing
+    hf_config = config_to_hf(config, tokenizer, dtype, head)  # refuses strided layers first
     with atomic_dir(output_dir, overwrite) as tmp:
         hf_config.save_pretrained(str(tmp))
         save_file(
@@ -203,7 +220,7 @@ def write_hf_dir(
             pad_token_id=tokenizer.eod_id,
         ).save_pretrained(str(tmp))
         save_hf_tokenizer(tokenizer, tmp, model_max_length=config.max_position_embeddings)
-        (tmp / "README.md").write_text(model_card(config, tokenizer, dtype))
+        (tmp / "README.md").write_text(model_card(config, tokenizer, dtype, head))
 
 
 def hf_dir_tokenizer(path: Path) -> LoadedTokenizer | None:
@@ -220,7 +237,9 @@ def hf_dir_tokenizer(path: Path) -> LoadedTokenizer | None:
     return tokenizer
 
 
-def model_card(config: ModelConfig, tokenizer: LoadedTokenizer, dtype: torch.dtype) -> str:
+def model_card(
+    config: ModelConfig, tokenizer: LoadedTokenizer, dtype: torch.dtype, head: TaskHead | None
+) -> str:
     kinds = config.layer_kinds()
     local = sum(kind == "local" for kind in kinds)
     lines = [
@@ -255,4 +274,34 @@ def model_card(config: ModelConfig, tokenizer: LoadedTokenizer, dtype: torch.dty
         )
     if tokenizer.eod_token == GPT2_EOD and tokenizer.name == "gpt2":
         lines.append("- tokenizer: GPT-2 byte-level BPE, as every EleutherAI GPT-Neo model")
+    if head is not None:
+        lines += ["", *task_card(head)]
     return "\n".join(lines) + "\n"
+
+
+def task_card(head: TaskHead) -> list[str]:
+    """How to feed a task model: GPT-1's input transformation, and what differs from
+    GPTNeoForSequenceClassification's usual use."""
+    t = head.tokens
+    build = {
+        "classification": f"{t['start']}TEXT{t['classify']}",
+        "entailment": f"{t['start']}PREMISE{t['delim']}HYPOTHESIS{t['classify']}",
+        "similarity": f"{t['start']}A{t['delim']}B{t['classify']}, and B before A",
+        "multiple_choice": f"{t['start']}CONTEXT{t['delim']}CHOICE{t['classify']} per choice",
+    }[head.type]
+    lines = [
+        f"## Task head: {head.type}",
+        "",
+        "Saved as `GPTNeoForSequenceClassification` (`score`, no bias). It was trained on",
+        f"inputs built as `{build}` (ids {head.token_ids}); the head reads the final hidden",
+        "state at the classify token, which transformers finds as the last token that is not",
+        "padding (`pad_token_id`, the end-of-text token): right-pad batches, and never end an",
+        "input with the end-of-text token.",
+    ]
+    if head.type == "similarity":
+        lines.append("The trained logits are the sum of the logits of both orders.")
+    elif head.type == "multiple_choice":
+        lines.append("Each choice gets one score; the prediction is the softmax over choices.")
+    else:
+        lines.append(f"Labels: {', '.join(head.labels)}.")
+    return lines

@@ -18,17 +18,20 @@ from train.checkpoint import (
     CONFIG_FILE,
     TIED,
     CheckpointError,
+    checkpoint_head,
     checkpoint_tokenizer,
     is_checkpoint,
     model_config_from_dict,
     read_checkpoint,
 )
-from train.config import LoraConfig, ModelConfig, ModelSourceConfig
+from train.config import LoraConfig, ModelConfig, ModelSourceConfig, TaskHead
 from train.engine import consolidated_state_dict
 from train.errors import ConfigError, NotFound
 from train.hf import hf_dir_tokenizer, is_hf_dir, read_hf_dir
 from train.loop import checkpoints as run_checkpoints
 from train.model import GPT
+
+HEAD_PREFIX = "score."  # a task model's head, as GPTNeoForSequenceClassification names it
 
 
 def read_training_checkpoint(
@@ -67,6 +70,18 @@ def read_any(
     )
 
 
+def read_head(path: str | Path) -> TaskHead | None:
+    """The task head (neo sft task=...) of a neotrain checkpoint or training checkpoint, or
+    None: a language model (Hugging Face directories are read as language models)."""
+    path = Path(path)
+    if is_checkpoint(path):
+        return checkpoint_head(path)
+    if (tag_dir := run_checkpoints.find(path)) is not None:
+        head = run_checkpoints.read_state(tag_dir).get("head")
+        return TaskHead(**head) if head else None
+    return None
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
     """A GPT from any checkpoint this module reads."""
     config, state, _ = read_any(path)
@@ -74,7 +89,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
 
 
 def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor]) -> GPT:
-    """A GPT holding `state`'s tensors themselves (built on the meta device: no second copy)."""
+    """A GPT holding `state`'s tensors themselves (built on the meta device: no second copy).
+    A task model's head (`score.weight`) is left out: its language model is what loads."""
+    state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
     with torch.device("meta"):
         model = GPT(config)
     model.load_state_dict(state, assign=True, strict=True)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.attention import attend, visible
-from train.config import ModelConfig
+from train.config import ModelConfig, TaskHead
 from train.ops.fused_loss import LinearCrossEntropy, chunked_cross_entropy
 
 ACTIVATIONS = {
@@ -263,6 +263,49 @@ class GPT(nn.Module):
     def num_parameters(self) -> int:
         """Distinct parameters (the tied lm_head counted once)."""
         return sum(p.numel() for p in self.parameters())
+
+
+class TaskGPT(GPT):
+    """GPT with GPT-1's task head (Radford et al. 2018): `score`, a linear map without bias (as
+    in GPTNeoForSequenceClassification) from the final hidden state at each sequence's classify
+    token to the classes (multiple choice: to one score per choice).
+
+    Inputs are (B, K, T): K sequences per example (1; 2 for similarity's two orders, whose
+    states are added; one per choice). The loss is the task's cross entropy plus lm_coef times
+    the next-token loss on the sequences (GPT-1's auxiliary objective)."""
+
+    def __init__(self, config: ModelConfig, head: TaskHead, lm_coef: float = 0.5):
+        super().__init__(config)
+        self.head, self.lm_coef = head, lm_coef
+        self.score = nn.Linear(config.hidden_size, head.num_outputs, bias=False)
+
+    def classify(
+        self, input_ids: torch.Tensor, classify_at: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, K, T) ids, (B, K) classify positions -> (B, classes or K) logits, and the
+        (B * K, T, hidden) final states."""
+        b, k, t = input_ids.shape
+        h = self.hidden_states(input_ids.reshape(b * k, t))
+        rows = torch.arange(b * k, device=h.device)
+        pooled = h[rows, classify_at.reshape(-1)].reshape(b, k, -1)
+        if self.head.type == "multiple_choice":
+            return self.score(pooled).squeeze(-1), h
+        return self.score(pooled.sum(1)), h  # similarity: the two orders added
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor,
+        classify_at: torch.Tensor,
+        lm_targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The mean task loss over the examples whose target is not -100, plus lm_coef times
+        the mean next-token loss over `lm_targets`."""
+        logits, h = self.classify(input_ids, classify_at)
+        loss = F.cross_entropy(logits.float(), targets, ignore_index=-100)
+        if self.lm_coef and lm_targets is not None:
+            loss = loss + self.lm_coef * self.lm_head(h, lm_targets.reshape(h.shape[:2]))
+        return loss
 
 
 class KVCache:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +26,18 @@ import torch
 
 from data_prep.tokenizers import LoadedTokenizer, load_tokenizer
 from train import lora
-from train.config import ConfigError, GenerationConfig, SftConfig
+from train.checkpoint import TIED
+from train.config import ConfigError, GenerationConfig, ModelConfig, SftConfig, TaskHead
 from train.data.packing import RowStream, SftBatches, collate, pack, padded_rows, padding_share
 from train.data.sft import CHAT_TEMPLATES, IGNORE, Example, read_examples
+from train.data.tasks import (
+    TaskBatches,
+    TaskExample,
+    collate_examples,
+    head_of,
+    read_task_examples,
+    special_tokens,
+)
 from train.decoding import generate_ids
 from train.errors import NotFound
 from train.info import count_parameters
@@ -46,7 +55,9 @@ from train.loop.run import (
 from train.optim import Schedule
 
 log = logging.getLogger("neo.sft")
-BUNDLED = Path(__file__).parents[1] / "data_prep" / "sample" / "sft_instructions.jsonl"
+SAMPLES = Path(__file__).parents[1] / "data_prep" / "sample"
+BUNDLED = SAMPLES / "sft_instructions.jsonl"
+BUNDLED_CLASSIFICATION = SAMPLES / "sft_classification.jsonl"  # task=classification's default
 
 
 def run(cfg: SftConfig) -> None:
@@ -75,31 +86,40 @@ def adapters_out(cfg: SftConfig):
     return final
 
 
+@dataclass
+class Prepared:
+    """The training data of a run, in the form the loop takes."""
+
+    items: list  # packed or padded rows (lm), or task examples
+    batches: type  # SftBatches or TaskBatches
+    summary: str  # for the log
+    validation: object | None  # the verb's validation (Trainer.extra_validation)
+    head: TaskHead | None = None
+
+
 def setup(cfg: SftConfig) -> Trainer:
     cfg.sft.validate()
     weights, tokenizer, base_identity = read_base(cfg)
-    train, validation = read_data(cfg, tokenizer)
-    rows = pack(train, cfg.seq_len, tokenizer.eod_id) if cfg.sft.packing else padded_rows(train)
+    if cfg.task.head:
+        data, weights = prepare_task(cfg, tokenizer, weights)
+    else:
+        data = prepare_lm(cfg, tokenizer)
     if cfg.epochs is not None:
-        cfg.max_steps = max(1, math.ceil(cfg.epochs * len(rows) / cfg.global_batch_size))
+        cfg.max_steps = max(1, math.ceil(cfg.epochs * len(data.items) / cfg.global_batch_size))
     run = start_run(cfg)
     ranks = run.ranks
     log.info(
-        "%d training examples in %d rows (%s, %.1f%% padding), %d validation examples; "
-        "%d steps of %d rows (%s epochs)",
-        len(train),
-        len(rows),
-        "packed" if cfg.sft.packing else "one per row",
-        100 * padding_share(rows) if cfg.sft.packing else 100 * _padding_if_padded(rows, cfg),
-        len(validation),
+        "%s; %d steps of %d (%s epochs)",
+        data.summary,
         cfg.max_steps,
         cfg.global_batch_size,
-        f"{cfg.max_steps * cfg.global_batch_size / len(rows):.2f}",
+        f"{cfg.max_steps * cfg.global_batch_size / len(data.items):.2f}",
     )
     identity = {
         "model": {k: v for k, v in asdict(cfg.model).items() if k != "attention_backend"},
         "base": base_identity,
         "lora": asdict(cfg.lora) if cfg.lora.enabled else None,
+        "task": asdict(cfg.task) if cfg.task.head else None,
         "data": {
             **data_identity(cfg, tokenizer),
             "global_batch_size": cfg.global_batch_size,
@@ -109,13 +129,14 @@ def setup(cfg: SftConfig) -> Trainer:
     if cfg.lora.enabled and weights is not None:
         weights = lora.base_names(weights, cfg.lora)
     engine, state, spec, resume = build_or_resume(
-        cfg, run, identity, weights, cfg.lora if cfg.lora.enabled else None
-    )
+        cfg, run, identity, weights, cfg.lora if cfg.lora.enabled else None,
+        head=data.head, lm_coef=cfg.task.lm_coef,
+    )  # fmt: skip
     del weights
     if ranks.is_main:
         write_config("sft", cfg, run)
     log.info(
-        "fine-tuning %s (%s parameters%s) from %s on %d x %s, ZeRO-%d, %s, accumulation %d; "
+        "fine-tuning %s (%s parameters%s%s) from %s on %d x %s, ZeRO-%d, %s, accumulation %d; "
         "run dir %s%s",
         cfg.model.name,
         f"{count_parameters(cfg.model).total:,}",
@@ -123,6 +144,7 @@ def setup(cfg: SftConfig) -> Trainer:
         f"{_trainable(engine):,} trainable"
         if cfg.lora.enabled
         else "",
+        f"; {cfg.task.type} head, lm_coef {cfg.task.lm_coef}" if data.head else "",
         cfg.base if base_identity else "fresh weights",
         ranks.world_size,
         run.acc.kind,
@@ -133,21 +155,87 @@ def setup(cfg: SftConfig) -> Trainer:
         f"; resumed at step {state.step}" if resume else "",
     )
     engine.train()
-    stream = RowStream(rows, cfg.sft.seed)
-    pad_id = tokenizer.eod_id
+    stream = RowStream(data.items, cfg.sft.seed)
+    batches = data.batches(stream, ranks.rank, ranks.world_size, cfg.micro_batch_size,
+                           run.accumulation, tokenizer.eod_id)  # fmt: skip
+    meta = checkpoint_meta(spec, identity, cfg.model, tokenizer)
     return Trainer(
         cfg=cfg,
         **trainer_fields(run),
         tokenizer=tokenizer,
-        batches=SftBatches(
-            stream, ranks.rank, ranks.world_size, cfg.micro_batch_size, run.accumulation, pad_id
-        ),  # fmt: skip
+        batches=batches,
         engine=engine,
         schedule=Schedule(cfg.optim, cfg.max_steps, cfg.tokens_per_step),
-        meta={**checkpoint_meta(spec, identity, cfg.model, tokenizer), "lora": identity["lora"]},
+        meta={
+            **meta,
+            "lora": identity["lora"],
+            "head": asdict(data.head) if data.head else None,
+        },  # fmt: skip
         state=state,
-        extra_validation=SftValidation(cfg, validation, tokenizer) if validation else None,
+        extra_validation=data.validation,
     )
+
+
+def prepare_lm(cfg: SftConfig, tokenizer) -> Prepared:
+    train, validation = read_data(cfg, tokenizer)
+    rows = pack(train, cfg.seq_len, tokenizer.eod_id) if cfg.sft.packing else padded_rows(train)
+    padding = padding_share(rows) if cfg.sft.packing else _padding_if_padded(rows, cfg)
+    summary = (
+        f"{len(train)} training examples in {len(rows)} rows "
+        f"({'packed' if cfg.sft.packing else 'one per row'}, {100 * padding:.1f}% padding), "
+        f"{len(validation)} validation examples"
+    )
+    check = SftValidation(cfg, validation, tokenizer) if validation else None
+    return Prepared(rows, SftBatches, summary, check)
+
+
+def prepare_task(cfg: SftConfig, tokenizer, weights: dict | None) -> tuple[Prepared, dict | None]:
+    """GPT-1's task data: the special tokens (added to the vocabulary, or mapped), the
+    examples and their labels, and the base weights with room for the added tokens."""
+    task, s = cfg.task, cfg.sft
+    ids = special_tokens(task, tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        cfg.model = replace(cfg.model, vocab_size=tokenizer.vocab_size)
+    if weights is not None and task.special_tokens == "add":
+        weights = with_new_rows(weights, cfg.model, list(ids.values()), cfg.seed)
+    labels = None  # the training file's; the validation file must use them
+
+    def read(path: str):
+        nonlocal labels
+        out, labels = read_task_examples(path, task, tokenizer, ids, cfg.seq_len, labels,
+                                         strict=s.strict, split=s.split)  # fmt: skip
+        return out
+
+    train, validation = read_split(cfg, read)
+    head = head_of(task, labels, ids)
+    summary = (
+        f"{len(train)} training and {len(validation)} validation examples ({task.type}"
+        + (f": {len(labels)} labels, {', '.join(labels)}" if task.type != "multiple_choice"
+           else f": {len(train[0].sequences)} choices")
+        + f"; special tokens {task.special_tokens}ed, ids {ids})"
+    )  # fmt: skip
+    check = TaskValidation(cfg, validation, head, tokenizer.eod_id) if validation else None
+    return Prepared(train, TaskBatches, summary, check, head), weights
+
+
+def with_new_rows(weights: dict, model: ModelConfig, ids: list[int], seed: int) -> dict:
+    """The embedding grown to model.vocab_size, the added tokens' rows drawn from
+    N(0, initializer_range) as GPT-1 initialised its special tokens (seeded)."""
+    wte = weights["transformer.wte.weight"]
+    grown = torch.zeros(model.vocab_size, wte.shape[1], dtype=wte.dtype)
+    grown[: wte.shape[0]] = wte
+    generator = torch.Generator().manual_seed(seed)
+    for i in sorted(ids):
+        grown[i].normal_(0.0, model.initializer_range, generator=generator)
+    return {**weights, "transformer.wte.weight": grown, TIED: grown}
+
+
+def _split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded `fraction` of the examples held out for validation (at least one left)."""
+    order = np.random.default_rng(seed).permutation(len(examples))
+    n = min(int(round(fraction * len(examples))), len(examples) - 1)
+    validation = [examples[i] for i in sorted(order[:n])]
+    return [examples[i] for i in sorted(order[n:])], validation
 
 
 def _trainable(engine) -> int:
@@ -184,32 +272,40 @@ def read_data(cfg: SftConfig, tokenizer) -> tuple[list[Example], list[Example]]:
     template = CHAT_TEMPLATES.get(s.chat_template, s.chat_template)
     common = dict(fields=s.fields, train_on_prompt=s.train_on_prompt,
                   chat_template=template, strict=s.strict, split=s.split)  # fmt: skip
-    path = s.path or str(BUNDLED)
-    read = read_examples(path, s.format, tokenizer, cfg.seq_len, **common)
-    _report(path, read)
-    examples = read.examples
+    return read_split(
+        cfg, lambda path: read_examples(path, s.format, tokenizer, cfg.seq_len, **common)
+    )
+
+
+def read_split(cfg: SftConfig, read) -> tuple[list, list]:
+    """Training and validation examples: `read(path)` of sft.path and of sft.validation_path,
+    or a seeded sft.validation_fraction of sft.path held out."""
+    s = cfg.sft
+    path = default_path(cfg)
+    examples = _reported(path, read(path)).examples
     if s.validation_path:
-        held = read_examples(s.validation_path, s.format, tokenizer, cfg.seq_len, **common)
-        _report(s.validation_path, held)
-        train, validation = examples, held.examples
+        train, validation = examples, _reported(s.validation_path, read(s.validation_path)).examples
     else:
-        order = np.random.default_rng(s.seed).permutation(len(examples))
-        n = int(round(s.validation_fraction * len(examples)))
-        n = min(n, len(examples) - 1)
-        validation = [examples[i] for i in sorted(order[:n])]
-        train = [examples[i] for i in sorted(order[n:])]
+        train, validation = _split(examples, s.validation_fraction, s.seed)
     if not train:
         raise ConfigError(f"{path}: no usable training example")
     return train, validation
 
 
-def _report(path: str, read) -> None:
+def default_path(cfg: SftConfig) -> str:
+    """sft.path, or the bundled sample for the task."""
+    return cfg.sft.path or str(BUNDLED_CLASSIFICATION if cfg.task.head else BUNDLED)
+
+
+def _reported(path: str, read):
+    """`read` (examples of `path`), its skipped and truncated records logged."""
     if read.skipped.count:
         log.warning("%s: %d bad records skipped, first: %s", path, read.skipped.count,
                     read.skipped.examples[0])  # fmt: skip
-    if read.truncated:
-        log.warning("%s: %d examples longer than the context lost prompt tokens from the left",
+    if read.truncated:  # prompts lose tokens from the left; task texts from their end
+        log.warning("%s: %d examples longer than the context were truncated to fit",
                     path, read.truncated)  # fmt: skip
+    return read
 
 
 def _padding_if_padded(rows, cfg: SftConfig) -> float:
@@ -223,7 +319,7 @@ def _padding_if_padded(rows, cfg: SftConfig) -> float:
 def data_identity(cfg: SftConfig, tokenizer) -> dict:
     """What decides the rows and their order: the data files by content, and the settings."""
     files = {}
-    for path in filter(None, [cfg.sft.path or str(BUNDLED), cfg.sft.validation_path]):
+    for path in filter(None, [default_path(cfg), cfg.sft.validation_path]):
         if Path(path).is_file():
             files[Path(path).name] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
         else:
@@ -290,3 +386,52 @@ class SftValidation:
                 "reference": reference,
             })  # fmt: skip
         return answers
+
+
+class TaskValidation:
+    """A task head's validation: the task loss, accuracy and macro-F1 (classes; multiple
+    choice: accuracy over choices) on the validation examples, the ranks splitting them under
+    ZeRO 0-2 (every rank runs them all under ZeRO-3)."""
+
+    def __init__(self, cfg: SftConfig, examples: list[TaskExample], head: TaskHead, pad: int):
+        self.cfg, self.examples, self.head, self.pad = cfg, examples, head, pad
+        self.classes = len(examples[0].sequences) if head.type == "multiple_choice" else len(
+            head.labels)  # fmt: skip
+
+    def __call__(self, t: Trainer) -> dict:
+        split = self.cfg.deepspeed.zero_stage < 3
+        rank, world = (t.ranks.rank, t.ranks.world_size) if split else (0, 1)
+        model = t.engine.module
+        model.eval()
+        # confusion[gold, predicted], and the summed task loss
+        confusion = torch.zeros(self.classes, self.classes, dtype=torch.float64, device=t.device)
+        loss = torch.zeros((), dtype=torch.float64, device=t.device)
+        m = self.cfg.micro_batch_size
+        with torch.no_grad():
+            for first in list(range(0, len(self.examples), m))[rank::world]:
+                arrays = collate_examples(self.examples[first : first + m], self.pad)
+                batch = {k: torch.from_numpy(v).to(t.device) for k, v in arrays.items()}
+                logits, _ = model.classify(batch["input_ids"], batch["classify_at"])
+                gold = batch["targets"]
+                loss += torch.nn.functional.cross_entropy(logits.float(), gold, reduction="sum")
+                ones = torch.ones_like(gold, dtype=torch.float64)
+                confusion.index_put_((gold, logits.argmax(-1)), ones, accumulate=True)
+        if split:
+            all_sum(confusion)
+            all_sum(loss)
+        model.train()
+        return classification_metrics(confusion, float(loss), self.head.type != "multiple_choice")
+
+
+def classification_metrics(confusion: torch.Tensor, loss_sum: float, f1: bool) -> dict:
+    """Accuracy and macro-F1 (the mean over classes of 2PR/(P+R); a class never predicted and
+    never gold is left out) from confusion[gold, predicted]."""
+    total = float(confusion.sum())
+    values = {"val/task_loss": loss_sum / total, "val/accuracy": float(confusion.trace()) / total}
+    if f1:
+        tp = confusion.diag()
+        gold, predicted = confusion.sum(1), confusion.sum(0)
+        present = (gold + predicted) > 0
+        scores = 2 * tp[present] / (gold[present] + predicted[present])
+        values["val/macro_f1"] = float(scores.mean())
+    return values

@@ -12,6 +12,8 @@ so a packed row gives each example the loss and gradients it has alone (tests/te
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from train.data.sft import IGNORE, Example
@@ -81,15 +83,20 @@ def padding_share(rows: list[dict[str, np.ndarray]]) -> float:
 
 
 class RowStream:
-    """Rows epoch after epoch, random-access: epoch e visits every row once, in an order
-    seeded by (seed, e), so resuming needs only the number of rows consumed."""
+    """Rows (or any items: task examples) epoch after epoch, random-access: epoch e visits
+    every row once, in an order seeded by (seed, e), so resuming needs only the number of rows
+    consumed."""
 
-    def __init__(self, rows: list[dict[str, np.ndarray]], seed: int):
+    def __init__(self, rows: list, seed: int):
         if not rows:
             raise ValueError("no rows to train on")
         self.rows, self.seed = rows, seed
-        self.trained = np.array([int((r["targets"] != IGNORE).sum()) for r in rows])
         self._orders: dict[int, np.ndarray] = {}
+
+    @functools.cached_property
+    def trained(self) -> np.ndarray:
+        """Targets of each row."""
+        return np.array([int((r["targets"] != IGNORE).sum()) for r in self.rows])
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -100,7 +107,7 @@ class RowStream:
             self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self))}
         return int(self._orders[epoch][i])
 
-    def __getitem__(self, k: int) -> dict[str, np.ndarray]:
+    def __getitem__(self, k: int):
         return self.rows[self.index(k)]
 
 

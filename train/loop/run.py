@@ -19,7 +19,7 @@ from train import engine as ds_engine
 from train import machine as hw
 from train.accelerator import Accelerator, Ranks
 from train.checkpoint import save_checkpoint
-from train.config import ConfigError, LoraConfig, TrainConfig
+from train.config import ConfigError, LoraConfig, TaskHead, TrainConfig
 from train.errors import CheckpointError
 from train.export import export_hf
 from train.loop.checkpoints import Resume, RunCheckpoints
@@ -83,10 +83,13 @@ def build_or_resume(
     identity: dict,
     weights: dict | None = None,
     lora: LoraConfig | None = None,
+    head: TaskHead | None = None,
+    lm_coef: float = 0.0,
 ) -> tuple[object, TrainState, ds_engine.EngineSpec, Resume | None]:
     """The engine around `weights` (a full state dict; None: freshly initialised), or around
     the run's last checkpoint when it has one; and the run's counters. `lora`: the model
-    carries adapters and only they train."""
+    carries adapters and only they train; `head`: GPT-1's task head on top (its weights
+    fresh), trained with lm_coef x the LM loss."""
     spec = ds_engine.EngineSpec(
         cfg.model,
         cfg.deepspeed,
@@ -96,6 +99,8 @@ def build_or_resume(
         run.accumulation,
         run.ranks.world_size,
         lora,
+        head,
+        lm_coef,
     )
     resume = run.checkpoints.plan_resume(identity, spec.layout)
     if resume and resume.mode == "consolidated":
@@ -152,12 +157,15 @@ def train_and_finish(t, final: Callable[[dict], dict | None] | None = None) -> N
         if final is not None:
             weights = final(weights)
         if weights is not None:
-            save_checkpoint(run_dir / "model", t.cfg.model, weights, t.tokenizer, overwrite=True)
+            head = TaskHead(**t.meta["head"]) if t.meta.get("head") else None
+            save_checkpoint(run_dir / "model", t.cfg.model, weights, t.tokenizer,
+                            overwrite=True, head=head)  # fmt: skip
             log.info("final weights: %s (neotrain checkpoint)", run_dir / "model")
             if t.cfg.export_hf:
                 try:
                     export_hf(run_dir / "model", run_dir / "hf", overwrite=True)
-                    log.info("exported %s (GPTNeoForCausalLM)", run_dir / "hf")
+                    kind = "GPTNeoForSequenceClassification" if head else "GPTNeoForCausalLM"
+                    log.info("exported %s (%s)", run_dir / "hf", kind)
                 except CheckpointError as e:  # strided layers have no GPT-Neo form
                     log.warning("no Hugging Face export: %s", e)
         plot_run(run_dir)

@@ -1,0 +1,222 @@
+"""GPT-1's task inputs (Radford et al. 2018, section 3.3): records -> token sequences ending in
+the classify token, and the batches the loop trains on.
+
+    classification    [start] text [classify]
+    entailment        [start] premise [delim] hypothesis [classify]
+    similarity        both orders, [start] a [delim] b [classify] and [start] b [delim] a
+                      [classify]; the head reads the sum of their final states
+    multiple_choice   per choice [start] context [delim] choice [classify]; a softmax over the
+                      choices' scores
+
+Records are JSON lines (field names configurable): {"text", "label"}, {"text", "text_pair",
+"label"}, {"text", "choices", "gold"}. Label names come from the training data, sorted (numbers
+numerically). Too long a sequence loses tokens from the end of its longest part (counted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from train.config import ConfigError, TaskConfig, TaskHead
+from train.data.sft import IGNORE
+from train.evals.records import BadItem, Record, Skipped, check_choices, gold_index, read_records
+from train.evals.records import require as require_field
+
+
+@dataclass
+class TaskExample:
+    sequences: list[list[int]]  # one (classification, entailment), two orders, or one per choice
+    label: int  # class index, or the right choice's index
+    where: str
+
+    @property
+    def longest(self) -> int:
+        return max(len(s) for s in self.sequences)
+
+
+@dataclass
+class TaskExamples:
+    examples: list[TaskExample] = field(default_factory=list)
+    skipped: Skipped = field(default_factory=Skipped)
+    truncated: int = 0
+
+
+def special_tokens(task: TaskConfig, tokenizer) -> dict[str, int]:
+    """The ids of start, delim and classify: added to the tokenizer (special_tokens=add; new
+    ids after its vocabulary) or looked up as single existing tokens (map)."""
+    names = {"start": task.tokens.start, "delim": task.tokens.delim,
+             "classify": task.tokens.classify}  # fmt: skip
+    if task.special_tokens == "add":
+        tokenizer.tokenizer.add_special_tokens(list(names.values()))
+    ids = {}
+    for role, token in names.items():
+        found = tokenizer.tokenizer.token_to_id(token)
+        if found is None:
+            raise ConfigError(
+                f"task.tokens.{role}={token!r} is not a single token of {tokenizer.name}; with "
+                "task.special_tokens=map each must be an existing token (or use add)"
+            )
+        ids[role] = found
+    if tokenizer.eod_id in ids.values():
+        raise ConfigError("task.tokens: the end-of-text token is the padding; map onto others")
+    return ids
+
+
+def read_task_examples(
+    path: str,
+    task: TaskConfig,
+    tokenizer,
+    ids: dict[str, int],
+    max_tokens: int,
+    labels: list[str] | None = None,
+    *,
+    strict: bool = False,
+    split: str | None = None,
+) -> tuple[TaskExamples, list[str]]:
+    """The examples of `path` and the label names (read from the data unless given: a
+    validation file uses the training file's; a label it does not know is a bad record)."""
+    out = TaskExamples()
+    records = []
+    for record in read_records(path, out.skipped, strict, split):
+        try:
+            records.append((record, _label_value(record, task)))
+        except BadItem as e:
+            out.skipped.add(str(e), strict)
+    if labels is None:
+        labels = label_names(v for _, v in records if v is not None)
+    index = {name: i for i, name in enumerate(labels)}
+    for record, value in records:
+        try:
+            sequences, truncated = _sequences(record, task, tokenizer, ids, max_tokens)
+            if task.type == "multiple_choice":
+                label = gold_index(record, value, len(sequences), task.fields.gold)
+            elif str(value) not in index:
+                raise BadItem(f"{record.where}: label {value!r} is not one of the training "
+                              f"labels {labels}")  # fmt: skip
+            else:
+                label = index[str(value)]
+        except BadItem as e:
+            out.skipped.add(str(e), strict)
+            continue
+        out.truncated += truncated
+        out.examples.append(TaskExample(sequences, label, record.where))
+    counts = {len(e.sequences) for e in out.examples}
+    if len(counts) > 1:
+        first = next(e for e in out.examples if len(e.sequences) != len(out.examples[0].sequences))
+        raise ConfigError(f"{first.where}: {len(first.sequences)} choices; every record of "
+                          f"{path} must have {len(out.examples[0].sequences)}")  # fmt: skip
+    if task.type != "multiple_choice" and len(labels) < 2:
+        raise ConfigError(f"{path}: {task.type} needs at least two labels; found {labels}")
+    return out, labels
+
+
+def label_names(values) -> list[str]:
+    """Distinct labels, sorted: numerically when they are all numbers, else as text."""
+    names = {str(v) for v in values}
+    try:
+        return sorted(names, key=float)
+    except ValueError:
+        return sorted(names)
+
+
+def _label_value(record: Record, task: TaskConfig):
+    key = task.fields.gold if task.type == "multiple_choice" else task.fields.label
+    value = record.value.get(key)
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise BadItem(f"{record.where}: {key!r} must be a string or a number (got "
+                      f"{'nothing' if value is None else type(value).__name__})")  # fmt: skip
+    return value
+
+
+def _sequences(record: Record, task: TaskConfig, tokenizer, ids: dict[str, int],
+               max_tokens: int) -> tuple[list[list[int]], bool]:  # fmt: skip
+    f = task.fields
+    text = tokenizer.encode(require_field(record, f.text, str, "a string"))
+    if task.type == "classification":
+        parts_list = [[text]]
+    elif task.type in ("entailment", "similarity"):
+        pair = tokenizer.encode(require_field(record, f.text_pair, str, "a string"))
+        parts_list = [[text, pair]] if task.type == "entailment" else [[text, pair], [pair, text]]
+    else:
+        choices = check_choices(record, record.value.get(f.choices), f.choices)
+        parts_list = [[text, tokenizer.encode(c)] for c in choices]
+    sequences, truncated = [], False
+    for parts in parts_list:
+        budget = max_tokens - len(parts) - 1  # start, delims, classify
+        if sum(len(p) for p in parts) > budget:
+            parts, truncated = _fit(parts, budget, record), True
+        tokens = [ids["start"]]
+        for i, part in enumerate(parts):
+            tokens += ([ids["delim"]] if i else []) + part
+        sequences.append(tokens + [ids["classify"]])
+    return sequences, truncated
+
+
+def _fit(parts: list[list[int]], budget: int, record: Record) -> list[list[int]]:
+    """Longest-first truncation: drop the last token of the longest part until all fit."""
+    if budget < len(parts):
+        raise BadItem(f"{record.where}: no room for the text in the context")
+    lengths = [len(p) for p in parts]
+    while sum(lengths) > budget:
+        lengths[lengths.index(max(lengths))] -= 1
+    return [p[:n] for p, n in zip(parts, lengths, strict=True)]
+
+
+def head_of(task: TaskConfig, labels: list[str], ids: dict[str, int]) -> TaskHead:
+    tokens = {"start": task.tokens.start, "delim": task.tokens.delim,
+              "classify": task.tokens.classify}  # fmt: skip
+    return TaskHead(task.type, list(labels), dict(ids), tokens)
+
+
+def collate_examples(examples: list[TaskExample], pad_id: int) -> dict[str, np.ndarray]:
+    """(B, K, T) input_ids right-padded with pad_id, (B, K) classify_at, (B,) targets and
+    (B, K, T) lm_targets (the next token of every real position; IGNORE from classify on)."""
+    k = len(examples[0].sequences)
+    t = max(e.longest for e in examples)
+    b = len(examples)
+    input_ids = np.full((b, k, t), pad_id, dtype=np.int64)
+    lm_targets = np.full((b, k, t), IGNORE, dtype=np.int64)
+    classify_at = np.zeros((b, k), dtype=np.int64)
+    targets = np.full((b,), IGNORE, dtype=np.int64)
+    for i, e in enumerate(examples):
+        targets[i] = e.label
+        for j, seq in enumerate(e.sequences):
+            input_ids[i, j, : len(seq)] = seq
+            lm_targets[i, j, : len(seq) - 1] = seq[1:]
+            classify_at[i, j] = len(seq) - 1
+    return {"input_ids": input_ids, "targets": targets, "lm_targets": lm_targets,
+            "classify_at": classify_at}  # fmt: skip
+
+
+class TaskBatches:
+    """The loop's view of task examples: step s takes examples [s * G, (s + 1) * G) of a seeded
+    per-epoch shuffle (G, the global batch, in examples), rank r micro-batch a's slice; the
+    targets counted are examples."""
+
+    def __init__(self, stream, rank: int, world_size: int, micro_size: int, accumulation: int,
+                 pad_id: int):  # fmt: skip
+        self.stream, self.rank, self.world = stream, rank, world_size
+        self.micro_size, self.accumulation, self.pad_id = micro_size, accumulation, pad_id
+        self.global_batch = micro_size * accumulation * world_size
+
+    def _first(self, step: int, micro: int) -> int:
+        return step * self.global_batch + (micro * self.world + self.rank) * self.micro_size
+
+    def micro_batch(self, step: int, micro: int) -> dict[str, np.ndarray]:
+        first = self._first(step, micro)
+        return collate_examples([self.stream[first + i] for i in range(self.micro_size)],
+                                self.pad_id)  # fmt: skip
+
+    def targets_in_step(self, step: int) -> int:
+        return self.global_batch
+
+    def tokens_in_step(self, step: int) -> int:
+        first, m = step * self.global_batch, self.micro_size
+        examples = [self.stream[first + i] for i in range(self.global_batch)]
+        total = 0
+        for i in range(0, len(examples), m):
+            group = examples[i : i + m]
+            total += max(e.longest for e in group) * sum(len(e.sequences) for e in group)
+        return total
