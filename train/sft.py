@@ -212,7 +212,7 @@ def prepare_task(cfg: SftConfig, tokenizer, weights: dict | None) -> tuple[Prepa
         f"{len(train)} training and {len(validation)} validation examples ({task.type}"
         + (f": {len(labels)} labels, {', '.join(labels)}" if task.type != "multiple_choice"
            else f": {len(train[0].sequences)} choices")
-        + f"; special tokens {task.special_tokens}ed, ids {ids})"
+        + f"; special tokens {'added' if task.special_tokens == 'add' else 'mapped'}, ids {ids})"
     )  # fmt: skip
     check = TaskValidation(cfg, validation, head, tokenizer.eod_id) if validation else None
     return Prepared(train, TaskBatches, summary, check, head), weights
