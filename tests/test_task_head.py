@@ -245,3 +245,29 @@ def test_pair_and_choice_tasks_train_and_export(tmp_path, kind):
         got = per_sequence.sum(1) if kind == "similarity" else per_sequence.squeeze(-1)
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert any("val/accuracy" in r for r in read_metrics(run))
+
+
+@pytest.mark.slow
+def test_lora_with_a_head_trains_adapters_and_head_only(tmp_path, trained_gpt2_model):
+    """LoRA beside a task head: the base stays frozen, the adapters and the (new) head train,
+    and the merged model exports as a sequence classifier; lora.merge=false is refused."""
+    from train import lora
+    from train.engine import consolidated_state_dict
+    from train.load import load_model
+
+    base = trained_gpt2_model / "ckpt"
+    run = tmp_path / "run"
+    sft(run, *CLASSIFY, "lora.r=4", "max_steps=3", "save_every=3", base=base)
+    raw = consolidated_state_dict(run / "checkpoints", "step_00000003")
+    plain, pairs = lora.split(raw)
+    original = load_model(base).state_dict()
+    for name, tensor in plain.items():
+        if name in ("transformer.wte.weight", "lm_head.weight"):  # grown by the task tokens
+            assert torch.equal(tensor[: original[name].shape[0]], original[name])
+        elif name != "score.weight":
+            assert torch.equal(tensor, original[name]), name
+    assert pairs and all(b.abs().max() > 0 for _, b in pairs.values())
+    assert GPTNeoForSequenceClassification.from_pretrained(run / "hf").config.num_labels == 4
+    refused = sft(tmp_path / "no", *CLASSIFY, "lora.r=4", "lora.merge=false", base=base,
+                  check=False)  # fmt: skip
+    assert refused.returncode != 0 and "keep lora.merge=true" in refused.stderr + refused.stdout

@@ -740,6 +740,11 @@ class SftConfig(TrainConfig):
         self.sft.validate()
         self.lora.validate()
         self.task.validate()
+        if self.lora.enabled and self.task.head and not self.lora.merge:
+            raise ConfigError(
+                f"lora.merge=false with task.type={self.task.type}: the head is trained whole, "
+                "not as an adapter; keep lora.merge=true"
+            )
         if self.epochs is not None and self.epochs <= 0:
             raise ConfigError(f"epochs={self.epochs} must be > 0")
         if self.samples < 0:

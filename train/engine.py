@@ -270,7 +270,11 @@ def build_engine(
             model = GPT(model_config)
         else:
             model = TaskGPT(model_config, spec.head, spec.lm_coef)
-        return lora_adapters.inject(model, lora) if lora else model
+        if lora:
+            model = lora_adapters.inject(model, lora)
+            if spec.head is not None:  # a new head is trained whole, beside the adapters
+                model.score.weight.requires_grad_(True)
+        return model
 
     def fill(model: GPT, module: nn.Module, names: dict[int, str]) -> None:
         params = list(module.parameters(recurse=False))

@@ -71,6 +71,9 @@ def adapters_out(cfg: SftConfig):
     base = cfg.base if Path(cfg.base).exists() else None  # None: a fresh model's
 
     def final(weights: dict) -> dict | None:
+        if cfg.task.head:  # the head trained whole: the merged model is the whole result
+            log.info("LoRA with a %s head: the merged model carries both", cfg.task.type)
+            return lora.merge(weights, cfg.lora)
         directory = Path(cfg.run_dir) / "adapter"
         lora.save_adapter(directory, weights, cfg.lora, cfg.model, base=base)
         log.info(
