@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # that pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench clean slurm
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ format: install
 
 test: lint
 	$(BIN)/python -m pytest
+
+# A one-node SLURM cluster on this machine (root): what tests/test_launch.py submits to.
+slurm:
+	bash scripts/slurm_local.sh
 
 # Side-by-side measurements, minutes each (see the README's Performance section).
 bench: install

@@ -90,6 +90,8 @@ def usage() -> str:
         "GPT-Neo / GPT-3 pretraining and fine-tuning. Verbs:",
     ]
     lines += [f"  {name.ljust(width)}  {verb.help}" for name, verb in VERBS.items()]
+    lines.append(f"  {'launch'.ljust(width)}  run train/sft/eval/generate here, on SLURM, over a "
+                 "hostfile or multi-node torchrun")  # fmt: skip
     lines += ["", "`neo <verb> --help` shows a verb's config; every verb runs with no arguments."]
     return "\n".join(lines)
 
@@ -101,6 +103,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     argv = _without_local_rank(argv)
     name = argv[0]
+    if name == "launch":
+        from launch.cli import main as launch
+
+        launch(argv[1:])
+        return
     if name not in VERBS:
         print(f"neo: unknown verb {name!r}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)

@@ -770,3 +770,6 @@ def register_configs() -> None:
     cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="generate_schema", node=GenerateConfig)
     cs.store(name="sft_schema", node=SftConfig)
+    from launch.config import LaunchEntry  # torch-free, like this file
+
+    cs.store(name="launch_schema", node=LaunchEntry)

@@ -1,0 +1,189 @@
+"""`neo launch VERB [launcher=NAME] [launch.KEY=VALUE ...] [VERB's overrides ...]`
+
+Runs a verb that runs a model (train, sft, eval, generate) here, on SLURM, through the
+deepspeed launcher over a hostfile, or as a multi-node torchrun, with every other override
+passed to the verb unchanged. The verb's config is composed here first, so a bad override or
+a world size that does not fit the batch fails before anything is submitted. Torch-free: it
+runs on a login node without torch.
+
+    neo launch train model=gpt_neo_1.3b deepspeed=zero2 launcher=slurm launch.nodes=4 \\
+        launch.gpus_per_node=8 launch.partition=gpu launch.time=24:00:00 launch.account=lm
+    neo launch train launcher=slurm launch.dry_run=true ...      # print the script only
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from launch import scripts
+from launch.config import LAUNCHERS, LaunchConfig
+from train.errors import ConfigError, NeoError, NotFound
+
+LAUNCHABLE = ("train", "sft", "eval", "generate")
+RESUMABLE = ("train", "sft")
+
+
+def main(argv: list[str]) -> None:
+    try:
+        run(argv)
+    except NeoError as e:
+        print(f"neo launch: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+def run(argv: list[str]) -> None:
+    if not argv or argv[0] not in LAUNCHABLE:
+        got = f"{argv[0]!r}" if argv else "nothing"
+        raise ConfigError(f"neo launch VERB ...: VERB must be one of {', '.join(LAUNCHABLE)} "
+                          f"(got {got})")  # fmt: skip
+    verb, rest = argv[0], argv[1:]
+    mine = [a for a in rest if a.split("=", 1)[0].lstrip("+") in ("launcher",)
+            or a.lstrip("+").startswith("launch.")]  # fmt: skip
+    overrides = [a for a in rest if a not in mine]
+    launch = launch_config(mine)
+    job = prepare_job(verb, overrides, launch, shlex.join(["neo", "launch", *argv]))
+    {"local": run_local, "slurm": run_slurm, "hostfile": run_hostfile,
+     "torchrun": run_torchrun}[launch.launcher](job, launch)  # fmt: skip
+
+
+def launch_config(overrides: list[str]) -> LaunchConfig:
+    """configs/launch.yaml with the `launcher` group and launch.* overrides applied."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    from train.config import register_configs
+
+    register_configs()
+    with initialize_config_module("configs", version_base="1.3"):
+        try:
+            cfg = compose("launch", overrides=overrides)
+        except HydraException as e:
+            if any(a.startswith("launcher=") for a in overrides) and "launcher" in str(e):
+                raise ConfigError(f"{_choice(overrides)}: not one of {', '.join(LAUNCHERS)} or "
+                                  "a preset in configs/launcher/") from None  # fmt: skip
+            raise ConfigError(f"launch settings: {e}") from None
+    return OmegaConf.to_object(cfg).launch.validate()
+
+
+def _choice(overrides: list[str]) -> str:
+    return next(a for a in overrides if a.startswith("launcher="))
+
+
+def prepare_job(verb: str, overrides: list[str], launch: LaunchConfig, typed: str):
+    """The verb's config composed and checked for launch.world_size ranks; its run dir made
+    absolute and passed to the job, so a requeued job finds its checkpoints."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    from train.cli import VERBS
+
+    module = VERBS[verb].config_path.removeprefix("pkg://")
+    overrides = list(overrides)
+    with initialize_config_module(module, version_base="1.3"):
+        try:
+            full = compose(verb, overrides=overrides, return_hydra_config=True)
+            given = next((a.split("=", 1)[1] for a in overrides if a.startswith("run_dir=")), None)
+            if verb in RESUMABLE:
+                run_dir = Path(given or full.hydra.run.dir).absolute()
+                if not given:
+                    overrides.append(f"run_dir={run_dir}")
+            else:
+                stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+                run_dir = Path("runs/launch", f"{verb}-{stamp}").absolute()
+            cfg = compose(verb, overrides=overrides)
+        except HydraException as e:
+            raise ConfigError(f"neo {verb} overrides: {e}") from None
+    config = OmegaConf.to_object(cfg)
+    if verb in RESUMABLE:
+        try:
+            config.validate(launch.world_size)
+        except ConfigError as e:
+            raise ConfigError(
+                f"with launch.nodes={launch.nodes} x launch.gpus_per_node={launch.gpus_per_node}"
+                f" = {launch.world_size} ranks: {e}"
+            ) from None
+    accelerator = config.accelerator
+    if accelerator == "auto":  # decided on the compute nodes; the script sets GPU variables
+        accelerator = "cpu" if launch.launcher == "local" else "cuda"
+    return scripts.Job(verb, overrides, str(run_dir), accelerator, verb in RESUMABLE,
+                       launch.workdir or os.getcwd(), typed)  # fmt: skip
+
+
+def run_local(job: scripts.Job, launch: LaunchConfig) -> None:
+    if launch.nodes > 1:
+        raise ConfigError("launcher=local runs on this machine: launch.nodes must be 1")
+    command = scripts.verb_command(job, launch)
+    if launch.gpus_per_node > 1:
+        command = [*scripts.torchrun(launch), "--standalone",
+                   f"--nproc_per_node={launch.gpus_per_node}", *command[1:]]  # fmt: skip
+    _run_or_print([command], launch)
+
+
+def run_torchrun(job: scripts.Job, launch: LaunchConfig) -> None:
+    commands = scripts.torchrun_commands(job, launch)
+    if launch.node_rank is None or launch.dry_run:
+        print(f"# run on each node ({launch.nodes}), node 0 at {launch.master_addr}:")
+        for rank, command in enumerate(commands):
+            print(f"# node {rank}\n{command}")
+        return
+    _run_or_print([["bash", "-c", commands[launch.node_rank]]], launch)
+
+
+def run_hostfile(job: scripts.Job, launch: LaunchConfig) -> None:
+    hostfile = Path(launch.hostfile)
+    if not hostfile.is_file():
+        raise NotFound(f"launch.hostfile={hostfile}: no such file ('host slots=N' lines)")
+    env_file = Path(job.run_dir) / "launch" / ".deepspeed_env"
+    command = scripts.deepspeed_command(job, launch)
+    if launch.dry_run:
+        print(f"# {env_file}\n{scripts.deepspeed_env(job, launch)}# command\n{shlex.join(command)}")
+        return
+    _write(env_file, scripts.deepspeed_env(job, launch))
+    # .deepspeed_env reaches the other nodes; this one gets the variables directly.
+    variables = {n: v for n, v, _ in scripts.environment(job, launch)}
+    _run_or_print([command], launch, env={**variables, "DS_ENV_FILE": str(env_file)})
+
+
+def run_slurm(job: scripts.Job, launch: LaunchConfig) -> None:
+    text = scripts.slurm_script(job, launch)
+    if launch.dry_run:
+        print(text, end="")
+        return
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise NotFound("launcher=slurm: sbatch is not on PATH (run on a SLURM login node, or "
+                       "launch.dry_run=true to see the script)")  # fmt: skip
+    script = Path(job.run_dir) / "launch" / "job.sbatch"
+    _write(script, text)
+    done = subprocess.run([sbatch, "--parsable", str(script)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ConfigError(f"sbatch {script} failed: {done.stderr.strip() or done.stdout.strip()}")
+    job_id = done.stdout.strip().split(";")[0]
+    print(f"submitted job {job_id}: neo {job.verb}, run dir {job.run_dir}")
+    print(f"follow it: squeue -j {job_id}; tail -f {job.run_dir}/slurm-{job_id}.out")
+
+
+def _write(path: Path, text: str) -> None:
+    """Atomically (a temporary name renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _run_or_print(commands: list[list[str]], launch: LaunchConfig, env=None) -> None:
+    for command in commands:
+        if launch.dry_run:
+            print(shlex.join(command))
+            continue
+        done = subprocess.run(command, env={**os.environ, **(env or {})})
+        if done.returncode != 0:
+            sys.exit(done.returncode)
