@@ -38,6 +38,11 @@ def main(argv: list[str]) -> None:
 
 
 def run(argv: list[str]) -> None:
+    if argv and argv[0] == "status":
+        from launch.status import status
+
+        status(argv[1:])
+        return
     if not argv or argv[0] not in LAUNCHABLE:
         got = f"{argv[0]!r}" if argv else "nothing"
         raise ConfigError(f"neo launch VERB ...: VERB must be one of {', '.join(LAUNCHABLE)} "

@@ -235,3 +235,39 @@ def test_torchrun_nodes_and_the_deepspeed_launcher_equal_torchrun(tmp_path, corp
            *common[5:-1], f"run_dir={by_deepspeed}", cwd=tmp_path)  # fmt: skip
     assert losses(by_deepspeed) == losses(tmp_path / "one")
     assert "OMP_NUM_THREADS=1" in (by_deepspeed / "launch" / ".deepspeed_env").read_text()
+
+
+@pytest.mark.slow
+def test_a_hydra_sweep_runs_on_slurm_through_submitit(slurm, tmp_path, corpus):  # noqa: F811
+    """`neo train -m optim.lr=a,b hydra/launcher=submitit_slurm`: two jobs of two tasks each
+    (their rendezvous found from SLURM's variables), one run directory each, and the table of
+    the sweep at the end and from `neo launch status`."""
+    sweep = tmp_path / "sweep"
+    command = [
+        NEO,
+        "train",
+        "-m",
+        "optim.lr=1e-3,3e-3",
+        "hydra/launcher=submitit_slurm",
+        "hydra.launcher.timeout_min=10",
+        "hydra.launcher.tasks_per_node=2",
+        f"hydra.sweep.dir={sweep}",
+        "accelerator=cpu",
+        "precision=fp32",
+        "max_steps=3",
+        f"data.path={corpus}",
+        *(a for a in SMALL if not a.startswith("optim.lr")),
+    ]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for job in ("0", "1"):
+        assert (sweep / job / "model" / "neotrain.json").is_file()
+        assert len(losses(sweep / job)) == 3
+    assert losses(sweep / "0") != losses(sweep / "1")  # different learning rates
+    assert f"sweep {sweep}: 2 jobs" in done.stdout
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| 0 ")
+            or line.startswith("| 1 ")]  # fmt: skip
+    assert len(rows) == 2 and all(r.endswith("| done |") for r in rows), done.stdout
+    assert "optim.lr=0.001" in rows[0] and "optim.lr=0.003" in rows[1]
+    status = launch("status", f"sweep_dir={sweep}").stdout
+    assert all(r in status for r in rows)

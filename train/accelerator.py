@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import socket
+import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -96,7 +97,8 @@ def prepare_environment(accelerator: Accelerator, ranks: Ranks) -> None:
 
     DS_ACCELERATOR stops DeepSpeed from guessing; a single process gets a rendezvous on a
     free local port; SLURM jobs get RANK/LOCAL_RANK/WORLD_SIZE from the SLURM variables
-    (MASTER_ADDR/MASTER_PORT must come from the job script, see launch/)."""
+    and, unless the job script exported them (launch/), MASTER_ADDR = the job's first node and
+    MASTER_PORT from the job id (what a job submitted by submitit, say, needs)."""
     os.environ["DS_ACCELERATOR"] = accelerator.kind
     os.environ.setdefault("RANK", str(ranks.rank))
     os.environ.setdefault("LOCAL_RANK", str(ranks.local_rank))
@@ -104,12 +106,29 @@ def prepare_environment(accelerator: Accelerator, ranks: Ranks) -> None:
     if ranks.world_size == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-    elif "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+    elif "MASTER_ADDR" not in os.environ and (found := slurm_rendezvous()):
+        os.environ["MASTER_ADDR"], port = found
+        os.environ.setdefault("MASTER_PORT", str(port))
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
         raise SetupError(
             f"rank {ranks.rank} of {ranks.world_size}: MASTER_ADDR and MASTER_PORT must be set "
             "(torchrun and the deepspeed launcher set them; under SLURM, export them in the "
             "job script: see launch/)"
         )
+
+
+def slurm_rendezvous() -> tuple[str, int] | None:
+    """(first node of the SLURM job, a port from its job id), or None outside SLURM. The same
+    rule as neo launch's job scripts."""
+    nodes, job = os.environ.get("SLURM_JOB_NODELIST"), os.environ.get("SLURM_JOB_ID")
+    if not nodes or not job:
+        return None
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True,
+                             text=True, check=True).stdout.split()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return (out[0], 20000 + int(job) % 20000) if out else None
 
 
 def free_port() -> int:
