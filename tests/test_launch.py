@@ -271,3 +271,14 @@ def test_a_hydra_sweep_runs_on_slurm_through_submitit(slurm, tmp_path, corpus): 
     assert "optim.lr=0.001" in rows[0] and "optim.lr=0.003" in rows[1]
     status = launch("status", f"sweep_dir={sweep}").stdout
     assert all(r in status for r in rows)
+
+
+def test_local_launcher_and_verbs_that_do_not_resume():
+    out = launch("train", "launch.gpus_per_node=2", "launch.dry_run=true", *FIXED,
+                 "run_dir=/scratch/r").stdout  # fmt: skip
+    assert out.strip() == ("python -m torch.distributed.run --standalone --nproc_per_node=2 "
+                           "-m train.cli train run_dir=/scratch/r")  # fmt: skip
+    # eval does not save on USR1: no requeue, no signal, and no run_dir override added.
+    out = launch("eval", "model=/models/x", "launcher=slurm", "launch.dry_run=true", *FIXED).stdout
+    assert "--requeue" not in out and "USR1" not in out and "scontrol requeue" not in out
+    assert "srun --kill-on-bad-exit=1 python -m train.cli eval model=/models/x\n" in out
