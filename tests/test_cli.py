@@ -1,6 +1,7 @@
 """The `neo` console script, run as users run it: a subprocess."""
 
 import json
+import shutil
 
 import pytest
 
@@ -98,15 +99,19 @@ def test_export_and_import_round_trip_through_the_cli(neo, tmp_path):
         hidden_size=32, num_heads=2, num_layers=2, attention_types=[[["global", "local"], 1]]
     )
     model = GPT(config).init_weights(torch.Generator().manual_seed(0))
+    missing = neo("export", check=False)  # no demo run yet
+    assert missing.returncode == 2 and "make demo" in missing.stderr
+    # What `make demo` leaves: the run's final model in runs/demo/model.
     save_checkpoint(
-        tmp_path / "runs/demo/checkpoint", config, model.state_dict(), load_tokenizer("gpt2")
+        tmp_path / "runs/demo/model", config, model.state_dict(), load_tokenizer("gpt2")
     )
 
-    out = neo("export").stdout  # the embedded defaults: runs/demo/checkpoint -> runs/demo/hf
-    assert "exported tiny" in out and "runs/demo/hf" in out
-    assert (
-        json.loads((tmp_path / "runs/demo/hf/config.json").read_text())["model_type"] == "gpt_neo"
-    )
+    out = neo("export").stdout  # the embedded defaults: runs/demo -> runs/demo/export
+    assert "exported tiny" in out and "runs/demo/export" in out and "verified" in out
+    exported = tmp_path / "runs/demo/export"
+    assert json.loads((exported / "config.json").read_text())["model_type"] == "gpt_neo"
+    assert "verified" in neo("verify", str(exported)).stdout
+    shutil.copytree(exported, tmp_path / "runs/demo/hf")  # what neo import reads by default
     assert "imported hf (1.6M parameters" in neo("import").stdout  # named after its directory
     again = load_model(tmp_path / "runs/demo/imported")
     ids = torch.randint(0, 50257, (1, 30))

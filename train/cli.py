@@ -77,7 +77,11 @@ VERBS = {
     ),
     "export": Verb(
         "train.cli:run_export",
-        "write a neotrain checkpoint as a Hugging Face GPTNeoForCausalLM dir (input= output=)",
+        "write a checkpoint as a verified Hugging Face GPTNeoForCausalLM dir (input= output=)",
+    ),
+    "verify": Verb(
+        "train.cli:run_verify",
+        "check an exported directory: checksums, loading, probe logits, usage (neo verify DIR)",
     ),
 }
 
@@ -103,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     argv = _without_local_rank(argv)
     name = argv[0]
+    if name == "verify" and len(argv) > 1 and "=" not in argv[1] and not argv[1].startswith("-"):
+        argv = [name, f"dir={argv[1]}", *argv[2:]]  # neo verify DIR
     if name == "launch":
         from launch.cli import main as launch
 
@@ -217,18 +223,32 @@ def run_export(cfg) -> None:
     import torch
 
     from train.export import export_hf
+    from train.load import require_model
 
     source, output = _require_paths(cfg)
+    if source == "runs/demo":
+        require_model(source)
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise ConfigError(f"dtype={cfg.dtype!r} is not a torch dtype (float32, bfloat16, float16)")
-    config = export_hf(source, output, overwrite=cfg.overwrite, dtype=dtype)
+    config = export_hf(source, output, overwrite=cfg.overwrite, dtype=dtype,
+                       tokenizer=cfg.tokenizer)  # fmt: skip
     log.info(
-        "exported %s (%s) to %s: load it with transformers.AutoModelForCausalLM.from_pretrained",
+        "exported %s (%s) to %s, verified: load it with "
+        "transformers.AutoModelForCausalLM.from_pretrained; check it again with neo verify %s",
         config.name,
         _params(config),
         output,
+        output,
     )
+
+
+def run_verify(cfg) -> None:
+    from train.bundle import verify
+
+    for line in verify(cfg.dir, usage=cfg.usage):
+        log.info("ok  %s", line)
+    log.info("%s: verified", cfg.dir)
 
 
 def run_plot(cfg) -> None:

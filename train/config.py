@@ -190,6 +190,18 @@ class ConvertConfig:
     overwrite: bool = False
     # export only: cast the weights (float32, bfloat16, float16); None keeps them as stored.
     dtype: str | None = None
+    # export only: a tokenizer (file, directory, gpt2) to export with the model; null: the
+    # checkpoint's own.
+    tokenizer: str | None = None
+
+
+@dataclass
+class VerifyConfig:
+    """`neo verify DIR`: check an exported directory (train/bundle.py)."""
+
+    dir: str = "runs/demo/export"
+    # Also run the card's pipeline("text-generation") usage (seconds).
+    usage: bool = True
 
 
 @dataclass
@@ -765,6 +777,7 @@ def register_configs() -> None:
     cs.store(name="prep_schema", node=PrepConfig)
     cs.store(name="info_schema", node=InfoConfig)
     cs.store(name="convert_schema", node=ConvertConfig)
+    cs.store(name="verify_schema", node=VerifyConfig)
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="plot_schema", node=PlotConfig)
     cs.store(name="eval_schema", node=EvalConfig)

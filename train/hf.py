@@ -13,6 +13,7 @@ Weights are read with safetensors or torch.load(weights_only=True); no remote co
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def config_from_hf(hf: dict, source: str) -> ModelConfig:
 
 def config_to_hf(
     config: ModelConfig,
-    tokenizer: LoadedTokenizer,
+    tokenizer: LoadedTokenizer | None,
     dtype: torch.dtype,
     head: TaskHead | None = None,
 ):
@@ -84,10 +85,14 @@ def config_to_hf(
             "global and local layers, so this model cannot be exported as GPTNeoForCausalLM"
         )
     fields = {k: getattr(config, k) for k in SHARED_FIELDS}
-    if head is not None:
+    eod = tokenizer.eod_id if tokenizer is not None else None
+    if head is None:
+        # What `pipeline("text-generation")` applies, as GPT-2's and GPT-Neo's configs say.
+        fields["task_specific_params"] = {"text-generation": {"do_sample": True, "max_length": 50}}
+    else:
         # GPTNeoForSequenceClassification reads the last token that is not padding: the
         # classify token, when inputs are built as neo sft builds them.
-        fields |= dict(num_labels=head.num_outputs, pad_token_id=tokenizer.eod_id,
+        fields |= dict(num_labels=head.num_outputs, pad_token_id=eod,
                        architectures=["GPTNeoForSequenceClassification"],
                        task_specific_params={"neotrain_task": asdict(head)})  # fmt: skip
         if head.type != "multiple_choice":
@@ -96,8 +101,8 @@ def config_to_hf(
                            problem_type="single_label_classification")  # fmt: skip
     return GPTNeoConfig(
         **{"architectures": ["GPTNeoForCausalLM"], **fields},
-        bos_token_id=tokenizer.eod_id,
-        eos_token_id=tokenizer.eod_id,
+        bos_token_id=eod,
+        eos_token_id=eod,
         tie_word_embeddings=True,
         dtype=str(dtype).removeprefix("torch."),
     )
@@ -189,24 +194,28 @@ def write_hf_dir(
     output_dir: str | Path,
     config: ModelConfig,
     state: dict[str, torch.Tensor],
-    tokenizer: LoadedTokenizer,
+    tokenizer: LoadedTokenizer | None,
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
     source: str = "the model",
     head: TaskHead | None = None,
+    finish: Callable[[Path, torch.dtype], None] | None = None,
 ) -> None:
     """A directory GPTNeoForCausalLM and AutoTokenizer load offline, written atomically;
     `source` names what the weights came from, in errors. With a task `head`: a
-    GPTNeoForSequenceClassification directory (score.weight, id2label)."""
+    GPTNeoForSequenceClassification directory (score.weight, id2label). tokenizer None: no
+    tokenizer files. `finish(tmp, dtype)` runs on the complete directory before it is renamed
+    into place (checksums, probe, verification); raising leaves nothing behind."""
     from transformers import GenerationConfig  # transformers takes seconds to import
 
-    if tokenizer.vocab_size > config.vocab_size:
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(
             f"{source}: no tokenizer fits vocab_size={config.vocab_size} "
-            f"({tokenizer.name} has {tokenizer.vocab_size} tokens)"
+            f"({tokenizer.name} has {tokenizer.vocab_size} tokens); pass tokenizer=PATH"
         )
     dtype = dtype or state["transformer.wte.weight"].dtype
     hf_config = config_to_hf(config, tokenizer, dtype, head)  # refuses strided layers first
+    eod = tokenizer.eod_id if tokenizer is not None else None
     with atomic_dir(output_dir, overwrite) as tmp:
         hf_config.save_pretrained(str(tmp))
         save_file(
@@ -214,13 +223,14 @@ def write_hf_dir(
             str(tmp / "model.safetensors"),
             metadata={"format": "pt"},
         )
-        GenerationConfig(
-            bos_token_id=tokenizer.eod_id,
-            eos_token_id=tokenizer.eod_id,
-            pad_token_id=tokenizer.eod_id,
-        ).save_pretrained(str(tmp))
-        save_hf_tokenizer(tokenizer, tmp, model_max_length=config.max_position_embeddings)
+        GenerationConfig(bos_token_id=eod, eos_token_id=eod, pad_token_id=eod).save_pretrained(
+            str(tmp)
+        )
+        if tokenizer is not None:
+            save_hf_tokenizer(tokenizer, tmp, model_max_length=config.max_position_embeddings)
         (tmp / "README.md").write_text(model_card(config, tokenizer, dtype, head))
+        if finish is not None:
+            finish(tmp, dtype)
 
 
 def hf_dir_tokenizer(path: Path) -> LoadedTokenizer | None:
@@ -238,7 +248,10 @@ def hf_dir_tokenizer(path: Path) -> LoadedTokenizer | None:
 
 
 def model_card(
-    config: ModelConfig, tokenizer: LoadedTokenizer, dtype: torch.dtype, head: TaskHead | None
+    config: ModelConfig,
+    tokenizer: LoadedTokenizer | None,
+    dtype: torch.dtype,
+    head: TaskHead | None,
 ) -> str:
     kinds = config.layer_kinds()
     local = sum(kind == "local" for kind in kinds)
@@ -249,17 +262,27 @@ def model_card(
         "`GPTNeoForCausalLM`.",
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline, set_seed",
         'model = AutoModelForCausalLM.from_pretrained("PATH")',
         'tokenizer = AutoTokenizer.from_pretrained("PATH")',
+        'generator = pipeline("text-generation", model="PATH")',
+        "set_seed(42)",
+        """generator("Hello, I'm a language model,", max_length=30, num_return_sequences=5)""",
         "```",
+        "",
+        "Check the files and the model before use: `neo verify PATH` (checksums, loading, the",
+        "logits of `probe.json`, the usage above), or `sha256sum -c checksums.sha256`.",
         "",
         f"- layers {config.num_layers}, hidden {config.hidden_size}, heads {config.num_heads}, "
         f"context {config.max_position_embeddings}, vocabulary {config.vocab_size}",
         f"- attention: {len(kinds) - local} global layers, {local} local layers "
         f"(window {config.window_size})",
-        f"- weights: {str(dtype).removeprefix('torch.')}; tokenizer: {tokenizer.name}, "
-        f"end of text {tokenizer.eod_token!r} = {tokenizer.eod_id}",
+        f"- weights: {str(dtype).removeprefix('torch.')}; "
+        + (
+            f"tokenizer: {tokenizer.name}, end of text {tokenizer.eod_token!r} = {tokenizer.eod_id}"
+            if tokenizer is not None
+            else "no tokenizer was exported with it: tokenize with your own"
+        ),  # fmt: skip
     ]
     if config.scale_attn_weights:
         lines.append(
@@ -272,7 +295,7 @@ def model_card(
             "transformers' `flash_attention_2` path for GPT-Neo ignores the window and makes "
             "local layers global, which changes the outputs"
         )
-    if tokenizer.eod_token == GPT2_EOD and tokenizer.name == "gpt2":
+    if tokenizer is not None and tokenizer.eod_token == GPT2_EOD and tokenizer.name == "gpt2":
         lines.append("- tokenizer: GPT-2 byte-level BPE, as every EleutherAI GPT-Neo model")
     if head is not None:
         lines += ["", *task_card(head)]

@@ -55,7 +55,7 @@ def read_any(
     path: str | Path,
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], LoadedTokenizer | None]:
     """Model config, state dict and tokenizer of any checkpoint this module reads."""
-    path = Path(path)
+    path = resolve_run(Path(path))
     if is_checkpoint(path):
         config, state = read_checkpoint(path)
         return config, state, checkpoint_tokenizer(path)
@@ -70,10 +70,24 @@ def read_any(
     )
 
 
+def resolve_run(path: Path) -> Path:
+    """A run directory means its final model (run_dir/model) when that is newer than its last
+    checkpoint (a finished run), else the checkpoint (a run still going, or resumed past its
+    end); any other path means itself."""
+    final = path / "model"
+    if is_checkpoint(path) or not is_checkpoint(final):
+        return path
+    tag_dir = run_checkpoints.find(path)
+    if tag_dir is None:
+        return final
+    newest = (tag_dir / run_checkpoints.STATE_FILE).stat().st_mtime
+    return final if (final / CONFIG_FILE).stat().st_mtime >= newest else path
+
+
 def read_head(path: str | Path) -> TaskHead | None:
     """The task head (neo sft task=...) of a neotrain checkpoint or training checkpoint, or
     None: a language model (Hugging Face directories are read as language models)."""
-    path = Path(path)
+    path = resolve_run(Path(path))
     if is_checkpoint(path):
         return checkpoint_head(path)
     if (tag_dir := run_checkpoints.find(path)) is not None:

@@ -1,0 +1,105 @@
+"""What `neo export` writes for inference teams, and `neo verify`: checksums, the probe, the
+card's usage; every kind of damage named; nothing partial left behind."""
+
+import json
+import subprocess
+
+import pytest
+import torch
+from conftest import NEO, tiny_config
+from safetensors.torch import load_file, save_file
+from test_hf import make_checkpoint
+
+from train import bundle
+from train.checkpoint import save_checkpoint
+from train.export import export_hf
+from train.model import GPT
+
+
+def verify(directory, *args):
+    return subprocess.run([NEO, "verify", str(directory), *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundle")
+    make_checkpoint(root / "ckpt")
+    export_hf(root / "ckpt", root / "hf")
+    return root / "hf"
+
+
+def test_export_writes_checksums_and_a_probe_that_verify_checks(exported):
+    lines = (exported / bundle.CHECKSUMS).read_text().splitlines()
+    names = {line.split("  ", 1)[1] for line in lines}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md",
+            bundle.PROBE} <= names  # fmt: skip
+    probe = json.loads((exported / bundle.PROBE).read_text())
+    assert probe["prompt"] == "Hello, I'm a language model,"
+    assert probe["input_ids"] == [15496, 11, 314, 1101, 257, 3303, 2746, 11]
+    assert len(probe["top_ids"]) == 10
+    done = verify(exported)
+    assert done.returncode == 0, done.stderr
+    files = len([p for p in exported.iterdir() if p.name != bundle.CHECKSUMS])
+    assert f"checksums: {files} files match" in done.stdout
+    assert "pipeline('text-generation') gave 5 continuations" in done.stdout
+    assert "neo verify PATH" in (exported / "README.md").read_text()
+
+
+def _copy(exported, tmp_path):
+    import shutil
+
+    shutil.copytree(exported, tmp_path / "copy")
+    return tmp_path / "copy"
+
+
+def test_damage_is_named(exported, tmp_path):
+    copy = _copy(exported, tmp_path)
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[-5] ^= 0xFF
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    done = verify(copy)
+    assert done.returncode == 2
+    assert "model.safetensors: sha256 differs from checksums.sha256" in done.stderr
+
+    copy = _copy(exported, tmp_path / "b")
+    (copy / "tokenizer.json").unlink()
+    (copy / "notes.txt").write_text("mine")
+    done = verify(copy)
+    assert done.returncode == 2 and "missing: tokenizer.json" in done.stderr
+
+    # Weights changed and the checksums written again: the probe still catches it.
+    copy = _copy(exported, tmp_path / "c")
+    weights = load_file(copy / "model.safetensors")
+    weights["transformer.ln_f.bias"] = weights["transformer.ln_f.bias"] + 0.5
+    save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
+    bundle.write_checksums(copy)
+    done = verify(copy, "usage=false")
+    assert done.returncode == 2 and "probe.json: transformers' logits differ" in done.stderr
+
+
+def test_a_failed_verification_leaves_nothing(tmp_path, monkeypatch):
+    make_checkpoint(tmp_path / "ckpt")
+
+    def fails(*args, **kwargs):
+        raise bundle.VerifyError("probe differs")
+
+    monkeypatch.setattr(bundle, "verify", fails)
+    with pytest.raises(bundle.VerifyError):
+        export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.*"))
+
+
+def test_a_model_without_a_tokenizer_exports_and_says_so(tmp_path, caplog):
+    """A custom vocabulary of 211 tokens and no tokenizer (an imported HF directory, say): the
+    model is exported without tokenizer files (no GPT-2 tokenizer fits), and verifies."""
+    config = tiny_config(vocab_size=211, hidden_size=32, num_heads=2, num_layers=2,
+                         attention_types=[[["global", "local"], 1]])  # fmt: skip
+    model = GPT(config).init_weights(torch.Generator().manual_seed(0))
+    save_checkpoint(tmp_path / "ckpt", config, model.state_dict(), None)
+    export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    assert not (tmp_path / "hf" / "tokenizer.json").exists()
+    assert "no tokenizer and none fits vocab_size=211" in caplog.text
+    done = verify(tmp_path / "hf")
+    assert done.returncode == 0, done.stderr
+    assert "no tokenizer in the directory" in done.stdout
+    assert "no tokenizer was exported" in (tmp_path / "hf" / "README.md").read_text()

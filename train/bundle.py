@@ -1,0 +1,166 @@
+"""What makes an exported directory verifiable without asking us: `checksums.sha256` over every
+file, and `probe.json`, a fixed prompt's token ids with the model's top logits at export time.
+
+`verify(dir)` (`neo verify DIR`, and the exporter on what it wrote before renaming it into
+place) checks every checksum, loads the directory with transformers offline, recomputes the
+probe and compares, and runs the card's own usage through `pipeline`. Every failure is named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from train.config import ModelConfig, TaskHead
+from train.errors import NeoError
+
+log = logging.getLogger("neo.verify")
+
+CHECKSUMS = "checksums.sha256"
+PROBE = "probe.json"
+PROMPT = "Hello, I'm a language model,"
+TOP = 10
+# |our logit - transformers' logit| allowed, by the weights' dtype (bf16 keeps 8 bits).
+TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 2.5e-1}
+
+
+class VerifyError(NeoError):
+    """An exported directory is not what it says it is."""
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(directory: Path) -> None:
+    """sha256sum's format, every file but itself, sorted: `sha256sum -c` checks it too."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    lines = [f"{sha256(p)}  {p.relative_to(directory).as_posix()}\n" for p in files]
+    (directory / CHECKSUMS).write_text("".join(lines))
+
+
+def check_checksums(directory: Path) -> int:
+    listing = directory / CHECKSUMS
+    if not listing.is_file():
+        raise VerifyError(f"{listing}: missing")
+    listed = {}
+    for n, line in enumerate(listing.read_text().splitlines(), start=1):
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name:
+            raise VerifyError(f"{listing}:{n}: not '<sha256>  <file>'")
+        listed[name] = digest
+    present = {p.relative_to(directory).as_posix() for p in directory.rglob("*")
+               if p.is_file() and p.name != CHECKSUMS}  # fmt: skip
+    if missing := sorted(set(listed) - present):
+        raise VerifyError(f"{directory}: listed in {CHECKSUMS} but missing: {', '.join(missing)}")
+    if extra := sorted(present - set(listed)):
+        raise VerifyError(f"{directory}: not listed in {CHECKSUMS}: {', '.join(extra)}")
+    for name, digest in listed.items():
+        if sha256(directory / name) != digest:
+            raise VerifyError(f"{directory / name}: sha256 differs from {CHECKSUMS} (corrupt or "
+                              "changed since export)")  # fmt: skip
+    return len(listed)
+
+
+def probe_ids(tokenizer, head: TaskHead | None, vocab_size: int) -> list[int]:
+    ids = tokenizer.encode(PROMPT) if tokenizer is not None else list(range(min(8, vocab_size)))
+    if head is not None:
+        ids = [head.token_ids["start"], *ids, head.token_ids["classify"]]
+    return ids
+
+
+def write_probe(directory: Path, config: ModelConfig, state: dict[str, torch.Tensor],
+                tokenizer, head: TaskHead | None, dtype: torch.dtype) -> None:  # fmt: skip
+    """Our model's logits (in the exported dtype) on the probe ids: the top TOP of the causal
+    LM's last position, or a task head's logits."""
+    from train.load import model_from_state
+    from train.model import TaskGPT
+
+    ids = probe_ids(tokenizer, head, config.vocab_size)
+    weights = {k: v.to(dtype) for k, v in state.items()}
+    with torch.no_grad():
+        if head is None:
+            logits = model_from_state(config, weights).eval()(torch.tensor([ids]))[0, -1]
+        else:
+            with torch.device("meta"):
+                model = TaskGPT(config, head)
+            model.load_state_dict(weights, assign=True)
+            model.tie_weights()
+            at = torch.tensor([[len(ids) - 1]])
+            logits = model.eval().classify(torch.tensor([[ids]]), at)[0][0]
+    logits = logits.float()
+    top = torch.topk(logits, min(TOP, logits.numel()))
+    record = {
+        "prompt": PROMPT if tokenizer is not None else None,
+        "input_ids": ids,
+        "dtype": str(dtype).removeprefix("torch."),
+        "kind": "causal_lm" if head is None else "sequence_classification",
+        "top_ids": top.indices.tolist(),
+        "top_logits": top.values.tolist(),
+    }
+    (directory / PROBE).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def verify(directory: str | Path, usage: bool = True) -> list[str]:
+    """Every check on an exported directory; the lines saying what passed. VerifyError names
+    the first failure."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise VerifyError(f"{directory}: no config.json (not an exported model directory)")
+    done = [f"checksums: {check_checksums(directory)} files match {CHECKSUMS}"]
+    probe_file = directory / PROBE
+    if not probe_file.is_file():
+        raise VerifyError(f"{probe_file}: missing")
+    probe = json.loads(probe_file.read_text())
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    causal = probe["kind"] == "causal_lm"
+    loader = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    try:
+        model = loader.from_pretrained(directory, local_files_only=True,
+                                       attn_implementation="eager").eval()  # fmt: skip
+    except Exception as e:  # transformers' own errors, whatever they are, named here
+        raise VerifyError(
+            f"{directory}: transformers cannot load it ({type(e).__name__}: {e})"
+        ) from None
+    done.append(f"loads offline as {type(model).__name__} ({config.dtype})")
+    with torch.no_grad():
+        out = model(torch.tensor([probe["input_ids"]])).logits.float()
+    logits = out[0, -1] if causal else out[0]
+    expected = torch.tensor(probe["top_logits"])
+    got = logits[torch.tensor(probe["top_ids"])]
+    worst = float((got - expected).abs().max())
+    if worst > TOLERANCE.get(probe["dtype"], 1e-3):
+        raise VerifyError(
+            f"{probe_file}: transformers' logits differ from the export's by "
+            f"{worst:.3g} (allowed {TOLERANCE.get(probe['dtype'], 1e-3)})"
+        )
+    done.append(f"probe: top-{len(expected)} logits within {worst:.2g} of the export's")
+    has_tokenizer = (directory / "tokenizer.json").is_file()
+    if usage and causal and has_tokenizer:
+        from transformers import pipeline, set_seed
+
+        AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        set_seed(42)
+        generator = pipeline("text-generation", model=str(directory))
+        texts = generator(PROMPT, max_length=30, num_return_sequences=5)
+        if len(texts) != 5 or not all(t["generated_text"].startswith(PROMPT) for t in texts):
+            raise VerifyError(f"{directory}: the card's pipeline usage did not give 5 texts")
+        done.append("the card's usage: pipeline('text-generation') gave 5 continuations")
+    elif not has_tokenizer:
+        done.append("no tokenizer in the directory: the pipeline usage was not run")
+    return done
