@@ -9,6 +9,7 @@ import torch
 from conftest import NEO, tiny_config
 from safetensors.torch import load_file, save_file
 from test_hf import make_checkpoint
+from test_train import corpus, documents  # noqa: F401 (fixtures)
 
 from train import bundle
 from train.checkpoint import save_checkpoint
@@ -102,4 +103,33 @@ def test_a_model_without_a_tokenizer_exports_and_says_so(tmp_path, caplog):
     done = verify(tmp_path / "hf")
     assert done.returncode == 0, done.stderr
     assert "no tokenizer in the directory" in done.stdout
-    assert "no tokenizer was exported" in (tmp_path / "hf" / "README.md").read_text()
+    assert "none was exported with it" in (tmp_path / "hf" / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_card_is_written_from_the_run_records(tmp_path, corpus):  # noqa: F811
+    """A real run: the card names its data (the prep manifest's sources), its steps, tokens,
+    layout and final validation, and the evaluation results given, beside GPT-Neo's numbers."""
+    from test_train import train
+
+    from train.evals.tasks import PUBLISHED
+
+    run = tmp_path / "run"
+    train(run, corpus, "max_steps=3", "precision=fp32")
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({
+        "settings": {"num_fewshot": 0, "limit": 100},
+        "results": {"lambada_openai": {"metrics": {"acc": 0.0123, "perplexity": 9876.5},
+                                       "stderr": {"acc": 0.011}}},
+        "published": {"lambada_openai": PUBLISHED["lambada_openai"]},
+    }))  # fmt: skip
+    export_hf(run, tmp_path / "hf", eval_results=str(results))
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: text-generation\n")
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    for source, values in manifest["sources"].items():
+        assert f"| {source} | {values['documents']:,} | {values['tokens']:,} |" in card
+    assert "- 3 steps, 1,536 tokens seen; global batch 8 x 64 tokens" in card
+    assert "- 1 ranks, ZeRO-0, fp32" in card and "final validation (step 3): val_loss" in card
+    assert "| lambada_openai | acc | 0.0123 | 0.0110 | 0.3736 | 0.5723 | 0.6222 |" in card
+    assert "flash_attention_2" in card

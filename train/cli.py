@@ -232,10 +232,10 @@ def run_export(cfg) -> None:
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise ConfigError(f"dtype={cfg.dtype!r} is not a torch dtype (float32, bfloat16, float16)")
     config = export_hf(source, output, overwrite=cfg.overwrite, dtype=dtype,
-                       tokenizer=cfg.tokenizer)  # fmt: skip
+                       tokenizer=cfg.tokenizer, eval_results=cfg.eval_results)  # fmt: skip
     log.info(
-        "exported %s (%s) to %s, verified: load it with "
-        "transformers.AutoModelForCausalLM.from_pretrained; check it again with neo verify %s",
+        "exported %s (%s) to %s, verified: it loads with transformers' from_pretrained (see "
+        "its README.md); check it again with neo verify %s",
         config.name,
         _params(config),
         output,

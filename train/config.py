@@ -193,6 +193,8 @@ class ConvertConfig:
     # export only: a tokenizer (file, directory, gpt2) to export with the model; null: the
     # checkpoint's own.
     tokenizer: str | None = None
+    # export only: a `neo eval` results.json for the model card (default: one inside the run).
+    eval_results: str | None = None
 
 
 @dataclass

@@ -11,6 +11,7 @@ import torch
 
 from data_prep.tokenizers import load_tokenizer
 from train import bundle
+from train.card import read_records
 from train.config import ModelConfig
 from train.hf import write_hf_dir
 from train.load import read_any, read_head
@@ -26,10 +27,13 @@ def export_hf(
     dtype: torch.dtype | None = None,
     tokenizer: str | None = None,
     verify: bool = True,
+    eval_results: str | None = None,
 ) -> ModelConfig:
     """A checkpoint -> a directory GPTNeoForCausalLM and AutoTokenizer load offline.
     `tokenizer`: a tokenizer to export with it (default: the checkpoint's own; without one,
-    GPT-2's where the vocabulary is GPT-2's size, else none, said so)."""
+    GPT-2's where the vocabulary is GPT-2's size, else none, said so). The model card is
+    written from the run's records (train/card.py), with `eval_results` (a neo eval
+    results.json) or the one found in the run."""
     config, state, found = read_any(input_dir)
     head = read_head(input_dir)
     tok = load_tokenizer(tokenizer) if tokenizer else found
@@ -51,6 +55,7 @@ def export_hf(
             for line in bundle.verify(tmp, usage=False):
                 log.info("verified: %s", line)
 
+    records = read_records(input_dir, eval_results)
     write_hf_dir(output_dir, config, state, tok, overwrite=overwrite, dtype=dtype,
-                 source=str(input_dir), head=head, finish=finish)  # fmt: skip
+                 source=str(input_dir), head=head, finish=finish, records=records)  # fmt: skip
     return config

@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from data_prep.files import atomic_dir
-from data_prep.tokenizers import GPT2_EOD, LoadedTokenizer, load_tokenizer, save_hf_tokenizer
+from data_prep.tokenizers import LoadedTokenizer, load_tokenizer, save_hf_tokenizer
+from train.card import RunRecords, model_card
 from train.checkpoint import TIED, CheckpointError, model_config_from_dict, save_checkpoint
 from train.config import ModelConfig, TaskHead
 
@@ -200,12 +201,14 @@ def write_hf_dir(
     source: str = "the model",
     head: TaskHead | None = None,
     finish: Callable[[Path, torch.dtype], None] | None = None,
+    records: RunRecords | None = None,
 ) -> None:
     """A directory GPTNeoForCausalLM and AutoTokenizer load offline, written atomically;
     `source` names what the weights came from, in errors. With a task `head`: a
     GPTNeoForSequenceClassification directory (score.weight, id2label). tokenizer None: no
     tokenizer files. `finish(tmp, dtype)` runs on the complete directory before it is renamed
-    into place (checksums, probe, verification); raising leaves nothing behind."""
+    into place (checksums, probe, verification); raising leaves nothing behind. `records`: what
+    the model card says about training and evaluation (train/card.py)."""
     from transformers import GenerationConfig  # transformers takes seconds to import
 
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
@@ -228,7 +231,7 @@ def write_hf_dir(
         )
         if tokenizer is not None:
             save_hf_tokenizer(tokenizer, tmp, model_max_length=config.max_position_embeddings)
-        (tmp / "README.md").write_text(model_card(config, tokenizer, dtype, head))
+        (tmp / "README.md").write_text(model_card(config, tokenizer, dtype, head, records))
         if finish is not None:
             finish(tmp, dtype)
 
@@ -245,86 +248,3 @@ def hf_dir_tokenizer(path: Path) -> LoadedTokenizer | None:
         template = json.loads(config.read_text()).get("chat_template")
         tokenizer.chat_template = template if isinstance(template, str) else None
     return tokenizer
-
-
-def model_card(
-    config: ModelConfig,
-    tokenizer: LoadedTokenizer | None,
-    dtype: torch.dtype,
-    head: TaskHead | None,
-) -> str:
-    kinds = config.layer_kinds()
-    local = sum(kind == "local" for kind in kinds)
-    lines = [
-        f"# {config.name}",
-        "",
-        "A GPT-Neo style causal language model trained with neotrain, saved as",
-        "`GPTNeoForCausalLM`.",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline, set_seed",
-        'model = AutoModelForCausalLM.from_pretrained("PATH")',
-        'tokenizer = AutoTokenizer.from_pretrained("PATH")',
-        'generator = pipeline("text-generation", model="PATH")',
-        "set_seed(42)",
-        """generator("Hello, I'm a language model,", max_length=30, num_return_sequences=5)""",
-        "```",
-        "",
-        "Check the files and the model before use: `neo verify PATH` (checksums, loading, the",
-        "logits of `probe.json`, the usage above), or `sha256sum -c checksums.sha256`.",
-        "",
-        f"- layers {config.num_layers}, hidden {config.hidden_size}, heads {config.num_heads}, "
-        f"context {config.max_position_embeddings}, vocabulary {config.vocab_size}",
-        f"- attention: {len(kinds) - local} global layers, {local} local layers "
-        f"(window {config.window_size})",
-        f"- weights: {str(dtype).removeprefix('torch.')}; "
-        + (
-            f"tokenizer: {tokenizer.name}, end of text {tokenizer.eod_token!r} = {tokenizer.eod_id}"
-            if tokenizer is not None
-            else "no tokenizer was exported with it: tokenize with your own"
-        ),  # fmt: skip
-    ]
-    if config.scale_attn_weights:
-        lines.append(
-            "- trained with attention scores scaled by 1/sqrt(head_dim) (GPT-3 style); GPT-Neo "
-            "has no such scaling, so the scale is folded into each q_proj weight"
-        )
-    if local:
-        lines.append(
-            "- local layers need the `eager` attention implementation (the default): "
-            "transformers' `flash_attention_2` path for GPT-Neo ignores the window and makes "
-            "local layers global, which changes the outputs"
-        )
-    if tokenizer is not None and tokenizer.eod_token == GPT2_EOD and tokenizer.name == "gpt2":
-        lines.append("- tokenizer: GPT-2 byte-level BPE, as every EleutherAI GPT-Neo model")
-    if head is not None:
-        lines += ["", *task_card(head)]
-    return "\n".join(lines) + "\n"
-
-
-def task_card(head: TaskHead) -> list[str]:
-    """How to feed a task model: GPT-1's input transformation, and what differs from
-    GPTNeoForSequenceClassification's usual use."""
-    t = head.tokens
-    build = {
-        "classification": f"{t['start']}TEXT{t['classify']}",
-        "entailment": f"{t['start']}PREMISE{t['delim']}HYPOTHESIS{t['classify']}",
-        "similarity": f"{t['start']}A{t['delim']}B{t['classify']}, and B before A",
-        "multiple_choice": f"{t['start']}CONTEXT{t['delim']}CHOICE{t['classify']} per choice",
-    }[head.type]
-    lines = [
-        f"## Task head: {head.type}",
-        "",
-        "Saved as `GPTNeoForSequenceClassification` (`score`, no bias). It was trained on",
-        f"inputs built as `{build}` (ids {head.token_ids}); the head reads the final hidden",
-        "state at the classify token, which transformers finds as the last token that is not",
-        "padding (`pad_token_id`, the end-of-text token): right-pad batches, and never end an",
-        "input with the end-of-text token.",
-    ]
-    if head.type == "similarity":
-        lines.append("The trained logits are the sum of the logits of both orders.")
-    elif head.type == "multiple_choice":
-        lines.append("Each choice gets one score; the prediction is the softmax over choices.")
-    else:
-        lines.append(f"Labels: {', '.join(head.labels)}.")
-    return lines

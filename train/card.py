@@ -1,0 +1,298 @@
+"""The model card (README.md, Hugging Face's format with YAML metadata) of an exported directory,
+from the run's own records: its config, last checkpoint, metrics, the prep manifest of its data,
+the base and data of a fine-tuning, and `neo eval`'s results.json when given or found in the run.
+Nothing here is typed in by hand: a fact the records do not hold is left out."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from data_prep.tokenizers import GPT2_EOD
+from train.config import ModelConfig, TaskHead
+
+GPT_NEO = ("gpt_neo_125m", "gpt_neo_1.3b", "gpt_neo_2.7b")
+HF_CLASS = {True: "GPTNeoForCausalLM", False: "GPTNeoForSequenceClassification"}
+
+
+@dataclass
+class RunRecords:
+    """What a run left behind, read by `read_records`; every field may be missing."""
+
+    run_dir: Path | None = None
+    verb: str | None = None  # train | sft
+    config: dict[str, Any] = field(default_factory=dict)  # the run's config.yaml
+    state: dict[str, Any] = field(default_factory=dict)  # its last trainer_state.json
+    final: dict[str, Any] = field(default_factory=dict)  # its last validation record
+    manifest: dict[str, Any] | None = None  # the prep manifest of its data (neo train)
+    evaluation: dict[str, Any] | None = None  # neo eval's results.json
+    evaluation_file: Path | None = None
+
+    def base(self) -> str | None:
+        """A fine-tuning's base (None when it started from fresh weights, or is no SFT)."""
+        if self.verb != "sft":
+            return None
+        identity = self.state.get("identity") or {}
+        if "base" in identity and identity["base"] is None:
+            return None
+        return str(self.config.get("base")) if self.config.get("base") else None
+
+
+def read_records(source: str | Path, eval_results: str | Path | None = None) -> RunRecords:
+    """The records of the run `source` (a run dir, its model/, its checkpoints or one of
+    them) belongs to; eval_results, else a results.json inside the run."""
+    records = RunRecords()
+    path = Path(source).absolute()
+    for candidate in (path, *list(path.parents)[:3]):
+        if (candidate / "config.yaml").is_file() and (candidate / "metrics.jsonl").is_file():
+            records.run_dir = candidate
+            break
+    run = records.run_dir
+    if run is not None:
+        text = (run / "config.yaml").read_text()
+        first = text.splitlines()[0] if text else ""
+        records.verb = first.split()[2] if first.startswith("# neo ") else None
+        records.config = yaml.safe_load(text) or {}
+        latest = run / "checkpoints" / "latest"
+        if latest.is_file():
+            state = run / "checkpoints" / latest.read_text().strip() / "trainer_state.json"
+            if state.is_file():
+                records.state = json.loads(state.read_text())
+        for line in (run / "metrics.jsonl").read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if any(k.startswith("val") for k in entry):
+                records.final = entry
+        data = (records.config.get("data") or {}).get("path")
+        if records.verb == "train" and data and (Path(data) / "manifest.json").is_file():
+            records.manifest = json.loads((Path(data) / "manifest.json").read_text())
+    found = Path(eval_results) if eval_results else None
+    if found is None and run is not None:
+        found = next(iter(sorted(run.rglob("results.json"))), None)
+    if found is not None:
+        records.evaluation = json.loads(found.read_text())
+        records.evaluation_file = found
+    return records
+
+
+def model_card(
+    config: ModelConfig,
+    tokenizer,
+    dtype: torch.dtype,
+    head: TaskHead | None,
+    records: RunRecords | None = None,
+) -> str:
+    records = records or RunRecords()
+    causal = head is None
+    meta: dict[str, Any] = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation" if causal else "text-classification",
+        "tags": ["gpt-neo", "neotrain", "causal-lm" if causal else head.type],
+    }
+    base = records.base()
+    if base:
+        meta["base_model"] = str(base)
+    lines = [
+        "---",
+        yaml.safe_dump(meta, sort_keys=False).rstrip(),
+        "---",
+        "",
+        f"# {config.name}",
+        "",
+        f"A GPT-Neo style {'causal language model' if causal else 'classifier'} trained with "
+        f"neotrain, saved as `{HF_CLASS[causal]}`.",
+        "",
+        "## How to use",
+        "",
+        *_usage(causal),
+        "",
+        "Check the files and the model before use: `neo verify PATH` (checksums, loading, the",
+        "logits of `probe.json`, the usage above), or `sha256sum -c checksums.sha256`.",
+        "",
+        "## Model",
+        "",
+        *_architecture(config, tokenizer, dtype),
+    ]
+    if head is not None:
+        lines += ["", *task_card(head)]
+    lines += ["", *_training(records, config)]
+    if records.evaluation:
+        lines += ["", *_evaluation(records)]
+    lines += ["", *_limitations(config)]
+    return "\n".join(lines) + "\n"
+
+
+def _usage(causal: bool) -> list[str]:
+    if not causal:
+        return [
+            "```python",
+            "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+            'model = AutoModelForSequenceClassification.from_pretrained("PATH")',
+            'tokenizer = AutoTokenizer.from_pretrained("PATH")',
+            "```",
+        ]
+    return [
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline, set_seed",
+        'model = AutoModelForCausalLM.from_pretrained("PATH")',
+        'tokenizer = AutoTokenizer.from_pretrained("PATH")',
+        'generator = pipeline("text-generation", model="PATH")',
+        "set_seed(42)",
+        """generator("Hello, I'm a language model,", max_length=30, num_return_sequences=5)""",
+        "```",
+    ]
+
+
+def _architecture(config: ModelConfig, tokenizer, dtype: torch.dtype) -> list[str]:
+    from train.info import count_parameters
+
+    kinds = config.layer_kinds()
+    local = sum(kind == "local" for kind in kinds)
+    lines = [
+        f"- parameters: {count_parameters(config).total:,}",
+        f"- layers {config.num_layers}, hidden {config.hidden_size}, heads {config.num_heads}, "
+        f"context {config.max_position_embeddings}, vocabulary {config.vocab_size}",
+        f"- attention: {len(kinds) - local} global layers, {local} local layers "
+        f"(window {config.window_size}); pattern {config.attention_types}",
+        f"- weights: {str(dtype).removeprefix('torch.')}",
+    ]
+    if tokenizer is None:
+        lines.append("- tokenizer: none was exported with it; tokenize with your own")
+    else:
+        lines.append(f"- tokenizer: {tokenizer.name} ({tokenizer.vocab_size} tokens), end of "
+                     f"text {tokenizer.eod_token!r} = {tokenizer.eod_id}")  # fmt: skip
+        if tokenizer.eod_token == GPT2_EOD and tokenizer.name == "gpt2":
+            lines.append("  (GPT-2's byte-level BPE, as every EleutherAI GPT-Neo model)")
+    if config.scale_attn_weights:
+        lines.append(
+            "- trained with attention scores scaled by 1/sqrt(head_dim) (GPT-3 style); GPT-Neo "
+            "has no such scaling, so the scale is folded into each q_proj weight"
+        )
+    return lines
+
+
+def _training(records: RunRecords, config: ModelConfig) -> list[str]:
+    lines = ["## Training"]
+    if records.run_dir is None:
+        return [*lines, "", "No run records were found beside the checkpoint (exported from a "
+                "checkpoint alone): the data and settings are unknown here."]  # fmt: skip
+    c, s = records.config, records.state
+    lines.append("")
+    if records.verb == "sft":
+        sft = c.get("sft") or {}
+        task = (c.get("task") or {}).get("type", "lm")
+        lora = c.get("lora") or {}
+        base = records.base()
+        data = f"`{sft['path']}`" if sft.get("path") else "the bundled sample"
+        lines += [
+            f"- fine-tuned (`neo sft`) from `{base}`" if base else
+            "- trained by `neo sft` from fresh weights (no base model)",
+            f"- data: {data} ({sft.get('format') if task == 'lm' else f'task {task}'})",
+        ]  # fmt: skip
+        if lora.get("r"):
+            lines.append(f"- LoRA r={lora['r']}, alpha {lora.get('alpha')} on "
+                         f"{', '.join(lora.get('target_modules', []))}, merged")  # fmt: skip
+    if records.manifest:
+        m = records.manifest
+        tok = m.get("tokenizer", {})
+        lines += [f"- data: `{(c.get('data') or {}).get('path')}`, prepared by `neo prep` "
+                  f"({m['totals']['documents']:,} documents, {m['totals']['tokens']:,} tokens; "
+                  f"tokenizer {tok.get('name')}, vocab.json/tokenizer sha256 "
+                  f"{next(iter((tok.get('sha256') or {}).values()), '?')[:12]}...):", "",
+                  "| source | documents | tokens |", "|---|---:|---:|"]  # fmt: skip
+        lines += [f"| {name} | {v['documents']:,} | {v['tokens']:,} |"
+                  for name, v in m["sources"].items()]  # fmt: skip
+        lines.append("")
+    seq_len = (c.get("data") or {}).get("seq_len") or config.max_position_embeddings
+    if s:
+        lines.append(
+            f"- {s.get('step', '?'):,} steps, {s.get('tokens', 0):,} tokens seen; global batch "
+            f"{c.get('global_batch_size')} x {seq_len} tokens"
+        )
+        lr = (c.get("optim") or {}).get("lr")
+        lines.append(f"- {s.get('world_size')} ranks, ZeRO-{s.get('zero_stage')}, "
+                     f"{s.get('precision')}; learning rate {lr}")  # fmt: skip
+    final = {k: v for k, v in records.final.items() if k != "step" and isinstance(v, float)}
+    if final:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if "/" not in k or
+                          k.startswith("val/") and k.count("/") == 1)  # fmt: skip
+        lines.append(f"- final validation (step {records.final.get('step')}): {shown}")
+    return lines
+
+
+def _evaluation(records: RunRecords) -> list[str]:
+    e = records.evaluation
+    settings = e.get("settings", {})
+    lines = [
+        "## Evaluation",
+        "",
+        f"`neo eval` ({records.evaluation_file.name}; {settings.get('num_fewshot', 0)}-shot, "
+        f"limit {settings.get('limit')}), beside the GPT-Neo authors' numbers (EleutherAI/gpt-neo "
+        "README, lm-evaluation-harness):",
+        "",
+        "| task | metric | value | ± | GPT-Neo 125M | GPT-Neo 1.3B | GPT-Neo 2.7B |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    published = e.get("published", {})
+    for task, result in e.get("results", {}).items():
+        for metric, value in result.get("metrics", {}).items():
+            err = (result.get("stderr") or {}).get(metric)
+            ref = published.get(task, {}).get(metric, {})
+            lines.append(
+                f"| {task} | {metric} | {value:.4f} | {f'{err:.4f}' if err is not None else ''} | "
+                + " | ".join(f"{ref[m]:.4f}" if m in ref else "" for m in GPT_NEO)
+                + " |"
+            )
+    return lines
+
+
+def _limitations(config: ModelConfig) -> list[str]:
+    lines = [
+        "## Intended use and limitations",
+        "",
+        "A research model: it continues text the way its training data does, including that "
+        "data's errors and biases, and states nothing reliably. Evaluate it on your own task "
+        "before relying on it.",
+    ]
+    if any(kind == "local" for kind in config.layer_kinds()):
+        lines.append(
+            '\nLocal layers need `attn_implementation="eager"` (the default) or `"sdpa"`: '
+            "transformers' `flash_attention_2` path for GPT-Neo ignores the window and makes "
+            "local layers global, which changes the outputs."
+        )
+    return lines
+
+
+def task_card(head: TaskHead) -> list[str]:
+    """How to feed a task model: GPT-1's input transformation, and what differs from
+    GPTNeoForSequenceClassification's usual use."""
+    t = head.tokens
+    build = {
+        "classification": f"{t['start']}TEXT{t['classify']}",
+        "entailment": f"{t['start']}PREMISE{t['delim']}HYPOTHESIS{t['classify']}",
+        "similarity": f"{t['start']}A{t['delim']}B{t['classify']}, and B before A",
+        "multiple_choice": f"{t['start']}CONTEXT{t['delim']}CHOICE{t['classify']} per choice",
+    }[head.type]
+    lines = [
+        f"## Task head: {head.type}",
+        "",
+        "Saved as `GPTNeoForSequenceClassification` (`score`, no bias). It was trained on",
+        f"inputs built as `{build}` (ids {head.token_ids}); the head reads the final hidden",
+        "state at the classify token, which transformers finds as the last token that is not",
+        "padding (`pad_token_id`, the end-of-text token): right-pad batches, and never end an",
+        "input with the end-of-text token.",
+    ]
+    if head.type == "similarity":
+        lines.append("The trained logits are the sum of the logits of both orders.")
+    elif head.type == "multiple_choice":
+        lines.append("Each choice gets one score; the prediction is the softmax over choices.")
+    else:
+        lines.append(f"Labels: {', '.join(head.labels)}.")
+    return lines
