@@ -78,7 +78,8 @@ def probe_ids(tokenizer, head: TaskHead | None, vocab_size: int) -> list[int]:
 
 
 def write_probe(directory: Path, config: ModelConfig, state: dict[str, torch.Tensor],
-                tokenizer, head: TaskHead | None, dtype: torch.dtype) -> None:  # fmt: skip
+                tokenizer, head: TaskHead | None, dtype: torch.dtype,
+                kind: str | None = None) -> None:  # fmt: skip
     """Our model's logits (in the exported dtype) on the probe ids: the top TOP of the causal
     LM's last position, or a task head's logits."""
     from train.load import model_from_state
@@ -102,7 +103,7 @@ def write_probe(directory: Path, config: ModelConfig, state: dict[str, torch.Ten
         "prompt": PROMPT if tokenizer is not None else None,
         "input_ids": ids,
         "dtype": str(dtype).removeprefix("torch."),
-        "kind": "causal_lm" if head is None else "sequence_classification",
+        "kind": kind or ("causal_lm" if head is None else "sequence_classification"),
         "top_ids": top.indices.tolist(),
         "top_logits": top.values.tolist(),
     }
@@ -120,13 +121,15 @@ def verify(directory: str | Path, usage: bool = True) -> list[str]:
     )
 
     directory = Path(directory)
-    if not (directory / "config.json").is_file():
-        raise VerifyError(f"{directory}: no config.json (not an exported model directory)")
+    if not (directory / "config.json").is_file() and not (directory / "model.onnx").is_file():
+        raise VerifyError(f"{directory}: no config.json or model.onnx (not an exported model)")
     done = [f"checksums: {check_checksums(directory)} files match {CHECKSUMS}"]
     probe_file = directory / PROBE
     if not probe_file.is_file():
         raise VerifyError(f"{probe_file}: missing")
     probe = json.loads(probe_file.read_text())
+    if probe["kind"] == "onnx":
+        return done + _verify_onnx(directory, probe)
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
     causal = probe["kind"] == "causal_lm"
     loader = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
@@ -164,3 +167,42 @@ def verify(directory: str | Path, usage: bool = True) -> list[str]:
     elif not has_tokenizer:
         done.append("no tokenizer in the directory: the pipeline usage was not run")
     return done
+
+
+def _verify_onnx(directory: Path, probe: dict) -> list[str]:
+    """The probe through ONNX Runtime (CPU): model.onnx, and with past inputs the same last
+    position from decoder_with_past.onnx fed model.onnx's presents for all but the last token."""
+    import numpy as np
+    import onnxruntime as ort
+
+    ids = np.array([probe["input_ids"]], dtype=np.int64)
+    n = ids.shape[1]
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+            "position_ids": np.arange(n, dtype=np.int64)[None]}  # fmt: skip
+    try:
+        session = ort.InferenceSession(str(directory / "model.onnx"),
+                                       providers=["CPUExecutionProvider"])  # fmt: skip
+    except Exception as e:  # ONNX Runtime's own errors, named here
+        raise VerifyError(
+            f"{directory / 'model.onnx'}: ONNX Runtime cannot load it ({e})"
+        ) from None
+    results = [("model.onnx", session.run(None, feed)[0][0, -1])]
+    with_past = directory / "decoder_with_past.onnx"
+    if with_past.is_file() and n > 1:
+        first = session.run(None, {k: v[:, : n - 1] for k, v in feed.items()})
+        names = [o.name for o in session.get_outputs()][1:]
+        step = ort.InferenceSession(str(with_past), providers=["CPUExecutionProvider"])
+        inputs = {"input_ids": ids[:, -1:], "attention_mask": np.ones_like(ids),
+                  "position_ids": np.array([[n - 1]], dtype=np.int64)}  # fmt: skip
+        for name, value in zip(names, first[1:], strict=True):
+            inputs[name.replace("present.", "past_key_values.")] = value
+        results.append(("decoder_with_past.onnx", step.run(None, inputs)[0][0, -1]))
+    lines = []
+    for name, logits in results:
+        got = torch.from_numpy(np.asarray(logits, dtype=np.float32))[torch.tensor(probe["top_ids"])]
+        worst = float((got - torch.tensor(probe["top_logits"])).abs().max())
+        if worst > TOLERANCE.get(probe["dtype"], 1e-3):
+            raise VerifyError(f"{directory / name}: ONNX Runtime's logits differ from the "
+                              f"export's by {worst:.3g}")  # fmt: skip
+        lines.append(f"probe in ONNX Runtime ({name}): top-{len(got)} logits within {worst:.2g}")
+    return lines

@@ -231,11 +231,20 @@ def run_export(cfg) -> None:
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise ConfigError(f"dtype={cfg.dtype!r} is not a torch dtype (float32, bfloat16, float16)")
-    config = export_hf(source, output, overwrite=cfg.overwrite, dtype=dtype,
-                       tokenizer=cfg.tokenizer, eval_results=cfg.eval_results)  # fmt: skip
+    if cfg.format not in ("hf", "onnx"):
+        raise ConfigError(f"format={cfg.format!r}: expected hf or onnx")
+    if cfg.format == "onnx":
+        from train.export import export_onnx_dir
+
+        config = export_onnx_dir(source, output, overwrite=cfg.overwrite, dtype=dtype,
+                                 with_past=cfg.with_past, opset=cfg.opset,
+                                 tokenizer=cfg.tokenizer)  # fmt: skip
+    else:
+        config = export_hf(source, output, overwrite=cfg.overwrite, dtype=dtype,
+                           tokenizer=cfg.tokenizer, eval_results=cfg.eval_results)  # fmt: skip
     log.info(
-        "exported %s (%s) to %s, verified: it loads with transformers' from_pretrained (see "
-        "its README.md); check it again with neo verify %s",
+        "exported %s (%s) to %s, verified (its README.md says how to load it); check it again "
+        "with neo verify %s",
         config.name,
         _params(config),
         output,

@@ -195,6 +195,10 @@ class ConvertConfig:
     tokenizer: str | None = None
     # export only: a `neo eval` results.json for the model card (default: one inside the run).
     eval_results: str | None = None
+    # export only: hf (a GPTNeoForCausalLM directory) | onnx (ONNX graphs for ONNX Runtime).
+    format: str = "hf"
+    with_past: bool = True  # onnx: also decoder_with_past.onnx, the key/value cache form
+    opset: int = 20  # onnx
 
 
 @dataclass

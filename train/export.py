@@ -59,3 +59,109 @@ def export_hf(
     write_hf_dir(output_dir, config, state, tok, overwrite=overwrite, dtype=dtype,
                  source=str(input_dir), head=head, finish=finish, records=records)  # fmt: skip
     return config
+
+
+def export_onnx_dir(
+    input_dir: str | Path,
+    output_dir: str | Path,
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+    with_past: bool = True,
+    opset: int = 20,
+    tokenizer: str | None = None,
+    verify: bool = True,
+) -> ModelConfig:
+    """A checkpoint -> an ONNX directory (train/onnx_export.py): model.onnx (and
+    decoder_with_past.onnx), the tokenizer, onnx_config.json (names and shapes), a card on
+    running it, probe.json and checksums.sha256, verified in ONNX Runtime before it is renamed
+    into place."""
+    import json
+
+    from data_prep.files import atomic_dir
+    from data_prep.tokenizers import save_hf_tokenizer
+    from train.errors import ConfigError
+    from train.load import model_from_state
+    from train.onnx_export import OPSET, export_onnx
+
+    dtype = dtype or torch.float32
+    if dtype not in (torch.float32, torch.float16):
+        raise ConfigError(f"dtype={str(dtype).removeprefix('torch.')}: ONNX export writes float32 "
+                          "or float16 (ONNX Runtime's CPU provider has no bfloat16 kernels for "
+                          "this graph)")  # fmt: skip
+    if not 18 <= opset <= 23:
+        raise ConfigError(f"opset={opset}: torch's ONNX exporter writes opsets 18 to 23 "
+                          f"(default {OPSET})")  # fmt: skip
+    config, state, found = read_any(input_dir)
+    if read_head(input_dir) is not None:
+        raise ConfigError(f"{input_dir} is a task model; ONNX export covers causal LMs")
+    tok = load_tokenizer(tokenizer) if tokenizer else found
+    if tok is not None and tok.vocab_size > config.vocab_size:
+        tok = None
+    model = model_from_state(config, {k: v.float() for k, v in state.items()})
+    with atomic_dir(output_dir, overwrite) as tmp:
+        files = export_onnx(model, tmp, with_past, dtype, opset)
+        d = config.hidden_size // config.num_heads
+        description = {
+            "format": "neotrain-onnx", "opset": opset, "dtype": str(dtype).removeprefix("torch."),
+            "files": files, "num_layers": config.num_layers, "num_heads": config.num_heads,
+            "head_dim": d, "vocab_size": config.vocab_size,
+            "max_position_embeddings": config.max_position_embeddings,
+            "eos_token_id": tok.eod_id if tok is not None else None,
+            "inputs": ["input_ids", "attention_mask", "position_ids"],
+            "past_inputs": "past_key_values.{i}.key / .value: (batch, heads, past, head_dim)",
+            "outputs": ["logits"] + (["present.{i}.key", "present.{i}.value"] if with_past else []),
+        }  # fmt: skip
+        (tmp / "onnx_config.json").write_text(json.dumps(description, indent=1) + "\n")
+        if tok is not None:
+            save_hf_tokenizer(tok, tmp, model_max_length=config.max_position_embeddings)
+        (tmp / "README.md").write_text(onnx_card(config, description, read_records(input_dir)))
+        bundle.write_probe(tmp, config, state, tok, None, dtype, kind="onnx")
+        bundle.write_checksums(tmp)
+        if verify:
+            for line in bundle.verify(tmp, usage=False):
+                log.info("verified: %s", line)
+    return config
+
+
+def onnx_card(config: ModelConfig, description: dict, records) -> str:
+    from train.card import _architecture, _limitations, _training
+
+    past = "decoder_with_past.onnx" in description["files"]
+    lines = [
+        "---", "library_name: onnx", "pipeline_tag: text-generation",
+        "tags:", "- gpt-neo", "- neotrain", "- onnx", "---", "",
+        f"# {config.name} (ONNX)", "",
+        f"A GPT-Neo style causal language model trained with neotrain, exported with torch's "
+        f"ONNX exporter (opset {description['opset']}, {description['dtype']}).", "",
+        "## Files", "",
+        "- `model.onnx`: input_ids, attention_mask, position_ids (batch, sequence; int64) -> "
+        "logits" + (", present.{i}.key / .value" if past else ""),
+        *(["- `decoder_with_past.onnx`: the same, for the new tokens, with "
+           "past_key_values.{i}.key / .value (batch, heads, past, head_dim) and attention_mask "
+           "over past + new tokens"] if past else []),
+        "- `onnx_config.json`: names, shapes and sizes; the tokenizer files; `probe.json`; "
+        "`checksums.sha256`", "",
+        "Positions count real tokens (`position_ids = cumsum(attention_mask) - 1`); a key is "
+        "seen when its mask is 1, so left- or right-padded batches both work.", "",
+        "## ONNX Runtime", "",
+        "```python",
+        "import numpy as np, onnxruntime as ort",
+        'session = ort.InferenceSession("PATH/model.onnx", providers=["CPUExecutionProvider"])',
+        'ids = np.array([[15496, 11, 314, 1101, 257, 3303, 2746, 11]])',
+        "mask = np.ones_like(ids)",
+        'logits = session.run(["logits"], {"input_ids": ids, "attention_mask": mask,',
+        '                                  "position_ids": np.cumsum(mask, -1) - 1})[0]',
+        "```", "",
+        "`neo verify PATH` checks the checksums and the probe in ONNX Runtime.", "",
+        "## AMD MIGraphX", "",
+        "`migraphx-driver perf --onnx PATH/model.onnx --input-dim @input_ids 1 8 "
+        "@attention_mask 1 8 @position_ids 1 8`, or ONNX Runtime with "
+        '`providers=["MIGraphXExecutionProvider"]`. Not run by neotrain\'s tests (no AMD GPU '
+        "there): what was tested is ONNX Runtime's CPU provider.", "",
+        "## Model", "", *_architecture(config, None, DTYPES_BY_NAME[description["dtype"]]),
+        "", *_training(records, config), "", *_limitations(config),
+    ]  # fmt: skip
+    return "\n".join(line for line in lines if "tokenizer: none" not in line) + "\n"
+
+
+DTYPES_BY_NAME = {"float32": torch.float32, "float16": torch.float16}
