@@ -133,3 +133,39 @@ def test_the_card_is_written_from_the_run_records(tmp_path, corpus):  # noqa: F8
     assert "- 1 ranks, ZeRO-0, fp32" in card and "final validation (step 3): val_loss" in card
     assert "| lambada_openai | acc | 0.0123 | 0.0110 | 0.3736 | 0.5723 | 0.6222 |" in card
     assert "flash_attention_2" in card
+
+
+def test_sharded_export_loads_and_verifies(tmp_path):
+    """Above max_shard_size the weights are shards with an index, as save_pretrained writes
+    them; transformers loads them, neo verify checks them, and neo import reads them back."""
+    from transformers import AutoModelForCausalLM
+
+    from train.hf import import_hf
+    from train.load import load_model
+
+    model = make_checkpoint(tmp_path / "ckpt")
+    export_hf(tmp_path / "ckpt", tmp_path / "hf", max_shard_size="2MB")
+    shards = sorted(p.name for p in (tmp_path / "hf").glob("model-*.safetensors"))
+    assert len(shards) >= 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+    ids = torch.randint(0, 50257, (1, 20), generator=torch.Generator().manual_seed(0))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), atol=1e-5, rtol=1e-5)
+    assert verify(tmp_path / "hf", "usage=false").returncode == 0
+    import_hf(tmp_path / "hf", tmp_path / "back")
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "back")(ids), model(ids))
+
+
+def test_a_truncated_checkpoint_is_named_and_nothing_is_written(tmp_path):
+    make_checkpoint(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    command = [NEO, "export", f"input={tmp_path / 'ckpt'}", f"output={tmp_path / 'hf'}"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert f"{weights}: cannot be read as safetensors, truncated or corrupt" in done.stderr
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.*"))

@@ -77,11 +77,11 @@ def probe_ids(tokenizer, head: TaskHead | None, vocab_size: int) -> list[int]:
     return ids
 
 
-def write_probe(directory: Path, config: ModelConfig, state: dict[str, torch.Tensor],
-                tokenizer, head: TaskHead | None, dtype: torch.dtype,
-                kind: str | None = None) -> None:  # fmt: skip
+def probe(config: ModelConfig, state: dict[str, torch.Tensor], tokenizer,
+          head: TaskHead | None, dtype: torch.dtype, kind: str | None = None) -> dict:  # fmt: skip
     """Our model's logits (in the exported dtype) on the probe ids: the top TOP of the causal
-    LM's last position, or a task head's logits."""
+    LM's last position, or a task head's logits. (Computed before the weights are written:
+    writing takes them out of `state`.)"""
     from train.load import model_from_state
     from train.model import TaskGPT
 
@@ -97,9 +97,10 @@ def write_probe(directory: Path, config: ModelConfig, state: dict[str, torch.Ten
             model.tie_weights()
             at = torch.tensor([[len(ids) - 1]])
             logits = model.eval().classify(torch.tensor([[ids]]), at)[0][0]
+    del weights
     logits = logits.float()
     top = torch.topk(logits, min(TOP, logits.numel()))
-    record = {
+    return {
         "prompt": PROMPT if tokenizer is not None else None,
         "input_ids": ids,
         "dtype": str(dtype).removeprefix("torch."),
@@ -107,6 +108,9 @@ def write_probe(directory: Path, config: ModelConfig, state: dict[str, torch.Ten
         "top_ids": top.indices.tolist(),
         "top_logits": top.values.tolist(),
     }
+
+
+def write_probe(directory: Path, record: dict) -> None:
     (directory / PROBE).write_text(json.dumps(record, indent=1) + "\n")
 
 

@@ -80,7 +80,7 @@ def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{path}: {WEIGHTS_FILE} is missing")
-    state = load_file(str(weights))
+    state = read_weights(weights)
     state[TIED] = state["transformer.wte.weight"]
     return config, state
 
@@ -95,6 +95,16 @@ def checkpoint_tokenizer(path: str | Path) -> LoadedTokenizer:
         tok.name = info.get("name", tok.name)
         return tok
     return load_tokenizer("gpt2")
+
+
+def read_weights(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file, or a CheckpointError naming it when it is truncated or corrupt."""
+    try:
+        return load_file(str(file))
+    except Exception as e:  # safetensors' errors (header, size) have no common base class
+        raise CheckpointError(
+            f"{file}: cannot be read as safetensors, truncated or corrupt ({e})"
+        ) from None
 
 
 def checkpoint_head(path: str | Path) -> TaskHead | None:

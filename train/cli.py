@@ -241,7 +241,8 @@ def run_export(cfg) -> None:
                                  tokenizer=cfg.tokenizer)  # fmt: skip
     else:
         config = export_hf(source, output, overwrite=cfg.overwrite, dtype=dtype,
-                           tokenizer=cfg.tokenizer, eval_results=cfg.eval_results)  # fmt: skip
+                           tokenizer=cfg.tokenizer, eval_results=cfg.eval_results,
+                           max_shard_size=cfg.max_shard_size)  # fmt: skip
     log.info(
         "exported %s (%s) to %s, verified (its README.md says how to load it); check it again "
         "with neo verify %s",

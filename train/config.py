@@ -197,6 +197,8 @@ class ConvertConfig:
     eval_results: str | None = None
     # export only: hf (a GPTNeoForCausalLM directory) | onnx (ONNX graphs for ONNX Runtime).
     format: str = "hf"
+    # hf: weights above this size are sharded with an index, as save_pretrained does.
+    max_shard_size: str = "5GB"
     with_past: bool = True  # onnx: also decoder_with_past.onnx, the key/value cache form
     opset: int = 20  # onnx
 

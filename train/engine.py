@@ -455,10 +455,18 @@ def consolidated_state_dict(directory: Path, tag: str) -> dict[str, torch.Tensor
     zero_to_fp32 reads; bf16/fp16 runs are consolidated from the live fp32 weights instead)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    _, stage = checkpoint_layout(directory, tag)
-    if stage == 0:
-        file = directory / tag / "mp_rank_00_model_states.pt"
-        state = torch.load(file, map_location="cpu", weights_only=False)["module"]
-    else:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
+    try:
+        _, stage = checkpoint_layout(directory, tag)
+        if stage == 0:
+            file = directory / tag / "mp_rank_00_model_states.pt"
+            state = torch.load(file, map_location="cpu", weights_only=False)["module"]
+        else:
+            state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
+    except CheckpointError:
+        raise
+    except Exception as e:  # torch.load's and DeepSpeed's errors on a damaged file alike
+        raise CheckpointError(
+            f"{directory / tag}: cannot be consolidated, a file is truncated or corrupt "
+            f"({type(e).__name__}: {e})"
+        ) from None
     return {k: v.float().contiguous() for k, v in state.items()}

@@ -28,6 +28,7 @@ def export_hf(
     tokenizer: str | None = None,
     verify: bool = True,
     eval_results: str | None = None,
+    max_shard_size: str | int = "5GB",
 ) -> ModelConfig:
     """A checkpoint -> a directory GPTNeoForCausalLM and AutoTokenizer load offline.
     `tokenizer`: a tokenizer to export with it (default: the checkpoint's own; without one,
@@ -48,8 +49,11 @@ def export_hf(
                     "tokenizer files (pass tokenizer=PATH to include one)", input_dir,
                     config.vocab_size)  # fmt: skip
 
+    final_dtype = dtype or state["transformer.wte.weight"].dtype
+    record = bundle.probe(config, state, tok, head, final_dtype)
+
     def finish(tmp: Path, dtype: torch.dtype) -> None:
-        bundle.write_probe(tmp, config, state, tok, head, dtype)
+        bundle.write_probe(tmp, record)
         bundle.write_checksums(tmp)
         if verify:
             for line in bundle.verify(tmp, usage=False):
@@ -57,7 +61,8 @@ def export_hf(
 
     records = read_records(input_dir, eval_results)
     write_hf_dir(output_dir, config, state, tok, overwrite=overwrite, dtype=dtype,
-                 source=str(input_dir), head=head, finish=finish, records=records)  # fmt: skip
+                 source=str(input_dir), head=head, finish=finish, records=records,
+                 max_shard_size=max_shard_size)  # fmt: skip
     return config
 
 
@@ -115,7 +120,7 @@ def export_onnx_dir(
         if tok is not None:
             save_hf_tokenizer(tok, tmp, model_max_length=config.max_position_embeddings)
         (tmp / "README.md").write_text(onnx_card(config, description, read_records(input_dir)))
-        bundle.write_probe(tmp, config, state, tok, None, dtype, kind="onnx")
+        bundle.write_probe(tmp, bundle.probe(config, state, tok, None, dtype, kind="onnx"))
         bundle.write_checksums(tmp)
         if verify:
             for line in bundle.verify(tmp, usage=False):

@@ -18,12 +18,18 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from data_prep.files import atomic_dir
 from data_prep.tokenizers import LoadedTokenizer, load_tokenizer, save_hf_tokenizer
 from train.card import RunRecords, model_card
-from train.checkpoint import TIED, CheckpointError, model_config_from_dict, save_checkpoint
+from train.checkpoint import (
+    TIED,
+    CheckpointError,
+    model_config_from_dict,
+    read_weights,
+    save_checkpoint,
+)
 from train.config import ModelConfig, TaskHead
 
 # GPTNeoConfig fields that are ModelConfig fields of the same name and meaning.
@@ -130,8 +136,11 @@ def read_hf_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def _read_weight_file(file: Path) -> dict[str, torch.Tensor]:
     if file.suffix == ".safetensors":
-        return load_file(str(file))
-    return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        return read_weights(file)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # pickle, zip and size errors alike
+        raise CheckpointError(f"{file}: cannot be read, truncated or corrupt ({e})") from None
 
 
 def state_dict_from_hf(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
@@ -146,16 +155,56 @@ def state_dict_from_hf(state: dict[str, torch.Tensor], source: str) -> dict[str,
     return state
 
 
-def state_dict_to_hf(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype):
-    """Tensors for model.safetensors: lm_head omitted, attention scaling folded into q_proj."""
-    out = {}
-    for key, tensor in state.items():
-        if key == TIED:
-            continue
-        if config.scale_attn_weights and key.endswith("attn.attention.q_proj.weight"):
-            tensor = tensor.float() * config.attention_scale
-        out[key] = tensor.to(dtype).contiguous()
-    return out
+def hf_tensor(config: ModelConfig, key: str, tensor: torch.Tensor, dtype: torch.dtype):
+    """One tensor as model.safetensors holds it (attention scaling folded into q_proj)."""
+    if config.scale_attn_weights and key.endswith("attn.attention.q_proj.weight"):
+        tensor = tensor.float() * config.attention_scale
+    return tensor.to(dtype).contiguous()
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes of "5GB", "500MB", "10KB" (decimal units, as save_pretrained reads them) or an int."""
+    if isinstance(size, int):
+        return size
+    text = size.strip().upper()
+    for unit, factor in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        if text.endswith(unit) and text[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(text[: -len(unit)]) * factor)
+    raise CheckpointError(f"max_shard_size={size!r}: expected bytes or a size like 5GB, 500MB")
+
+
+def write_weights(directory: Path, config: ModelConfig, state: dict[str, torch.Tensor],
+                  dtype: torch.dtype, max_shard_size: int) -> None:  # fmt: skip
+    """The weights as model.safetensors, or above max_shard_size as save_pretrained shards them
+    (model-0000i-of-0000n.safetensors + model.safetensors.index.json). Tensors are converted
+    one at a time and taken out of `state` once written, so the export never holds a second
+    copy of the model: at most one shard beside what `state` still has."""
+    keys = [k for k in state if k != TIED]
+    sizes = {k: state[k].numel() * torch.tensor([], dtype=dtype).element_size() for k in keys}
+    shards: list[list[str]] = [[]]
+    filled = 0
+    for key in keys:
+        if shards[-1] and filled + sizes[key] > max_shard_size:
+            shards.append([])
+            filled = 0
+        shards[-1].append(key)
+        filled += sizes[key]
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [
+        f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]  # fmt: skip
+    weight_map = {}
+    for name, shard in zip(names, shards, strict=True):
+        tensors = {k: hf_tensor(config, k, state[k], dtype) for k in shard}
+        save_file(tensors, str(directory / name), metadata={"format": "pt"})
+        for k in shard:
+            weight_map[k] = name
+            if state.get(TIED) is state[k]:
+                del state[TIED]
+            del state[k]  # released here unless the caller holds it elsewhere
+        del tensors
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def read_hf_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -202,13 +251,15 @@ def write_hf_dir(
     head: TaskHead | None = None,
     finish: Callable[[Path, torch.dtype], None] | None = None,
     records: RunRecords | None = None,
+    max_shard_size: str | int = "5GB",
 ) -> None:
     """A directory GPTNeoForCausalLM and AutoTokenizer load offline, written atomically;
     `source` names what the weights came from, in errors. With a task `head`: a
     GPTNeoForSequenceClassification directory (score.weight, id2label). tokenizer None: no
     tokenizer files. `finish(tmp, dtype)` runs on the complete directory before it is renamed
     into place (checksums, probe, verification); raising leaves nothing behind. `records`: what
-    the model card says about training and evaluation (train/card.py)."""
+    the model card says about training and evaluation (train/card.py). The weights are taken
+    out of `state` as they are written (write_weights): pass a dict the caller can give up."""
     from transformers import GenerationConfig  # transformers takes seconds to import
 
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
@@ -221,11 +272,7 @@ def write_hf_dir(
     eod = tokenizer.eod_id if tokenizer is not None else None
     with atomic_dir(output_dir, overwrite) as tmp:
         hf_config.save_pretrained(str(tmp))
-        save_file(
-            state_dict_to_hf(config, state, dtype),
-            str(tmp / "model.safetensors"),
-            metadata={"format": "pt"},
-        )
+        write_weights(tmp, config, state, dtype, parse_size(max_shard_size))
         GenerationConfig(bos_token_id=eod, eos_token_id=eod, pad_token_id=eod).save_pretrained(
             str(tmp)
         )
