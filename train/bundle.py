@@ -79,14 +79,13 @@ def probe_ids(tokenizer, head: TaskHead | None, vocab_size: int) -> list[int]:
 
 def probe(config: ModelConfig, state: dict[str, torch.Tensor], tokenizer,
           head: TaskHead | None, dtype: torch.dtype, kind: str | None = None) -> dict:  # fmt: skip
-    """Our model's logits (in the exported dtype) on the probe ids: the top TOP of the causal
-    LM's last position, or a task head's logits. (Computed before the weights are written:
-    writing takes them out of `state`.)"""
+    """Our model's logits (in `dtype`) on the probe ids: the top TOP of the causal LM's last
+    position, or a task head's logits."""
     from train.load import model_from_state
     from train.model import TaskGPT
 
     ids = probe_ids(tokenizer, head, config.vocab_size)
-    weights = {k: v.to(dtype) for k, v in state.items()}
+    weights = {k: v.to(dtype) for k, v in state.items()}  # no copy when already in dtype
     with torch.no_grad():
         if head is None:
             logits = model_from_state(config, weights).eval()(torch.tensor([ids]))[0, -1]

@@ -13,7 +13,7 @@ from data_prep.tokenizers import load_tokenizer
 from train import bundle
 from train.card import read_records
 from train.config import ModelConfig
-from train.hf import write_hf_dir
+from train.hf import read_hf_dir, write_hf_dir
 from train.load import read_any, read_head
 
 log = logging.getLogger("neo.export")
@@ -49,11 +49,12 @@ def export_hf(
                     "tokenizer files (pass tokenizer=PATH to include one)", input_dir,
                     config.vocab_size)  # fmt: skip
 
-    final_dtype = dtype or state["transformer.wte.weight"].dtype
-    record = bundle.probe(config, state, tok, head, final_dtype)
-
     def finish(tmp: Path, dtype: torch.dtype) -> None:
-        bundle.write_probe(tmp, record)
+        # Our model on the weights as written (the source tensors are gone by now: one copy
+        # of the model in memory at a time), in GPT-Neo's terms (any attention scale folded).
+        written, weights = read_hf_dir(tmp)
+        bundle.write_probe(tmp, bundle.probe(written, weights, tok, head, dtype))
+        del weights
         bundle.write_checksums(tmp)
         if verify:
             for line in bundle.verify(tmp, usage=False):

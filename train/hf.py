@@ -177,8 +177,8 @@ def write_weights(directory: Path, config: ModelConfig, state: dict[str, torch.T
                   dtype: torch.dtype, max_shard_size: int) -> None:  # fmt: skip
     """The weights as model.safetensors, or above max_shard_size as save_pretrained shards them
     (model-0000i-of-0000n.safetensors + model.safetensors.index.json). Tensors are converted
-    one at a time and taken out of `state` once written, so the export never holds a second
-    copy of the model: at most one shard beside what `state` still has."""
+    one at a time and taken out of `state` as they are, so the export never holds a second copy
+    of the model: what `state` still has, plus the shard being filled."""
     keys = [k for k in state if k != TIED]
     sizes = {k: state[k].numel() * torch.tensor([], dtype=dtype).element_size() for k in keys}
     shards: list[list[str]] = [[]]
@@ -194,13 +194,13 @@ def write_weights(directory: Path, config: ModelConfig, state: dict[str, torch.T
         f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]  # fmt: skip
     weight_map = {}
     for name, shard in zip(names, shards, strict=True):
-        tensors = {k: hf_tensor(config, k, state[k], dtype) for k in shard}
-        save_file(tensors, str(directory / name), metadata={"format": "pt"})
-        for k in shard:
-            weight_map[k] = name
+        tensors = {}
+        for k in shard:  # each source tensor released as soon as it is converted
             if state.get(TIED) is state[k]:
                 del state[TIED]
-            del state[k]  # released here unless the caller holds it elsewhere
+            tensors[k] = hf_tensor(config, k, state.pop(k), dtype)
+            weight_map[k] = name
+        save_file(tensors, str(directory / name), metadata={"format": "pt"})
         del tensors
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
