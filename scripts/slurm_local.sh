@@ -19,7 +19,11 @@ ClusterName=neolocal
 SlurmctldHost=$host
 SlurmUser=root
 AuthType=auth/munge
+# A requeued job may start again once its credential expired (default 120 s): 10 s here.
+AuthInfo=cred_expire=10
 StateSaveLocation=/var/spool/slurmctld
+SlurmctldLogFile=/var/log/slurm/slurmctld.log
+SlurmdLogFile=/var/log/slurm/slurmd.log
 SlurmdSpoolDir=/var/spool/slurmd
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none

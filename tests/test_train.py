@@ -198,10 +198,11 @@ def test_world_size_one_and_two_train_the_same_model(tmp_path, corpus):
 
 @pytest.mark.slow
 def test_kill_and_resume_is_exact(tmp_path, bf16_corpus):
-    """SIGKILL after the step-4 checkpoint; the rerun's losses equal an uninterrupted run's,
-    bit for bit (same world size, CPU, bf16)."""
+    """SIGKILL mid-run, after the step-4 checkpoint; the rerun's losses equal an uninterrupted
+    run's, bit for bit (same world size, CPU, bf16). (A fast machine may reach the step-8
+    checkpoint between seeing step 6 and the kill: either is a resume from mid-run.)"""
     corpus = bf16_corpus
-    common = ("deepspeed=zero2", *BF16, "max_steps=10", "save_every=4", "eval_every=5")
+    common = ("deepspeed=zero2", *BF16, "max_steps=12", "save_every=4", "eval_every=5")
     train(tmp_path / "straight", corpus, *common, ranks=2)
 
     run = tmp_path / "killed"
@@ -209,12 +210,13 @@ def test_kill_and_resume_is_exact(tmp_path, bf16_corpus):
     wait_for_step(proc, run, 6)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    assert latest in ("step_00000004", "step_00000008")
     assert not (run / "model").exists()
 
     train(run, corpus, *common, ranks=2)
     straight, resumed = losses(tmp_path / "straight"), losses(run)
-    assert resumed == straight  # exact float equality, every step 1..10
+    assert resumed == straight  # exact float equality, every step 1..12
     assert val_losses(run)[10] == val_losses(tmp_path / "straight")[10]
 
 
