@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from data_prep.files import atomic_write_text
 from launch import scripts
 from launch.config import LAUNCHERS, LaunchConfig
 from train.errors import ConfigError, NeoError, NotFound
@@ -151,7 +152,8 @@ def run_hostfile(job: scripts.Job, launch: LaunchConfig) -> None:
     if launch.dry_run:
         print(f"# {env_file}\n{scripts.deepspeed_env(job, launch)}# command\n{shlex.join(command)}")
         return
-    _write(env_file, scripts.deepspeed_env(job, launch))
+    env_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(env_file, scripts.deepspeed_env(job, launch))
     # .deepspeed_env reaches the other nodes; this one gets the variables directly.
     variables = {n: v for n, v, _ in scripts.environment(job, launch)}
     _run_or_print([command], launch, env={**variables, "DS_ENV_FILE": str(env_file)})
@@ -167,21 +169,14 @@ def run_slurm(job: scripts.Job, launch: LaunchConfig) -> None:
         raise NotFound("launcher=slurm: sbatch is not on PATH (run on a SLURM login node, or "
                        "launch.dry_run=true to see the script)")  # fmt: skip
     script = Path(job.run_dir) / "launch" / "job.sbatch"
-    _write(script, text)
+    script.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(script, text)
     done = subprocess.run([sbatch, "--parsable", str(script)], capture_output=True, text=True)
     if done.returncode != 0:
         raise ConfigError(f"sbatch {script} failed: {done.stderr.strip() or done.stdout.strip()}")
     job_id = done.stdout.strip().split(";")[0]
     print(f"submitted job {job_id}: neo {job.verb}, run dir {job.run_dir}")
     print(f"follow it: squeue -j {job_id}; tail -f {job.run_dir}/slurm-{job_id}.out")
-
-
-def _write(path: Path, text: str) -> None:
-    """Atomically (a temporary name renamed into place)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _run_or_print(commands: list[list[str]], launch: LaunchConfig, env=None) -> None:

@@ -129,6 +129,46 @@ def model_card(
     return "\n".join(lines) + "\n"
 
 
+def onnx_card(config: ModelConfig, dtype: torch.dtype, description: dict, records) -> str:
+    """The card of `neo export format=onnx`: its files, ONNX Runtime and MIGraphX usage."""
+    past = "decoder_with_past.onnx" in description["files"]
+    lines = [
+        "---", "library_name: onnx", "pipeline_tag: text-generation",
+        "tags:", "- gpt-neo", "- neotrain", "- onnx", "---", "",
+        f"# {config.name} (ONNX)", "",
+        f"A GPT-Neo style causal language model trained with neotrain, exported with torch's "
+        f"ONNX exporter (opset {description['opset']}, {description['dtype']}).", "",
+        "## Files", "",
+        "- `model.onnx`: input_ids, attention_mask, position_ids (batch, sequence; int64) -> "
+        "logits" + (", present.{i}.key / .value" if past else ""),
+        *(["- `decoder_with_past.onnx`: the same, for the new tokens, with "
+           "past_key_values.{i}.key / .value (batch, heads, past, head_dim) and attention_mask "
+           "over past + new tokens"] if past else []),
+        "- `onnx_config.json`: names, shapes and sizes; the tokenizer files; `probe.json`; "
+        "`checksums.sha256`", "",
+        "Positions count real tokens (`position_ids = cumsum(attention_mask) - 1`); a key is "
+        "seen when its mask is 1, so left- or right-padded batches both work.", "",
+        "## ONNX Runtime", "",
+        "```python",
+        "import numpy as np, onnxruntime as ort",
+        'session = ort.InferenceSession("PATH/model.onnx", providers=["CPUExecutionProvider"])',
+        'ids = np.array([[15496, 11, 314, 1101, 257, 3303, 2746, 11]])',
+        "mask = np.ones_like(ids)",
+        'logits = session.run(["logits"], {"input_ids": ids, "attention_mask": mask,',
+        '                                  "position_ids": np.cumsum(mask, -1) - 1})[0]',
+        "```", "",
+        "`neo verify PATH` checks the checksums and the probe in ONNX Runtime.", "",
+        "## AMD MIGraphX", "",
+        "`migraphx-driver perf --onnx PATH/model.onnx --input-dim @input_ids 1 8 "
+        "@attention_mask 1 8 @position_ids 1 8`, or ONNX Runtime with "
+        '`providers=["MIGraphXExecutionProvider"]`. Not run by neotrain\'s tests (no AMD GPU '
+        "there): what was tested is ONNX Runtime's CPU provider.", "",
+        "## Model", "", *_architecture(config, None, dtype),
+        "", *_training(records, config), "", *_limitations(config),
+    ]  # fmt: skip
+    return "\n".join(line for line in lines if "tokenizer: none" not in line) + "\n"
+
+
 def _usage(causal: bool) -> list[str]:
     if not causal:
         return [

@@ -11,8 +11,9 @@ import torch
 
 from data_prep.tokenizers import load_tokenizer
 from train import bundle
-from train.card import read_records
+from train.card import onnx_card, read_records
 from train.config import ModelConfig
+from train.errors import CheckpointError
 from train.hf import read_hf_dir, write_hf_dir
 from train.load import read_any, read_head
 
@@ -37,17 +38,7 @@ def export_hf(
     results.json) or the one found in the run."""
     config, state, found = read_any(input_dir)
     head = read_head(input_dir)
-    tok = load_tokenizer(tokenizer) if tokenizer else found
-    if not tokenizer and tok is not None and tok.vocab_size > config.vocab_size:
-        tok = None  # what the checkpoint offers cannot be its tokenizer (GPT-2's by default)
-    if tok is None and config.vocab_size >= GPT2_VOCAB:
-        log.info("%s has no tokenizer; exporting GPT-2's (vocab_size=%d)", input_dir,
-                 config.vocab_size)  # fmt: skip
-        tok = load_tokenizer("gpt2")
-    elif tok is None:
-        log.warning("%s has no tokenizer and none fits vocab_size=%d: the export has no "
-                    "tokenizer files (pass tokenizer=PATH to include one)", input_dir,
-                    config.vocab_size)  # fmt: skip
+    tok = export_tokenizer(input_dir, config, found, tokenizer)
 
     def finish(tmp: Path, dtype: torch.dtype) -> None:
         # Our model on the weights as written (the source tensors are gone by now: one copy
@@ -65,6 +56,28 @@ def export_hf(
                  source=str(input_dir), head=head, finish=finish, records=records,
                  max_shard_size=max_shard_size)  # fmt: skip
     return config
+
+
+def export_tokenizer(input_dir, config: ModelConfig, found, tokenizer: str | None):
+    """`tokenizer=` if given, else the checkpoint's own; without one that fits, GPT-2's where
+    the vocabulary is GPT-2's size, else none (said so: the export has no tokenizer files)."""
+    tok = load_tokenizer(tokenizer) if tokenizer else found
+    if tokenizer and tok.vocab_size > config.vocab_size:
+        raise CheckpointError(
+            f"{input_dir}: no tokenizer fits vocab_size={config.vocab_size} "
+            f"({tok.name} has {tok.vocab_size} tokens); pass tokenizer=PATH"
+        )
+    if not tokenizer and tok is not None and tok.vocab_size > config.vocab_size:
+        tok = None  # what the checkpoint offers cannot be its tokenizer (GPT-2's by default)
+    if tok is None and config.vocab_size >= GPT2_VOCAB:
+        log.info("%s has no tokenizer; exporting GPT-2's (vocab_size=%d)", input_dir,
+                 config.vocab_size)  # fmt: skip
+        tok = load_tokenizer("gpt2")
+    elif tok is None:
+        log.warning("%s has no tokenizer and none fits vocab_size=%d: the export has no "
+                    "tokenizer files (pass tokenizer=PATH to include one)", input_dir,
+                    config.vocab_size)  # fmt: skip
+    return tok
 
 
 def export_onnx_dir(
@@ -100,9 +113,7 @@ def export_onnx_dir(
     config, state, found = read_any(input_dir)
     if read_head(input_dir) is not None:
         raise ConfigError(f"{input_dir} is a task model; ONNX export covers causal LMs")
-    tok = load_tokenizer(tokenizer) if tokenizer else found
-    if tok is not None and tok.vocab_size > config.vocab_size:
-        tok = None
+    tok = export_tokenizer(input_dir, config, found, tokenizer)
     model = model_from_state(config, {k: v.float() for k, v in state.items()})
     with atomic_dir(output_dir, overwrite) as tmp:
         files = export_onnx(model, tmp, with_past, dtype, opset)
@@ -120,54 +131,12 @@ def export_onnx_dir(
         (tmp / "onnx_config.json").write_text(json.dumps(description, indent=1) + "\n")
         if tok is not None:
             save_hf_tokenizer(tok, tmp, model_max_length=config.max_position_embeddings)
-        (tmp / "README.md").write_text(onnx_card(config, description, read_records(input_dir)))
+        (tmp / "README.md").write_text(
+            onnx_card(config, dtype, description, read_records(input_dir))
+        )
         bundle.write_probe(tmp, bundle.probe(config, state, tok, None, dtype, kind="onnx"))
         bundle.write_checksums(tmp)
         if verify:
             for line in bundle.verify(tmp, usage=False):
                 log.info("verified: %s", line)
     return config
-
-
-def onnx_card(config: ModelConfig, description: dict, records) -> str:
-    from train.card import _architecture, _limitations, _training
-
-    past = "decoder_with_past.onnx" in description["files"]
-    lines = [
-        "---", "library_name: onnx", "pipeline_tag: text-generation",
-        "tags:", "- gpt-neo", "- neotrain", "- onnx", "---", "",
-        f"# {config.name} (ONNX)", "",
-        f"A GPT-Neo style causal language model trained with neotrain, exported with torch's "
-        f"ONNX exporter (opset {description['opset']}, {description['dtype']}).", "",
-        "## Files", "",
-        "- `model.onnx`: input_ids, attention_mask, position_ids (batch, sequence; int64) -> "
-        "logits" + (", present.{i}.key / .value" if past else ""),
-        *(["- `decoder_with_past.onnx`: the same, for the new tokens, with "
-           "past_key_values.{i}.key / .value (batch, heads, past, head_dim) and attention_mask "
-           "over past + new tokens"] if past else []),
-        "- `onnx_config.json`: names, shapes and sizes; the tokenizer files; `probe.json`; "
-        "`checksums.sha256`", "",
-        "Positions count real tokens (`position_ids = cumsum(attention_mask) - 1`); a key is "
-        "seen when its mask is 1, so left- or right-padded batches both work.", "",
-        "## ONNX Runtime", "",
-        "```python",
-        "import numpy as np, onnxruntime as ort",
-        'session = ort.InferenceSession("PATH/model.onnx", providers=["CPUExecutionProvider"])',
-        'ids = np.array([[15496, 11, 314, 1101, 257, 3303, 2746, 11]])',
-        "mask = np.ones_like(ids)",
-        'logits = session.run(["logits"], {"input_ids": ids, "attention_mask": mask,',
-        '                                  "position_ids": np.cumsum(mask, -1) - 1})[0]',
-        "```", "",
-        "`neo verify PATH` checks the checksums and the probe in ONNX Runtime.", "",
-        "## AMD MIGraphX", "",
-        "`migraphx-driver perf --onnx PATH/model.onnx --input-dim @input_ids 1 8 "
-        "@attention_mask 1 8 @position_ids 1 8`, or ONNX Runtime with "
-        '`providers=["MIGraphXExecutionProvider"]`. Not run by neotrain\'s tests (no AMD GPU '
-        "there): what was tested is ONNX Runtime's CPU provider.", "",
-        "## Model", "", *_architecture(config, None, DTYPES_BY_NAME[description["dtype"]]),
-        "", *_training(records, config), "", *_limitations(config),
-    ]  # fmt: skip
-    return "\n".join(line for line in lines if "tokenizer: none" not in line) + "\n"
-
-
-DTYPES_BY_NAME = {"float32": torch.float32, "float16": torch.float16}

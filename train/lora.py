@@ -11,6 +11,7 @@ with `PeftModel.from_pretrained(GPTNeoForCausalLM.from_pretrained(base_hf), adap
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -71,22 +72,18 @@ def base_names(state: dict[str, torch.Tensor], lora: LoraConfig) -> dict[str, to
     return out
 
 
+ADAPTER_PARAM = re.compile(rf"(.+)\.lora_([AB])\.{ADAPTER}\.weight")
+
+
 def split(state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, tuple]]:
     """An adapted state dict -> (base weights under their plain names, {module: (A, B)})."""
     base, pairs = {}, {}
     for name, tensor in state.items():
-        if f".lora_A.{ADAPTER}." in name or f".lora_B.{ADAPTER}." in name:
-            module, kind = name.split(f".lora_A.{ADAPTER}.")[0], "A"
-            if f".lora_B.{ADAPTER}." in name:
-                module, kind = name.split(f".lora_B.{ADAPTER}.")[0], "B"
-            pairs.setdefault(module, {})[kind] = tensor
+        if found := ADAPTER_PARAM.fullmatch(name):
+            pairs.setdefault(found[1], {})[found[2]] = tensor
         else:
             base[name.replace(".base_layer.", ".")] = tensor
     return base, {m: (p["A"], p["B"]) for m, p in pairs.items()}
-
-
-def is_adapted_state(state: dict[str, torch.Tensor]) -> bool:
-    return any(f".lora_A.{ADAPTER}." in name for name in state)
 
 
 def merge(state: dict[str, torch.Tensor], lora: LoraConfig) -> dict[str, torch.Tensor]:

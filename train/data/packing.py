@@ -135,17 +135,25 @@ class SftBatches:
         self.micro_size, self.accumulation, self.pad_id = micro_size, accumulation, pad_id
         self.global_batch = micro_size * accumulation * world_size
 
-    def micro_batch(self, step: int, micro: int) -> dict[str, np.ndarray]:
+    def items(self, step: int, micro: int) -> list:
+        """This rank's rows of micro-batch `micro` of step `step`."""
         first = step * self.global_batch + (micro * self.world + self.rank) * self.micro_size
-        return collate([self.stream[first + i] for i in range(self.micro_size)], self.pad_id)
+        return [self.stream[first + i] for i in range(self.micro_size)]
+
+    def step_groups(self, step: int) -> list[list]:
+        """Every micro-batch of step `step`, over all ranks."""
+        first, m = step * self.global_batch, self.micro_size
+        return [[self.stream[first + i + j] for j in range(m)]
+                for i in range(0, self.global_batch, m)]  # fmt: skip
+
+    def micro_batch(self, step: int, micro: int) -> dict[str, np.ndarray]:
+        return collate(self.items(step, micro), self.pad_id)
 
     def tokens_in_step(self, step: int) -> int:
         """Tokens computed in step `step` over all ranks: each micro-batch pads its rows to its
         longest."""
-        first, m = step * self.global_batch, self.micro_size
-        lengths = [len(self.stream[first + i]["input_ids"]) for i in range(self.global_batch)]
-        return sum(max(lengths[i : i + m]) * len(lengths[i : i + m])
-                   for i in range(0, len(lengths), m))  # fmt: skip
+        return sum(max(len(r["input_ids"]) for r in group) * len(group)
+                   for group in self.step_groups(step))  # fmt: skip
 
     def targets_in_step(self, step: int) -> int:
         first = step * self.global_batch

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from train.config import ConfigError, TaskConfig, TaskHead
+from train.data.packing import SftBatches
 from train.data.sft import IGNORE
 from train.evals.records import BadItem, Record, Skipped, check_choices, gold_index, read_records
 from train.evals.records import require as require_field
@@ -190,33 +191,17 @@ def collate_examples(examples: list[TaskExample], pad_id: int) -> dict[str, np.n
             "classify_at": classify_at}  # fmt: skip
 
 
-class TaskBatches:
-    """The loop's view of task examples: step s takes examples [s * G, (s + 1) * G) of a seeded
-    per-epoch shuffle (G, the global batch, in examples), rank r micro-batch a's slice; the
+class TaskBatches(SftBatches):
+    """The loop's view of task examples: SFT rows' layout (step s takes items [s * G, (s + 1) *
+    G) of a seeded per-epoch shuffle, rank r micro-batch a's slice), each item an example; the
     targets counted are examples."""
 
-    def __init__(self, stream, rank: int, world_size: int, micro_size: int, accumulation: int,
-                 pad_id: int):  # fmt: skip
-        self.stream, self.rank, self.world = stream, rank, world_size
-        self.micro_size, self.accumulation, self.pad_id = micro_size, accumulation, pad_id
-        self.global_batch = micro_size * accumulation * world_size
-
-    def _first(self, step: int, micro: int) -> int:
-        return step * self.global_batch + (micro * self.world + self.rank) * self.micro_size
-
     def micro_batch(self, step: int, micro: int) -> dict[str, np.ndarray]:
-        first = self._first(step, micro)
-        return collate_examples([self.stream[first + i] for i in range(self.micro_size)],
-                                self.pad_id)  # fmt: skip
+        return collate_examples(self.items(step, micro), self.pad_id)
 
     def targets_in_step(self, step: int) -> int:
         return self.global_batch
 
     def tokens_in_step(self, step: int) -> int:
-        first, m = step * self.global_batch, self.micro_size
-        examples = [self.stream[first + i] for i in range(self.global_batch)]
-        total = 0
-        for i in range(0, len(examples), m):
-            group = examples[i : i + m]
-            total += max(e.longest for e in group) * sum(len(e.sequences) for e in group)
-        return total
+        return sum(max(e.longest for e in group) * sum(len(e.sequences) for e in group)
+                   for group in self.step_groups(step))  # fmt: skip
