@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -142,6 +143,8 @@ def test_kill_and_resume_is_exact(tmp_path, trained_gpt2_model, instructions):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    state = json.loads((run / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())
+    assert re.fullmatch("[0-9a-f]{64}", state["identity"]["data"]["rows"])  # the packing
     sft(run, *common, base=base, data=instructions, ranks=2)
     assert losses(run) == losses(tmp_path / "straight")  # bit for bit, steps 1..8
     assert validations(run) == validations(tmp_path / "straight")

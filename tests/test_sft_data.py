@@ -10,7 +10,15 @@ import torch.nn.functional as F
 from conftest import tiny_config
 
 from data_prep.tokenizers import load_tokenizer
-from train.data.packing import build_row, first_fit_decreasing, pack, padding_share
+from train.data.packing import (
+    build_row,
+    cutting_stock,
+    first_fit_decreasing,
+    lower_bound,
+    pack,
+    pack_bins,
+    padding_share,
+)
 from train.data.sft import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_NO_INPUT,
@@ -150,6 +158,37 @@ def test_first_fit_decreasing():
     assert bins == naive
     with pytest.raises(ValueError):
         first_fit_decreasing([10], 8)
+
+
+def is_packing(bins, lengths, capacity):
+    return sorted(i for b in bins for i in b) == list(range(len(lengths))) and all(
+        sum(lengths[i] for i in b) <= capacity for b in bins
+    )
+
+
+def test_cutting_stock_packs_what_first_fit_decreasing_cannot():
+    """Johnson's instance where first-fit decreasing takes 11/9 of the optimum (capacity 120:
+    six bins of 62+32+26 and three of 34+34+26+26 hold everything exactly), ten times over."""
+    lengths = ([62] * 6 + [34] * 6 + [32] * 6 + [26] * 12) * 10
+    assert len(first_fit_decreasing(lengths, 120)) == 110
+    bins = cutting_stock(lengths, 120)
+    assert is_packing(bins, lengths, 120)
+    assert len(bins) == lower_bound(lengths, 120) == 90
+    assert pack_bins(lengths, 120) == bins == cutting_stock(lengths, 120)  # deterministic
+
+
+def test_pack_bins_never_worse_than_first_fit_decreasing():
+    rng = random.Random(2)
+    for capacity, low, high in ((256, 45, 153), (100, 12, 88), (64, 1, 64)):
+        lengths = [rng.randint(low, high) for _ in range(300)]
+        bins = pack_bins(lengths, capacity)
+        assert is_packing(bins, lengths, capacity)
+        assert lower_bound(lengths, capacity) <= len(bins)
+        assert len(bins) <= len(first_fit_decreasing(lengths, capacity))
+        cut_short = cutting_stock(lengths, capacity, rounds=0)  # single-length patterns only
+        assert is_packing(cut_short, lengths, capacity)
+    with pytest.raises(ValueError, match="longer than the capacity 8"):
+        cutting_stock([3, 10], 8)
 
 
 def test_packed_rows_give_each_examples_loss(tmp_path):

@@ -613,7 +613,7 @@ class SftDataConfig:
     validation_path: str | None = None
     validation_fraction: float = 0.05
     seed: int = 1234
-    # Several examples per row (first-fit decreasing, attention blocked between them); false:
+    # Several examples per row (packing.pack_bins; attention blocked between them); false:
     # one example per row, padded to the micro-batch's longest.
     packing: bool = True
     # Train on the prompt tokens too (default: the response only; chats: assistant turns).

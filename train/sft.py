@@ -28,7 +28,15 @@ from data_prep.tokenizers import LoadedTokenizer, load_tokenizer
 from train import lora
 from train.checkpoint import TIED
 from train.config import ConfigError, GenerationConfig, ModelConfig, SftConfig, TaskHead
-from train.data.packing import RowStream, SftBatches, collate, pack, padded_rows, padding_share
+from train.data.packing import (
+    RowStream,
+    SftBatches,
+    collate,
+    pack,
+    pack_bins,
+    padded_rows,
+    padding_share,
+)
 from train.data.sft import CHAT_TEMPLATES, IGNORE, Example, read_examples
 from train.data.tasks import (
     TaskBatches,
@@ -98,6 +106,7 @@ class Prepared:
     summary: str  # for the log
     validation: object | None  # the verb's validation (Trainer.extra_validation)
     head: TaskHead | None = None
+    layout: str | None = None  # digest of the packing: a resume must find the same rows
 
 
 def setup(cfg: SftConfig) -> Trainer:
@@ -127,6 +136,7 @@ def setup(cfg: SftConfig) -> Trainer:
             **data_identity(cfg, tokenizer),
             "global_batch_size": cfg.global_batch_size,
             "seq_len": cfg.seq_len,
+            "rows": data.layout,
         },
     }
     if cfg.lora.enabled and weights is not None:
@@ -181,15 +191,20 @@ def setup(cfg: SftConfig) -> Trainer:
 
 def prepare_lm(cfg: SftConfig, tokenizer) -> Prepared:
     train, validation = read_data(cfg, tokenizer)
-    rows = pack(train, cfg.seq_len, tokenizer.eod_id) if cfg.sft.packing else padded_rows(train)
-    padding = padding_share(rows) if cfg.sft.packing else _padding_if_padded(rows, cfg)
+    if cfg.sft.packing:
+        bins = pack_bins([len(e) for e in train], cfg.seq_len)
+        rows = pack(train, cfg.seq_len, tokenizer.eod_id, bins)
+        padding, layout = padding_share(rows), hashlib.sha256(repr(bins).encode()).hexdigest()
+    else:
+        rows, layout = padded_rows(train), None
+        padding = _padding_if_padded(rows, cfg)
     summary = (
         f"{len(train)} training examples in {len(rows)} rows "
         f"({'packed' if cfg.sft.packing else 'one per row'}, {100 * padding:.1f}% padding), "
         f"{len(validation)} validation examples"
     )
     check = SftValidation(cfg, validation, tokenizer) if validation else None
-    return Prepared(rows, SftBatches, summary, check)
+    return Prepared(rows, SftBatches, summary, check, layout=layout)
 
 
 def prepare_task(cfg: SftConfig, tokenizer, weights: dict | None) -> tuple[Prepared, dict | None]:
