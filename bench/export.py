@@ -1,20 +1,28 @@
 """Exporting a large model: peak memory and time of `neo export` against transformers'
 `save_pretrained` of the same weights, side by side in one run.
 
-    python bench/export.py [--model gpt_neo_1.3b] [--dtype bfloat16] [--dir /tmp/neo_export_bench]
+    python bench/export.py [--source checkpoint|zero3] [--model gpt_neo_1.3b]
+                           [--dtype bfloat16] [--dir /tmp/neo_export_bench]
 
-A random-weight model of the size is saved as a neotrain checkpoint (fp32, as training ends).
+A random-weight model of the size is saved (--source):
+- checkpoint: as a neotrain checkpoint (fp32 model.safetensors, as training ends);
+- zero3: as a DeepSpeed ZeRO-3 checkpoint of `neo train` (2 ranks under torchrun, gloo, bf16
+  with fp32 master weights, the engine neo train builds, saved before any step). Adam's
+  moments are created by the first step, so this checkpoint has none; in a trained one they
+  sit beside the master weights in the same files, which both readers below map (mmap) and
+  drop unread, so they change the files' size, not the memory measured.
 Each measured step runs in its own process (peak RSS from the kernel's own count, ru_maxrss):
-- neo export: read the checkpoint, convert to --dtype, write model.safetensors (sharded above
-  5GB) tensor by tensor, and verify (transformers loads it again, the probe is recomputed);
+- neo export: read the checkpoint (ZeRO-3: each tensor gathered from the ranks' partitions as
+  it is written), convert to --dtype, write model.safetensors (sharded above 5GB) tensor by
+  tensor, and verify (transformers loads it again, the probe is recomputed);
 - neo export without the verification;
-- save_pretrained: the same fp32 weights into GPTNeoForCausalLM (--dtype), save_pretrained.
+- save_pretrained: the same fp32 weights (ZeRO-3: DeepSpeed's get_fp32_state_dict_from_zero_
+  checkpoint, the documented way) into GPTNeoForCausalLM (--dtype), save_pretrained.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -45,19 +53,42 @@ model.init_weights(torch.Generator().manual_seed(0))
 save_checkpoint("{dir}/ckpt", config, model.state_dict(), load_tokenizer("gpt2"), overwrite=True)
 """
 
+MAKE_ZERO3 = """
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+from data_prep.tokenizers import load_tokenizer
+from train.config import register_configs
+from train.loop.checkpoints import run_identity
+from train.loop.run import build_or_resume, checkpoint_meta, start_run
+from train.loop.state import TrainState
+register_configs()
+with initialize_config_module("configs", version_base="1.3"):
+    cfg = compose("train", overrides=["model={model}", "deepspeed=zero3", "precision=bf16",
+                  "run_dir={dir}/run", "micro_batch_size=1", "global_batch_size=2",
+                  "peak_flops=1"])
+cfg = OmegaConf.to_object(cfg)
+run = start_run(cfg)
+identity = run_identity(cfg, {{}})
+engine, state, spec, _ = build_or_resume(cfg, run, identity)
+tokenizer = load_tokenizer("gpt2")
+run.checkpoints.save(engine, state, checkpoint_meta(spec, identity, cfg.model, tokenizer),
+                     tokenizer)
+"""
+
 OURS = """
 import torch
 from train.export import export_hf
-export_hf("{dir}/ckpt", "{dir}/{out}", overwrite=True, dtype=torch.{dtype}, verify={verify})
+export_hf("{source}", "{dir}/{out}", overwrite=True, dtype=torch.{dtype}, verify={verify})
 """
 
 THEIRS = """
+import json
 import torch
 from transformers import GPTNeoForCausalLM
-from train.checkpoint import read_checkpoint
+from train.checkpoint import model_config_from_dict, read_checkpoint
 from train.hf import config_to_hf
 from data_prep.tokenizers import load_tokenizer
-config, state = read_checkpoint("{dir}/ckpt")
+{read}
 hf_config = config_to_hf(config, load_tokenizer("gpt2"), torch.{dtype})
 with torch.device("meta"):
     model = GPTNeoForCausalLM(hf_config)
@@ -66,6 +97,17 @@ del state
 model.tie_weights()
 model.save_pretrained("{dir}/theirs")
 """
+
+READ = {
+    "checkpoint": 'config, state = read_checkpoint("{dir}/ckpt")',
+    "zero3": """
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+tag = open("{dir}/run/checkpoints/latest").read().strip()
+saved = json.load(open(f"{dir}/run/checkpoints/{{tag}}/trainer_state.json"))
+config = model_config_from_dict(saved["model"], "trainer_state.json")
+state = get_fp32_state_dict_from_zero_checkpoint("{dir}/run/checkpoints", tag=tag)
+""",
+}
 
 # Peak RSS (the kernel's ru_maxrss) and, sampled every 5 ms, peak anonymous memory (RssAnon):
 # RSS also counts the pages of memory-mapped files (safetensors maps the checkpoint), which
@@ -84,11 +126,19 @@ print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, anon[0])
 """
 
 
-def run(code: str, directory: Path, name: str) -> tuple[float, float, float]:
-    """(seconds, peak RSS GiB, peak anonymous GiB) of `code` in a fresh process."""
+def run(code: str, directory: Path, name: str, ranks: int = 0) -> tuple[float, float, float]:
+    """(seconds, peak RSS GiB, peak anonymous GiB) of `code` in a fresh process (`ranks`:
+    that many under torchrun; the peaks are then not measured)."""
     script = directory / f"{name}.py"
     script.write_text(textwrap.dedent(code))
     start = time.perf_counter()
+    if ranks:
+        torchrun = Path(sys.executable).with_name("torchrun")
+        command = [str(torchrun), "--nproc_per_node", str(ranks), str(script)]
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+        return time.perf_counter() - start, 0.0, 0.0
     done = subprocess.run([sys.executable, "-c", PEAK, str(script)], cwd=ROOT,
                           capture_output=True, text=True)  # fmt: skip
     seconds = time.perf_counter() - start
@@ -100,6 +150,7 @@ def run(code: str, directory: Path, name: str) -> tuple[float, float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--source", choices=["checkpoint", "zero3"], default="checkpoint")
     parser.add_argument("--model", default="gpt_neo_1.3b")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--dir", default="/tmp/neo_export_bench")
@@ -107,16 +158,28 @@ def main() -> None:
     directory = Path(args.dir)
     directory.mkdir(parents=True, exist_ok=True)
     fields = {"dir": directory, "model": args.model, "dtype": args.dtype}
-    made = run(MAKE.format(**fields), directory, "make")
-    meta = json.loads((directory / "ckpt" / "neotrain.json").read_text())
-    size = (directory / "ckpt" / "model.safetensors").stat().st_size / 2**30
-    print(f"{args.model}: {meta['model']['num_layers']} layers, checkpoint {size:.2f} GiB fp32 "
-          f"(made in {made[0]:.0f} s); export dtype {args.dtype}\n")  # fmt: skip
+    if args.source == "checkpoint":
+        made = run(MAKE.format(**fields), directory, "make")
+        fields["source"] = directory / "ckpt"
+        size = (directory / "ckpt" / "model.safetensors").stat().st_size / 2**30
+        what = f"neotrain checkpoint {size:.2f} GiB fp32"
+    else:
+        made = run(MAKE_ZERO3.format(**fields), directory, "make", ranks=2)
+        fields["source"] = directory / "run" / "checkpoints"
+        files = list(fields["source"].glob("step_*/*.pt"))
+        size = sum(f.stat().st_size for f in files) / 2**30
+        what = f"ZeRO-3 checkpoint of 2 ranks, {len(files)} files, {size:.2f} GiB"
+    fields["read"] = READ[args.source].format(**fields)
+    print(f"{args.model}: {what} (made in {made[0]:.0f} s); export dtype {args.dtype}\n")
     rows = []
     for label, code, out in [
         ("neo export (verified)", OURS.format(**fields, out="ours", verify=True), "ours"),
         ("neo export, no verification", OURS.format(**fields, out="ours2", verify=False), "ours2"),
-        ("save_pretrained", THEIRS.format(**fields), "theirs"),
+        (
+            ("zero_to_fp32 + " if args.source == "zero3" else "") + "save_pretrained",
+            THEIRS.format(**fields),
+            "theirs",
+        ),  # fmt: skip
     ]:
         seconds, peak, anon = run(code, directory, out)
         written = sum(p.stat().st_size for p in (directory / out).glob("*.safetensors")) / 2**30

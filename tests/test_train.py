@@ -18,6 +18,8 @@ from conftest import NEO, ROOT
 from data_prep.config import PrepConfig, SentencePieceConfig
 from data_prep.prep import prepare
 from train.accelerator import ACCELERATORS
+from train.checkpoint import materialize
+from train.engine import consolidated_state_dict
 from train.load import load_model
 from train.loop.metrics import read_metrics
 from train.machine import describe, resolve_precision
@@ -245,6 +247,13 @@ def test_zero3_checkpoint_consolidates_to_the_trained_model(tmp_path, corpus):
         capture_output=True,
     )
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    # neo export read it lazily: each weight gathered from the ranks' partitions when written
+    eager = consolidated_state_dict(run / "checkpoints", "step_00000004")
+    lazy = consolidated_state_dict(run / "checkpoints", "step_00000004", lazy=True)
+    assert lazy.keys() == eager.keys()
+    assert not isinstance(lazy["transformer.h.1.mlp.c_fc.weight"], torch.Tensor)
+    for name, weight in lazy.items():
+        assert torch.equal(materialize(weight), eager[name]), name
     ids = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = live(ids)
@@ -256,6 +265,17 @@ def test_zero3_checkpoint_consolidates_to_the_trained_model(tmp_path, corpus):
     for name, weight in live.state_dict().items():
         change = (weight - initial[name]).abs().max().item()
         assert 0 < change < 0.1, (name, change)
+    # A rank's shard cut short: named, and no export left behind.
+    (shard,) = (run / "checkpoints" / "step_00000004").glob("*rank_1*optim_states.pt")
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    done = subprocess.run(
+        [NEO, "export", f"input={run / 'checkpoints'}", f"output={tmp_path / 'hf2'}"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0
+    assert "step_00000004: cannot be consolidated, a file is truncated or corrupt" in done.stderr
+    assert not list(tmp_path.glob("*hf2*"))  # nor its temporary directory
 
 
 @pytest.mark.slow

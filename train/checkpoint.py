@@ -31,6 +31,12 @@ TOKENIZER_DIR = "tokenizer"
 TIED = "lm_head.weight"
 
 
+def materialize(value) -> torch.Tensor:
+    """A value of a state dict in memory: a tensor, or a lazy one (DeepSpeed's gathered ZeRO-3
+    tensors, train/engine.consolidated_state_dict with lazy=True) assembled now."""
+    return value if isinstance(value, torch.Tensor) else value.contiguous()
+
+
 def model_config_from_dict(d: dict, source: str) -> ModelConfig:
     known = {f.name for f in fields(ModelConfig)}
     unknown = sorted(set(d) - known)

@@ -449,19 +449,24 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
     return state
 
 
-def consolidated_state_dict(directory: Path, tag: str) -> dict[str, torch.Tensor]:
+def consolidated_state_dict(directory: Path, tag: str, lazy: bool = False) -> dict:
     """Weights of a saved checkpoint as one fp32 state dict: DeepSpeed's zero_to_fp32 for
     ZeRO 1-3; the module weights for ZeRO-0 (which keeps no partitioned fp32 copy on disk that
-    zero_to_fp32 reads; bf16/fp16 runs are consolidated from the live fp32 weights instead)."""
+    zero_to_fp32 reads; bf16/fp16 runs are consolidated from the live fp32 weights instead).
+    `lazy`: ZeRO-3's weights are DeepSpeed's gathered tensors, each assembled from every rank's
+    mapped (mmap) partition when train/checkpoint.materialize asks for it, so a streaming
+    export holds one tensor at a time; ZeRO-0's fp32 weights stay mapped. (ZeRO 1-2's are
+    concatenated in memory either way: DeepSpeed has no lazy form for them.)"""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:
         _, stage = checkpoint_layout(directory, tag)
         if stage == 0:
             file = directory / tag / "mp_rank_00_model_states.pt"
-            state = torch.load(file, map_location="cpu", weights_only=False)["module"]
+            state = torch.load(file, map_location="cpu", weights_only=False, mmap=lazy)["module"]
         else:
-            state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
+            state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag,
+                                                             lazy_mode=lazy)  # fmt: skip
     except CheckpointError:
         raise
     except Exception as e:  # torch.load's and DeepSpeed's errors on a damaged file alike
@@ -469,4 +474,6 @@ def consolidated_state_dict(directory: Path, tag: str) -> dict[str, torch.Tensor
             f"{directory / tag}: cannot be consolidated, a file is truncated or corrupt "
             f"({type(e).__name__}: {e})"
         ) from None
+    if lazy and stage == 3:
+        return dict(state)
     return {k: v.float().contiguous() for k, v in state.items()}

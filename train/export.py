@@ -36,7 +36,7 @@ def export_hf(
     GPT-2's where the vocabulary is GPT-2's size, else none, said so). The model card is
     written from the run's records (train/card.py), with `eval_results` (a neo eval
     results.json) or the one found in the run."""
-    config, state, found = read_any(input_dir)
+    config, state, found = read_any(input_dir, lazy=True)  # tensors read as they are written
     head = read_head(input_dir)
     tok = export_tokenizer(input_dir, config, found, tokenizer)
 

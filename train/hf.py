@@ -26,6 +26,7 @@ from train.card import RunRecords, model_card
 from train.checkpoint import (
     TIED,
     CheckpointError,
+    materialize,
     model_config_from_dict,
     read_weights,
     save_checkpoint,
@@ -178,9 +179,10 @@ def write_weights(directory: Path, config: ModelConfig, state: dict[str, torch.T
     """The weights as model.safetensors, or above max_shard_size as save_pretrained shards them
     (model-0000i-of-0000n.safetensors + model.safetensors.index.json). Tensors are converted
     one at a time and taken out of `state` as they are, so the export never holds a second copy
-    of the model: what `state` still has, plus the shard being filled."""
+    of the model: what `state` still has, plus the shard being filled. `state` may be lazy
+    (train/engine.consolidated_state_dict): each tensor is then read as it is converted."""
     keys = [k for k in state if k != TIED]
-    sizes = {k: state[k].numel() * torch.tensor([], dtype=dtype).element_size() for k in keys}
+    sizes = {k: state[k].shape.numel() * dtype.itemsize for k in keys}
     shards: list[list[str]] = [[]]
     filled = 0
     for key in keys:
@@ -198,7 +200,7 @@ def write_weights(directory: Path, config: ModelConfig, state: dict[str, torch.T
         for k in shard:  # each source tensor released as soon as it is converted
             if state.get(TIED) is state[k]:
                 del state[TIED]
-            tensors[k] = hf_tensor(config, k, state.pop(k), dtype)
+            tensors[k] = hf_tensor(config, k, materialize(state.pop(k)), dtype)
             weight_map[k] = name
         save_file(tensors, str(directory / name), metadata={"format": "pt"})
         del tensors

@@ -35,12 +35,13 @@ HEAD_PREFIX = "score."  # a task model's head, as GPTNeoForSequenceClassificatio
 
 
 def read_training_checkpoint(
-    tag_dir: Path,
+    tag_dir: Path, lazy: bool = False
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], LoadedTokenizer]:
-    """Consolidate a DeepSpeed checkpoint of `neo train` (any ZeRO stage) into one state dict."""
+    """Consolidate a DeepSpeed checkpoint of `neo train` (any ZeRO stage) into one state dict
+    (`lazy`: see train/engine.consolidated_state_dict; a LoRA run's is merged in memory)."""
     saved = run_checkpoints.read_state(tag_dir)
     config = model_config_from_dict(saved["model"], str(tag_dir / run_checkpoints.STATE_FILE))
-    state = consolidated_state_dict(tag_dir.parent, tag_dir.name)
+    state = consolidated_state_dict(tag_dir.parent, tag_dir.name, lazy and not saved.get("lora"))
     if saved.get("lora"):  # a LoRA run's checkpoint: the model it computes, adapters merged
         state = lora.merge(state, LoraConfig(**saved["lora"]))
     state[TIED] = state["transformer.wte.weight"]
@@ -52,15 +53,17 @@ def read_training_checkpoint(
 
 
 def read_any(
-    path: str | Path,
+    path: str | Path, lazy: bool = False
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], LoadedTokenizer | None]:
-    """Model config, state dict and tokenizer of any checkpoint this module reads."""
+    """Model config, state dict and tokenizer of any checkpoint this module reads. `lazy`: a
+    DeepSpeed checkpoint's tensors are read as they are asked for (train/checkpoint.materialize);
+    for a streaming export."""
     path = resolve_run(Path(path))
     if is_checkpoint(path):
         config, state = read_checkpoint(path)
         return config, state, checkpoint_tokenizer(path)
     if (tag_dir := run_checkpoints.find(path)) is not None:
-        return read_training_checkpoint(tag_dir)
+        return read_training_checkpoint(tag_dir, lazy)
     if is_hf_dir(path):
         config, state = read_hf_dir(path)
         return config, state, hf_dir_tokenizer(path)
