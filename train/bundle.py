@@ -156,6 +156,7 @@ def verify(directory: str | Path, usage: bool = True) -> list[str]:
             f"{worst:.3g} (allowed {TOLERANCE.get(probe['dtype'], 1e-3)})"
         )
     done.append(f"probe: top-{len(expected)} logits within {worst:.2g} of the export's")
+    del model  # the pipeline loads its own: one copy of the weights at a time
     has_tokenizer = (directory / "tokenizer.json").is_file()
     if usage and causal and has_tokenizer:
         from transformers import pipeline, set_seed

@@ -242,7 +242,7 @@ def run_export(cfg) -> None:
     else:
         config = export_hf(source, output, overwrite=cfg.overwrite, dtype=dtype,
                            tokenizer=cfg.tokenizer, eval_results=cfg.eval_results,
-                           max_shard_size=cfg.max_shard_size)  # fmt: skip
+                           max_shard_size=cfg.max_shard_size, usage=cfg.usage)  # fmt: skip
     log.info(
         "exported %s (%s) to %s, verified (its README.md says how to load it); check it again "
         "with neo verify %s",

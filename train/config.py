@@ -201,6 +201,8 @@ class ConvertConfig:
     max_shard_size: str = "5GB"
     with_past: bool = True  # onnx: also decoder_with_past.onnx, the key/value cache form
     opset: int = 20  # onnx
+    # hf: the verification before the rename also runs the card's pipeline usage (neo verify's).
+    usage: bool = True
 
 
 @dataclass

@@ -30,12 +30,14 @@ def export_hf(
     verify: bool = True,
     eval_results: str | None = None,
     max_shard_size: str | int = "5GB",
+    usage: bool = True,
 ) -> ModelConfig:
     """A checkpoint -> a directory GPTNeoForCausalLM and AutoTokenizer load offline.
     `tokenizer`: a tokenizer to export with it (default: the checkpoint's own; without one,
     GPT-2's where the vocabulary is GPT-2's size, else none, said so). The model card is
     written from the run's records (train/card.py), with `eval_results` (a neo eval
-    results.json) or the one found in the run."""
+    results.json) or the one found in the run. `verify`: `neo verify` on the directory before
+    it is renamed into place (`usage`: the card's pipeline usage too)."""
     config, state, found = read_any(input_dir, lazy=True)  # tensors read as they are written
     head = read_head(input_dir)
     tok = export_tokenizer(input_dir, config, found, tokenizer)
@@ -48,7 +50,7 @@ def export_hf(
         del weights
         bundle.write_checksums(tmp)
         if verify:
-            for line in bundle.verify(tmp, usage=False):
+            for line in bundle.verify(tmp, usage=usage):
                 log.info("verified: %s", line)
 
     records = read_records(input_dir, eval_results)

@@ -163,7 +163,9 @@ def train_and_finish(t, final: Callable[[dict], dict | None] | None = None) -> N
             log.info("final weights: %s (neotrain checkpoint)", run_dir / "model")
             if t.cfg.export_hf:
                 try:
-                    export_hf(run_dir / "model", run_dir / "hf", overwrite=True)
+                    # checksums and probe verified; the card's pipeline usage (seconds of
+                    # generation) is left to `neo verify`, not paid by every run
+                    export_hf(run_dir / "model", run_dir / "hf", overwrite=True, usage=False)
                     kind = "GPTNeoForSequenceClassification" if head else "GPTNeoForCausalLM"
                     log.info("exported %s (%s)", run_dir / "hf", kind)
                 except CheckpointError as e:  # strided layers have no GPT-Neo form
