@@ -150,7 +150,9 @@ def _eos_token_of(directory: Path) -> str | None:
 
 
 def save_hf_tokenizer(tok: LoadedTokenizer, out_dir: Path, model_max_length: int) -> None:
-    """Write tokenizer files that `transformers.AutoTokenizer.from_pretrained` loads offline."""
+    """Write tokenizer files that `transformers.AutoTokenizer.from_pretrained` loads offline,
+    in transformers 4 as in 5: the class is named PreTrainedTokenizerFast, the name both know
+    (transformers 5 writes its own alias, TokenizersBackend, which 4.x cannot resolve)."""
     from transformers import PreTrainedTokenizerFast
 
     hf = PreTrainedTokenizerFast(
@@ -161,6 +163,10 @@ def save_hf_tokenizer(tok: LoadedTokenizer, out_dir: Path, model_max_length: int
         model_max_length=model_max_length,
     )
     hf.save_pretrained(str(out_dir))
+    config_file = Path(out_dir) / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def save_tokenizer(tok: LoadedTokenizer, directory: Path) -> None:
