@@ -1,9 +1,18 @@
 """Every backend that runs here against the dense reference, outputs and gradients."""
 
+import sys
+import types
+
 import pytest
 import torch
 
-from train.attention import attend, attention_mask, dense_attention, resolve_backend
+from train.attention import (
+    attend,
+    attention_mask,
+    dense_attention,
+    document_ends,
+    resolve_backend,
+)
 from train.ops import blockwise
 
 
@@ -157,6 +166,78 @@ def test_npu_backend_without_torch_npu_says_how_to_install():
     q, k, v = qkv(1, 1, 8, 4)
     with pytest.raises(RuntimeError, match=r"neotrain\[npu\]"):
         attend(q, k, v, kind="local", window=4, stride=0, scale=1.0, backend="npu")
+
+
+def documented_fusion_attention(calls):
+    """torch_npu.npu_fusion_attention as Ascend documents it, for the calls npu_attention makes
+    (dense, on CPU; no Ascend device here): True in atten_mask = masked; sparse_mode 0 an
+    explicit mask, 2 causal, 3 causal per sequence (equal query and key lengths), 4 a band of
+    pre_tockens before and next_tockens after; layout BNSD, or TND (tokens, heads, dim) with
+    actual_seq_qlen/kvlen the cumulative sequence ends."""
+
+    def attention(q, k, v, allowed, scale):  # (..., S, D), (S, S)
+        scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+        return torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v.float()
+
+    def pattern(n, atten_mask, sparse_mode, pre_tockens, next_tockens):
+        distance = torch.arange(n)[:, None] - torch.arange(n)[None, :]
+        if sparse_mode == 0:
+            return ~atten_mask
+        if sparse_mode in (2, 3):
+            return distance >= 0
+        assert sparse_mode == 4
+        return (distance <= pre_tockens) & (-distance <= next_tockens)
+
+    def kernel(q, k, v, head_num, input_layout, *, atten_mask=None, scale=1.0, keep_prob=1.0,
+               pre_tockens=2**31 - 1, next_tockens=2**31 - 1, actual_seq_qlen=None,
+               actual_seq_kvlen=None, sparse_mode=0):  # fmt: skip
+        calls.append((input_layout, sparse_mode))
+        assert keep_prob == 1.0 and head_num == q.shape[1]  # N is dim 1 of BNSD and TND
+        if input_layout == "BNSD":
+            allowed = pattern(q.shape[2], atten_mask, sparse_mode, pre_tockens, next_tockens)
+            return (attention(q, k, v, allowed, scale).to(q.dtype),)
+        assert input_layout == "TND" and actual_seq_qlen == actual_seq_kvlen
+        assert all(isinstance(end, int) for end in actual_seq_qlen)
+        assert actual_seq_qlen[-1] == q.shape[0] and sparse_mode in (3, 4)
+        out, start = [], 0
+        for end in actual_seq_qlen:
+            part = [x[start:end].transpose(0, 1) for x in (q, k, v)]  # (N, S, D)
+            allowed = pattern(end - start, None, sparse_mode, pre_tockens, next_tockens)
+            out.append(attention(*part, allowed, scale).transpose(0, 1))
+            start = end
+        return (torch.cat(out).to(q.dtype),)
+
+    return kernel
+
+
+def test_document_ends_split_rows_into_runs():
+    documents = torch.tensor([[0, 0, 1, 1, 1, -1], [0, 0, 0, 0, 0, 0], [0, 1, 2, -1, -1, -1]])
+    assert document_ends(documents) == [2, 5, 6, 12, 13, 14, 15, 18]
+
+
+@pytest.mark.parametrize("kind", ["global", "local", "strided"])
+def test_npu_backend_calls_the_kernel_as_documented(kind, monkeypatch):
+    """Packed rows through npu_fusion_attention's variable-length layout (global, local) or an
+    explicit mask (strided), and unpacked rows through its causal and band modes, equal the
+    dense reference, given the kernel as Ascend documents it (above): what this checks is our
+    side of the call (layouts, lengths, modes), not the kernel, which cannot run here."""
+    calls = []
+    fake = types.ModuleType("torch_npu")
+    fake.npu_fusion_attention = documented_fusion_attention(calls)
+    monkeypatch.setitem(sys.modules, "torch_npu", fake)
+    B, H, T, D = 3, 2, 40, 16
+    q, k, v = (x.detach() for x in qkv(B, H, T, D))
+    documents = torch.tensor([[0] * 5 + [1] * 20 + [2] * 12 + [-1] * 3,
+                              [0] * 40,
+                              [0] * 30 + [-1] * 10])  # fmt: skip
+    common = dict(kind=kind, window=8, stride=4, scale=D**-0.5)
+    for docs in (documents, None):
+        out = attend(q, k, v, backend="npu", documents=docs, **common)
+        expected = dense_attention(q, k, v, kind, 8, 4, D**-0.5, documents=docs)
+        torch.testing.assert_close(out, expected)
+    modes = {"global": 3, "local": 4, "strided": 0}
+    packed = ("TND", modes[kind]) if kind != "strided" else ("BNSD", 0)
+    assert calls == [packed, ("BNSD", {"global": 2, "local": 4, "strided": 0}[kind])]
 
 
 @pytest.mark.slow

@@ -20,7 +20,8 @@ Backends, all behind `attend`:
     blockwise  O(T * window) time and memory, forward and backward, plain PyTorch: queries in
                blocks attend only to the keys they can see; the default on CPU, any device
     flex       torch flex_attention with a block mask cached per length; the default on CUDA
-    npu        torch_npu.npu_fusion_attention (band / causal / explicit mask); default on Ascend
+    npu        torch_npu.npu_fusion_attention (band / causal / explicit mask; packed rows in its
+               variable-length TND layout); default on Ascend
 """
 
 from __future__ import annotations
@@ -204,6 +205,15 @@ def _npu_compressed_mask(device: str) -> torch.Tensor:
     return torch.ones(_NPU_MASK_SIZE, _NPU_MASK_SIZE, dtype=torch.bool, device=device).triu(1)
 
 
+def document_ends(documents: torch.Tensor) -> list[int]:
+    """Where each run of one document id ends in the (B, T) ids flattened, a row's end ending
+    a run too: the cumulative lengths npu_fusion_attention's TND layout takes (actual_seq_qlen,
+    a host list: reading it waits for the device)."""
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    return starts.flatten().nonzero().flatten()[1:].tolist() + [documents.numel()]
+
+
 def npu_attention(q, k, v, kind, window, stride, scale, dropout_p, documents=None):
     try:
         import torch_npu
@@ -212,11 +222,24 @@ def npu_attention(q, k, v, kind, window, stride, scale, dropout_p, documents=Non
             "attention backend 'npu' needs torch_npu (pip install 'neotrain[npu]' on an Ascend "
             "machine with CANN installed)"
         ) from e
-    H, T = q.shape[1], q.shape[2]
-    common = dict(head_num=H, input_layout="BNSD", scale=scale, keep_prob=1.0 - dropout_p)
+    B, H, T = q.shape[:3]
+    common = dict(head_num=H, scale=scale, keep_prob=1.0 - dropout_p)
+    if documents is not None and kind != "strided":
+        # Packed examples: every row's runs of one document (its padding run too) become
+        # sequences of the kernel's variable-length layout (TND: tokens, heads, head dim),
+        # each causal (sparse_mode 3) or banded (4) on its own, so no (T, T) mask is built.
+        ends = document_ends(documents)
+        tnd = [x.transpose(1, 2).reshape(B * T, H, x.shape[-1]) for x in (q, k, v)]
+        pattern = dict(sparse_mode=3) if kind == "global" else dict(
+            sparse_mode=4, pre_tockens=window - 1, next_tockens=0)  # fmt: skip
+        result = torch_npu.npu_fusion_attention(
+            *tnd, input_layout="TND", atten_mask=_npu_compressed_mask(str(q.device)),
+            actual_seq_qlen=ends, actual_seq_kvlen=ends, **pattern, **common,
+        )  # fmt: skip
+        return result[0].reshape(B, T, H, -1).transpose(1, 2)
+    common["input_layout"] = "BNSD"
     if documents is not None:
-        # Packed examples: an explicit (B, 1, T, T) mask (True = masked). The fused kernel's
-        # variable-length mode (TND layout, actual_seq_qlen) would avoid it; not done yet.
+        # Strided layers have no fused pattern: an explicit (B, 1, T, T) mask (True = masked).
         mask = ~attention_mask(kind, T, window, stride, q.device, documents)
         result = torch_npu.npu_fusion_attention(q, k, v, atten_mask=mask, sparse_mode=0, **common)
     elif kind == "global":
