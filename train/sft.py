@@ -61,6 +61,7 @@ from train.loop.run import (
     write_config,
 )
 from train.optim import Schedule
+from train.ranks import ranks_from_env
 
 log = logging.getLogger("neo.sft")
 SAMPLES = Path(__file__).parents[1] / "data_prep" / "sample"
@@ -111,6 +112,8 @@ class Prepared:
 
 def setup(cfg: SftConfig) -> Trainer:
     cfg.sft.validate()
+    if not ranks_from_env().is_main:  # quiet before the data is read, as start_run makes it
+        logging.getLogger().setLevel(logging.WARNING)
     weights, tokenizer, base_identity = read_base(cfg)
     if cfg.task.head:
         data, weights = prepare_task(cfg, tokenizer, weights)

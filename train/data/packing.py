@@ -14,11 +14,15 @@ so a packed row gives each example the loss and gradients it has alone (tests/te
 from __future__ import annotations
 
 import functools
+import logging
+import time
 
 import numpy as np
 from scipy.optimize import linprog
 
 from train.data.sft import IGNORE, Example
+
+log = logging.getLogger(__name__)
 
 MAX_LENGTHS = 256  # cutting_stock for at most this many distinct lengths: a few seconds
 
@@ -68,7 +72,11 @@ def pack_bins(lengths: list[int], capacity: int) -> list[list[int]]:
     bins = first_fit_decreasing(lengths, capacity)
     if len(bins) <= 1.01 * lower_bound(lengths, capacity) or len(set(lengths)) > MAX_LENGTHS:
         return bins
+    start = time.perf_counter()
     better = cutting_stock(lengths, capacity)
+    log.info("packing %d items: cutting stock %d rows, first-fit decreasing %d, bound %d (%.1f s)",
+             len(lengths), len(better), len(bins), lower_bound(lengths, capacity),
+             time.perf_counter() - start)  # fmt: skip
     return better if len(better) < len(bins) else bins
 
 
