@@ -33,8 +33,7 @@ COMMON = [
     "optim.warmup=2",
     "samples=2",
     "sample_max_new_tokens=8",
-    "epochs=null",
-]
+]  # with max_steps given and epochs not, max_steps counts (epochs' default does not)
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +89,7 @@ def test_no_arguments_fine_tunes_a_fresh_tiny_model_on_the_bundled_sample(tmp_pa
         "base=runs/demo does not exist (`make demo` makes it): fine-tuning a fresh tiny" in output
     )
     assert "training examples in" in output and "packed" in output
+    assert "2 steps of 8" in output  # max_steps given: the default epochs=1 yields
     run = tmp_path / "runs" / "x"
     assert (run / "model").is_dir() and (run / "hf").is_dir()
     samples = [r for r in read_metrics(run) if r.get("event") == "samples"]

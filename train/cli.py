@@ -158,6 +158,8 @@ def run_verb(name: str, overrides: list[str]) -> None:
         try:
             # Every rule of the config before the verb's module (torch, DeepSpeed) is imported.
             if isinstance(config, SftConfig):
+                if _given("max_steps") and not _given("epochs"):
+                    config.epochs = None  # a step count asked for wins over the default epoch
                 config.sft.validate()  # the model is the base's: checked once it is read
                 config.lora.validate()
                 config.task.validate()
@@ -172,6 +174,13 @@ def run_verb(name: str, overrides: list[str]) -> None:
 
     sys.argv = [f"neo {name}", *(quote_text(o, verb.text_keys) for o in overrides)]
     app()
+
+
+def _given(key: str) -> bool:
+    """Whether the command line (Hydra's task overrides) sets `key`."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return any(o.lstrip("+~").split("=", 1)[0] == key for o in HydraConfig.get().overrides.task)
 
 
 def quote_text(override: str, text_keys: tuple[str, ...]) -> str:
