@@ -106,7 +106,10 @@ def test_from_a_trained_base_one_and_two_ranks_give_the_same_run(
     base = trained_gpt2_model / "ckpt"
     common = ("deepspeed=zero2", "max_steps=8", "eval_every=4", "save_every=8")
     one = sft(tmp_path / "one", *common, base=base, data=instructions)
-    sft(tmp_path / "two", *common, base=base, data=instructions, ranks=2)
+    two = sft(tmp_path / "two", *common, base=base, data=instructions, ranks=2)
+    packing = [line for line in (two.stdout + two.stderr).splitlines()
+               if "items: cutting stock" in line]  # fmt: skip
+    assert packing and len(packing) == len(set(packing))  # read on every rank, said by rank 0
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert a.keys() == b.keys() == set(range(1, 9))
     for step in a:
