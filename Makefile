@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/python -m train.demo
+	$(BIN)/python -m train.verbs.demo
 
 lint: install
 	$(BIN)/ruff check .

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from train.attention import attend, attention_mask
-from train.ops import blockwise as blockwise_ops
+from train.model.attention import attend, attention_mask
+from train.model.ops import blockwise as blockwise_ops
 
 HEADS, HEAD_DIM, WINDOW = 12, 64, 256
 

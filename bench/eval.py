@@ -32,16 +32,16 @@ from pathlib import Path
 import torch
 
 from data_prep.tokenizers import load_tokenizer
-from train.checkpoint import save_checkpoint
+from train.checkpoints.export import export_hf
+from train.checkpoints.load import load_model
+from train.checkpoints.model_format import save_checkpoint
 from train.config import ModelConfig
+from train.data.records import Skipped
 from train.evals.harness import write_task
-from train.evals.records import Skipped
 from train.evals.runner import build_requests, run_task
 from train.evals.scoring import Scorer
 from train.evals.tasks import load_task, pubmedqa_records
-from train.export import export_hf
-from train.load import load_model
-from train.model import GPT
+from train.model.gpt import GPT
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "eval"
 MODEL = dict(

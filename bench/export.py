@@ -39,8 +39,8 @@ import torch, hydra
 from omegaconf import OmegaConf
 from hydra import compose, initialize_config_module
 from train.config import ModelConfig, register_configs
-from train.checkpoint import save_checkpoint
-from train.model import GPT
+from train.checkpoints.model_format import save_checkpoint
+from train.model.gpt import GPT
 from data_prep.tokenizers import load_tokenizer
 register_configs()
 with initialize_config_module("configs", version_base="1.3"):
@@ -58,7 +58,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from data_prep.tokenizers import load_tokenizer
 from train.config import register_configs
-from train.loop.checkpoints import run_identity
+from train.loop.checkpointing import run_identity
 from train.loop.run import build_or_resume, checkpoint_meta, start_run
 from train.loop.state import TrainState
 register_configs()
@@ -77,7 +77,7 @@ run.checkpoints.save(engine, state, checkpoint_meta(spec, identity, cfg.model, t
 
 OURS = """
 import torch
-from train.export import export_hf
+from train.checkpoints.export import export_hf
 export_hf("{source}", "{dir}/{out}", overwrite=True, dtype=torch.{dtype}, verify={verify})
 """
 
@@ -85,8 +85,8 @@ THEIRS = """
 import json
 import torch
 from transformers import GPTNeoForCausalLM
-from train.checkpoint import model_config_from_dict, read_checkpoint
-from train.hf import config_to_hf
+from train.checkpoints.model_format import model_config_from_dict, read_checkpoint
+from train.checkpoints.hf import config_to_hf
 from data_prep.tokenizers import load_tokenizer
 {read}
 hf_config = config_to_hf(config, load_tokenizer("gpt2"), torch.{dtype})

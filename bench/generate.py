@@ -1,4 +1,4 @@
-"""Greedy text generation: `train.decoding.generate_ids` (our KV cache) against Hugging Face
+"""Greedy text generation: `train.model.decoding.generate_ids` (our KV cache) against Hugging Face
 `GPTNeoForCausalLM.generate` on the same weights, side by side, fp32 on CPU, in one run.
 
     python bench/generate.py [--model 125m|tiny] [--quick] [--new-tokens 256]
@@ -8,7 +8,8 @@ Model: GPT-Neo layout with random weights (seeded): `125m` is GPT-Neo 125M's sha
 12 layers, 12 heads, window 256), `tiny` hidden 128, 4 layers, 4 heads, window 64; GPT-2
 vocabulary (50,257), max_position_embeddings 2,304. The Hugging Face model is built first
 (transformers' own initialisation, attn_implementation="eager") and ours is made from its
-state dict (train.hf.state_dict_from_hf + train.load.model_from_state): the same tensors.
+state dict (checkpoints.hf.state_dict_from_hf + checkpoints.load.model_from_state): the
+same tensors.
 Prompts are random token ids. Both decode greedily with end-of-text = 50256 (vocab - 1); every
 run checks that each row got the full number of new tokens and whether both produced the same
 tokens, and says so in the table (random weights can emit end-of-text, or two fp32 logits can
@@ -52,10 +53,10 @@ from importlib.metadata import version
 import torch
 from markdown_table import markdown
 
+from train.checkpoints.hf import config_from_hf, state_dict_from_hf
+from train.checkpoints.load import model_from_state
 from train.config import GenerationConfig
-from train.decoding import generate_ids
-from train.hf import config_from_hf, state_dict_from_hf
-from train.load import model_from_state
+from train.model.decoding import generate_ids
 
 VOCAB = 50257
 EOS = VOCAB - 1

@@ -91,7 +91,7 @@ from train.data.packing import (
 )
 from train.data.sft import IGNORE, Example, read_examples
 from train.loop.metrics import read_metrics
-from train.model import GPT
+from train.model.gpt import GPT
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data_prep" / "sample" / "sft_instructions.jsonl"

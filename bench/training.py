@@ -13,7 +13,8 @@ GPT-2 vocabulary; sequence 256, batch 8 (2,048 tokens a step), one process, all 
 
 Tokens/s is the median over the steps after the first few; MFU is model FLOPs per token
 (train/info.flops_per_token) x tokens/s over this machine's matmul peak in that precision
-(train/machine.py, measured and cached). A precision the CPU does not compute natively (bf16
+(train/distributed/machine.py, measured and cached). A precision the CPU does not compute
+natively (bf16
 without AVX512-BF16 or AMX: 10-70x slower) runs `--slow-steps` steps in one round, the first
 being warm-up, and skips the memory table. Memory: model-state bytes per rank (every live
 tensor after the backward pass of step 2, when weights, gradients and optimizer state all
@@ -40,11 +41,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from train import accelerator as accel
-from train import machine as hw
 from train.config import ModelConfig
-from train.info import flops_per_token
-from train.model import GPT, next_token_loss
+from train.distributed import devices as accel
+from train.distributed import machine as hw
+from train.model.gpt import GPT, next_token_loss
+from train.verbs.info import flops_per_token
 
 BIN = Path(sys.executable).parent
 MODEL = dict(

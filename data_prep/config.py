@@ -1,6 +1,6 @@
-"""`neo prep` configuration schema (registered in Hydra's ConfigStore by train/config.py).
+"""`neo prep` configuration schema (registered in Hydra's ConfigStore by train/config/).
 
-It lives here rather than in train/config.py because data_prep must not import torch.
+It lives here rather than in train/config/ because data_prep must not import torch.
 """
 
 from __future__ import annotations

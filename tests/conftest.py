@@ -24,8 +24,8 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 @pytest.fixture(scope="session", autouse=True)
 def machine_cache(tmp_path_factory):
-    """The measured matmul peaks (train/machine.py) are cached for this session only, never in
-    the developer's ~/.cache; every `neo` subprocess inherits the variable. (Not
+    """The measured matmul peaks (train/distributed/machine.py) are cached for this session
+    only, never in the developer's ~/.cache; every `neo` subprocess inherits the variable. (Not
     XDG_CACHE_HOME: DeepSpeed's JIT-built ops are cached under it and would be rebuilt.)"""
     os.environ["NEOTRAIN_CACHE_DIR"] = str(tmp_path_factory.mktemp("neotrain_cache"))
 
@@ -88,9 +88,9 @@ def trained_gpt2_model(tmp_path_factory):
     import zstandard
 
     from data_prep.tokenizers import load_tokenizer
-    from train.checkpoint import save_checkpoint
-    from train.export import export_hf
-    from train.model import GPT
+    from train.checkpoints.export import export_hf
+    from train.checkpoints.model_format import save_checkpoint
+    from train.model.gpt import GPT
 
     root = tmp_path_factory.mktemp("trained_gpt2")
     tokenizer = load_tokenizer("gpt2")

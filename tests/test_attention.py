@@ -6,14 +6,14 @@ import types
 import pytest
 import torch
 
-from train.attention import (
+from train.model.attention import (
     attend,
     attention_mask,
     dense_attention,
     document_ends,
     resolve_backend,
 )
-from train.ops import blockwise
+from train.model.ops import blockwise
 
 
 def brute_force_mask(kind, T, window, stride):

@@ -11,10 +11,10 @@ from safetensors.torch import load_file, save_file
 from test_hf import make_checkpoint
 from test_train import corpus, documents  # noqa: F401 (fixtures)
 
-from train import bundle
-from train.checkpoint import save_checkpoint
-from train.export import export_hf
-from train.model import GPT
+from train.checkpoints import verify as bundle
+from train.checkpoints.export import export_hf
+from train.checkpoints.model_format import save_checkpoint
+from train.model.gpt import GPT
 
 
 def verify(directory, *args):
@@ -140,8 +140,8 @@ def test_sharded_export_loads_and_verifies(tmp_path):
     them; transformers loads them, neo verify checks them, and neo import reads them back."""
     from transformers import AutoModelForCausalLM
 
-    from train.hf import import_hf
-    from train.load import load_model
+    from train.checkpoints.hf import import_hf
+    from train.checkpoints.load import load_model
 
     model = make_checkpoint(tmp_path / "ckpt")
     export_hf(tmp_path / "ckpt", tmp_path / "hf", max_shard_size="2MB")

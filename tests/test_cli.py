@@ -63,9 +63,9 @@ def test_a_bug_keeps_its_traceback(neo, tmp_path):
     import sys
 
     script = (
-        "import train.info\n"
+        "import train.verbs.info\n"
         "def broken(cfg): raise ValueError('an internal bug')\n"
-        "train.info.run = broken\n"
+        "train.verbs.info.run = broken\n"
         "from train.cli import main\n"
         "main(['info'])\n"
     )
@@ -90,10 +90,10 @@ def test_export_and_import_round_trip_through_the_cli(neo, tmp_path):
     import torch
 
     from data_prep.tokenizers import load_tokenizer
-    from train.checkpoint import save_checkpoint
+    from train.checkpoints.load import load_model
+    from train.checkpoints.model_format import save_checkpoint
     from train.config import ModelConfig
-    from train.load import load_model
-    from train.model import GPT
+    from train.model.gpt import GPT
 
     config = ModelConfig(
         hidden_size=32, num_heads=2, num_layers=2, attention_types=[[["global", "local"], 1]]

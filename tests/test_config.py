@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from train.config import ConfigError, InfoConfig, expand_attention_types, register_configs
-from train.info import count_parameters, flops_per_token, mean_visible_keys, zero_memory_bytes
+from train.verbs.info import count_parameters, flops_per_token, mean_visible_keys, zero_memory_bytes
 
 SIZES = sorted(p.stem for p in (Path(__file__).parents[1] / "configs" / "model").glob("*.yaml"))
 
@@ -109,7 +109,7 @@ def test_expand_attention_types_is_gpt_neo_form():
 
 
 def test_mean_visible_keys_counts_the_mask():
-    from train.attention import attention_mask
+    from train.model.attention import attention_mask
 
     for kind in ("global", "local", "strided"):
         mask = attention_mask(kind, 100, 7, 9)

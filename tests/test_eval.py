@@ -13,13 +13,13 @@ from lm_eval import utils as harness_utils
 
 from data_prep.tokenizers import load_tokenizer
 from tests.conftest import SHARED_EVAL, needs_shared_eval, tiny_config
+from train.data.records import BadItem
 from train.evals.harness import harness_tasks_dir
-from train.evals.records import BadItem
 from train.evals.runner import build_requests, fewshot_prefix
 from train.evals.scoring import Request, Scorer, encode_pair, rolling_requests
 from train.evals.tasks import Item, load_task, wikitext_articles, wikitext_detokenize
 from train.evals.val import sample_documents
-from train.model import GPT
+from train.model.gpt import GPT
 
 GPT2 = load_tokenizer("gpt2")
 EOT = GPT2.eod_id
@@ -134,8 +134,8 @@ def test_rolling_loglikelihood_equals_transformers_per_token_losses(tmp_path):
     transformers.GPTNeoForCausalLM gives on the same windows of the same text."""
     from transformers import GPTNeoForCausalLM
 
-    from train.checkpoint import save_checkpoint
-    from train.export import export_hf
+    from train.checkpoints.export import export_hf
+    from train.checkpoints.model_format import save_checkpoint
 
     torch.manual_seed(0)
     config = tiny_config(vocab_size=GPT2.vocab_size, max_position_embeddings=32, window_size=8)
@@ -348,8 +348,8 @@ def test_device_map_auto_offloads_blocks_and_scores_the_same(tmp_path):
     the last blocks are offloaded to disk and loaded as they run; the scores do not change."""
     import copy
 
-    from train.accelerator import ACCELERATORS
-    from train.evals.dispatch import dispatch_auto
+    from train.distributed.devices import ACCELERATORS
+    from train.distributed.placement import dispatch_auto
 
     torch.manual_seed(0)
     model = GPT(tiny_config(vocab_size=500, hidden_size=64)).init_weights().eval()

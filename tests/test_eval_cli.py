@@ -122,8 +122,8 @@ def test_bad_settings_fail_before_the_model_loads(neo, tmp_path, trained_gpt2_mo
 
 def test_a_vocabulary_smaller_than_the_tokenizer_fails_before_any_forward(neo, tmp_path):
     from data_prep.tokenizers import load_tokenizer
-    from train.checkpoint import save_checkpoint
-    from train.model import GPT
+    from train.checkpoints.model_format import save_checkpoint
+    from train.model.gpt import GPT
 
     config = tiny_config(vocab_size=1000)
     save_checkpoint(tmp_path / "small", config, GPT(config).init_weights().state_dict(),

@@ -9,8 +9,8 @@ import subprocess
 import pytest
 
 from tests.conftest import NEO, SHARED_EVAL, needs_shared_eval
+from train.data.records import Skipped
 from train.evals.harness import run_harness, write_task
-from train.evals.records import Skipped
 from train.evals.tasks import pubmedqa_records, wikitext_articles
 
 pytestmark = [pytest.mark.slow, needs_shared_eval]

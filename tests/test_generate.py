@@ -1,5 +1,5 @@
-"""Generation (train/decoding.py, the model's KV cache) against Hugging Face's generate and its
-logits processors, on the same weights."""
+"""Generation (train/model/decoding.py, the model's KV cache) against Hugging Face's generate
+and its logits processors, on the same weights."""
 
 import pytest
 import torch
@@ -8,11 +8,11 @@ from transformers import GPTNeoConfig, GPTNeoForCausalLM
 from transformers.generation import logits_process as hf_processors
 
 from data_prep.tokenizers import load_tokenizer
+from train.checkpoints.hf import config_from_hf, state_dict_from_hf
+from train.checkpoints.load import load_model, model_from_state
 from train.config import ConfigError, GenerationConfig, expand_attention_types
-from train.decoding import Processors, StopStrings, generate, generate_ids
-from train.hf import config_from_hf, state_dict_from_hf
-from train.load import load_model, model_from_state
-from train.model import GPT
+from train.model.decoding import Processors, StopStrings, generate, generate_ids
+from train.model.gpt import GPT
 
 V, EOS = 211, 210  # a small vocabulary whose last id is the end-of-text token
 KINDS = {
@@ -389,8 +389,8 @@ def test_device_map_auto_with_blocks_on_disk_generates_the_same(tmp_path):
     blocks offloaded to disk): the cache lives beside each block and the tokens do not change."""
     import copy
 
-    from train.accelerator import ACCELERATORS
-    from train.evals.dispatch import dispatch_auto
+    from train.distributed.devices import ACCELERATORS
+    from train.distributed.placement import dispatch_auto
 
     model = random_model([[["global", "local"], 2]])
     reference = copy.deepcopy(model)

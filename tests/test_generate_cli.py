@@ -5,9 +5,9 @@ import json
 import pytest
 
 from data_prep.tokenizers import load_tokenizer
+from train.checkpoints.load import load_model
 from train.config import GenerationConfig
-from train.decoding import generate
-from train.load import load_model
+from train.model.decoding import generate
 
 pytestmark = pytest.mark.slow
 

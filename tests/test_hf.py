@@ -10,12 +10,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoForCausalLM,
 
 from data_prep.files import OutputExistsError
 from data_prep.tokenizers import load_tokenizer
-from train.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from train.checkpoints.export import export_hf
+from train.checkpoints.hf import import_hf
+from train.checkpoints.load import load_model
+from train.checkpoints.model_format import CheckpointError, read_checkpoint, save_checkpoint
 from train.config import expand_attention_types
-from train.export import export_hf
-from train.hf import import_hf
-from train.load import load_model
-from train.model import GPT, next_token_loss
+from train.model.gpt import GPT, next_token_loss
 
 PATTERNS = {
     "global": [[["global"], 2]],
@@ -175,12 +175,12 @@ def test_export_never_overwrites_without_asking(tmp_path):
 
 def test_failed_export_leaves_no_output(tmp_path, monkeypatch):
     make_checkpoint(tmp_path / "ckpt")
-    import train.hf
+    import train.checkpoints.hf
 
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(train.hf, "save_hf_tokenizer", boom)
+    monkeypatch.setattr(train.checkpoints.hf, "save_hf_tokenizer", boom)
     with pytest.raises(OSError, match="disk full"):
         export_hf(tmp_path / "ckpt", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()

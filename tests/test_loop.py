@@ -12,17 +12,17 @@ from conftest import tiny_config
 from distributed import run_distributed
 
 from data_prep.tokenizers import load_tokenizer
-from train.accelerator import ACCELERATORS
-from train.engine import Layout
-from train.evals.records import Skipped
+from train.data.records import Skipped
+from train.distributed.collectives import merged
+from train.distributed.devices import ACCELERATORS
 from train.evals.scoring import Scorer
 from train.evals.suite import prepare_task
 from train.evals.tasks import Item
 from train.evals.val import val_task
-from train.loop.checkpoints import STATE_FILE, RunCheckpoints, differences, tag
-from train.loop.distributed import merged
+from train.loop.checkpointing import STATE_FILE, RunCheckpoints, differences, tag
+from train.loop.engine import Layout
 from train.loop.state import TrainState
-from train.model import GPT
+from train.model.gpt import GPT
 
 # --------------------------------------------------------------------------------------------
 # resume decisions

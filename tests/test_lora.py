@@ -10,11 +10,11 @@ from test_sft import instructions, losses, sft  # noqa: F401 (a fixture)
 from transformers import GPTNeoForCausalLM
 
 from data_prep.tokenizers import load_tokenizer
-from train import lora
+from train.checkpoints.load import load_model, model_from_state
 from train.config import ConfigError, LoraConfig
-from train.engine import consolidated_state_dict
-from train.load import load_model, model_from_state
-from train.model import GPT
+from train.loop.engine import consolidated_state_dict
+from train.model import lora
+from train.model.gpt import GPT
 
 LORA = ("lora.r=4", "lora.dropout=0", "lora.target_modules=[q_proj,v_proj,c_fc]")
 

@@ -7,9 +7,9 @@ import warnings
 import pytest
 import torch
 
-from train import accelerator as accel
-from train import machine as hw
 from train.config import ConfigError
+from train.distributed import devices as accel
+from train.distributed import machine as hw
 from train.loop import metrics
 
 CPU = accel.ACCELERATORS["cpu"]

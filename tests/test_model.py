@@ -7,9 +7,9 @@ import torch
 from conftest import tiny_config
 from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
+from train.checkpoints.hf import state_dict_from_hf
 from train.config import ConfigError
-from train.hf import state_dict_from_hf
-from train.model import GPT, next_token_loss
+from train.model.gpt import GPT, next_token_loss
 
 PATTERNS = {
     "global": [[["global"], 2]],
@@ -156,9 +156,9 @@ def test_sequence_longer_than_context_is_refused():
 def test_fused_loss_equals_logits_then_cross_entropy(monkeypatch, chunk):
     """model(ids, targets) computes the loss without the logits, in chunks of rows: same
     value and gradients as cross_entropy on model(ids), ignored targets included."""
-    import train.ops.fused_loss
+    import train.model.ops.fused_loss
 
-    monkeypatch.setattr(train.ops.fused_loss, "CHUNK_ELEMENTS", chunk * 1000)
+    monkeypatch.setattr(train.model.ops.fused_loss, "CHUNK_ELEMENTS", chunk * 1000)
     model = GPT(tiny_config()).init_weights(torch.Generator().manual_seed(0))
     ids = torch.randint(0, 1000, (3, 50), generator=torch.Generator().manual_seed(1))
     inputs, targets = ids[:, :-1], ids[:, 1:].clone()
@@ -178,9 +178,9 @@ def test_fused_loss_in_bf16_is_as_accurate_as_the_unfused_bf16_loss(monkeypatch)
     """With bf16 weights (DeepSpeed's bf16 mode) the fused loss and gradients stay as close to
     the fp32 reference as the plain bf16 logits -> cross_entropy path does, with grad_w summed
     in bf16 over 16 chunks."""
-    import train.ops.fused_loss
+    import train.model.ops.fused_loss
 
-    monkeypatch.setattr(train.ops.fused_loss, "CHUNK_ELEMENTS", 16 * 1000)
+    monkeypatch.setattr(train.model.ops.fused_loss, "CHUNK_ELEMENTS", 16 * 1000)
     model = GPT(tiny_config()).init_weights(torch.Generator().manual_seed(0))
     ids = torch.randint(0, 1000, (4, 65), generator=torch.Generator().manual_seed(1))
     inputs, targets = ids[:, :-1], ids[:, 1:].clone()

@@ -10,11 +10,11 @@ import torch
 from conftest import NEO, tiny_config
 
 from data_prep.tokenizers import load_tokenizer
-from train.checkpoint import save_checkpoint
+from train.checkpoints.export import export_onnx_dir
+from train.checkpoints.model_format import save_checkpoint
 from train.config import ConfigError, GenerationConfig
-from train.decoding import generate_ids
-from train.export import export_onnx_dir
-from train.model import GPT
+from train.model.decoding import generate_ids
+from train.model.gpt import GPT
 
 VOCAB = 50257
 LAYERS = [[["global", "local", "strided"], 1]]  # every kind; window 6, stride 4

@@ -15,10 +15,10 @@ import torch
 from conftest import ROOT
 
 from data_prep.tokenizers import load_tokenizer
-from train.checkpoint import save_checkpoint
+from train.checkpoints.export import export_hf
+from train.checkpoints.model_format import save_checkpoint
 from train.config import ModelConfig
-from train.export import export_hf
-from train.model import GPT
+from train.model.gpt import GPT
 
 CHECK = ROOT / "tests" / "assets" / "openmind_check.py"
 PINS = ["torch==2.13.0", "transformers==4.45.2", "numpy<2", "accelerate==1.0.0rc1",

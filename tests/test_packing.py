@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 
-from train.attention import attend, attention_mask
 from train.config import expand_attention_types
-from train.model import GPT
+from train.model.attention import attend, attention_mask
+from train.model.gpt import GPT
 
 KINDS = ("global", "local", "strided")
 BACKENDS = ["dense", "blockwise", pytest.param("flex", marks=pytest.mark.slow)]

@@ -19,7 +19,7 @@ from data_prep.tokenizers import load_tokenizer
 from train.data.packing import RowStream, SftBatches, pack
 from train.data.sft import IGNORE, read_examples
 from train.loop.metrics import read_metrics
-from train.model import GPT
+from train.model.gpt import GPT
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 SAMPLE = ROOT / "data_prep" / "sample" / "sft_instructions.jsonl"
@@ -119,7 +119,7 @@ def test_from_a_trained_base_one_and_two_ranks_give_the_same_run(
     assert va[8] < va[4]
     assert f"from {base}" in one.stdout + one.stderr
     hf = GPTNeoForCausalLM.from_pretrained(tmp_path / "one" / "hf").eval()
-    from train.load import load_model
+    from train.checkpoints.load import load_model
 
     ours = load_model(tmp_path / "one" / "model").eval()
     ids = torch.tensor([load_tokenizer("gpt2").encode("What does `json.dumps` do?")])

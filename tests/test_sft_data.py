@@ -26,7 +26,7 @@ from train.data.sft import (
     BadItem,
     read_examples,
 )
-from train.model import GPT
+from train.model.gpt import GPT
 
 TOKENIZER = load_tokenizer("gpt2")
 
@@ -252,7 +252,7 @@ def test_bundled_samples_read_cleanly():
 def test_a_hugging_face_directory_brings_its_chat_template(tmp_path, trained_gpt2_model):
     import shutil
 
-    from train.hf import hf_dir_tokenizer
+    from train.checkpoints.hf import hf_dir_tokenizer
 
     hf = tmp_path / "hf"
     shutil.copytree(trained_gpt2_model / "hf", hf)

@@ -12,13 +12,13 @@ from test_sft import losses, sft
 from transformers import GPTNeoForSequenceClassification
 
 from data_prep.tokenizers import load_tokenizer
+from train.checkpoints.load import read_any, read_head
 from train.config import ConfigError, TaskConfig, TaskHead
 from train.data.sft import IGNORE
 from train.data.tasks import collate_examples, read_task_examples, special_tokens
-from train.load import read_any, read_head
 from train.loop.metrics import read_metrics
-from train.model import TaskGPT
-from train.sft import classification_metrics
+from train.model.gpt import TaskGPT
+from train.verbs.sft import classification_metrics
 
 CLASSIFY = ("task=classification", "precision=fp32", "optim.lr=1e-3", "micro_batch_size=8",
             "global_batch_size=16", "sft.validation_fraction=0.2")  # fmt: skip
@@ -251,9 +251,9 @@ def test_pair_and_choice_tasks_train_and_export(tmp_path, kind):
 def test_lora_with_a_head_trains_adapters_and_head_only(tmp_path, trained_gpt2_model):
     """LoRA beside a task head: the base stays frozen, the adapters and the (new) head train,
     and the merged model exports as a sequence classifier; lora.merge=false is refused."""
-    from train import lora
-    from train.engine import consolidated_state_dict
-    from train.load import load_model
+    from train.checkpoints.load import load_model
+    from train.loop.engine import consolidated_state_dict
+    from train.model import lora
 
     base = trained_gpt2_model / "ckpt"
     run = tmp_path / "run"

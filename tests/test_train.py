@@ -17,13 +17,13 @@ from conftest import NEO, ROOT
 
 from data_prep.config import PrepConfig, SentencePieceConfig
 from data_prep.prep import prepare
-from train.accelerator import ACCELERATORS
-from train.checkpoint import materialize
-from train.engine import consolidated_state_dict
-from train.load import load_model
+from train.checkpoints.load import load_model
+from train.checkpoints.model_format import materialize
+from train.distributed.devices import ACCELERATORS
+from train.distributed.machine import describe, resolve_precision
+from train.loop.engine import consolidated_state_dict
 from train.loop.metrics import read_metrics
-from train.machine import describe, resolve_precision
-from train.model import GPT
+from train.model.gpt import GPT
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 GOLDEN = ROOT / "tests" / "assets" / "golden_losses.json"
@@ -337,7 +337,7 @@ def test_sigterm_saves_and_stops_then_resumes(tmp_path, corpus):
 
 NAN_AFTER = """
 import sys, torch
-from train.model import GPT
+from train.model.gpt import GPT
 from train.cli import main
 real = GPT.forward
 calls, healthy = {"n": 0}, int(sys.argv[1])

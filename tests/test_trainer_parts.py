@@ -13,12 +13,12 @@ import torch
 from conftest import tiny_config
 
 from data_prep.shards import IndexedDataset, write_indexed_dataset
-from train import accelerator as accel
 from train.config import ConfigError, DeepSpeedConfig, OptimConfig, TrainConfig, batch_layout
 from train.data.pretrain import Blend, Documents, SampleStream, micro_batch
-from train.engine import deepspeed_config
-from train.model import GPT
-from train.optim import Schedule, parameter_groups
+from train.distributed import devices as accel
+from train.loop.engine import deepspeed_config
+from train.loop.optim import Schedule, parameter_groups
+from train.model.gpt import GPT
 
 # --------------------------------------------------------------------------------------------
 # learning-rate schedule
@@ -308,7 +308,7 @@ def test_interrupted_universal_conversion_leaves_no_half_checkpoint(tmp_path, mo
     import deepspeed.checkpoint.ds_to_universal as ds_universal
     import torch.distributed as dist
 
-    from train import engine as ds_engine
+    from train.loop import engine as ds_engine
 
     def interrupted(args):
         (Path(args.output_folder) / "zero").mkdir()

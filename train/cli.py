@@ -1,7 +1,7 @@
 """`neo <verb> [hydra overrides]`: one console script, one Hydra app per verb.
 
 Each verb has a primary config `configs/<verb>.yaml` checked against a dataclass schema
-(train/config.py); the config is converted to that dataclass here, once, and the verb's `run`
+(train/config/); the config is converted to that dataclass here, once, and the verb's `run`
 function receives only the dataclass.
 
 The command itself imports no torch: each verb's module (and with it torch, DeepSpeed,
@@ -25,8 +25,8 @@ from train.config import (
     TrainConfig,
     register_configs,
 )
+from train.distributed.ranks import ranks_from_env
 from train.errors import NeoError
-from train.ranks import ranks_from_env
 
 log = logging.getLogger("neo")
 
@@ -48,16 +48,16 @@ VERBS = {
         "tokenize a corpus into Megatron-compatible token shards + manifest (input= output=)",
     ),
     "train": Verb(
-        "train.pretrain:run",
+        "train.verbs.train:run",
         "pretrain a causal LM with DeepSpeed ZeRO; resumes from the run's last checkpoint",
     ),
     "sft": Verb(
-        "train.sft:run",
+        "train.verbs.sft:run",
         "fine-tune a checkpoint on instruction, completion or chat data (base= sft.path=)",
     ),
     "plot": Verb("train.cli:run_plot", "draw the loss curve of a run into <run_dir>/loss.png"),
     "info": Verb(
-        "train.info:run",
+        "train.verbs.info:run",
         "parameters, FLOPs per token and ZeRO memory per device of a model size (model=NAME)",
     ),
     "import": Verb(
@@ -65,12 +65,12 @@ VERBS = {
         "read a Hugging Face GPT-Neo directory into a neotrain checkpoint (input= output=)",
     ),
     "eval": Verb(
-        "train.evaluate:run",
+        "train.verbs.eval:run",
         "benchmark a checkpoint as lm-evaluation-harness does (model= tasks=[...])",
         "pkg://configs.path_verbs",
     ),
     "generate": Verb(
-        "train.generate:run",
+        "train.verbs.generate:run",
         "continue prompts with a checkpoint: greedy, sampling, beam search (model= prompt=)",
         "pkg://configs.path_verbs",
         text_keys=("prompt",),
@@ -214,7 +214,7 @@ def run_prep(cfg) -> None:
 
 
 def run_import(cfg) -> None:
-    from train.hf import import_hf
+    from train.checkpoints.hf import import_hf
 
     source, output = _require_paths(cfg)
     config = import_hf(source, output, overwrite=cfg.overwrite)
@@ -231,8 +231,8 @@ def run_import(cfg) -> None:
 def run_export(cfg) -> None:
     import torch
 
-    from train.export import export_hf
-    from train.load import require_model
+    from train.checkpoints.export import export_hf
+    from train.checkpoints.load import require_model
 
     source, output = _require_paths(cfg)
     if source == "runs/demo":
@@ -243,7 +243,7 @@ def run_export(cfg) -> None:
     if cfg.format not in ("hf", "onnx"):
         raise ConfigError(f"format={cfg.format!r}: expected hf or onnx")
     if cfg.format == "onnx":
-        from train.export import export_onnx_dir
+        from train.checkpoints.export import export_onnx_dir
 
         config = export_onnx_dir(source, output, overwrite=cfg.overwrite, dtype=dtype,
                                  with_past=cfg.with_past, opset=cfg.opset,
@@ -263,7 +263,7 @@ def run_export(cfg) -> None:
 
 
 def run_verify(cfg) -> None:
-    from train.bundle import verify
+    from train.checkpoints.verify import verify
 
     for line in verify(cfg.dir, usage=cfg.usage):
         log.info("ok  %s", line)
@@ -285,7 +285,7 @@ def _require_paths(cfg) -> tuple[str, str]:
 
 
 def _params(config) -> str:
-    from train.info import count_parameters
+    from train.verbs.info import count_parameters
 
     return f"{count_parameters(config).total / 1e6:,.1f}M parameters"
 

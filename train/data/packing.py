@@ -7,7 +7,7 @@ A row is (input ids, targets, positions, documents), each (seq_len,):
                example's last token and on padding (the loss never crosses examples)
     positions  restart at 0 at each example (what the model's position embedding reads)
     documents  the example's index within the row, -1 on padding: attention stays within an
-               example (train/attention.py)
+               example (train/model/attention.py)
 so a packed row gives each example the loss and gradients it has alone (tests/test_packing.py).
 """
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from functools import cache
 
 from train.config import SftFieldsConfig
-from train.evals.records import BadItem, Record, Skipped, read_records, require
+from train.data.records import BadItem, Record, Skipped, read_records, require
 
 IGNORE = -100
 FORMATS = ("alpaca", "prompt_completion", "chat")

@@ -21,9 +21,9 @@ import numpy as np
 
 from train.config import ConfigError, TaskConfig, TaskHead
 from train.data.packing import SftBatches
+from train.data.records import BadItem, Record, Skipped, check_choices, gold_index, read_records
+from train.data.records import require as require_field
 from train.data.sft import IGNORE
-from train.evals.records import BadItem, Record, Skipped, check_choices, gold_index, read_records
-from train.evals.records import require as require_field
 
 
 @dataclass

@@ -36,7 +36,7 @@ from train.errors import ConfigError
 
 log = logging.getLogger("neo.eval")
 
-# Logits per projection chunk: 64 MB in fp32, as in train/ops/fused_loss.py.
+# Logits per projection chunk: 64 MB in fp32, as in train/model/ops/fused_loss.py.
 CHUNK_ELEMENTS = 1 << 24
 
 
@@ -102,7 +102,8 @@ class _Forward:
 
 
 class Scorer:
-    """Scores Requests with a model that has `hidden_states(ids)` and `lm_head` (train/model.py).
+    """Scores Requests with a model that has `hidden_states(ids)` and `lm_head`
+    (train/model/gpt.py).
 
     batch_size: at most this many sequences per forward (None: as many as batch_tokens allow);
     batch_tokens: at most this many (padded) tokens per forward.

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from data_prep.tokenizers import LoadedTokenizer
 from train.config import BenchmarkConfig, ConfigError, EvalTaskConfig
+from train.data.records import HUB_PREFIX, missing_file
 from train.errors import NotFound
-from train.evals.records import HUB_PREFIX, missing_file
 from train.evals.runner import TaskResult, build_requests, run_task
 from train.evals.scoring import Request, Score, Scorer
 from train.evals.tasks import SPECS, VAL, LoadedTask, load_task, task_path

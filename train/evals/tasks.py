@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from train.errors import NotFound
-from train.evals.records import (
+from train.data.records import (
     HUB_PREFIX,
     BadItem,
     Record,
@@ -30,6 +29,7 @@ from train.evals.records import (
     read_records,
     require,
 )
+from train.errors import NotFound
 
 LOGLIKELIHOOD, MULTIPLE_CHOICE, ROLLING, VAL = "loglikelihood", "multiple_choice", "rolling", "val"
 

@@ -19,8 +19,8 @@ from data_prep.inputs import resolve_inputs
 from data_prep.manifest import MANIFEST_FILE, open_prepared
 from data_prep.readers import UNKNOWN_SOURCE, BadRecord, Problem, decode_record, read_batches
 from data_prep.tokenizers import LoadedTokenizer
+from train.data.records import Skipped
 from train.errors import ConfigError, NotFound
-from train.evals.records import Skipped
 from train.evals.tasks import SPECS, VAL, Item, LoadedTask
 
 

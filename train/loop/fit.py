@@ -1,6 +1,6 @@
 """The training loop: forward, backward, step, log, validate, checkpoint, stop.
 
-A verb builds a `Trainer` (train/pretrain.py does for `neo train`) and calls `fit`; everything
+A verb builds a `Trainer` (train/verbs/train.py does for `neo train`) and calls `fit`; everything
 the loop needs beyond that is in the helpers here and in the other modules of this package.
 """
 
@@ -17,21 +17,21 @@ import numpy as np
 import torch
 
 from data_prep.tokenizers import LoadedTokenizer
-from train import engine as ds_engine
-from train import machine as hw
-from train.accelerator import Accelerator, Ranks
 from train.config import TrainConfig
 from train.data.sft import IGNORE
+from train.distributed import machine as hw
+from train.distributed.collectives import StopSignal, all_max, all_sum, any_rank, merged
+from train.distributed.devices import Accelerator, Ranks
 from train.errors import TrainingStopped
 from train.evals.runner import TaskResult
 from train.evals.scoring import Scorer
 from train.evals.suite import PreparedTask
-from train.info import flops_per_token
-from train.loop.checkpoints import RunCheckpoints
-from train.loop.distributed import StopSignal, all_max, all_sum, any_rank, merged
+from train.loop import engine as ds_engine
+from train.loop.checkpointing import RunCheckpoints
 from train.loop.metrics import MetricsLogger, Throughput, live_tensor_bytes
+from train.loop.optim import Schedule
 from train.loop.state import TrainState
-from train.optim import Schedule
+from train.verbs.info import flops_per_token
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine

@@ -14,16 +14,16 @@ import torch
 from omegaconf import OmegaConf
 
 from data_prep.files import atomic_write_text
-from train import accelerator as accel
-from train import engine as ds_engine
-from train import machine as hw
-from train.accelerator import Accelerator, Ranks
-from train.checkpoint import save_checkpoint
+from train.checkpoints.export import export_hf
+from train.checkpoints.model_format import save_checkpoint
 from train.config import ConfigError, LoraConfig, TaskHead, TrainConfig
+from train.distributed import devices as accel
+from train.distributed import machine as hw
+from train.distributed.collectives import barrier
+from train.distributed.devices import Accelerator, Ranks
 from train.errors import CheckpointError
-from train.export import export_hf
-from train.loop.checkpoints import Resume, RunCheckpoints
-from train.loop.distributed import barrier
+from train.loop import engine as ds_engine
+from train.loop.checkpointing import Resume, RunCheckpoints
 from train.loop.fit import fit
 from train.loop.metrics import plot_run
 from train.loop.state import TrainState

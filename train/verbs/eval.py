@@ -24,15 +24,15 @@ import torch
 
 from data_prep.files import atomic_dir
 from train import __version__
-from train import accelerator as accel
+from train.checkpoints.load import placed_model, read_any, require_model, source_tokenizer
 from train.config import EvalConfig
+from train.distributed import devices as accel
+from train.distributed.collectives import merged
 from train.evals.runner import TaskResult
 from train.evals.scoring import Progress, Scorer
 from train.evals.suite import prepare_tasks, select_tasks
 from train.evals.tasks import PUBLISHED
-from train.info import count_parameters
-from train.load import placed_model, read_any, require_model, source_tokenizer
-from train.loop.distributed import merged
+from train.verbs.info import count_parameters
 
 log = logging.getLogger("neo.eval")
 RESULTS_FORMAT, RESULTS_VERSION = "neotrain-eval", 1

@@ -81,8 +81,8 @@ def probe(config: ModelConfig, state: dict[str, torch.Tensor], tokenizer,
           head: TaskHead | None, dtype: torch.dtype, kind: str | None = None) -> dict:  # fmt: skip
     """Our model's logits (in `dtype`) on the probe ids: the top TOP of the causal LM's last
     position, or a task head's logits."""
-    from train.load import model_from_state
-    from train.model import TaskGPT
+    from train.checkpoints.load import model_from_state
+    from train.model.gpt import TaskGPT
 
     ids = probe_ids(tokenizer, head, config.vocab_size)
     weights = {k: v.to(dtype) for k, v in state.items()}  # no copy when already in dtype

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import tempfile
 
-from train.accelerator import Accelerator
+from train.distributed.devices import Accelerator
 
 
 def dispatch_auto(model, acc: Accelerator, max_memory: dict | None = None, offload_dir=None):

@@ -191,7 +191,7 @@ def _usage(causal: bool) -> list[str]:
 
 
 def _architecture(config: ModelConfig, tokenizer, dtype: torch.dtype) -> list[str]:
-    from train.info import count_parameters
+    from train.verbs.info import count_parameters
 
     kinds = config.layer_kinds()
     local = sum(kind == "local" for kind in kinds)

@@ -1,7 +1,7 @@
 """Blockwise sparse attention: O(T * window) time and memory, forward and backward, in plain
 PyTorch on any device (the CPU path, where flex_attention has no backward). Queries in blocks
 attend only to the keys they can see, through the fused SDPA kernels' forward and backward.
-train/attention.py defines what each layer kind sees; this file only computes it."""
+train/model/attention.py defines what each layer kind sees; this file only computes it."""
 
 from __future__ import annotations
 

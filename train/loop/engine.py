@@ -26,8 +26,6 @@ import torch.distributed as dist
 from torch import nn
 
 from data_prep.files import atomic_dir, atomic_write_text
-from train import lora as lora_adapters
-from train.accelerator import Accelerator
 from train.config import (
     ConfigError,
     DeepSpeedConfig,
@@ -36,9 +34,11 @@ from train.config import (
     OptimConfig,
     TaskHead,
 )
+from train.distributed.devices import Accelerator
 from train.errors import CheckpointError
-from train.model import GPT, TaskGPT
-from train.optim import parameter_groups
+from train.loop.optim import parameter_groups
+from train.model import lora as lora_adapters
+from train.model.gpt import GPT, TaskGPT
 
 log = logging.getLogger(__name__)
 

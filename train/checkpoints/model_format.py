@@ -6,7 +6,7 @@
       tokenizer/          tokenizer.json (absent: the bundled GPT-2 tokenizer)
 
 `neo import` writes one from a Hugging Face directory, `neo train` at the end of a run;
-train/load.py reads one (or any other kind of checkpoint) into a model.
+train/checkpoints/load.py reads one (or any other kind of checkpoint) into a model.
 """
 
 from __future__ import annotations

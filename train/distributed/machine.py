@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from data_prep.files import atomic_write_text
-from train.accelerator import Accelerator
 from train.config import PRECISIONS, ConfigError, require_choice
+from train.distributed.devices import Accelerator
 
 log = logging.getLogger("neo.train")
 

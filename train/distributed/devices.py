@@ -4,7 +4,8 @@ cuda -> nccl, npu (Ascend) -> hccl, cpu -> gloo. Device strings, the visible-dev
 the RNG to checkpoint, and DeepSpeed's accelerator name all come from here. torch_npu is
 imported only when the npu accelerator is asked for or detected, and only in this module.
 
-Ranks (train/ranks.py, torch-free) come from torchrun / the deepspeed launcher or from SLURM.
+Ranks (train/distributed/ranks.py, torch-free) come from torchrun / the deepspeed launcher or
+from SLURM.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from train.config import ACCELERATOR_KINDS, require_choice
+from train.distributed.ranks import Ranks, ranks_from_env  # noqa: F401  (part of this module's API)
 from train.errors import SetupError
-from train.ranks import Ranks, ranks_from_env  # noqa: F401  (part of this module's API)
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,13 @@
 The computation is Hugging Face's GPTNeoForCausalLM exactly (learned positions, pre-LayerNorm,
 gelu_new MLP, q/k/v without bias, lm_head tied to the token embedding) and the parameter names
 are its state-dict keys, so weights move between the two without renaming. Attention per layer
-is `global`, `local` or `strided` (train/attention.py).
+is `global`, `local` or `strided` (train/model/attention.py).
 
 Decoding keeps keys and values in a KVCache (below): `GPT.prefill` runs the prompts through the
 training attention backends and fills it, `GPT.decode` appends one token per row.
 
 This file imports torch, the attention kinds and its config only: no deepspeed, no
-torch.distributed, no file I/O (train/load.py reads checkpoints into it).
+torch.distributed, no file I/O (train/checkpoints/load.py reads checkpoints into it).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.attention import attend, visible
 from train.config import ModelConfig, TaskHead
-from train.ops.fused_loss import LinearCrossEntropy, chunked_cross_entropy
+from train.model.attention import attend, visible
+from train.model.ops.fused_loss import LinearCrossEntropy, chunked_cross_entropy
 
 ACTIVATIONS = {
     "gelu_new": lambda: nn.GELU(approximate="tanh"),  # GPT-2's tanh approximation

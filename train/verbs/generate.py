@@ -1,4 +1,4 @@
-"""`neo generate`: continue prompts with any checkpoint (train/decoding.py does the decoding).
+"""`neo generate`: continue prompts with any checkpoint (train/model/decoding.py does the decoding).
 
     neo generate                                      # the demo run's model, the card's prompt
     neo generate model=runs/demo prompt="Hello, I'm a language model," max_new_tokens=30 \\
@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 from data_prep.files import atomic_write_text, check_output_free
-from train import accelerator as accel
+from train.checkpoints.load import placed_model, read_any, require_model, source_tokenizer
 from train.config import GenerateConfig
-from train.decoding import Generation, generate, make_generator
+from train.distributed import devices as accel
 from train.errors import ConfigError, NotFound
-from train.load import placed_model, read_any, require_model, source_tokenizer
+from train.model.decoding import Generation, generate, make_generator
 
 log = logging.getLogger("neo.generate")
 

@@ -1,6 +1,6 @@
-"""`neo export`: any checkpoint (train/load.py) -> a Hugging Face GPTNeoForCausalLM directory
-(a task model: GPTNeoForSequenceClassification), with checksums.sha256 and probe.json, verified
-(train/bundle.py) before it is renamed into place."""
+"""Exporting: any checkpoint (train/checkpoints/load.py) -> a Hugging Face GPTNeoForCausalLM
+directory (a task model: GPTNeoForSequenceClassification), with checksums.sha256 and
+probe.json, verified (train/checkpoints/verify.py) before it is renamed into place."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 
 from data_prep.tokenizers import load_tokenizer
-from train import bundle
-from train.card import onnx_card, read_records
+from train.checkpoints import verify as bundle
+from train.checkpoints.card import onnx_card, read_records
+from train.checkpoints.hf import read_hf_dir, write_hf_dir
+from train.checkpoints.load import read_any, read_head
 from train.config import ModelConfig
 from train.errors import CheckpointError
-from train.hf import read_hf_dir, write_hf_dir
-from train.load import read_any, read_head
 
 log = logging.getLogger("neo.export")
 GPT2_VOCAB = 50257
@@ -35,7 +35,7 @@ def export_hf(
     """A checkpoint -> a directory GPTNeoForCausalLM and AutoTokenizer load offline.
     `tokenizer`: a tokenizer to export with it (default: the checkpoint's own; without one,
     GPT-2's where the vocabulary is GPT-2's size, else none, said so). The model card is
-    written from the run's records (train/card.py), with `eval_results` (a neo eval
+    written from the run's records (train/checkpoints/card.py), with `eval_results` (a neo eval
     results.json) or the one found in the run. `verify`: `neo verify` on the directory before
     it is renamed into place (`usage`: the card's pipeline usage too)."""
     config, state, found = read_any(input_dir, lazy=True)  # tensors read as they are written
@@ -92,7 +92,7 @@ def export_onnx_dir(
     tokenizer: str | None = None,
     verify: bool = True,
 ) -> ModelConfig:
-    """A checkpoint -> an ONNX directory (train/onnx_export.py): model.onnx (and
+    """A checkpoint -> an ONNX directory (train/checkpoints/onnx.py): model.onnx (and
     decoder_with_past.onnx), the tokenizer, onnx_config.json (names and shapes), a card on
     running it, probe.json and checksums.sha256, verified in ONNX Runtime before it is renamed
     into place."""
@@ -100,9 +100,9 @@ def export_onnx_dir(
 
     from data_prep.files import atomic_dir
     from data_prep.tokenizers import save_hf_tokenizer
+    from train.checkpoints.load import model_from_state
+    from train.checkpoints.onnx import OPSET, export_onnx
     from train.errors import ConfigError
-    from train.load import model_from_state
-    from train.onnx_export import OPSET, export_onnx
 
     dtype = dtype or torch.float32
     if dtype not in (torch.float32, torch.float16):

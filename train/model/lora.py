@@ -107,7 +107,7 @@ def save_adapter(
 ) -> None:
     """The adapters in peft's format (adapter_config.json, adapter_model.safetensors), named for
     GPTNeoForCausalLM. GPT-3 sizes fold their attention scale into q_proj on export
-    (train/hf.py), so a q_proj adapter's B is scaled the same way."""
+    (train/checkpoints/hf.py), so a q_proj adapter's B is scaled the same way."""
     from safetensors.torch import save_file
 
     _, pairs = split(state)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from train.config import ATTENTION_BACKENDS
-from train.ops.blockwise import blockwise_attention
+from train.model.ops.blockwise import blockwise_attention
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from data_prep.tokenizers import LoadedTokenizer, load_tokenizer
-from train import lora
-from train.checkpoint import TIED
+from train.checkpoints.load import read_any
+from train.checkpoints.model_format import TIED
 from train.config import ConfigError, GenerationConfig, ModelConfig, SftConfig, TaskHead
 from train.data.packing import (
     RowStream,
@@ -46,12 +46,11 @@ from train.data.tasks import (
     read_task_examples,
     special_tokens,
 )
-from train.decoding import generate_ids
+from train.distributed.collectives import all_sum
+from train.distributed.ranks import ranks_from_env
 from train.errors import NotFound
-from train.info import count_parameters
-from train.load import read_any
-from train.loop.distributed import all_sum
 from train.loop.fit import Trainer
+from train.loop.optim import Schedule
 from train.loop.run import (
     build_or_resume,
     checkpoint_meta,
@@ -60,8 +59,9 @@ from train.loop.run import (
     trainer_fields,
     write_config,
 )
-from train.optim import Schedule
-from train.ranks import ranks_from_env
+from train.model import lora
+from train.model.decoding import generate_ids
+from train.verbs.info import count_parameters
 
 log = logging.getLogger("neo.sft")
 SAMPLES = Path(__file__).parents[1] / "data_prep" / "sample"

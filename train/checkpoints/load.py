@@ -1,9 +1,10 @@
 """One loader for every kind of checkpoint a user can point at:
 
-- a neotrain model checkpoint (train/checkpoint.py: neotrain.json + model.safetensors),
+- a neotrain model checkpoint (train/checkpoints/model_format.py: neotrain.json +
+  model.safetensors),
 - a `neo train` run directory, its checkpoints/ folder or one DeepSpeed checkpoint of it
-  (train/loop/checkpoints.py; any ZeRO stage, consolidated with DeepSpeed's zero_to_fp32),
-- a Hugging Face GPT-Neo directory (train/hf.py).
+  (train/loop/checkpointing.py; any ZeRO stage, consolidated with DeepSpeed's zero_to_fp32),
+- a Hugging Face GPT-Neo directory (train/checkpoints/hf.py).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from pathlib import Path
 import torch
 
 from data_prep.tokenizers import LoadedTokenizer, load_tokenizer
-from train import lora
-from train.checkpoint import (
+from train.checkpoints.hf import hf_dir_tokenizer, is_hf_dir, read_hf_dir
+from train.checkpoints.model_format import (
     CONFIG_FILE,
     TIED,
     CheckpointError,
@@ -25,11 +26,11 @@ from train.checkpoint import (
     read_checkpoint,
 )
 from train.config import LoraConfig, ModelConfig, ModelSourceConfig, TaskHead
-from train.engine import consolidated_state_dict
 from train.errors import ConfigError, NotFound
-from train.hf import hf_dir_tokenizer, is_hf_dir, read_hf_dir
-from train.loop import checkpoints as run_checkpoints
-from train.model import GPT
+from train.loop import checkpointing as run_checkpoints
+from train.loop.engine import consolidated_state_dict
+from train.model import lora
+from train.model.gpt import GPT
 
 HEAD_PREFIX = "score."  # a task model's head, as GPTNeoForSequenceClassification names it
 
@@ -147,7 +148,7 @@ def placed_model(
     dtype = getattr(torch, source.dtype)
     model = model_from_state(config, {k: v.to(dtype) for k, v in state.items()}).eval()
     if source.device_map == "auto":
-        from train.evals.dispatch import dispatch_auto
+        from train.distributed.placement import dispatch_auto
 
         return dispatch_auto(model, acc)
     acc.set_device(local_rank)

@@ -1,5 +1,5 @@
 """Hugging Face GPT-Neo interop: GPT-Neo directories to and from our config and weights
-(`neo import` here; `neo export` in train/export.py, which reads any checkpoint first).
+(`neo import` here; `neo export` in train/checkpoints/export.py, which reads any checkpoint first).
 
 Parameter names already match GPTNeoForCausalLM, so conversion is mostly about what GPT-Neo
 cannot say:
@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 
 from data_prep.files import atomic_dir
 from data_prep.tokenizers import LoadedTokenizer, load_tokenizer, save_hf_tokenizer
-from train.card import RunRecords, model_card
-from train.checkpoint import (
+from train.checkpoints.card import RunRecords, model_card
+from train.checkpoints.model_format import (
     TIED,
     CheckpointError,
     materialize,
@@ -260,8 +260,9 @@ def write_hf_dir(
     GPTNeoForSequenceClassification directory (score.weight, id2label). tokenizer None: no
     tokenizer files. `finish(tmp, dtype)` runs on the complete directory before it is renamed
     into place (checksums, probe, verification); raising leaves nothing behind. `records`: what
-    the model card says about training and evaluation (train/card.py). The weights are taken
-    out of `state` as they are written (write_weights): pass a dict the caller can give up."""
+    the model card says about training and evaluation (train/checkpoints/card.py). The weights
+    are taken out of `state` as they are written (write_weights): pass a dict the caller can
+    give up."""
     from transformers import GenerationConfig  # transformers takes seconds to import
 
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:

@@ -50,7 +50,7 @@ class ModelConfig:
     resid_dropout: float = 0.0
     attention_dropout: float = 0.0
     initializer_range: float = 0.02
-    # How attention is computed, not what it computes: see train/attention.py.
+    # How attention is computed, not what it computes: see train/model/attention.py.
     attention_backend: str = "auto"
 
     @property
@@ -207,7 +207,7 @@ class ConvertConfig:
 
 @dataclass
 class VerifyConfig:
-    """`neo verify DIR`: check an exported directory (train/bundle.py)."""
+    """`neo verify DIR`: check an exported directory (train/checkpoints/verify.py)."""
 
     dir: str = "runs/demo/export"
     # Also run the card's pipeline("text-generation") usage (seconds).
@@ -545,7 +545,7 @@ class TrainConfig:
     # Stop with an error after this many optimizer steps in a row with a non-finite loss.
     max_bad_steps: int = 5
     # Peak FLOP/s per device for MFU; None: this device's matmul peak in the training precision,
-    # measured in a fraction of a second and cached (train/machine.py).
+    # measured in a fraction of a second and cached (train/distributed/machine.py).
     peak_flops: float | None = None
     # auto: continue from run_dir/checkpoints if present; never: refuse a non-empty run dir.
     resume: str = "auto"

@@ -2,14 +2,15 @@
 Face `generate`'s semantics (its logits processors, in its order, and its vectorised beam
 search), so that the same weights give the same tokens.
 
-    from train.decoding import generate
+    from train.model.decoding import generate
     outputs = generate(model, tokenizer, ["Hello, I'm a language model,"], GenerationConfig(
         do_sample=True, top_p=0.9, max_new_tokens=30, num_return_sequences=5, seed=0))
     outputs[0][0].text
 
 Rows are decoded without padding: a batch's prompts are right-padded once for the prefill
 (causal attention keeps pads out of every real token's view) and each row then advances at its
-own positions (train/model.py, KVCache). Finished rows stay in the batch until every row is done,
+own positions (train/model/kv_cache.py). Finished rows stay in the batch until every row is
+done,
 as in Hugging Face, so that sampling draws the same random numbers.
 """
 
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from train.config import ConfigError, GenerationConfig
-from train.model import GPT
+from train.model.gpt import GPT
 
 log = logging.getLogger("neo.generate")
 

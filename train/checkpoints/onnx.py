@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.attention import visible
-from train.model import GPT
+from train.model.attention import visible
+from train.model.gpt import GPT
 
 OPSET = 20
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -26,10 +26,10 @@ import torch
 import torch.distributed as dist
 
 from data_prep.files import atomic_write_text
-from train import engine as ds_engine
 from train.config import ConfigError, TrainConfig
+from train.distributed.collectives import barrier
 from train.errors import CheckpointError
-from train.loop.distributed import barrier
+from train.loop import engine as ds_engine
 from train.loop.state import TrainState
 
 log = logging.getLogger("neo.train")

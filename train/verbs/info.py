@@ -12,10 +12,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from train import accelerator as accel
-from train import machine as hw
 from train.config import ConfigError, InfoConfig, ModelConfig
-from train.model import GPT
+from train.distributed import devices as accel
+from train.distributed import machine as hw
+from train.model.gpt import GPT
 
 GIB = 1024**3
 

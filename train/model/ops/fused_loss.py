@@ -1,5 +1,5 @@
 """The loss head without materialised logits: chunked linear cross-entropy whose gradients are
-made in the forward pass, a few rows at a time (train/model.py's LMHead calls it)."""
+made in the forward pass, a few rows at a time (train/model/gpt.py's LMHead calls it)."""
 
 from __future__ import annotations
 

@@ -22,9 +22,9 @@ from train.data.pretrain import PretrainBatches, TrainingData
 from train.data.pretrain import load as load_data
 from train.evals.suite import PreparedTask, prepare_task, prepare_tasks, select_tasks
 from train.evals.val import load_blend_val
-from train.info import count_parameters
-from train.loop.checkpoints import run_identity
+from train.loop.checkpointing import run_identity
 from train.loop.fit import Trainer
+from train.loop.optim import Schedule
 from train.loop.run import (
     build_or_resume,
     checkpoint_meta,
@@ -33,7 +33,7 @@ from train.loop.run import (
     trainer_fields,
     write_config,
 )
-from train.optim import Schedule
+from train.verbs.info import count_parameters
 
 log = logging.getLogger("neo.train")
 
