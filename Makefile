@@ -32,7 +32,7 @@ format: install
 test: lint
 	$(BIN)/python -m pytest
 
-# A one-node SLURM cluster on this machine (root): what tests/test_launch.py submits to.
+# A one-node SLURM cluster on this machine (root): what tests/launch/test_launch.py submits to.
 slurm:
 	bash scripts/slurm_local.sh
 

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from train.model.attention import attend, attention_mask
+from train.model.attention import attend
+from train.model.masks import attention_mask
 from train.model.ops import blockwise as blockwise_ops
 
 HEADS, HEAD_DIM, WINDOW = 12, 64, 256

@@ -35,12 +35,13 @@ from data_prep.tokenizers import load_tokenizer
 from train.checkpoints.export import export_hf
 from train.checkpoints.load import load_model
 from train.checkpoints.model_format import save_checkpoint
-from train.config import ModelConfig
+from train.config.model import ModelConfig
 from train.data.records import Skipped
 from train.evals.harness import write_task
+from train.evals.items import pubmedqa_records
 from train.evals.runner import build_requests, run_task
 from train.evals.scoring import Scorer
-from train.evals.tasks import load_task, pubmedqa_records
+from train.evals.tasks import load_task
 from train.model.gpt import GPT
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "eval"
@@ -60,8 +61,9 @@ WORDS = ["the", "of", "and", "a", "to", "in", "is", "you", "that", "it", "was", 
 def make_model(root: Path) -> Path:
     torch.manual_seed(0)
     config = ModelConfig(**MODEL).validate()
-    save_checkpoint(root / "ckpt", config, GPT(config).init_weights().state_dict(),
-                    load_tokenizer("gpt2"))  # fmt: skip
+    save_checkpoint(
+        root / "ckpt", config, GPT(config).init_weights().state_dict(), load_tokenizer("gpt2")
+    )
     export_hf(root / "ckpt", root / "hf")
     return root / "hf"
 
@@ -91,8 +93,9 @@ def run_harness(lm, tasks_dir: Path, task: str) -> tuple[float, dict]:
 
     manager = TaskManager(include_path=str(tasks_dir))
     start = time.perf_counter()
-    out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager,
-                                  bootstrap_iters=0, log_samples=False)  # fmt: skip
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=[task], task_manager=manager, bootstrap_iters=0, log_samples=False
+    )
     seconds = time.perf_counter() - start
     metrics = {k.split(",")[0]: v for k, v in out["results"][task].items() if k.endswith(",none")}
     return seconds, metrics
@@ -113,8 +116,7 @@ def main() -> None:
     hf_dir = make_model(root)
     tokenizer = load_tokenizer(hf_dir)
     ours_model = load_model(hf_dir).eval()
-    theirs = HFLM(pretrained=str(hf_dir), device="cpu", dtype="float32",
-                  batch_size=args.batch_size)  # fmt: skip
+    theirs = HFLM(pretrained=str(hf_dir), device="cpu", dtype="float32", batch_size=args.batch_size)
 
     lines = (SHARED / "lambada_openai_test.jsonl").read_text().splitlines()
     lambada = [json.loads(x) for x in lines[: args.lambada]]
@@ -128,17 +130,32 @@ def main() -> None:
         ("mc (4 multi-token choices)", "mc", mc_records(args.mc), args.mc),
     ]
     tasks_dir = root / "tasks"
-    header = ["task", "items", "harness items/s", "neo eval items/s", "speed-up",
-              "harness numbers", "neo eval numbers"]  # fmt: skip
+    header = [
+        "task",
+        "items",
+        "harness items/s",
+        "neo eval items/s",
+        "speed-up",
+        "harness numbers",
+        "neo eval numbers",
+    ]
     rows = []
     for label, task_type, records, n in cases:
         harness_task = write_task(tasks_dir, task_type, records, task_type)
         data = str(tasks_dir / f"{task_type}.jsonl")
         t_ours, m_ours, _ = run_ours(ours_model, tokenizer, task_type, task_type, data)
         t_theirs, m_theirs = run_harness(theirs, tasks_dir, harness_task)
-        rows.append([label, str(n), f"{n / t_theirs:.1f}", f"{n / t_ours:.1f}",
-                     f"{t_theirs / t_ours:.2f}x", numbers(m_theirs, m_ours),
-                     numbers(m_ours, m_ours)])  # fmt: skip
+        rows.append(
+            [
+                label,
+                str(n),
+                f"{n / t_theirs:.1f}",
+                f"{n / t_ours:.1f}",
+                f"{t_theirs / t_ours:.2f}x",
+                numbers(m_theirs, m_ours),
+                numbers(m_ours, m_ours),
+            ]
+        )
         print(" | ".join(rows[-1]), flush=True)
     print(
         f"\nneo eval vs lm-evaluation-harness {version('lm_eval')} (--model hf, batch size "

@@ -37,15 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 MAKE = """
 import torch, hydra
 from omegaconf import OmegaConf
-from hydra import compose, initialize_config_module
-from train.config import ModelConfig, register_configs
+from train.config import compose
 from train.checkpoints.model_format import save_checkpoint
 from train.model.gpt import GPT
 from data_prep.tokenizers import load_tokenizer
-register_configs()
-with initialize_config_module("configs", version_base="1.3"):
-    cfg = compose("train", overrides=["model={model}"])
-config = OmegaConf.to_object(cfg.model)
+config = compose.to_schema(compose.compose("train", ["model={model}", "run_dir=x"])).model
 with torch.device("meta"):
     model = GPT(config)
 model.to_empty(device="cpu")
@@ -54,25 +50,25 @@ save_checkpoint("{dir}/ckpt", config, model.state_dict(), load_tokenizer("gpt2")
 """
 
 MAKE_ZERO3 = """
-from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf
 from data_prep.tokenizers import load_tokenizer
-from train.config import register_configs
-from train.loop.checkpointing import run_identity
+from train.config import compose
+from train.config.resolve import resolve_train
+from train.distributed.machine import host
 from train.loop.run import build_or_resume, checkpoint_meta, start_run
-from train.loop.state import TrainState
-register_configs()
-with initialize_config_module("configs", version_base="1.3"):
-    cfg = compose("train", overrides=["model={model}", "deepspeed=zero3", "precision=bf16",
-                  "run_dir={dir}/run", "micro_batch_size=1", "global_batch_size=2",
-                  "peak_flops=1"])
-cfg = OmegaConf.to_object(cfg)
-run = start_run(cfg)
+from train.model.factory import ModelFactory
+from train.verbs.train import run_identity
+cfg = compose.to_schema(compose.compose("train", ["model={model}", "deepspeed=zero3",
+    "precision=bf16", "run_dir={dir}/run", "micro_batch_size=1", "global_batch_size=2",
+    "peak_flops=1"]))
+where = host(cfg.accelerator)
+resolved = resolve_train(cfg, where.world)
+cfg = resolved.cfg
+run = start_run(resolved, where)
 identity = run_identity(cfg, {{}})
-engine, state, spec, _ = build_or_resume(cfg, run, identity)
+engine, state, _ = build_or_resume(cfg, run, identity, ModelFactory(cfg.model))
 tokenizer = load_tokenizer("gpt2")
-run.checkpoints.save(engine, state, checkpoint_meta(spec, identity, cfg.model, tokenizer),
-                     tokenizer)
+meta = checkpoint_meta(engine.spec.layout, identity, cfg.model, tokenizer)
+run.checkpoints.save(engine, state, meta, tokenizer)
 """
 
 OURS = """
@@ -139,8 +135,9 @@ def run(code: str, directory: Path, name: str, ranks: int = 0) -> tuple[float, f
         if done.returncode != 0:
             raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
         return time.perf_counter() - start, 0.0, 0.0
-    done = subprocess.run([sys.executable, "-c", PEAK, str(script)], cwd=ROOT,
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK, str(script)], cwd=ROOT, capture_output=True, text=True
+    )
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
@@ -179,14 +176,31 @@ def main() -> None:
             ("zero_to_fp32 + " if args.source == "zero3" else "") + "save_pretrained",
             THEIRS.format(**fields),
             "theirs",
-        ),  # fmt: skip
+        ),
     ]:
         seconds, peak, anon = run(code, directory, out)
         written = sum(p.stat().st_size for p in (directory / out).glob("*.safetensors")) / 2**30
-        rows.append([label, f"{seconds:.1f}", f"{peak:.2f}", f"{anon:.2f}",
-                     f"{anon / written:.2f}", f"{written:.2f}"])  # fmt: skip
-    markdown(["step", "seconds", "peak RSS GiB", "peak anonymous GiB",
-              "anonymous / exported weights", "weights written GiB"], rows)  # fmt: skip
+        rows.append(
+            [
+                label,
+                f"{seconds:.1f}",
+                f"{peak:.2f}",
+                f"{anon:.2f}",
+                f"{anon / written:.2f}",
+                f"{written:.2f}",
+            ]
+        )
+    markdown(
+        [
+            "step",
+            "seconds",
+            "peak RSS GiB",
+            "peak anonymous GiB",
+            "anonymous / exported weights",
+            "weights written GiB",
+        ],
+        rows,
+    )
     shutil.rmtree(directory)
 
 

@@ -55,7 +55,7 @@ from markdown_table import markdown
 
 from train.checkpoints.hf import config_from_hf, state_dict_from_hf
 from train.checkpoints.load import model_from_state
-from train.config import GenerationConfig
+from train.config.evaluation import GenerationConfig
 from train.model.decoding import generate_ids
 
 VOCAB = 50257
@@ -103,8 +103,15 @@ def hf_generate(hf, prompts: list[list[int]], new: int) -> list[list[int]]:
     for i, p in enumerate(prompts):
         ids[i, T - len(p) :] = torch.tensor(p)
         mask[i, T - len(p) :] = 1
-    out = hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                      num_beams=1, pad_token_id=EOS, eos_token_id=EOS)  # fmt: skip
+    out = hf.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=new,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=EOS,
+        eos_token_id=EOS,
+    )
     rows = []
     for row in out[:, T:].tolist():
         rows.append(row[: row.index(EOS) + 1] if EOS in row else row)
@@ -157,8 +164,17 @@ def generation_table(hf, ours, args, new: int) -> None:
     for _, prompts in cases:
         hf_generate(hf, prompts, 4)
         neo_generate(ours, prompts, 4)
-    header = ["case", "new tokens/row", "HF tokens/s", "neo tokens/s", "neo / HF",
-              "HF prefill s", "neo prefill s", "neo / HF prefill", "same tokens"]  # fmt: skip
+    header = [
+        "case",
+        "new tokens/row",
+        "HF tokens/s",
+        "neo tokens/s",
+        "neo / HF",
+        "HF prefill s",
+        "neo prefill s",
+        "neo / HF prefill",
+        "same tokens",
+    ]
     rows = []
     for case, (label, prompts) in enumerate(cases):
         t, out = best_time(
@@ -180,9 +196,17 @@ def generation_table(hf, ours, args, new: int) -> None:
                 args.repeats,
             )
             prefill = [f"{p['hf']:.3f}", f"{p['neo']:.3f}", f"{p['hf'] / p['neo']:.2f}x"]
-        rows.append([label, str(new), f"{hf_tps:.1f}", f"{neo_tps:.1f}",
-                     f"{neo_tps / hf_tps:.2f}x", *prefill,
-                     check(out["hf"], out["neo"], new)])  # fmt: skip
+        rows.append(
+            [
+                label,
+                str(new),
+                f"{hf_tps:.1f}",
+                f"{neo_tps:.1f}",
+                f"{neo_tps / hf_tps:.2f}x",
+                *prefill,
+                check(out["hf"], out["neo"], new),
+            ]
+        )
     print(
         f"\n### Greedy generation, {args.model} shape ({describe(ours)}), fp32, "
         f"{torch.get_num_threads()} threads: best of {args.repeats} after a warm-up\n"
@@ -223,8 +247,13 @@ class HFSteps:
 
     def step(self) -> None:
         self.tokens.append(int(self.token))
-        out = self.hf(self.token[:, None], cache=self.cache, use_cache=True, logits_to_keep=1,
-                      position_ids=torch.tensor([[self.position]]))  # fmt: skip
+        out = self.hf(
+            self.token[:, None],
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+            position_ids=torch.tensor([[self.position]]),
+        )
         self.cache, self.position = out.cache, self.position + 1
         self.token = out.logits[:, -1].argmax(-1)
 
@@ -252,10 +281,17 @@ def decode_table(shape: dict, args) -> None:
     n = args.decode_tokens
     marks = [n // 6, n // 3, 2 * n // 3, n]
     prompt = prompts_of([SHORT], 4)[0]
-    header = ["layers", "generated positions", "HF ms/token (median)",
-              "neo ms/token (median)", "neo / HF (means)",
-              "HF cache MiB, local layers", "neo cache MiB, local layers",
-              "HF cache MiB, all", "neo cache MiB, all"]  # fmt: skip
+    header = [
+        "layers",
+        "generated positions",
+        "HF ms/token (median)",
+        "neo ms/token (median)",
+        "neo / HF (means)",
+        "HF cache MiB, local layers",
+        "neo cache MiB, local layers",
+        "HF cache MiB, all",
+        "neo cache MiB, all",
+    ]
     rows, notes = [], []
     window = shape["window_size"]
     for label, kinds in (
@@ -282,9 +318,19 @@ def decode_table(shape: dict, args) -> None:
             hf_ms, neo_ms = (1000 * statistics.mean(times[k][lo:hi]) for k in ("hf", "neo"))
             hf_med, neo_med = (1000 * statistics.median(times[k][lo:hi]) for k in ("hf", "neo"))
             (hf_local, hf_all), (neo_local, neo_all) = sizes["hf"][hi], sizes["neo"][hi]
-            rows.append([label, f"[{lo}, {hi})", f"{hf_ms:.2f} ({hf_med:.2f})",
-                         f"{neo_ms:.2f} ({neo_med:.2f})", f"{hf_ms / neo_ms:.2f}x",
-                         mib(hf_local), mib(neo_local), mib(hf_all), mib(neo_all)])  # fmt: skip
+            rows.append(
+                [
+                    label,
+                    f"[{lo}, {hi})",
+                    f"{hf_ms:.2f} ({hf_med:.2f})",
+                    f"{neo_ms:.2f} ({neo_med:.2f})",
+                    f"{hf_ms / neo_ms:.2f}x",
+                    mib(hf_local),
+                    mib(neo_local),
+                    mib(hf_all),
+                    mib(neo_all),
+                ]
+            )
             lo = hi
         del hf, ours
     print(
@@ -293,8 +339,10 @@ def decode_table(shape: dict, args) -> None:
         "(median) of each range's steps, one run, the two loops taking turns step by step\n"
     )
     markdown(header, rows)
-    print("\nneo / HF is HF's mean ms/token over ours (higher: ours faster). Cache sizes after "
-          "the range's last step.")  # fmt: skip
+    print(
+        "\nneo / HF is HF's mean ms/token over ours (higher: ours faster). Cache sizes after "
+        "the range's last step."
+    )
     for note in notes:
         print(f"- {note}")
 
@@ -315,9 +363,11 @@ def mib(nbytes: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(SHAPES), default="125m")
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: 32 new tokens, 256-token long prompt, 1 repeat, "
-                        "384 decode steps")  # fmt: skip
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: 32 new tokens, 256-token long prompt, 1 repeat, 384 decode steps",
+    )
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--long-prompt", type=int, default=2048)
     parser.add_argument("--decode-tokens", type=int, default=1536)

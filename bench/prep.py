@@ -130,8 +130,10 @@ def neo_prep(path: str, workers: int, scratch: Path) -> Result:
     start = time.perf_counter()
     proc = subprocess.Popen(
         [NEO, "prep", f"input={path}", f"output={out}", f"workers={workers}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     with TreeMonitor(proc.pid) as monitor:
         _, err = proc.communicate()
     seconds = time.perf_counter() - start
@@ -164,9 +166,12 @@ def hf_map(texts: list[str], cores: int, scratch: Path, recipe: bool) -> Result:
     with TreeMonitor(os.getpid()) as monitor:
         start = time.perf_counter()
         mapped = dataset.map(
-            common if recipe else tuned, batched=True, num_proc=cores, remove_columns=["text"],
+            common if recipe else tuned,
+            batched=True,
+            num_proc=cores,
+            remove_columns=["text"],
             cache_file_name=str(scratch / f"hf-{recipe}" / "tokens.arrow"),
-        )  # fmt: skip
+        )
         seconds = time.perf_counter() - start
     tokens = sum(len(ids) for ids in mapped["input_ids"])
     return Result(tokens, seconds, monitor.cpu, monitor.peak)
@@ -215,9 +220,13 @@ def report(path, texts, text_bytes, cores, loads, a, b, c, c2: Result) -> None:
     ]
     for label, r in rows:
         table.add_row(
-            label, f"{r.seconds:.1f}", f"{r.tokens / r.seconds / 1e6:.2f}M", f"{r.cpu:.1f}",
-            f"{r.tokens / r.cpu / 1e6:.2f}M", f"{r.peak / 2**20:,.0f} MiB",
-        )  # fmt: skip
+            label,
+            f"{r.seconds:.1f}",
+            f"{r.tokens / r.seconds / 1e6:.2f}M",
+            f"{r.cpu:.1f}",
+            f"{r.tokens / r.cpu / 1e6:.2f}M",
+            f"{r.peak / 2**20:,.0f} MiB",
+        )
     console = Console(width=160)
     console.print(table)
     rate = {name: r.tokens / r.seconds for name, r in zip("abcd", (a, b, c, c2), strict=True)}

@@ -79,7 +79,7 @@ import yaml
 from markdown_table import markdown
 
 from data_prep.tokenizers import load_tokenizer
-from train.config import ModelConfig
+from train.config.model import ModelConfig
 from train.data.packing import (
     RowStream,
     build_row,
@@ -150,17 +150,34 @@ def layouts(examples: list[Example], seq_len: int, micro: int, pad_id: int) -> l
     lengths = [len(e) for e in examples]
     n = len(examples)
     return [
-        layout("packed", packed, [int((r["documents"] >= 0).sum()) for r in packed], micro,
-               pad_id, stream_order(len(packed))),
-        layout("packed, first-fit decreasing only", ffd,
-               [int((r["documents"] >= 0).sum()) for r in ffd], micro, pad_id,
-               stream_order(len(ffd))),
+        layout(
+            "packed",
+            packed,
+            [int((r["documents"] >= 0).sum()) for r in packed],
+            micro,
+            pad_id,
+            stream_order(len(packed)),
+        ),
+        layout(
+            "packed, first-fit decreasing only",
+            ffd,
+            [int((r["documents"] >= 0).sum()) for r in ffd],
+            micro,
+            pad_id,
+            stream_order(len(ffd)),
+        ),
         layout("padded", padded, lengths, micro, pad_id, stream_order(n)),
         layout("padded to seq_len", to_seq_len, lengths, micro, pad_id, stream_order(n)),
         layout("padded, file order", padded, lengths, micro, pad_id, list(range(n))),
-        layout("padded, sorted by length", padded, lengths, micro, pad_id,
-               sorted(range(n), key=lambda i: (lengths[i], i))),
-    ]  # fmt: skip
+        layout(
+            "padded, sorted by length",
+            padded,
+            lengths,
+            micro,
+            pad_id,
+            sorted(range(n), key=lambda i: (lengths[i], i)),
+        ),
+    ]
 
 
 def sample_size(lay: Layout, tokens: int, accumulation: int) -> int:
@@ -191,10 +208,9 @@ class Trainer:
             group = batches[first : first + a]
             in_step = sum(int((b["targets"] != IGNORE).sum()) for b in group)
             for arrays in group:
-                counted = int((arrays["targets"] != IGNORE).sum())
                 batch = {k: torch.from_numpy(v) for k, v in arrays.items()}
-                loss = self.model(**batch)  # the mean over this micro-batch's targets
-                (loss * (counted / in_step)).backward()
+                loss = self.model(**batch)  # summed over this micro-batch's targets
+                (loss.total / in_step).backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -227,15 +243,33 @@ def bench_seq_len(seq_len: int, tokenizer, args) -> tuple[float, float]:
         f"{read.skipped.count} skipped), {real:,} tokens; micro-batch {args.micro_batch} rows, "
         f"optimizer step {args.global_batch} rows\n"
     )
-    header = ["layout", "rows", "micro-batches", "optimizer steps", "tokens computed",
-              "real tokens", "padding", "trained tokens", "computed / trained"]  # fmt: skip
+    header = [
+        "layout",
+        "rows",
+        "micro-batches",
+        "optimizer steps",
+        "tokens computed",
+        "real tokens",
+        "padding",
+        "trained tokens",
+        "computed / trained",
+    ]
     rows = []
     for lay in lays:
         computed, trained = sum(lay.computed), sum(lay.trained)
-        rows.append([lay.name + ("" if lay.name in names else " (not timed)"), f"{lay.rows:,}",
-                     f"{len(lay.batches):,}", f"{math.ceil(lay.rows / args.global_batch):,}",
-                     f"{computed:,}", f"{sum(lay.real):,}", f"{lay.padding():.1%}",
-                     f"{trained:,}", f"{computed / trained:.2f}"])  # fmt: skip
+        rows.append(
+            [
+                lay.name + ("" if lay.name in names else " (not timed)"),
+                f"{lay.rows:,}",
+                f"{len(lay.batches):,}",
+                f"{math.ceil(lay.rows / args.global_batch):,}",
+                f"{computed:,}",
+                f"{sum(lay.real):,}",
+                f"{lay.padding():.1%}",
+                f"{trained:,}",
+                f"{computed / trained:.2f}",
+            ]
+        )
     markdown(header, rows)
     print(
         f"\nOne epoch. A perfect packing needs ceil({real:,} / {seq_len}) = {perfect} rows "
@@ -261,19 +295,35 @@ def bench_seq_len(seq_len: int, tokenizer, args) -> tuple[float, float]:
         f"\n### Training tokens/s, seq_len {seq_len}, tiny model ({describe(trainers['packed'])}"
         f"), fp32, {threads} threads: best of {args.repeats} (median), after one warm-up step\n"
     )
-    header = ["layout", "micro-batches (steps)", "real tokens", "padding in sample",
-              "seconds", "computed tokens/s", "real tokens/s", "trained tokens/s",
-              "real tokens/s vs padded"]  # fmt: skip
+    header = [
+        "layout",
+        "micro-batches (steps)",
+        "real tokens",
+        "padding in sample",
+        "seconds",
+        "computed tokens/s",
+        "real tokens/s",
+        "trained tokens/s",
+        "real tokens/s vs padded",
+    ]
     rows = []
     rate = {lay.name: sum(lay.real[: samples[lay.name]]) / min(seconds[lay.name]) for lay in timed}
     for lay in timed:
         n = samples[lay.name]
         best, median = min(seconds[lay.name]), statistics.median(seconds[lay.name])
-        rows.append([lay.name, f"{n} ({math.ceil(n / accumulation)})", f"{sum(lay.real[:n]):,}",
-                     f"{lay.padding(n):.1%}", f"{best:.2f} ({median:.2f})",
-                     f"{sum(lay.computed[:n]) / best:,.0f}", f"{rate[lay.name]:,.0f}",
-                     f"{sum(lay.trained[:n]) / best:,.0f}",
-                     f"{rate[lay.name] / rate['padded']:.2f}x"])  # fmt: skip
+        rows.append(
+            [
+                lay.name,
+                f"{n} ({math.ceil(n / accumulation)})",
+                f"{sum(lay.real[:n]):,}",
+                f"{lay.padding(n):.1%}",
+                f"{best:.2f} ({median:.2f})",
+                f"{sum(lay.computed[:n]) / best:,.0f}",
+                f"{rate[lay.name]:,.0f}",
+                f"{sum(lay.trained[:n]) / best:,.0f}",
+                f"{rate[lay.name] / rate['padded']:.2f}x",
+            ]
+        )
     markdown(header, rows)
     share, speedup = lays[0].padding(), rate["packed"] / rate["padded"]
     print(
@@ -286,11 +336,24 @@ def bench_seq_len(seq_len: int, tokenizer, args) -> tuple[float, float]:
 
 def neo_sft(run_dir: Path, packing: bool, steps: int, args) -> tuple[int, list[float], str]:
     """(rows, seconds of each step, the rows line) of `neo sft` run for `steps` steps."""
-    command = [NEO, "sft", f"run_dir={run_dir}", f"sft.packing={str(packing).lower()}",
-               "epochs=null", f"max_steps={steps}", f"micro_batch_size={args.micro_batch}",
-               f"global_batch_size={args.global_batch}", "precision=fp32", "deepspeed=zero0",
-               "eval_every=100000", "save_every=100000", "samples=0", "export_hf=false",
-               "logger.log_every=1", "logger.wandb.mode=disabled"]  # fmt: skip
+    command = [
+        NEO,
+        "sft",
+        f"run_dir={run_dir}",
+        f"sft.packing={str(packing).lower()}",
+        "epochs=null",
+        f"max_steps={steps}",
+        f"micro_batch_size={args.micro_batch}",
+        f"global_batch_size={args.global_batch}",
+        "precision=fp32",
+        "deepspeed=zero0",
+        "eval_every=100000",
+        "save_every=100000",
+        "samples=0",
+        "export_hf=false",
+        "logger.log_every=1",
+        "logger.wandb.mode=disabled",
+    ]
     # A scratch working directory: no runs/demo there, so a fresh tiny model (as said above).
     proc = subprocess.run(command, capture_output=True, text=True, cwd=run_dir.parent)
     out = proc.stdout + proc.stderr
@@ -300,8 +363,11 @@ def neo_sft(run_dir: Path, packing: bool, steps: int, args) -> tuple[int, list[f
     if not found:
         raise RuntimeError(f"no 'N training examples in R rows' line in the output:\n{out[-3000:]}")
     per_step = args.global_batch * model_config(0).max_position_embeddings
-    times = [per_step / r["tokens_per_s"] for r in read_metrics(run_dir)
-             if r.get("tokens_per_s") and r["step"] > 2]  # fmt: skip
+    times = [
+        per_step / r["tokens_per_s"]
+        for r in read_metrics(run_dir)
+        if r.get("tokens_per_s") and r["step"] > 2
+    ]
     return int(found.group(1)), times, found.group(0)
 
 
@@ -315,17 +381,32 @@ def neo_sft_table(args) -> None:
         f"\n### `neo sft` itself, {args.neo_sft} steps each way (ZeRO-0, fp32, micro-batch "
         f"{args.micro_batch}, global batch {args.global_batch}): mean step time after step 2\n"
     )
-    header = ["sft.packing", "its log line", "steps timed", "s/step", "steps/epoch",
-              "s/epoch (estimated)", "padded / packed epoch time"]  # fmt: skip
+    header = [
+        "sft.packing",
+        "its log line",
+        "steps timed",
+        "s/step",
+        "steps/epoch",
+        "s/epoch (estimated)",
+        "padded / packed epoch time",
+    ]
     epoch = {}
     for packing, (rows, times, _) in results.items():
         epoch[packing] = statistics.mean(times) * math.ceil(rows / args.global_batch)
     table = []
     for packing, (rows, times, line) in results.items():
         steps = math.ceil(rows / args.global_batch)
-        table.append([str(packing).lower(), line, str(len(times)),
-                      f"{statistics.mean(times):.3f}", str(steps), f"{epoch[packing]:.1f}",
-                      f"{epoch[False] / epoch[packing]:.2f}x"])  # fmt: skip
+        table.append(
+            [
+                str(packing).lower(),
+                line,
+                str(len(times)),
+                f"{statistics.mean(times):.3f}",
+                str(steps),
+                f"{epoch[packing]:.1f}",
+                f"{epoch[False] / epoch[packing]:.2f}x",
+            ]
+        )
     markdown(header, table)
     print(
         "\nThe epoch-time ratio is packed / padded real tokens/s (both epochs hold the same "
@@ -376,9 +457,13 @@ def main() -> None:
     summary = [bench_seq_len(seq_len, tokenizer, args) for seq_len in args.seq_lens]
     if len(summary) > 1:
         print("\n### Summary\n")
-        markdown(["seq_len", "packed padding", "packed / padded real tokens/s"],
-                 [[str(s), f"{share:.1%}", f"{speedup:.2f}x"]
-                  for s, (share, speedup) in zip(args.seq_lens, summary, strict=True)])  # fmt: skip
+        markdown(
+            ["seq_len", "packed padding", "packed / padded real tokens/s"],
+            [
+                [str(s), f"{share:.1%}", f"{speedup:.2f}x"]
+                for s, (share, speedup) in zip(args.seq_lens, summary, strict=True)
+            ],
+        )
     if args.neo_sft:
         neo_sft_table(args)
 

@@ -41,11 +41,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from train.config import ModelConfig
+from train.config.model import ModelConfig
+from train.config.resolve import resolve_precision
 from train.distributed import devices as accel
 from train.distributed import machine as hw
 from train.model.gpt import GPT, next_token_loss
-from train.verbs.info import flops_per_token
+from train.model.sizes import flops_per_token
 
 BIN = Path(sys.executable).parent
 MODEL = dict(
@@ -139,7 +140,7 @@ def main() -> None:
     flops = flops_per_token(ModelConfig(**MODEL), SEQ)
     acc = accel.select("cpu")
     machine = hw.describe(acc)
-    auto, reason = hw.resolve_precision("auto", acc, machine)
+    auto, reason = resolve_precision("auto", hw.world(acc, machine, world_size=1))
     slow = {p for p in args.precisions if p == "bf16" and not machine.native_bf16}
     plan = {  # precision -> (steps, warm-up steps, rounds)
         p: (args.slow_steps, 1, 1) if p in slow else (args.steps, WARMUP, args.rounds)

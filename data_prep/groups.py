@@ -96,9 +96,13 @@ class Router:
     """Takes encoded batches in input order: skips, dedup, split, shard groups, commits."""
 
     def __init__(
-        self, cfg: PrepConfig, directory: Path, files: list[InputFile], dtype: np.dtype,
+        self,
+        cfg: PrepConfig,
+        directory: Path,
+        files: list[InputFile],
+        dtype: np.dtype,
         progress: Progress,
-    ):  # fmt: skip
+    ):
         self.cfg, self.directory, self.files, self.dtype = cfg, directory, files, dtype
         self.progress = progress
         self.stats = progress.stats
@@ -159,8 +163,10 @@ class Router:
         if self.stats.skip(kind, where, detail):
             log.warning(
                 "%s: skipped: %s (%s); further records like it are skipped and counted",
-                where, SKIP_KINDS[kind], detail,
-            )  # fmt: skip
+                where,
+                SKIP_KINDS[kind],
+                detail,
+            )
 
     def commit(self, end: tuple[int, int]) -> None:
         if self.group is None:

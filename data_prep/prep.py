@@ -141,8 +141,10 @@ def _open_output(
     file, record = progress.position
     log.info(
         "resuming: %d shard group(s) already complete; reading on from input file %d, record %d",
-        len(progress.groups), file + 1, record + 1,
-    )  # fmt: skip
+        len(progress.groups),
+        file + 1,
+        record + 1,
+    )
     return tokenizer, progress, None
 
 
@@ -159,9 +161,12 @@ def _run(
     workers = cfg.workers or len(os.sched_getaffinity(0))
     dtype = token_dtype(tokenizer.vocab_size)
     settings = EncodeSettings(
-        tokenizer.tokenizer.to_str(), tokenizer.eod_id, dtype.name,
-        cfg.data.text_field, cfg.data.source_field,
-    )  # fmt: skip
+        tokenizer.tokenizer.to_str(),
+        tokenizer.eod_id,
+        dtype.name,
+        cfg.data.text_field,
+        cfg.data.source_field,
+    )
     router = Router(cfg, directory, files, dtype, progress)
     total = sum(f.bytes or 0 for f in files)
     worker_peak = batches = 0
@@ -244,8 +249,10 @@ def _tokenizer(
     sp = cfg.sentencepiece
     log.info(
         "training a SentencePiece %s tokenizer (vocab %d) on %s bytes of the input",
-        sp.model_type, sp.vocab_size, f"{sp.sample_bytes:,}",
-    )  # fmt: skip
+        sp.model_type,
+        sp.vocab_size,
+        f"{sp.sample_bytes:,}",
+    )
     texts = iter_documents(files, cfg.data, sp.sample_bytes)
     return train_sentencepiece(texts, directory / TOKENIZER_DIR, sp, threads=cfg.workers or None)
 
@@ -269,7 +276,7 @@ def _manifest(
             eod_token=tok.eod_token,
             path=TOKENIZER_DIR,
             sha256=tok.file_hashes(),
-        ),  # fmt: skip
+        ),
         dtype=token_dtype(tok.vocab_size).name,
         splits=splits,
         shards=shards,

@@ -6,14 +6,14 @@ plain `.txt` files (one document each), and Hugging Face datasets (a `save_to_di
 (input file number, record number in that file), which is what resume skips to.
 
 The reader only cuts the input into batches; decoding a record (JSON, UTF-8, the text and
-source fields) is `decode_record`, run by the tokenizing workers so that it runs in parallel.
+source fields) is data_prep/decode.py's, run by the tokenizing workers so that it runs in
+parallel.
 A record that cannot be used raises BadRecord with a kind from SKIP_KINDS; a file that cannot
 be read, or ends early, becomes a Problem in the stream, at the place where it happened.
 """
 
 from __future__ import annotations
 
-import json
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ from typing import Any
 import zstandard
 
 from data_prep.config import CorpusConfig
+from data_prep.decode import BadRecord, decode_record, lookup
 from data_prep.inputs import InputError, InputFile
 
 UNKNOWN_SOURCE = "unknown"
@@ -39,12 +40,6 @@ SKIP_KINDS = {
     "non_string_text": "the text field is not a string",
     "empty_document": "the text is empty or only whitespace",
 }
-
-
-class BadRecord(Exception):
-    def __init__(self, kind: str, detail: str):
-        super().__init__(f"{kind}: {detail}")
-        self.kind, self.detail = kind, detail
 
 
 @dataclass
@@ -192,9 +187,10 @@ def _frames(raw: Iterator[bytes], new: Callable[[], Any], what: str) -> Iterator
                 chunk, decoder = decoder.unused_data, None
     if decoder is not None:
         raise StreamError(
-            "truncated_stream", f"the {what} stream ends inside a frame; the partial last line "
-            "and everything after it are lost"
-        )  # fmt: skip
+            "truncated_stream",
+            f"the {what} stream ends inside a frame; the partial last line "
+            "and everything after it are lost",
+        )
 
 
 def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
@@ -322,60 +318,6 @@ def _rows(columns: dict[str, list[Any]], corpus: CorpusConfig) -> list[Any]:
     else:
         sources = [None] * len(texts)
     return list(zip(texts, sources, strict=True))
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoding one record (runs in the workers)
-
-
-def lookup(value: Any, path: list[str]) -> Any:
-    """value[path[0]][path[1]]..., or None where a key is missing or a value is no dict."""
-    for key in path:
-        if not isinstance(value, dict):
-            return None
-        value = value.get(key)
-    return value
-
-
-def decode_record(
-    kind: str, item: Any, text_field: list[str], source_field: list[str] | None
-) -> tuple[str, str | None]:
-    """(text, source or None) of one record; raises BadRecord saying why it cannot be used."""
-    if kind == "json":
-        text, source = _decode_json(item, text_field, source_field)
-    elif kind == "text":
-        try:
-            text, source = item.decode("utf-8"), None
-        except UnicodeDecodeError as e:
-            raise BadRecord("invalid_utf8", f"{e.reason} at byte {e.start}") from None
-    else:
-        text, source = item
-    if text is None:
-        raise BadRecord("missing_text", f"no {'.'.join(text_field)!r} field")
-    if not isinstance(text, str):
-        raise BadRecord(
-            "non_string_text", f"{'.'.join(text_field)!r} is {type(text).__name__}, not a string"
-        )
-    if not text or text.isspace():
-        raise BadRecord("empty_document", f"{len(text)} characters, none visible")
-    return text, None if source is None else str(source)
-
-
-def _decode_json(
-    line: bytes, text_field: list[str], source_field: list[str] | None
-) -> tuple[Any, Any]:
-    if not line.strip():
-        raise BadRecord("blank_line", "no JSON on this line")
-    try:
-        record = json.loads(line)
-    except UnicodeDecodeError as e:
-        raise BadRecord("invalid_utf8", f"{e.reason} at byte {e.start}") from None
-    except json.JSONDecodeError as e:
-        raise BadRecord("malformed_json", f"{e.msg} at column {e.colno}") from None
-    if not isinstance(record, dict):
-        raise BadRecord("malformed_json", f"a JSON {type(record).__name__}, not an object")
-    source = lookup(record, source_field) if source_field else None
-    return lookup(record, text_field), source
 
 
 def iter_documents(files: list[InputFile], corpus: CorpusConfig, budget: int) -> Iterator[str]:

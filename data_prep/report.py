@@ -92,9 +92,11 @@ def _skipped_table(m: Manifest) -> Table:
     for kind, entry in sorted(m.skipped.items()):
         first = entry["examples"][0] if entry["examples"] else {"where": "", "reason": ""}
         table.add_row(
-            kind, f"{entry['count']:,}", SKIP_KINDS.get(kind, ""),
+            kind,
+            f"{entry['count']:,}",
+            SKIP_KINDS.get(kind, ""),
             f"{first['where']}: {first['reason']}",
-        )  # fmt: skip
+        )
     return table
 
 

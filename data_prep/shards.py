@@ -278,9 +278,13 @@ def _index_bytes(sizes: np.ndarray, dtype: np.dtype) -> bytes:
     header = HEADER.pack(MAGIC, VERSION, CODE_OF_DTYPE[dtype], n, n + 1)
     documents = np.arange(n + 1, dtype=np.int64)  # one sequence per document
     return b"".join(
-        [header, sizes.astype("<i4").tobytes(), pointers.astype("<i8").tobytes(),
-         documents.astype("<i8").tobytes()]
-    )  # fmt: skip
+        [
+            header,
+            sizes.astype("<i4").tobytes(),
+            pointers.astype("<i8").tobytes(),
+            documents.astype("<i8").tobytes(),
+        ]
+    )
 
 
 def _tmp_name(path: Path) -> Path:

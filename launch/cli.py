@@ -2,8 +2,9 @@
 
 Runs a verb that runs a model (train, sft, eval, generate) here, on SLURM, through the
 deepspeed launcher over a hostfile, or as a multi-node torchrun, with every other override
-passed to the verb unchanged. The verb's config is composed here first, so a bad override or
-a world size that does not fit the batch fails before anything is submitted. Torch-free: it
+passed to the verb unchanged. The verb's config is composed and resolved here first, as the verb
+will, so a bad override or a world size that does not fit the batch fails before anything is
+submitted. Torch-free: it
 runs on a login node without torch.
 
     neo launch train model=gpt_neo_1.3b deepspeed=zero2 launcher=slurm launch.nodes=4 \\
@@ -23,7 +24,16 @@ from pathlib import Path
 
 from data_prep.files import atomic_write_text
 from launch import scripts
-from launch.config import LAUNCHERS, LaunchConfig
+from launch.config import LAUNCHERS, LaunchConfig, LaunchEntry
+from train.config import compose
+from train.config.compose import error_line
+from train.config.resolve import (
+    World,
+    resolve_eval,
+    resolve_generate,
+    resolve_sft,
+    resolve_train,
+)
 from train.errors import ConfigError, NeoError, NotFound
 
 LAUNCHABLE = ("train", "sft", "eval", "generate")
@@ -46,35 +56,41 @@ def run(argv: list[str]) -> None:
         return
     if not argv or argv[0] not in LAUNCHABLE:
         got = f"{argv[0]!r}" if argv else "nothing"
-        raise ConfigError(f"neo launch VERB ...: VERB must be one of {', '.join(LAUNCHABLE)} "
-                          f"(got {got})")  # fmt: skip
+        raise ConfigError(
+            f"neo launch VERB ...: VERB must be one of {', '.join(LAUNCHABLE)} (got {got})"
+        )
     verb, rest = argv[0], argv[1:]
-    mine = [a for a in rest if a.split("=", 1)[0].lstrip("+") in ("launcher",)
-            or a.lstrip("+").startswith("launch.")]  # fmt: skip
+    mine = [
+        a
+        for a in rest
+        if a.split("=", 1)[0].lstrip("+") in ("launcher",) or a.lstrip("+").startswith("launch.")
+    ]
     overrides = [a for a in rest if a not in mine]
     launch = launch_config(mine)
     job = prepare_job(verb, overrides, launch, shlex.join(["neo", "launch", *argv]))
-    {"local": run_local, "slurm": run_slurm, "hostfile": run_hostfile,
-     "torchrun": run_torchrun}[launch.launcher](job, launch)  # fmt: skip
+    {"local": run_local, "slurm": run_slurm, "hostfile": run_hostfile, "torchrun": run_torchrun}[
+        launch.launcher
+    ](job, launch)
 
 
 def launch_config(overrides: list[str]) -> LaunchConfig:
     """configs/launch.yaml with the `launcher` group and launch.* overrides applied."""
     from hydra import compose, initialize_config_module
+    from hydra.core.config_store import ConfigStore
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
-    from train.config import register_configs
-
-    register_configs()
+    ConfigStore.instance().store(name="launch_schema", node=LaunchEntry)
     with initialize_config_module("configs", version_base="1.3"):
         try:
             cfg = compose("launch", overrides=overrides)
         except HydraException as e:
             if any(a.startswith("launcher=") for a in overrides) and "launcher" in str(e):
-                raise ConfigError(f"{_choice(overrides)}: not one of {', '.join(LAUNCHERS)} or "
-                                  "a preset in configs/launcher/") from None  # fmt: skip
-            raise ConfigError(f"launch settings: {e}") from None
+                raise ConfigError(
+                    f"{_choice(overrides)}: not one of {', '.join(LAUNCHERS)} or a preset in "
+                    "configs/launcher/"
+                ) from None
+            raise ConfigError(f"launch settings: {error_line(e)}") from None
     return OmegaConf.to_object(cfg).launch.validate()
 
 
@@ -83,44 +99,57 @@ def _choice(overrides: list[str]) -> str:
 
 
 def prepare_job(verb: str, overrides: list[str], launch: LaunchConfig, typed: str):
-    """The verb's config composed and checked for launch.world_size ranks; its run dir made
-    absolute and passed to the job, so a requeued job finds its checkpoints."""
-    from hydra import compose, initialize_config_module
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-
-    from train.cli import VERBS
-
-    module = VERBS[verb].config_path.removeprefix("pkg://")
+    """The verb's config composed and resolved exactly as the verb will (train/config/), for
+    launch.world_size ranks; its run dir made absolute and passed to the job, so a requeued job
+    finds its checkpoints."""
     overrides = list(overrides)
-    with initialize_config_module(module, version_base="1.3"):
-        try:
-            full = compose(verb, overrides=overrides, return_hydra_config=True)
-            given = next((a.split("=", 1)[1] for a in overrides if a.startswith("run_dir=")), None)
-            if verb in RESUMABLE:
-                run_dir = Path(given or full.hydra.run.dir).absolute()
-                if not given:
-                    overrides.append(f"run_dir={run_dir}")
-            else:
-                stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-                run_dir = Path("runs/launch", f"{verb}-{stamp}").absolute()
-            cfg = compose(verb, overrides=overrides)
-        except HydraException as e:
-            raise ConfigError(f"neo {verb} overrides: {e}") from None
-    config = OmegaConf.to_object(cfg)
-    if verb in RESUMABLE:
-        try:
-            config.validate(launch.world_size)
-        except ConfigError as e:
-            raise ConfigError(
-                f"with launch.nodes={launch.nodes} x launch.gpus_per_node={launch.gpus_per_node}"
-                f" = {launch.world_size} ranks: {e}"
-            ) from None
+    given = next((a.split("=", 1)[1] for a in overrides if a.startswith("run_dir=")), None)
+    try:
+        if verb in RESUMABLE:
+            full = compose.compose(verb, overrides, hydra_config=True)
+            run_dir = Path(given or full.hydra.run.dir).absolute()
+            if not given:
+                overrides.append(f"run_dir={run_dir}")
+        else:
+            stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+            run_dir = Path("runs/launch", f"{verb}-{stamp}").absolute()
+        config = compose.to_schema(compose.compose(verb, overrides))
+    except ConfigError as e:
+        raise ConfigError(f"neo {verb} overrides: {e}") from None
     accelerator = config.accelerator
     if accelerator == "auto":  # decided on the compute nodes; the script sets GPU variables
         accelerator = "cpu" if launch.launcher == "local" else "cuda"
-    return scripts.Job(verb, overrides, str(run_dir), accelerator, verb in RESUMABLE,
-                       launch.workdir or os.getcwd(), typed)  # fmt: skip
+    # The world the job will start: its ranks and accelerator; the machine's precision is
+    # decided there (native_bf16 unknown here).
+    world = World(launch.world_size, accelerator)
+    try:
+        resolve_for(verb, config, world)
+    except ConfigError as e:
+        raise ConfigError(
+            f"with launch.nodes={launch.nodes} x launch.gpus_per_node={launch.gpus_per_node}"
+            f" = {launch.world_size} ranks: {e}"
+        ) from None
+    return scripts.Job(
+        verb,
+        overrides,
+        str(run_dir),
+        accelerator,
+        verb in RESUMABLE,
+        launch.workdir or os.getcwd(),
+        typed,
+    )
+
+
+def resolve_for(verb: str, config, world: World):
+    """The verb's own resolve (neo sft without reading its base and data: those are read where
+    it runs)."""
+    if verb == "train":
+        return resolve_train(config, world)
+    if verb == "sft":
+        return resolve_sft(config, world, None)
+    if verb == "eval":
+        return resolve_eval(config, world)
+    return resolve_generate(config, world)
 
 
 def run_local(job: scripts.Job, launch: LaunchConfig) -> None:
@@ -128,8 +157,12 @@ def run_local(job: scripts.Job, launch: LaunchConfig) -> None:
         raise ConfigError("launcher=local runs on this machine: launch.nodes must be 1")
     command = scripts.verb_command(job, launch)
     if launch.gpus_per_node > 1:
-        command = [*scripts.torchrun(launch), "--standalone",
-                   f"--nproc_per_node={launch.gpus_per_node}", *command[1:]]  # fmt: skip
+        command = [
+            *scripts.torchrun(launch),
+            "--standalone",
+            f"--nproc_per_node={launch.gpus_per_node}",
+            *command[1:],
+        ]
     _run_or_print([command], launch)
 
 
@@ -166,8 +199,10 @@ def run_slurm(job: scripts.Job, launch: LaunchConfig) -> None:
         return
     sbatch = shutil.which("sbatch")
     if sbatch is None:
-        raise NotFound("launcher=slurm: sbatch is not on PATH (run on a SLURM login node, or "
-                       "launch.dry_run=true to see the script)")  # fmt: skip
+        raise NotFound(
+            "launcher=slurm: sbatch is not on PATH (run on a SLURM login node, or "
+            "launch.dry_run=true to see the script)"
+        )
     script = Path(job.run_dir) / "launch" / "job.sbatch"
     script.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(script, text)

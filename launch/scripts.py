@@ -15,30 +15,48 @@ from launch.config import LaunchConfig
 # does). `{...}` fields come from the launch config. Values a site gives in launch.env win.
 ENVIRONMENT = {
     "cuda": [
-        ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1",
-         "a failed or hung collective aborts the job instead of waiting forever"),
+        (
+            "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+            "1",
+            "a failed or hung collective aborts the job instead of waiting forever",
+        ),
         ("NCCL_DEBUG", "WARN", "NCCL reports warnings and errors only"),
-        ("NCCL_SOCKET_IFNAME", "{socket_ifname}",
-         "the network interface NCCL's bootstrap and socket transport use"),
+        (
+            "NCCL_SOCKET_IFNAME",
+            "{socket_ifname}",
+            "the network interface NCCL's bootstrap and socket transport use",
+        ),
         ("GLOO_SOCKET_IFNAME", "{socket_ifname}", "the interface gloo (CPU collectives) uses"),
-        ("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True",
-         "fewer out-of-memory errors from allocator fragmentation"),
+        (
+            "PYTORCH_CUDA_ALLOC_CONF",
+            "expandable_segments:True",
+            "fewer out-of-memory errors from allocator fragmentation",
+        ),
     ],
     "npu": [
         ("ASCEND_RT_VISIBLE_DEVICES", "{devices}", "the NPUs of the node this job may use"),
-        ("HCCL_CONNECT_TIMEOUT", "{hccl_connect_timeout}",
-         "seconds HCCL waits for every rank to connect (large jobs start slowly)"),
-        ("HCCL_EXEC_TIMEOUT", "{hccl_exec_timeout}",
-         "seconds a collective may wait for its peers before HCCL reports a hang"),
+        (
+            "HCCL_CONNECT_TIMEOUT",
+            "{hccl_connect_timeout}",
+            "seconds HCCL waits for every rank to connect (large jobs start slowly)",
+        ),
+        (
+            "HCCL_EXEC_TIMEOUT",
+            "{hccl_exec_timeout}",
+            "seconds a collective may wait for its peers before HCCL reports a hang",
+        ),
         ("HCCL_SOCKET_IFNAME", "{socket_ifname}", "the network interface HCCL's sockets use"),
         ("GLOO_SOCKET_IFNAME", "{socket_ifname}", "the interface gloo (CPU collectives) uses"),
-        ("PYTORCH_NPU_ALLOC_CONF", "expandable_segments:True",
-         "fewer out-of-memory errors from the NPU allocator's fragmentation"),
+        (
+            "PYTORCH_NPU_ALLOC_CONF",
+            "expandable_segments:True",
+            "fewer out-of-memory errors from the NPU allocator's fragmentation",
+        ),
     ],
     "cpu": [
         ("OMP_NUM_THREADS", "{threads}", "CPU threads per rank (the node's CPUs shared out)"),
     ],
-}  # fmt: skip
+}
 
 
 @dataclass
@@ -195,8 +213,11 @@ def torchrun_commands(job: Job, launch: LaunchConfig) -> list[str]:
 def deepspeed_command(job: Job, launch: LaunchConfig) -> list[str]:
     """The deepspeed launcher over launch.hostfile; .deepspeed_env (written beside the run)
     carries the environment to every node."""
-    hosts = [line.split()[0] for line in Path(launch.hostfile).read_text().splitlines()
-             if line.strip() and not line.lstrip().startswith("#")]  # fmt: skip
+    hosts = [
+        line.split()[0]
+        for line in Path(launch.hostfile).read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     addr = launch.master_addr
     local = []
     if len(set(hosts)) == 1:  # deepspeed runs it here, but would first reach it over ssh

@@ -16,8 +16,9 @@ def job_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """One row per job directory: number, overrides, last step, final validation loss, state."""
     rows = []
     sweep = Path(sweep_dir)
-    jobs = sorted((d for d in sweep.iterdir() if d.is_dir() and d.name.isdigit()),
-                  key=lambda d: int(d.name))  # fmt: skip
+    jobs = sorted(
+        (d for d in sweep.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name)
+    )
     for job in jobs:
         record = json.loads((job / JOB_FILE).read_text()) if (job / JOB_FILE).is_file() else {}
         step, val = 0, None
@@ -29,8 +30,10 @@ def job_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
                 except json.JSONDecodeError:
                     continue  # a line being written
                 step = max(step, int(entry.get("step", 0)))
-                if entry.get("val_loss") is not None:
-                    val = entry["val_loss"]
+                # val/loss; runs written before the metric names were unified: val_loss
+                loss = entry.get("val/loss", entry.get("val_loss"))
+                if loss is not None:
+                    val = loss
         if (job / "model").is_dir():
             state = "done"
         elif record.get("status") == "FAILED":
@@ -39,8 +42,15 @@ def job_rows(sweep_dir: str | Path) -> list[dict[str, Any]]:
             state = f"stopped or running (step {step})"
         else:
             state = "not started" if not record else record.get("status", "?").lower()
-        rows.append({"job": int(job.name), "overrides": record.get("overrides", []),
-                     "step": step, "val_loss": val, "state": state})  # fmt: skip
+        rows.append(
+            {
+                "job": int(job.name),
+                "overrides": record.get("overrides", []),
+                "step": step,
+                "val_loss": val,
+                "state": state,
+            }
+        )
     return rows
 
 
@@ -52,8 +62,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         r = {**r, "overrides": [o for o in r["overrides"] if o not in shared] or r["overrides"]}
         loss = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-"
-        lines.append(f"| {r['job']} | {' '.join(r['overrides']) or '?'} | {r['step']} | "
-                     f"{loss} | {r['state']} |")  # fmt: skip
+        lines.append(
+            f"| {r['job']} | {' '.join(r['overrides']) or '?'} | {r['step']} | "
+            f"{loss} | {r['state']} |"
+        )
     return "\n".join(lines)
 
 

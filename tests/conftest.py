@@ -1,3 +1,5 @@
+import io
+import json
 import os
 import subprocess
 import sys
@@ -5,8 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import zstandard
 
-from train.config import ModelConfig
+from data_prep.config import PrepConfig, SentencePieceConfig
+from data_prep.prep import prepare
+from train.config.model import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # The installed console script itself, so that packaging (entry point, configs as package data)
@@ -101,9 +106,13 @@ def trained_gpt2_model(tmp_path_factory):
     for line in lines[:150]:
         ids += tokenizer.encode(json.loads(line)["text"]) + [tokenizer.eod_id]
     config = tiny_config(
-        name="evaltest", vocab_size=tokenizer.vocab_size, hidden_size=64, num_layers=2,
-        attention_types=[[["global", "local"], 1]], window_size=16,
-    )  # fmt: skip
+        name="evaltest",
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        num_layers=2,
+        attention_types=[[["global", "local"], 1]],
+        window_size=16,
+    )
     torch.manual_seed(0)
     model = GPT(config).init_weights()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -112,10 +121,58 @@ def trained_gpt2_model(tmp_path_factory):
     for _ in range(150):
         starts = torch.randint(0, len(data) - 65, (8,), generator=generator)
         batch = torch.stack([data[s : s + 65] for s in starts])
-        loss = model(batch[:, :-1], batch[:, 1:])
+        loss = model(batch[:, :-1], batch[:, 1:]).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     save_checkpoint(root / "ckpt", config, model.state_dict(), tokenizer)
     export_hf(root / "ckpt", root / "hf")
     return root
+
+
+# --------------------------------------------------------------------------------------------
+# prepared corpora, for the tests that train (tests/verbs, tests/config)
+
+
+@pytest.fixture(scope="session")
+def documents(tmp_path_factory) -> Path:
+    """300 documents of the bundled sample, cut to 8 kB each."""
+    file = tmp_path_factory.mktemp("documents") / "small.jsonl"
+    sample = ROOT / "data_prep" / "sample" / "pile_sample.jsonl.zst"
+    with sample.open("rb") as f, file.open("w") as out:
+        lines = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding="utf-8")
+        for _, line in zip(range(300), lines, strict=False):
+            record = json.loads(line)
+            record["text"] = record["text"][:8000]
+            out.write(json.dumps(record) + "\n")
+    return file
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory, documents) -> Path:
+    """The documents prepared by `neo prep` with the GPT-2 tokenizer."""
+    output = tmp_path_factory.mktemp("corpus") / "data"
+    prepare(
+        PrepConfig(input=str(documents), output=str(output), workers=1, validation_fraction=0.05)
+    )
+    return output
+
+
+@pytest.fixture(scope="session")
+def bf16_corpus(tmp_path_factory, documents) -> Path:
+    """The same documents with a 512-token SentencePiece BPE trained on them, for the bf16
+    runs (with BF16 below): on a CPU without native bf16 (AVX2 only), bf16 matmuls are
+    emulated, about 100x slower than fp32, and a 50,257-token head made each bf16 test take
+    ten minutes there. The bf16 code paths do not depend on the vocabulary size."""
+    output = tmp_path_factory.mktemp("bf16_corpus") / "data"
+    prepare(
+        PrepConfig(
+            input=str(documents),
+            output=str(output),
+            workers=1,
+            validation_fraction=0.05,
+            tokenizer="sentencepiece",
+            sentencepiece=SentencePieceConfig(vocab_size=512),
+        )
+    )
+    return output

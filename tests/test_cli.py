@@ -92,7 +92,7 @@ def test_export_and_import_round_trip_through_the_cli(neo, tmp_path):
     from data_prep.tokenizers import load_tokenizer
     from train.checkpoints.load import load_model
     from train.checkpoints.model_format import save_checkpoint
-    from train.config import ModelConfig
+    from train.config.model import ModelConfig
     from train.model.gpt import GPT
 
     config = ModelConfig(

@@ -1,42 +1,32 @@
 """`neo <verb> [hydra overrides]`: one console script, one Hydra app per verb.
 
-Each verb has a primary config `configs/<verb>.yaml` checked against a dataclass schema
-(train/config/); the config is converted to that dataclass here, once, and the verb's `run`
-function receives only the dataclass.
+Each verb has a primary config `configs/<verb>.yaml` checked against its schema
+(train/config/); the overrides are checked and the config composed first
+(train/config/compose.py), so that every mistake is one line naming the key and exit 2. The
+verb's module then receives its schema's dataclass, resolves it once and runs
+(train/verbs/<verb>.py `main`).
 
 The command itself imports no torch: each verb's module (and with it torch, DeepSpeed,
-transformers) is imported inside the function that runs that verb, after the config checked.
+transformers) is imported only after its config composed.
 """
 
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import re
 import sys
 from dataclasses import dataclass
 
-from train.config import (
-    ConfigError,
-    EvalConfig,
-    GenerateConfig,
-    SftConfig,
-    TrainConfig,
-    register_configs,
-)
-from train.distributed.ranks import ranks_from_env
+from train.config import compose
+from train.distributed.ranks import quiet_other_ranks, ranks_from_env
 from train.errors import NeoError
-
-log = logging.getLogger("neo")
 
 
 @dataclass(frozen=True)
 class Verb:
-    target: str  # "module:function" taking the verb's config dataclass
+    module: str  # train.verbs.<name>, whose main(cfg) runs the verb
     help: str
-    # Where its primary config is: verbs whose `model=` is a path use configs/path_verbs.
-    config_path: str = "pkg://configs"
     # Keys whose value is free text, taken as typed (quoted for Hydra here): a prompt may hold
     # commas and quotes, which Hydra's override grammar would read as syntax.
     text_keys: tuple[str, ...] = ()
@@ -44,45 +34,70 @@ class Verb:
 
 VERBS = {
     "prep": Verb(
-        "train.cli:run_prep",
+        "train.verbs.prep",
         "tokenize a corpus into Megatron-compatible token shards + manifest (input= output=)",
     ),
     "train": Verb(
-        "train.verbs.train:run",
+        "train.verbs.train",
         "pretrain a causal LM with DeepSpeed ZeRO; resumes from the run's last checkpoint",
     ),
     "sft": Verb(
-        "train.verbs.sft:run",
+        "train.verbs.sft",
         "fine-tune a checkpoint on instruction, completion or chat data (base= sft.path=)",
     ),
-    "plot": Verb("train.cli:run_plot", "draw the loss curve of a run into <run_dir>/loss.png"),
+    "plot": Verb("train.verbs.plot", "draw the loss curve of a run into <run_dir>/loss.png"),
     "info": Verb(
-        "train.verbs.info:run",
+        "train.verbs.info",
         "parameters, FLOPs per token and ZeRO memory per device of a model size (model=NAME)",
     ),
     "import": Verb(
-        "train.cli:run_import",
+        "train.verbs.import_hf",
         "read a Hugging Face GPT-Neo directory into a neotrain checkpoint (input= output=)",
     ),
     "eval": Verb(
-        "train.verbs.eval:run",
-        "benchmark a checkpoint as lm-evaluation-harness does (model= tasks=[...])",
-        "pkg://configs.path_verbs",
+        "train.verbs.eval",
+        "benchmark a checkpoint as lm-evaluation-harness does (checkpoint= tasks=[...])",
     ),
     "generate": Verb(
-        "train.verbs.generate:run",
-        "continue prompts with a checkpoint: greedy, sampling, beam search (model= prompt=)",
-        "pkg://configs.path_verbs",
+        "train.verbs.generate",
+        "continue prompts with a checkpoint: greedy, sampling, beam search (checkpoint= prompt=)",
         text_keys=("prompt",),
     ),
     "export": Verb(
-        "train.cli:run_export",
+        "train.verbs.export",
         "write a checkpoint as a verified Hugging Face GPTNeoForCausalLM dir (input= output=)",
     ),
     "verify": Verb(
-        "train.cli:run_verify",
+        "train.verbs.verify",
         "check an exported directory: checksums, loading, probe logits, usage (neo verify DIR)",
     ),
+}
+LAUNCH_HELP = "run train/sft/eval/generate here, on SLURM, over a hostfile or multi-node torchrun"
+
+# Hydra's own flags, and those of them that take a value (`--cfg job`, `-p model`).
+FLAGS_WITH_VALUE = {
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+}
+INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+ONLY_HYDRA = {
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--version",
+    "--info",
+    "-i",
+    "--shell-completion",
+    "-sc",
 }
 
 
@@ -94,8 +109,7 @@ def usage() -> str:
         "GPT-Neo / GPT-3 pretraining and fine-tuning. Verbs:",
     ]
     lines += [f"  {name.ljust(width)}  {verb.help}" for name, verb in VERBS.items()]
-    lines.append(f"  {'launch'.ljust(width)}  run train/sft/eval/generate here, on SLURM, over a "
-                 "hostfile or multi-node torchrun")  # fmt: skip
+    lines.append(f"  {'launch'.ljust(width)}  {LAUNCH_HELP}")
     lines += ["", "`neo <verb> --help` shows a verb's config; every verb runs with no arguments."]
     return "\n".join(lines)
 
@@ -122,8 +136,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _report(verb: str, error: Exception) -> None:
     """One line on stderr; from rank 0 only when several ranks hit the same error."""
-    rank = os.environ.get("RANK", "0")
-    if rank == "0":
+    if ranks_from_env().is_main:
         print(f"neo {verb}: error: {error}", file=sys.stderr)
 
 
@@ -144,43 +157,52 @@ def _without_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
-def run_verb(name: str, overrides: list[str]) -> None:
+def split_arguments(args: list[str]) -> tuple[list[str], set[str]]:
+    """(the overrides, Hydra's flags) of a verb's command line."""
+    overrides, flags = [], set()
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("-"):
+            flag = arg.split("=", 1)[0]
+            flags.add(flag)
+            takes_value = flag in FLAGS_WITH_VALUE or (
+                flag in ("--info", "-i") and i + 1 < len(args) and args[i + 1] in INFO_VALUES
+            )
+            if takes_value and "=" not in arg:
+                i += 1
+        else:
+            overrides.append(arg)
+        i += 1
+    return overrides, flags
+
+
+def run_verb(name: str, args: list[str]) -> None:
     import hydra
-    from omegaconf import DictConfig, OmegaConf
 
-    register_configs()
     verb = VERBS[name]
-    module, function = verb.target.split(":")
+    args = [quote_text(a, verb.text_keys) for a in args]
+    overrides, flags = split_arguments(args)
+    try:
+        if not flags & ONLY_HYDRA:  # help and info print the config; there is nothing to run
+            compose.check(name, overrides, multirun=bool(flags & {"-m", "--multirun"}))
+    except NeoError as e:
+        _report(name, e)
+        sys.exit(e.exit_code)
 
-    @hydra.main(version_base="1.3", config_path=verb.config_path, config_name=name)
-    def app(cfg: DictConfig) -> None:
-        config = OmegaConf.to_object(cfg)
+    @hydra.main(version_base="1.3", config_path="pkg://" + compose.CONFIG_MODULE, config_name=name)
+    def app(cfg) -> None:
         try:
-            # Every rule of the config before the verb's module (torch, DeepSpeed) is imported.
-            if isinstance(config, SftConfig):
-                if _given("max_steps") and not _given("epochs"):
-                    config.epochs = None  # a step count asked for wins over the default epoch
-                config.sft.validate()  # the model is the base's: checked once it is read
-                config.lora.validate()
-                config.task.validate()
-            elif isinstance(config, TrainConfig):
-                config.validate(ranks_from_env().world_size)
-            elif isinstance(config, EvalConfig | GenerateConfig):
-                config.validate()
-            getattr(importlib.import_module(module), function)(config)
+            config = compose.to_schema(cfg)
+            quiet_other_ranks(ranks_from_env())
+            importlib.import_module(verb.module).main(config)
         except NeoError as e:  # a user's mistake: one line; anything else keeps its traceback
             _report(name, e)
             sys.exit(e.exit_code)
 
-    sys.argv = [f"neo {name}", *(quote_text(o, verb.text_keys) for o in overrides)]
+    compose.register_configs()
+    sys.argv = [f"neo {name}", *args]
     app()
-
-
-def _given(key: str) -> bool:
-    """Whether the command line (Hydra's task overrides) sets `key`."""
-    from hydra.core.hydra_config import HydraConfig
-
-    return any(o.lstrip("+~").split("=", 1)[0] == key for o in HydraConfig.get().overrides.task)
 
 
 def quote_text(override: str, text_keys: tuple[str, ...]) -> str:
@@ -197,97 +219,6 @@ def quote_text(override: str, text_keys: tuple[str, ...]) -> str:
     escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
     escaped = escaped.replace("${", "\\${")
     return f"{key}='{escaped}'"
-
-
-def run_prep(cfg) -> None:
-    from data_prep.prep import prepare
-
-    try:
-        prepare(cfg)
-    except KeyboardInterrupt:
-        print(
-            f"neo prep: interrupted; rerun the same command to continue from the shards "
-            f"already complete in {cfg.output}",
-            file=sys.stderr,
-        )
-        sys.exit(130)
-
-
-def run_import(cfg) -> None:
-    from train.checkpoints.hf import import_hf
-
-    source, output = _require_paths(cfg)
-    config = import_hf(source, output, overwrite=cfg.overwrite)
-    log.info(
-        "imported %s (%s, %d layers) from %s into the neotrain checkpoint %s",
-        config.name,
-        _params(config),
-        config.num_layers,
-        source,
-        output,
-    )
-
-
-def run_export(cfg) -> None:
-    import torch
-
-    from train.checkpoints.export import export_hf
-    from train.checkpoints.load import require_model
-
-    source, output = _require_paths(cfg)
-    if source == "runs/demo":
-        require_model(source)
-    dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
-    if dtype is not None and not isinstance(dtype, torch.dtype):
-        raise ConfigError(f"dtype={cfg.dtype!r} is not a torch dtype (float32, bfloat16, float16)")
-    if cfg.format not in ("hf", "onnx"):
-        raise ConfigError(f"format={cfg.format!r}: expected hf or onnx")
-    if cfg.format == "onnx":
-        from train.checkpoints.export import export_onnx_dir
-
-        config = export_onnx_dir(source, output, overwrite=cfg.overwrite, dtype=dtype,
-                                 with_past=cfg.with_past, opset=cfg.opset,
-                                 tokenizer=cfg.tokenizer)  # fmt: skip
-    else:
-        config = export_hf(source, output, overwrite=cfg.overwrite, dtype=dtype,
-                           tokenizer=cfg.tokenizer, eval_results=cfg.eval_results,
-                           max_shard_size=cfg.max_shard_size, usage=cfg.usage)  # fmt: skip
-    log.info(
-        "exported %s (%s) to %s, verified (its README.md says how to load it); check it again "
-        "with neo verify %s",
-        config.name,
-        _params(config),
-        output,
-        output,
-    )
-
-
-def run_verify(cfg) -> None:
-    from train.checkpoints.verify import verify
-
-    for line in verify(cfg.dir, usage=cfg.usage):
-        log.info("ok  %s", line)
-    log.info("%s: verified", cfg.dir)
-
-
-def run_plot(cfg) -> None:
-    from train.loop.metrics import plot_run
-
-    log.info("wrote %s", plot_run(cfg.run_dir))
-
-
-def _require_paths(cfg) -> tuple[str, str]:
-    if not cfg.input:
-        raise ConfigError("input= is required: the directory to read")
-    if not cfg.output:
-        raise ConfigError("output= is required: the directory to write")
-    return cfg.input, cfg.output
-
-
-def _params(config) -> str:
-    from train.verbs.info import count_parameters
-
-    return f"{count_parameters(config).total / 1e6:,.1f}M parameters"
 
 
 if __name__ == "__main__":

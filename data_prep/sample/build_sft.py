@@ -35,20 +35,99 @@ import zstandard
 HERE = Path(__file__).parent
 SEED = 20261205
 
-MODULES = sorted({
-    "abc", "argparse", "array", "ast", "base64", "binascii", "bisect", "calendar", "cmath",
-    "codecs", "collections", "colorsys", "configparser", "contextlib", "copy", "csv",
-    "dataclasses", "datetime", "decimal", "difflib", "dis", "email.utils", "enum", "filecmp",
-    "fnmatch", "fractions", "functools", "gettext", "glob", "graphlib", "gzip", "hashlib",
-    "heapq", "hmac", "html", "inspect", "io", "ipaddress", "itertools", "json", "keyword",
-    "locale", "logging", "math", "mimetypes", "numbers", "operator", "os", "os.path",
-    "pathlib", "pickle", "platform", "plistlib", "pprint", "queue", "random", "re", "reprlib",
-    "sched", "secrets", "shlex", "shutil", "signal", "socket", "sqlite3", "stat", "statistics",
-    "string", "struct", "subprocess", "sysconfig", "tarfile", "tempfile", "textwrap",
-    "threading", "time", "timeit", "tokenize", "traceback", "typing", "unicodedata",
-    "urllib.parse", "uuid", "warnings", "weakref", "xml.etree.ElementTree", "zipfile", "zlib",
-    "zoneinfo",
-})  # fmt: skip
+MODULES = sorted(
+    {
+        "abc",
+        "argparse",
+        "array",
+        "ast",
+        "base64",
+        "binascii",
+        "bisect",
+        "calendar",
+        "cmath",
+        "codecs",
+        "collections",
+        "colorsys",
+        "configparser",
+        "contextlib",
+        "copy",
+        "csv",
+        "dataclasses",
+        "datetime",
+        "decimal",
+        "difflib",
+        "dis",
+        "email.utils",
+        "enum",
+        "filecmp",
+        "fnmatch",
+        "fractions",
+        "functools",
+        "gettext",
+        "glob",
+        "graphlib",
+        "gzip",
+        "hashlib",
+        "heapq",
+        "hmac",
+        "html",
+        "inspect",
+        "io",
+        "ipaddress",
+        "itertools",
+        "json",
+        "keyword",
+        "locale",
+        "logging",
+        "math",
+        "mimetypes",
+        "numbers",
+        "operator",
+        "os",
+        "os.path",
+        "pathlib",
+        "pickle",
+        "platform",
+        "plistlib",
+        "pprint",
+        "queue",
+        "random",
+        "re",
+        "reprlib",
+        "sched",
+        "secrets",
+        "shlex",
+        "shutil",
+        "signal",
+        "socket",
+        "sqlite3",
+        "stat",
+        "statistics",
+        "string",
+        "struct",
+        "subprocess",
+        "sysconfig",
+        "tarfile",
+        "tempfile",
+        "textwrap",
+        "threading",
+        "time",
+        "timeit",
+        "tokenize",
+        "traceback",
+        "typing",
+        "unicodedata",
+        "urllib.parse",
+        "uuid",
+        "warnings",
+        "weakref",
+        "xml.etree.ElementTree",
+        "zipfile",
+        "zlib",
+        "zoneinfo",
+    }
+)
 
 QUESTIONS = (
     "What does `{name}` do?",
@@ -56,8 +135,12 @@ QUESTIONS = (
     "In Python, what is `{name}`?",
 )
 SIGNATURE = re.compile(r"^[\w.]+\(.*\)( -> .*)?$")
-CLASSES = {"Github": "code", "Enron Emails": "e-mail", "Gutenberg (PG-19)": "book",
-           "HackerNews": "forum"}  # fmt: skip
+CLASSES = {
+    "Github": "code",
+    "Enron Emails": "e-mail",
+    "Gutenberg (PG-19)": "book",
+    "HackerNews": "forum",
+}
 SNIPPETS_PER_CLASS = 300
 SNIPPET_CHARS = 400
 
@@ -111,13 +194,17 @@ def instructions() -> list[dict]:
             if text is None or text in seen:  # inherited or shared docstrings: once
                 continue
             seen.add(text)
-            records.append({
-                "instruction": rng.choice(QUESTIONS).format(name=name),
-                "input": "",
-                "output": text,
-                "meta": {"origin": f"Python {version} standard library: {name}",
-                         "license": "PSF-2.0"},
-            })  # fmt: skip
+            records.append(
+                {
+                    "instruction": rng.choice(QUESTIONS).format(name=name),
+                    "input": "",
+                    "output": text,
+                    "meta": {
+                        "origin": f"Python {version} standard library: {name}",
+                        "license": "PSF-2.0",
+                    },
+                }
+            )
     rng.shuffle(records)
     return records
 
@@ -137,8 +224,9 @@ def classification() -> list[dict]:
             text, origin = rng.choice(docs)
             start = rng.randrange(len(text) - SNIPPET_CHARS)
             snippet = " ".join(text[start : start + SNIPPET_CHARS].split()[1:-1])
-            records.append({"text": snippet, "label": label,
-                            "meta": {"origin": origin, "offset": start}})  # fmt: skip
+            records.append(
+                {"text": snippet, "label": label, "meta": {"origin": origin, "offset": start}}
+            )
     rng.shuffle(records)
     return records
 

@@ -1,7 +1,7 @@
-"""Run in an environment of its own with openMind's pins (tests/test_openmind.py): openMind's
-`pipeline` (the PyTorch backend, as the GPT-Neo 1.3B card uses it on NPU, here on CPU) loads a
-neotrain export, generates the card's five continuations, and its model recomputes the export's
-probe. Prints one line of versions and the probe's largest difference.
+"""Run in an environment of its own with openMind's pins (tests/checkpoints/test_openmind.py):
+openMind's `pipeline` (the PyTorch backend, as the GPT-Neo 1.3B card uses it on NPU, here on
+CPU) loads a neotrain export, generates the card's five continuations, and its model recomputes
+the export's probe. Prints one line of versions and the probe's largest difference.
 
     python openmind_check.py EXPORT_DIR
 """
@@ -16,8 +16,9 @@ from openmind import pipeline
 
 directory = sys.argv[1]
 probe = json.loads(Path(directory, "probe.json").read_text())
-generator = pipeline("text-generation", model=directory, framework="pt", backend="transformers",
-                     device="cpu")  # fmt: skip
+generator = pipeline(
+    "text-generation", model=directory, framework="pt", backend="transformers", device="cpu"
+)
 torch.manual_seed(0)
 texts = generator(probe["prompt"], max_length=30, num_return_sequences=5, do_sample=True)
 texts = [t if isinstance(t, str) else t["generated_text"] for t in texts]  # openMind: strings

@@ -14,7 +14,9 @@ import torch
 import yaml
 
 from data_prep.tokenizers import GPT2_EOD
-from train.config import ModelConfig, TaskHead
+from train.config.model import ModelConfig
+from train.model.heads import TaskHead
+from train.model.sizes import count_parameters
 
 GPT_NEO = ("gpt_neo_125m", "gpt_neo_1.3b", "gpt_neo_2.7b")
 HF_CLASS = {True: "GPTNeoForCausalLM", False: "GPTNeoForSequenceClassification"}
@@ -133,39 +135,67 @@ def onnx_card(config: ModelConfig, dtype: torch.dtype, description: dict, record
     """The card of `neo export format=onnx`: its files, ONNX Runtime and MIGraphX usage."""
     past = "decoder_with_past.onnx" in description["files"]
     lines = [
-        "---", "library_name: onnx", "pipeline_tag: text-generation",
-        "tags:", "- gpt-neo", "- neotrain", "- onnx", "---", "",
-        f"# {config.name} (ONNX)", "",
+        "---",
+        "library_name: onnx",
+        "pipeline_tag: text-generation",
+        "tags:",
+        "- gpt-neo",
+        "- neotrain",
+        "- onnx",
+        "---",
+        "",
+        f"# {config.name} (ONNX)",
+        "",
         f"A GPT-Neo style causal language model trained with neotrain, exported with torch's "
-        f"ONNX exporter (opset {description['opset']}, {description['dtype']}).", "",
-        "## Files", "",
+        f"ONNX exporter (opset {description['opset']}, {description['dtype']}).",
+        "",
+        "## Files",
+        "",
         "- `model.onnx`: input_ids, attention_mask, position_ids (batch, sequence; int64) -> "
         "logits" + (", present.{i}.key / .value" if past else ""),
-        *(["- `decoder_with_past.onnx`: the same, for the new tokens, with "
-           "past_key_values.{i}.key / .value (batch, heads, past, head_dim) and attention_mask "
-           "over past + new tokens"] if past else []),
+        *(
+            [
+                "- `decoder_with_past.onnx`: the same, for the new tokens, with "
+                "past_key_values.{i}.key / .value (batch, heads, past, head_dim) and "
+                "attention_mask over past + new tokens"
+            ]
+            if past
+            else []
+        ),
         "- `onnx_config.json`: names, shapes and sizes; the tokenizer files; `probe.json`; "
-        "`checksums.sha256`", "",
+        "`checksums.sha256`",
+        "",
         "Positions count real tokens (`position_ids = cumsum(attention_mask) - 1`); a key is "
-        "seen when its mask is 1, so left- or right-padded batches both work.", "",
-        "## ONNX Runtime", "",
+        "seen when its mask is 1, so left- or right-padded batches both work.",
+        "",
+        "## ONNX Runtime",
+        "",
         "```python",
         "import numpy as np, onnxruntime as ort",
         'session = ort.InferenceSession("PATH/model.onnx", providers=["CPUExecutionProvider"])',
-        'ids = np.array([[15496, 11, 314, 1101, 257, 3303, 2746, 11]])',
+        "ids = np.array([[15496, 11, 314, 1101, 257, 3303, 2746, 11]])",
         "mask = np.ones_like(ids)",
         'logits = session.run(["logits"], {"input_ids": ids, "attention_mask": mask,',
         '                                  "position_ids": np.cumsum(mask, -1) - 1})[0]',
-        "```", "",
-        "`neo verify PATH` checks the checksums and the probe in ONNX Runtime.", "",
-        "## AMD MIGraphX", "",
+        "```",
+        "",
+        "`neo verify PATH` checks the checksums and the probe in ONNX Runtime.",
+        "",
+        "## AMD MIGraphX",
+        "",
         "`migraphx-driver perf --onnx PATH/model.onnx --input-dim @input_ids 1 8 "
         "@attention_mask 1 8 @position_ids 1 8`, or ONNX Runtime with "
         '`providers=["MIGraphXExecutionProvider"]`. Not run by neotrain\'s tests (no AMD GPU '
-        "there): what was tested is ONNX Runtime's CPU provider.", "",
-        "## Model", "", *_architecture(config, None, dtype),
-        "", *_training(records, config), "", *_limitations(config),
-    ]  # fmt: skip
+        "there): what was tested is ONNX Runtime's CPU provider.",
+        "",
+        "## Model",
+        "",
+        *_architecture(config, None, dtype),
+        "",
+        *_training(records, config),
+        "",
+        *_limitations(config),
+    ]
     return "\n".join(line for line in lines if "tokenizer: none" not in line) + "\n"
 
 
@@ -191,7 +221,6 @@ def _usage(causal: bool) -> list[str]:
 
 
 def _architecture(config: ModelConfig, tokenizer, dtype: torch.dtype) -> list[str]:
-    from train.verbs.info import count_parameters
 
     kinds = config.layer_kinds()
     local = sum(kind == "local" for kind in kinds)
@@ -206,8 +235,10 @@ def _architecture(config: ModelConfig, tokenizer, dtype: torch.dtype) -> list[st
     if tokenizer is None:
         lines.append("- tokenizer: none was exported with it; tokenize with your own")
     else:
-        lines.append(f"- tokenizer: {tokenizer.name} ({tokenizer.vocab_size} tokens), end of "
-                     f"text {tokenizer.eod_token!r} = {tokenizer.eod_id}")  # fmt: skip
+        lines.append(
+            f"- tokenizer: {tokenizer.name} ({tokenizer.vocab_size} tokens), end of "
+            f"text {tokenizer.eod_token!r} = {tokenizer.eod_id}"
+        )
         if tokenizer.eod_token == GPT2_EOD and tokenizer.name == "gpt2":
             lines.append("  (GPT-2's byte-level BPE, as every EleutherAI GPT-Neo model)")
     if config.scale_attn_weights:
@@ -221,34 +252,47 @@ def _architecture(config: ModelConfig, tokenizer, dtype: torch.dtype) -> list[st
 def _training(records: RunRecords, config: ModelConfig) -> list[str]:
     lines = ["## Training"]
     if records.run_dir is None:
-        return [*lines, "", "No run records were found beside the checkpoint (exported from a "
-                "checkpoint alone): the data and settings are unknown here."]  # fmt: skip
+        return [
+            *lines,
+            "",
+            "No run records were found beside the checkpoint (exported from a "
+            "checkpoint alone): the data and settings are unknown here.",
+        ]
     c, s = records.config, records.state
     lines.append("")
     if records.verb == "sft":
         sft = c.get("sft") or {}
-        task = (c.get("task") or {}).get("type", "lm")
+        # `head` (runs written before it was renamed: `task`)
+        task = (c.get("head") or c.get("task") or {}).get("type", "lm")
         lora = c.get("lora") or {}
         base = records.base()
         data = f"`{sft['path']}`" if sft.get("path") else "the bundled sample"
         lines += [
-            f"- fine-tuned (`neo sft`) from `{base}`" if base else
-            "- trained by `neo sft` from fresh weights (no base model)",
+            f"- fine-tuned (`neo sft`) from `{base}`"
+            if base
+            else "- trained by `neo sft` from fresh weights (no base model)",
             f"- data: {data} ({sft.get('format') if task == 'lm' else f'task {task}'})",
-        ]  # fmt: skip
+        ]
         if lora.get("r"):
-            lines.append(f"- LoRA r={lora['r']}, alpha {lora.get('alpha')} on "
-                         f"{', '.join(lora.get('target_modules', []))}, merged")  # fmt: skip
+            lines.append(
+                f"- LoRA r={lora['r']}, alpha {lora.get('alpha')} on "
+                f"{', '.join(lora.get('target_modules', []))}, merged"
+            )
     if records.manifest:
         m = records.manifest
         tok = m.get("tokenizer", {})
-        lines += [f"- data: `{(c.get('data') or {}).get('path')}`, prepared by `neo prep` "
-                  f"({m['totals']['documents']:,} documents, {m['totals']['tokens']:,} tokens; "
-                  f"tokenizer {tok.get('name')}, vocab.json/tokenizer sha256 "
-                  f"{next(iter((tok.get('sha256') or {}).values()), '?')[:12]}...):", "",
-                  "| source | documents | tokens |", "|---|---:|---:|"]  # fmt: skip
-        lines += [f"| {name} | {v['documents']:,} | {v['tokens']:,} |"
-                  for name, v in m["sources"].items()]  # fmt: skip
+        lines += [
+            f"- data: `{(c.get('data') or {}).get('path')}`, prepared by `neo prep` "
+            f"({m['totals']['documents']:,} documents, {m['totals']['tokens']:,} tokens; "
+            f"tokenizer {tok.get('name')}, vocab.json/tokenizer sha256 "
+            f"{next(iter((tok.get('sha256') or {}).values()), '?')[:12]}...):",
+            "",
+            "| source | documents | tokens |",
+            "|---|---:|---:|",
+        ]
+        lines += [
+            f"| {name} | {v['documents']:,} | {v['tokens']:,} |" for name, v in m["sources"].items()
+        ]
         lines.append("")
     seq_len = (c.get("data") or {}).get("seq_len") or config.max_position_embeddings
     if s:
@@ -257,12 +301,17 @@ def _training(records: RunRecords, config: ModelConfig) -> list[str]:
             f"{c.get('global_batch_size')} x {seq_len} tokens"
         )
         lr = (c.get("optim") or {}).get("lr")
-        lines.append(f"- {s.get('world_size')} ranks, ZeRO-{s.get('zero_stage')}, "
-                     f"{s.get('precision')}; learning rate {lr}")  # fmt: skip
+        lines.append(
+            f"- {s.get('world_size')} ranks, ZeRO-{s.get('zero_stage')}, "
+            f"{s.get('precision')}; learning rate {lr}"
+        )
     final = {k: v for k, v in records.final.items() if k != "step" and isinstance(v, float)}
     if final:
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items() if "/" not in k or
-                          k.startswith("val/") and k.count("/") == 1)  # fmt: skip
+        shown = ", ".join(
+            f"{k} {v:.4f}"
+            for k, v in final.items()
+            if "/" not in k or k.startswith("val/") and k.count("/") == 1
+        )
         lines.append(f"- final validation (step {records.final.get('step')}): {shown}")
     return lines
 

@@ -1,21 +1,23 @@
-"""Exporting: any checkpoint (train/checkpoints/load.py) -> a Hugging Face GPTNeoForCausalLM
+"""Exporting any checkpoint (train/checkpoints/load.py) -> a Hugging Face GPTNeoForCausalLM
 directory (a task model: GPTNeoForSequenceClassification), with checksums.sha256 and
 probe.json, verified (train/checkpoints/verify.py) before it is renamed into place."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import torch
 
-from data_prep.tokenizers import load_tokenizer
+from data_prep.files import atomic_dir
+from data_prep.tokenizers import load_tokenizer, save_hf_tokenizer
 from train.checkpoints import verify as bundle
 from train.checkpoints.card import onnx_card, read_records
 from train.checkpoints.hf import read_hf_dir, write_hf_dir
-from train.checkpoints.load import read_any, read_head
-from train.config import ModelConfig
-from train.errors import CheckpointError
+from train.checkpoints.load import model_from_state, read_any, read_head
+from train.config.model import ModelConfig
+from train.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("neo.export")
 GPT2_VOCAB = 50257
@@ -54,9 +56,19 @@ def export_hf(
                 log.info("verified: %s", line)
 
     records = read_records(input_dir, eval_results)
-    write_hf_dir(output_dir, config, state, tok, overwrite=overwrite, dtype=dtype,
-                 source=str(input_dir), head=head, finish=finish, records=records,
-                 max_shard_size=max_shard_size)  # fmt: skip
+    write_hf_dir(
+        output_dir,
+        config,
+        state,
+        tok,
+        overwrite=overwrite,
+        dtype=dtype,
+        source=str(input_dir),
+        head=head,
+        finish=finish,
+        records=records,
+        max_shard_size=max_shard_size,
+    )
     return config
 
 
@@ -72,13 +84,17 @@ def export_tokenizer(input_dir, config: ModelConfig, found, tokenizer: str | Non
     if not tokenizer and tok is not None and tok.vocab_size > config.vocab_size:
         tok = None  # what the checkpoint offers cannot be its tokenizer (GPT-2's by default)
     if tok is None and config.vocab_size >= GPT2_VOCAB:
-        log.info("%s has no tokenizer; exporting GPT-2's (vocab_size=%d)", input_dir,
-                 config.vocab_size)  # fmt: skip
+        log.info(
+            "%s has no tokenizer; exporting GPT-2's (vocab_size=%d)", input_dir, config.vocab_size
+        )
         tok = load_tokenizer("gpt2")
     elif tok is None:
-        log.warning("%s has no tokenizer and none fits vocab_size=%d: the export has no "
-                    "tokenizer files (pass tokenizer=PATH to include one)", input_dir,
-                    config.vocab_size)  # fmt: skip
+        log.warning(
+            "%s has no tokenizer and none fits vocab_size=%d: the export has no "
+            "tokenizer files (pass tokenizer=PATH to include one)",
+            input_dir,
+            config.vocab_size,
+        )
     return tok
 
 
@@ -96,22 +112,9 @@ def export_onnx_dir(
     decoder_with_past.onnx), the tokenizer, onnx_config.json (names and shapes), a card on
     running it, probe.json and checksums.sha256, verified in ONNX Runtime before it is renamed
     into place."""
-    import json
-
-    from data_prep.files import atomic_dir
-    from data_prep.tokenizers import save_hf_tokenizer
-    from train.checkpoints.load import model_from_state
-    from train.checkpoints.onnx import OPSET, export_onnx
-    from train.errors import ConfigError
+    from train.checkpoints.onnx import export_onnx  # torch.onnx, imported when asked for
 
     dtype = dtype or torch.float32
-    if dtype not in (torch.float32, torch.float16):
-        raise ConfigError(f"dtype={str(dtype).removeprefix('torch.')}: ONNX export writes float32 "
-                          "or float16 (ONNX Runtime's CPU provider has no bfloat16 kernels for "
-                          "this graph)")  # fmt: skip
-    if not 18 <= opset <= 23:
-        raise ConfigError(f"opset={opset}: torch's ONNX exporter writes opsets 18 to 23 "
-                          f"(default {OPSET})")  # fmt: skip
     config, state, found = read_any(input_dir)
     if read_head(input_dir) is not None:
         raise ConfigError(f"{input_dir} is a task model; ONNX export covers causal LMs")
@@ -121,15 +124,20 @@ def export_onnx_dir(
         files = export_onnx(model, tmp, with_past, dtype, opset)
         d = config.hidden_size // config.num_heads
         description = {
-            "format": "neotrain-onnx", "opset": opset, "dtype": str(dtype).removeprefix("torch."),
-            "files": files, "num_layers": config.num_layers, "num_heads": config.num_heads,
-            "head_dim": d, "vocab_size": config.vocab_size,
+            "format": "neotrain-onnx",
+            "opset": opset,
+            "dtype": str(dtype).removeprefix("torch."),
+            "files": files,
+            "num_layers": config.num_layers,
+            "num_heads": config.num_heads,
+            "head_dim": d,
+            "vocab_size": config.vocab_size,
             "max_position_embeddings": config.max_position_embeddings,
             "eos_token_id": tok.eod_id if tok is not None else None,
             "inputs": ["input_ids", "attention_mask", "position_ids"],
             "past_inputs": "past_key_values.{i}.key / .value: (batch, heads, past, head_dim)",
             "outputs": ["logits"] + (["present.{i}.key", "present.{i}.value"] if with_past else []),
-        }  # fmt: skip
+        }
         (tmp / "onnx_config.json").write_text(json.dumps(description, indent=1) + "\n")
         if tok is not None:
             save_hf_tokenizer(tok, tmp, model_max_length=config.max_position_embeddings)

@@ -24,14 +24,15 @@ from data_prep.files import atomic_dir
 from data_prep.tokenizers import LoadedTokenizer, load_tokenizer, save_hf_tokenizer
 from train.checkpoints.card import RunRecords, model_card
 from train.checkpoints.model_format import (
-    TIED,
-    CheckpointError,
     materialize,
     model_config_from_dict,
     read_weights,
     save_checkpoint,
 )
-from train.config import ModelConfig, TaskHead
+from train.config.model import ModelConfig
+from train.errors import CheckpointError
+from train.model.gpt import TIED
+from train.model.heads import TaskHead
 
 # GPTNeoConfig fields that are ModelConfig fields of the same name and meaning.
 SHARED_FIELDS = (
@@ -100,13 +101,18 @@ def config_to_hf(
     else:
         # GPTNeoForSequenceClassification reads the last token that is not padding: the
         # classify token, when inputs are built as neo sft builds them.
-        fields |= dict(num_labels=head.num_outputs, pad_token_id=eod,
-                       architectures=["GPTNeoForSequenceClassification"],
-                       task_specific_params={"neotrain_task": asdict(head)})  # fmt: skip
+        fields |= dict(
+            num_labels=head.num_outputs,
+            pad_token_id=eod,
+            architectures=["GPTNeoForSequenceClassification"],
+            task_specific_params={"neotrain_task": asdict(head)},
+        )
         if head.type != "multiple_choice":
-            fields |= dict(id2label=dict(enumerate(head.labels)),
-                           label2id={name: i for i, name in enumerate(head.labels)},
-                           problem_type="single_label_classification")  # fmt: skip
+            fields |= dict(
+                id2label=dict(enumerate(head.labels)),
+                label2id={name: i for i, name in enumerate(head.labels)},
+                problem_type="single_label_classification",
+            )
     return GPTNeoConfig(
         **{"architectures": ["GPTNeoForCausalLM"], **fields},
         bos_token_id=eod,
@@ -174,8 +180,13 @@ def parse_size(size: str | int) -> int:
     raise CheckpointError(f"max_shard_size={size!r}: expected bytes or a size like 5GB, 500MB")
 
 
-def write_weights(directory: Path, config: ModelConfig, state: dict[str, torch.Tensor],
-                  dtype: torch.dtype, max_shard_size: int) -> None:  # fmt: skip
+def write_weights(
+    directory: Path,
+    config: ModelConfig,
+    state: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    max_shard_size: int,
+) -> None:
     """The weights as model.safetensors, or above max_shard_size as save_pretrained shards them
     (model-0000i-of-0000n.safetensors + model.safetensors.index.json). Tensors are converted
     one at a time and taken out of `state` as they are, so the export never holds a second copy
@@ -192,8 +203,11 @@ def write_weights(directory: Path, config: ModelConfig, state: dict[str, torch.T
         shards[-1].append(key)
         filled += sizes[key]
     n = len(shards)
-    names = ["model.safetensors"] if n == 1 else [
-        f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]  # fmt: skip
+    names = (
+        ["model.safetensors"]
+        if n == 1
+        else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    )
     weight_map = {}
     for name, shard in zip(names, shards, strict=True):
         tensors = {}

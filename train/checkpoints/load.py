@@ -3,7 +3,8 @@
 - a neotrain model checkpoint (train/checkpoints/model_format.py: neotrain.json +
   model.safetensors),
 - a `neo train` run directory, its checkpoints/ folder or one DeepSpeed checkpoint of it
-  (train/loop/checkpointing.py; any ZeRO stage, consolidated with DeepSpeed's zero_to_fp32),
+  (train/checkpoints/run_format.py; any ZeRO stage, consolidated with DeepSpeed's
+  zero_to_fp32: train/checkpoints/zero.py),
 - a Hugging Face GPT-Neo directory (train/checkpoints/hf.py).
 """
 
@@ -14,23 +15,24 @@ from pathlib import Path
 import torch
 
 from data_prep.tokenizers import LoadedTokenizer, load_tokenizer
+from train.checkpoints import run_format as run_checkpoints
 from train.checkpoints.hf import hf_dir_tokenizer, is_hf_dir, read_hf_dir
 from train.checkpoints.model_format import (
     CONFIG_FILE,
-    TIED,
-    CheckpointError,
     checkpoint_head,
     checkpoint_tokenizer,
     is_checkpoint,
     model_config_from_dict,
     read_checkpoint,
 )
-from train.config import LoraConfig, ModelConfig, ModelSourceConfig, TaskHead
-from train.errors import ConfigError, NotFound
-from train.loop import checkpointing as run_checkpoints
-from train.loop.engine import consolidated_state_dict
+from train.checkpoints.zero import consolidated_state_dict
+from train.config.evaluation import CheckpointSource
+from train.config.model import ModelConfig
+from train.config.sft import LoraConfig
+from train.errors import CheckpointError, ConfigError, NotFound
 from train.model import lora
-from train.model.gpt import GPT
+from train.model.gpt import GPT, TIED
+from train.model.heads import TaskHead
 
 HEAD_PREFIX = "score."  # a task model's head, as GPTNeoForSequenceClassification names it
 
@@ -106,10 +108,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
     return model_from_state(config, state).to(device)
 
 
-def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor]) -> GPT:
-    """A GPT holding `state`'s tensors themselves (built on the meta device: no second copy).
-    A task model's head (`score.weight`) is left out: its language model is what loads."""
-    state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
+def model_from_state(
+    config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None
+) -> GPT:
+    """A GPT holding `state`'s tensors themselves (built on the meta device: no second copy;
+    `dtype`: cast first). A task model's head (`score.weight`) is left out: its language model
+    is what loads."""
+    state = {
+        k: v if dtype is None else v.to(dtype)
+        for k, v in state.items()
+        if not k.startswith(HEAD_PREFIX)
+    }
     with torch.device("meta"):
         model = GPT(config)
     model.load_state_dict(state, assign=True, strict=True)
@@ -117,20 +126,22 @@ def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor]) -> GPT
     return model
 
 
-def require_model(model: str) -> None:
-    if not Path(model).exists():
-        hint = ": make one with `make demo`, or pass model=PATH" if model == "runs/demo" else ""
-        raise NotFound(f"model={model} does not exist{hint}")
+def require_checkpoint(path: str, key: str) -> None:
+    """NotFound naming the key (checkpoint=, input=, base=) when `path` does not exist."""
+    if not Path(path).exists():
+        hint = f": make one with `make demo`, or pass {key}=PATH" if path == "runs/demo" else ""
+        raise NotFound(f"{key}={path} does not exist{hint}")
 
 
 def source_tokenizer(
-    source: ModelSourceConfig, config: ModelConfig, found: LoadedTokenizer | None
+    source: CheckpointSource, config: ModelConfig, found: LoadedTokenizer | None
 ) -> LoadedTokenizer:
     """`tokenizer=` if given, else the checkpoint's own; it must fit the model's vocabulary."""
     tokenizer = load_tokenizer(source.tokenizer) if source.tokenizer else found
     if tokenizer is None:
         raise NotFound(
-            f"{source.model} has no tokenizer; pass tokenizer=gpt2 (or a tokenizer.json / dir)"
+            f"{source.checkpoint} has no tokenizer; pass tokenizer=gpt2 (or a tokenizer.json or "
+            "directory)"
         )
     if tokenizer.vocab_size > config.vocab_size:
         raise ConfigError(
@@ -138,18 +149,3 @@ def source_tokenizer(
             f"model's vocab_size={config.vocab_size}: its ids would index past the embedding"
         )
     return tokenizer
-
-
-def placed_model(
-    source: ModelSourceConfig, config: ModelConfig, state: dict[str, torch.Tensor], acc, local_rank
-) -> GPT:
-    """The model in eval mode, in `source.dtype`, on this rank's device or, with
-    device_map=auto, spread over the devices, CPU memory and disk by accelerate."""
-    dtype = getattr(torch, source.dtype)
-    model = model_from_state(config, {k: v.to(dtype) for k, v in state.items()}).eval()
-    if source.device_map == "auto":
-        from train.distributed.placement import dispatch_auto
-
-        return dispatch_auto(model, acc)
-    acc.set_device(local_rank)
-    return model.to(acc.device(local_rank))

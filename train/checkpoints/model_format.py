@@ -20,15 +20,16 @@ from safetensors.torch import load_file, save_file
 
 from data_prep.files import atomic_dir, check_format
 from data_prep.tokenizers import LoadedTokenizer, load_tokenizer
-from train.config import ModelConfig, TaskHead
+from train.config.model import ModelConfig
 from train.errors import CheckpointError
+from train.model.gpt import TIED
+from train.model.heads import TaskHead
 
 FORMAT = "neotrain-model"
 FORMAT_VERSION = 1
 CONFIG_FILE = "neotrain.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
-TIED = "lm_head.weight"
 
 
 def materialize(value) -> torch.Tensor:

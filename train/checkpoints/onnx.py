@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.model.attention import visible
 from train.model.gpt import GPT
+from train.model.masks import visible
 
 OPSET = 20
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -54,8 +54,10 @@ class OnnxDecoder(nn.Module):
             attn = block.attn.attention
             h = block.ln_1(x)
             B, T, C = h.shape
-            q, k, v = (p(h).view(B, T, c.num_heads, -1).transpose(1, 2)
-                       for p in (attn.q_proj, attn.k_proj, attn.v_proj))  # fmt: skip
+            q, k, v = (
+                p(h).view(B, T, c.num_heads, -1).transpose(1, 2)
+                for p in (attn.q_proj, attn.k_proj, attn.v_proj)
+            )
             if self.past_in:
                 k = torch.cat([past[2 * i], k], dim=2)
                 v = torch.cat([past[2 * i + 1], v], dim=2)
@@ -92,8 +94,9 @@ def _quiet_exporter():
             logger.setLevel(level)
 
 
-def export_onnx(model: GPT, directory: Path, with_past: bool, dtype: torch.dtype,
-                opset: int = OPSET) -> list[str]:  # fmt: skip
+def export_onnx(
+    model: GPT, directory: Path, with_past: bool, dtype: torch.dtype, opset: int = OPSET
+) -> list[str]:
     """Write model.onnx (and decoder_with_past.onnx) into `directory`; the files written."""
     c = model.config
     model = model.to(dtype).eval()
@@ -103,8 +106,9 @@ def export_onnx(model: GPT, directory: Path, with_past: bool, dtype: torch.dtype
     mask = torch.ones_like(ids)
     pos = torch.arange(3).expand(2, 3).contiguous()
     names_in = ["input_ids", "attention_mask", "position_ids"]
-    names_out = ["logits"] + [f"present.{i}.{kv}" for i in range(c.num_layers)
-                              for kv in ("key", "value")] * with_past  # fmt: skip
+    names_out = ["logits"] + [
+        f"present.{i}.{kv}" for i in range(c.num_layers) for kv in ("key", "value")
+    ] * with_past
     large = sum(p.numel() * p.element_size() for p in model.parameters()) > 2**31 - 2**26
     written = []
     jobs = [("model.onnx", False)] + ([("decoder_with_past.onnx", True)] if with_past else [])
@@ -117,19 +121,29 @@ def export_onnx(model: GPT, directory: Path, with_past: bool, dtype: torch.dtype
             past = torch.export.Dim("past")
             total = torch.ones(2, 5, dtype=torch.int64)  # 2 past + 3 new
             args = (ids, total, pos + 2)
-            shapes = [{0: batch, 1: seq}, {0: batch, 1: torch.export.Dim("total")},
-                      {0: batch, 1: seq}]  # fmt: skip
+            shapes = [
+                {0: batch, 1: seq},
+                {0: batch, 1: torch.export.Dim("total")},
+                {0: batch, 1: seq},
+            ]
             # Distinct tensors: the exporter would take one object passed twice for one input.
             cache = [torch.randn(2, heads, 2, head_dim).to(dtype) for _ in range(2 * c.num_layers)]
             args = (*args, *cache)
             shapes.append(tuple([{0: batch, 2: past}] * (2 * c.num_layers)))  # *past: one entry
-            inputs += [f"past_key_values.{i}.{kv}" for i in range(c.num_layers)
-                       for kv in ("key", "value")]  # fmt: skip
+            inputs += [
+                f"past_key_values.{i}.{kv}" for i in range(c.num_layers) for kv in ("key", "value")
+            ]
         with _quiet_exporter():
             program = torch.onnx.export(
-                module, args, dynamic_shapes=tuple(shapes), input_names=inputs,
-                output_names=names_out, opset_version=opset, dynamo=True, verbose=False,
-            )  # fmt: skip
+                module,
+                args,
+                dynamic_shapes=tuple(shapes),
+                input_names=inputs,
+                output_names=names_out,
+                opset_version=opset,
+                dynamo=True,
+                verbose=False,
+            )
         program.save(str(directory / name), external_data=large)
         written.append(name)
     return written

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
-from train.config import ModelConfig, TaskHead
+from train.checkpoints.load import model_from_state
+from train.config.model import ModelConfig
 from train.errors import NeoError
+from train.model.heads import TaskGPT, TaskHead
 
 log = logging.getLogger("neo.verify")
 
@@ -57,16 +59,21 @@ def check_checksums(directory: Path) -> int:
         if len(digest) != 64 or not name:
             raise VerifyError(f"{listing}:{n}: not '<sha256>  <file>'")
         listed[name] = digest
-    present = {p.relative_to(directory).as_posix() for p in directory.rglob("*")
-               if p.is_file() and p.name != CHECKSUMS}  # fmt: skip
+    present = {
+        p.relative_to(directory).as_posix()
+        for p in directory.rglob("*")
+        if p.is_file() and p.name != CHECKSUMS
+    }
     if missing := sorted(set(listed) - present):
         raise VerifyError(f"{directory}: listed in {CHECKSUMS} but missing: {', '.join(missing)}")
     if extra := sorted(present - set(listed)):
         raise VerifyError(f"{directory}: not listed in {CHECKSUMS}: {', '.join(extra)}")
     for name, digest in listed.items():
         if sha256(directory / name) != digest:
-            raise VerifyError(f"{directory / name}: sha256 differs from {CHECKSUMS} (corrupt or "
-                              "changed since export)")  # fmt: skip
+            raise VerifyError(
+                f"{directory / name}: sha256 differs from {CHECKSUMS} (corrupt or "
+                "changed since export)"
+            )
     return len(listed)
 
 
@@ -77,13 +84,16 @@ def probe_ids(tokenizer, head: TaskHead | None, vocab_size: int) -> list[int]:
     return ids
 
 
-def probe(config: ModelConfig, state: dict[str, torch.Tensor], tokenizer,
-          head: TaskHead | None, dtype: torch.dtype, kind: str | None = None) -> dict:  # fmt: skip
+def probe(
+    config: ModelConfig,
+    state: dict[str, torch.Tensor],
+    tokenizer,
+    head: TaskHead | None,
+    dtype: torch.dtype,
+    kind: str | None = None,
+) -> dict:
     """Our model's logits (in `dtype`) on the probe ids: the top TOP of the causal LM's last
     position, or a task head's logits."""
-    from train.checkpoints.load import model_from_state
-    from train.model.gpt import TaskGPT
-
     ids = probe_ids(tokenizer, head, config.vocab_size)
     weights = {k: v.to(dtype) for k, v in state.items()}  # no copy when already in dtype
     with torch.no_grad():
@@ -137,8 +147,9 @@ def verify(directory: str | Path, usage: bool = True) -> list[str]:
     causal = probe["kind"] == "causal_lm"
     loader = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
     try:
-        model = loader.from_pretrained(directory, local_files_only=True,
-                                       attn_implementation="eager").eval()  # fmt: skip
+        model = loader.from_pretrained(
+            directory, local_files_only=True, attn_implementation="eager"
+        ).eval()
     except Exception as e:  # transformers' own errors, whatever they are, named here
         raise VerifyError(
             f"{directory}: transformers cannot load it ({type(e).__name__}: {e})"
@@ -181,11 +192,15 @@ def _verify_onnx(directory: Path, probe: dict) -> list[str]:
 
     ids = np.array([probe["input_ids"]], dtype=np.int64)
     n = ids.shape[1]
-    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-            "position_ids": np.arange(n, dtype=np.int64)[None]}  # fmt: skip
+    feed = {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "position_ids": np.arange(n, dtype=np.int64)[None],
+    }
     try:
-        session = ort.InferenceSession(str(directory / "model.onnx"),
-                                       providers=["CPUExecutionProvider"])  # fmt: skip
+        session = ort.InferenceSession(
+            str(directory / "model.onnx"), providers=["CPUExecutionProvider"]
+        )
     except Exception as e:  # ONNX Runtime's own errors, named here
         raise VerifyError(
             f"{directory / 'model.onnx'}: ONNX Runtime cannot load it ({e})"
@@ -196,8 +211,11 @@ def _verify_onnx(directory: Path, probe: dict) -> list[str]:
         first = session.run(None, {k: v[:, : n - 1] for k, v in feed.items()})
         names = [o.name for o in session.get_outputs()][1:]
         step = ort.InferenceSession(str(with_past), providers=["CPUExecutionProvider"])
-        inputs = {"input_ids": ids[:, -1:], "attention_mask": np.ones_like(ids),
-                  "position_ids": np.array([[n - 1]], dtype=np.int64)}  # fmt: skip
+        inputs = {
+            "input_ids": ids[:, -1:],
+            "attention_mask": np.ones_like(ids),
+            "position_ids": np.array([[n - 1]], dtype=np.int64),
+        }
         for name, value in zip(names, first[1:], strict=True):
             inputs[name.replace("present.", "past_key_values.")] = value
         results.append(("decoder_with_past.onnx", step.run(None, inputs)[0][0, -1]))
@@ -206,7 +224,8 @@ def _verify_onnx(directory: Path, probe: dict) -> list[str]:
         got = torch.from_numpy(np.asarray(logits, dtype=np.float32))[torch.tensor(probe["top_ids"])]
         worst = float((got - torch.tensor(probe["top_logits"])).abs().max())
         if worst > TOLERANCE.get(probe["dtype"], 1e-3):
-            raise VerifyError(f"{directory / name}: ONNX Runtime's logits differ from the "
-                              f"export's by {worst:.3g}")  # fmt: skip
+            raise VerifyError(
+                f"{directory / name}: ONNX Runtime's logits differ from the export's by {worst:.3g}"
+            )
         lines.append(f"probe in ONNX Runtime ({name}): top-{len(got)} logits within {worst:.2g}")
     return lines

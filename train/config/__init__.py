@@ -1,2 +1,3 @@
-from train.config.schemas import *  # noqa: F401,F403  (temporary while the package is split)
-from train.config.schemas import _require_positive  # noqa: F401
+"""Every verb's typed schema (torch-free), its composition with Hydra (compose.py) and the one
+`resolve` per verb (resolve.py). Import from the modules: model, run, train, sft, evaluation,
+tools, schemas, compose, resolve, rules."""

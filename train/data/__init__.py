@@ -1,2 +1,2 @@
-"""What the trainers read: pretraining samples from token shards (pretrain.py); SFT records,
-prompt templates and packing (sft.py, packing.py)."""
+"""What the trainers read: records (the one JSON-lines and hub reader), pretraining samples from
+token shards, SFT examples and packing, GPT-1 task inputs, and neo sft's data as a whole."""

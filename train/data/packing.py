@@ -8,7 +8,7 @@ A row is (input ids, targets, positions, documents), each (seq_len,):
     positions  restart at 0 at each example (what the model's position embedding reads)
     documents  the example's index within the row, -1 on padding: attention stays within an
                example (train/model/attention.py)
-so a packed row gives each example the loss and gradients it has alone (tests/test_packing.py).
+so a packed row gives each example the loss and gradients it has alone (tests/data/test_packing.py).
 """
 
 from __future__ import annotations
@@ -74,9 +74,14 @@ def pack_bins(lengths: list[int], capacity: int) -> list[list[int]]:
         return bins
     start = time.perf_counter()
     better = cutting_stock(lengths, capacity)
-    log.info("packing %d items: cutting stock %d rows, first-fit decreasing %d, bound %d (%.1f s)",
-             len(lengths), len(better), len(bins), lower_bound(lengths, capacity),
-             time.perf_counter() - start)  # fmt: skip
+    log.info(
+        "packing %d items: cutting stock %d rows, first-fit decreasing %d, bound %d (%.1f s)",
+        len(lengths),
+        len(better),
+        len(bins),
+        lower_bound(lengths, capacity),
+        time.perf_counter() - start,
+    )
     return better if len(better) < len(bins) else bins
 
 
@@ -99,8 +104,13 @@ def cutting_stock(lengths: list[int], capacity: int, rounds: int | None = None) 
         raise ValueError(f"an item is longer than the capacity {capacity}")
     patterns = [np.where(sizes == s, np.minimum(counts, capacity // s), 0) for s in sizes]
     for _ in range(1 + (10 * len(sizes) if rounds is None else rounds)):
-        lp = linprog(np.ones(len(patterns)), A_ub=-np.stack(patterns, axis=1), b_ub=-counts,
-                     bounds=(0, None), method="highs-ds")  # fmt: skip
+        lp = linprog(
+            np.ones(len(patterns)),
+            A_ub=-np.stack(patterns, axis=1),
+            b_ub=-counts,
+            bounds=(0, None),
+            method="highs-ds",
+        )
         if lp.status != 0:
             raise RuntimeError(f"cutting-stock LP: {lp.message}")
         value, pattern = _best_pattern(-lp.ineqlin.marginals, sizes, counts, capacity)
@@ -171,8 +181,9 @@ def build_row(examples: list[Example], seq_len: int, pad_id: int) -> dict[str, n
     return {"input_ids": ids, "targets": targets, "positions": positions, "documents": documents}
 
 
-def pack(examples: list[Example], seq_len: int, pad_id: int,
-         bins: list[list[int]] | None = None) -> list[dict[str, np.ndarray]]:  # fmt: skip
+def pack(
+    examples: list[Example], seq_len: int, pad_id: int, bins: list[list[int]] | None = None
+) -> list[dict[str, np.ndarray]]:
     """Rows of several examples each: `bins` (indices into examples), by default `pack_bins`
     on their lengths."""
     if bins is None:
@@ -223,7 +234,7 @@ def collate(rows: list[dict[str, np.ndarray]], pad_id: int) -> dict[str, np.ndar
     return {
         key: np.stack(
             [np.pad(r[key], (0, length - len(r[key])), constant_values=fill[key]) for r in rows]
-        )  # fmt: skip
+        )
         for key in rows[0]
     }
 
@@ -233,8 +244,15 @@ class SftBatches:
     rows [s * G, (s + 1) * G), rank r micro-batch a's slice of them), so the rows of a step do
     not depend on the world size."""
 
-    def __init__(self, stream: RowStream, rank: int, world_size: int, micro_size: int,
-                 accumulation: int, pad_id: int):  # fmt: skip
+    def __init__(
+        self,
+        stream: RowStream,
+        rank: int,
+        world_size: int,
+        micro_size: int,
+        accumulation: int,
+        pad_id: int,
+    ):
         self.stream, self.rank, self.world = stream, rank, world_size
         self.micro_size, self.accumulation, self.pad_id = micro_size, accumulation, pad_id
         self.global_batch = micro_size * accumulation * world_size
@@ -247,8 +265,9 @@ class SftBatches:
     def step_groups(self, step: int) -> list[list]:
         """Every micro-batch of step `step`, over all ranks."""
         first, m = step * self.global_batch, self.micro_size
-        return [[self.stream[first + i + j] for j in range(m)]
-                for i in range(0, self.global_batch, m)]  # fmt: skip
+        return [
+            [self.stream[first + i + j] for j in range(m)] for i in range(0, self.global_batch, m)
+        ]
 
     def micro_batch(self, step: int, micro: int) -> dict[str, np.ndarray]:
         return collate(self.items(step, micro), self.pad_id)
@@ -256,13 +275,15 @@ class SftBatches:
     def tokens_in_step(self, step: int) -> int:
         """Tokens computed in step `step` over all ranks: each micro-batch pads its rows to its
         longest."""
-        return sum(max(len(r["input_ids"]) for r in group) * len(group)
-                   for group in self.step_groups(step))  # fmt: skip
+        return sum(
+            max(len(r["input_ids"]) for r in group) * len(group) for group in self.step_groups(step)
+        )
 
     def targets_in_step(self, step: int) -> int:
         first = step * self.global_batch
-        return int(sum(self.stream.trained[self.stream.index(first + i)]
-                       for i in range(self.global_batch)))  # fmt: skip
+        return int(
+            sum(self.stream.trained[self.stream.index(first + i)] for i in range(self.global_batch))
+        )
 
 
 def padded_rows(examples: list[Example]) -> list[dict[str, np.ndarray]]:

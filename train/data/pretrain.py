@@ -28,7 +28,8 @@ import numpy as np
 from data_prep.manifest import Manifest, manifest_digest, open_prepared
 from data_prep.shards import IndexedDataset
 from data_prep.tokenizers import LoadedTokenizer, load_tokenizer
-from train.config import BlendComponent, ConfigError, DataConfig
+from train.config.train import BlendComponent, DataConfig
+from train.errors import ConfigError
 
 BLOCK = 4096  # blend assignment block
 
@@ -78,9 +79,10 @@ class SampleStream:
         if self.cache_dir is None:
             return self._build_epoch(epoch)
         key = hashlib.sha256(
-            self.docs.doc_ids.tobytes() + self.docs.lengths.tobytes()
+            self.docs.doc_ids.tobytes()
+            + self.docs.lengths.tobytes()
             + f"{self.seq_len}/{self.seed}/{self.shuffle}/{epoch}".encode()
-        ).hexdigest()[:20]  # fmt: skip
+        ).hexdigest()[:20]
         files = [
             self.cache_dir / f"epoch-{key}-{name}.npy" for name in ("order", "starts", "samples")
         ]
@@ -127,14 +129,11 @@ class Blend:
     """Global sample index -> a sample from one of several streams, in proportion to weights."""
 
     def __init__(self, streams: list[SampleStream], weights: list[float], seed: int):
-        w = np.asarray(weights, dtype=np.float64)
-        if len(streams) != len(w) or (w <= 0).any():
-            raise ConfigError(f"data.blend weights must be positive, got {weights}")
+        w = np.asarray(weights, dtype=np.float64)  # positive: train/config/train.py checks them
         self.streams, self.weights, self.seed = streams, w / w.sum(), seed
         self._choices: list[np.ndarray] = []  # component of each sample, per block
-        self._counts = [
-            np.zeros(len(streams), dtype=np.int64)
-        ]  # samples per component before each block
+        # samples per component before each block
+        self._counts = [np.zeros(len(streams), dtype=np.int64)]
 
     def _block(self, b: int) -> np.ndarray:
         while len(self._choices) <= b:
@@ -176,8 +175,9 @@ class PretrainBatches:
     seq_len: int
 
     def micro_batch(self, step: int, micro: int) -> dict[str, np.ndarray]:
-        tokens = micro_batch(self.blend, step, micro, self.rank, self.world_size,
-                             self.micro_size, self.accumulation)  # fmt: skip
+        tokens = micro_batch(
+            self.blend, step, micro, self.rank, self.world_size, self.micro_size, self.accumulation
+        )
         return {"input_ids": tokens[:, :-1], "targets": tokens[:, 1:]}
 
     def targets_in_step(self, step: int) -> int:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cache
 
-from train.config import SftFieldsConfig
+from train.config.sft import SftFieldsConfig
 from train.data.records import BadItem, Record, Skipped, read_records, require
 
 IGNORE = -100
@@ -102,8 +102,9 @@ def read_examples(
         if len(example) > max_tokens:
             example = truncate(example, max_tokens, strict)
             if example is None:
-                out.skipped.add(f"{record.where}: the response alone is longer than "
-                                f"{max_tokens} tokens", strict)  # fmt: skip
+                out.skipped.add(
+                    f"{record.where}: the response alone is longer than {max_tokens} tokens", strict
+                )
                 continue
             out.truncated += 1
         out.examples.append(example)
@@ -134,8 +135,11 @@ def chat_pieces(record: Record, fields: SftFieldsConfig, template: str) -> list[
     more message adds, trained if that message is the assistant's."""
     messages = require(record, fields.messages, list, "a list of {role, content}")
     for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)):  # fmt: skip
+        if not (
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+        ):
             raise BadItem(f"{record.where}: message {i} needs string 'role' and 'content'")
     if not any(m["role"] == "assistant" for m in messages):
         raise BadItem(f"{record.where}: no assistant turn to learn from")

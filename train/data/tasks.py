@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from train.config import ConfigError, TaskConfig, TaskHead
+from train.config.sft import HeadConfig
 from train.data.packing import SftBatches
 from train.data.records import BadItem, Record, Skipped, check_choices, gold_index, read_records
 from train.data.records import require as require_field
 from train.data.sft import IGNORE
+from train.errors import ConfigError
+from train.model.heads import TaskHead
 
 
 @dataclass
@@ -44,30 +46,33 @@ class TaskExamples:
     truncated: int = 0
 
 
-def special_tokens(task: TaskConfig, tokenizer) -> dict[str, int]:
+def special_tokens(head: HeadConfig, tokenizer) -> dict[str, int]:
     """The ids of start, delim and classify: added to the tokenizer (special_tokens=add; new
     ids after its vocabulary) or looked up as single existing tokens (map)."""
-    names = {"start": task.tokens.start, "delim": task.tokens.delim,
-             "classify": task.tokens.classify}  # fmt: skip
-    if task.special_tokens == "add":
+    names = {
+        "start": head.tokens.start,
+        "delim": head.tokens.delim,
+        "classify": head.tokens.classify,
+    }
+    if head.special_tokens == "add":
         tokenizer.tokenizer.add_special_tokens(list(names.values()))
     ids = {}
     for role, token in names.items():
         found = tokenizer.tokenizer.token_to_id(token)
         if found is None:
             raise ConfigError(
-                f"task.tokens.{role}={token!r} is not a single token of {tokenizer.name}; with "
-                "task.special_tokens=map each must be an existing token (or use add)"
+                f"head.tokens.{role}={token!r} is not a single token of {tokenizer.name}; with "
+                "head.special_tokens=map each must be an existing token (or use add)"
             )
         ids[role] = found
     if tokenizer.eod_id in ids.values():
-        raise ConfigError("task.tokens: the end-of-text token is the padding; map onto others")
+        raise ConfigError("head.tokens: the end-of-text token is the padding; map onto others")
     return ids
 
 
 def read_task_examples(
     path: str,
-    task: TaskConfig,
+    head: HeadConfig,
     tokenizer,
     ids: dict[str, int],
     max_tokens: int,
@@ -82,7 +87,7 @@ def read_task_examples(
     records = []
     for record in read_records(path, out.skipped, strict, split):
         try:
-            records.append((record, _label_value(record, task)))
+            records.append((record, _label_value(record, head)))
         except BadItem as e:
             out.skipped.add(str(e), strict)
     if labels is None:
@@ -90,12 +95,13 @@ def read_task_examples(
     index = {name: i for i, name in enumerate(labels)}
     for record, value in records:
         try:
-            sequences, truncated = _sequences(record, task, tokenizer, ids, max_tokens)
-            if task.type == "multiple_choice":
-                label = gold_index(record, value, len(sequences), task.fields.gold)
+            sequences, truncated = _sequences(record, head, tokenizer, ids, max_tokens)
+            if head.type == "multiple_choice":
+                label = gold_index(record, value, len(sequences), head.fields.gold)
             elif str(value) not in index:
-                raise BadItem(f"{record.where}: label {value!r} is not one of the training "
-                              f"labels {labels}")  # fmt: skip
+                raise BadItem(
+                    f"{record.where}: label {value!r} is not one of the training labels {labels}"
+                )
             else:
                 label = index[str(value)]
         except BadItem as e:
@@ -106,10 +112,12 @@ def read_task_examples(
     counts = {len(e.sequences) for e in out.examples}
     if len(counts) > 1:
         first = next(e for e in out.examples if len(e.sequences) != len(out.examples[0].sequences))
-        raise ConfigError(f"{first.where}: {len(first.sequences)} choices; every record of "
-                          f"{path} must have {len(out.examples[0].sequences)}")  # fmt: skip
-    if task.type != "multiple_choice" and len(labels) < 2:
-        raise ConfigError(f"{path}: {task.type} needs at least two labels; found {labels}")
+        raise ConfigError(
+            f"{first.where}: {len(first.sequences)} choices; every record of "
+            f"{path} must have {len(out.examples[0].sequences)}"
+        )
+    if head.type != "multiple_choice" and len(labels) < 2:
+        raise ConfigError(f"{path}: {head.type} needs at least two labels; found {labels}")
     return out, labels
 
 
@@ -122,24 +130,27 @@ def label_names(values) -> list[str]:
         return sorted(names)
 
 
-def _label_value(record: Record, task: TaskConfig):
-    key = task.fields.gold if task.type == "multiple_choice" else task.fields.label
+def _label_value(record: Record, head: HeadConfig):
+    key = head.fields.gold if head.type == "multiple_choice" else head.fields.label
     value = record.value.get(key)
     if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise BadItem(f"{record.where}: {key!r} must be a string or a number (got "
-                      f"{'nothing' if value is None else type(value).__name__})")  # fmt: skip
+        raise BadItem(
+            f"{record.where}: {key!r} must be a string or a number (got "
+            f"{'nothing' if value is None else type(value).__name__})"
+        )
     return value
 
 
-def _sequences(record: Record, task: TaskConfig, tokenizer, ids: dict[str, int],
-               max_tokens: int) -> tuple[list[list[int]], bool]:  # fmt: skip
-    f = task.fields
+def _sequences(
+    record: Record, head: HeadConfig, tokenizer, ids: dict[str, int], max_tokens: int
+) -> tuple[list[list[int]], bool]:
+    f = head.fields
     text = tokenizer.encode(require_field(record, f.text, str, "a string"))
-    if task.type == "classification":
+    if head.type == "classification":
         parts_list = [[text]]
-    elif task.type in ("entailment", "similarity"):
+    elif head.type in ("entailment", "similarity"):
         pair = tokenizer.encode(require_field(record, f.text_pair, str, "a string"))
-        parts_list = [[text, pair]] if task.type == "entailment" else [[text, pair], [pair, text]]
+        parts_list = [[text, pair]] if head.type == "entailment" else [[text, pair], [pair, text]]
     else:
         choices = check_choices(record, record.value.get(f.choices), f.choices)
         parts_list = [[text, tokenizer.encode(c)] for c in choices]
@@ -165,10 +176,13 @@ def _fit(parts: list[list[int]], budget: int, record: Record) -> list[list[int]]
     return [p[:n] for p, n in zip(parts, lengths, strict=True)]
 
 
-def head_of(task: TaskConfig, labels: list[str], ids: dict[str, int]) -> TaskHead:
-    tokens = {"start": task.tokens.start, "delim": task.tokens.delim,
-              "classify": task.tokens.classify}  # fmt: skip
-    return TaskHead(task.type, list(labels), dict(ids), tokens)
+def head_of(head: HeadConfig, labels: list[str], ids: dict[str, int]) -> TaskHead:
+    tokens = {
+        "start": head.tokens.start,
+        "delim": head.tokens.delim,
+        "classify": head.tokens.classify,
+    }
+    return TaskHead(head.type, list(labels), dict(ids), tokens)
 
 
 def collate_examples(examples: list[TaskExample], pad_id: int) -> dict[str, np.ndarray]:
@@ -187,8 +201,12 @@ def collate_examples(examples: list[TaskExample], pad_id: int) -> dict[str, np.n
             input_ids[i, j, : len(seq)] = seq
             lm_targets[i, j, : len(seq) - 1] = seq[1:]
             classify_at[i, j] = len(seq) - 1
-    return {"input_ids": input_ids, "targets": targets, "lm_targets": lm_targets,
-            "classify_at": classify_at}  # fmt: skip
+    return {
+        "input_ids": input_ids,
+        "targets": targets,
+        "lm_targets": lm_targets,
+        "classify_at": classify_at,
+    }
 
 
 class TaskBatches(SftBatches):
@@ -203,5 +221,7 @@ class TaskBatches(SftBatches):
         return self.global_batch
 
     def tokens_in_step(self, step: int) -> int:
-        return sum(max(e.longest for e in group) * sum(len(e.sequences) for e in group)
-                   for group in self.step_groups(step))  # fmt: skip
+        return sum(
+            max(e.longest for e in group) * sum(len(e.sequences) for e in group)
+            for group in self.step_groups(step)
+        )

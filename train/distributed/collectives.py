@@ -1,8 +1,6 @@
-"""The few collectives the loop needs, as plain values, and the stop signals."""
+"""The few collectives the loop and the evaluators need, as plain values."""
 
 from __future__ import annotations
-
-import signal
 
 import torch
 import torch.distributed as dist
@@ -40,17 +38,3 @@ def merged(part: dict) -> dict:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-class StopSignal:
-    """SIGTERM / SIGUSR1 (SLURM preemption) ask to stop after the current step."""
-
-    def __init__(self):
-        self.requested = False
-        self.name = ""
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-        self.name = signal.Signals(signum).name

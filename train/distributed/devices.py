@@ -2,25 +2,18 @@
 
 cuda -> nccl, npu (Ascend) -> hccl, cpu -> gloo. Device strings, the visible-devices variable,
 the RNG to checkpoint, and DeepSpeed's accelerator name all come from here. torch_npu is
-imported only when the npu accelerator is asked for or detected, and only in this module.
-
-Ranks (train/distributed/ranks.py, torch-free) come from torchrun / the deepspeed launcher or
-from SLURM.
+imported only when the npu accelerator is asked for or detected, through
+train/model/ops/npu.py (the one module that imports it).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import socket
-import subprocess
 from dataclasses import dataclass
 
 import torch
 
-from train.config import ACCELERATOR_KINDS, require_choice
-from train.distributed.ranks import Ranks, ranks_from_env  # noqa: F401  (part of this module's API)
 from train.errors import SetupError
+from train.model.ops import npu
 
 
 @dataclass(frozen=True)
@@ -68,17 +61,12 @@ ACCELERATORS = {
 }
 
 
-def torch_npu_installed() -> bool:
-    return importlib.util.find_spec("torch_npu") is not None
-
-
 def select(kind: str = "auto") -> Accelerator:
     """`auto`: Ascend if torch_npu is installed and sees a device, else CUDA if available,
-    else CPU (DeepSpeed's own detection order). An explicit kind that is not available fails."""
-    require_choice("accelerator", kind, ACCELERATOR_KINDS)
-    if kind in ("auto", "npu") and torch_npu_installed():
-        import torch_npu  # noqa: F401  (registers torch.npu)
-
+    else CPU (DeepSpeed's own detection order). An explicit kind that is not available fails;
+    one that is no kind at all is refused by `resolve` (train/config/run.py)."""
+    if kind in ("auto", "npu") and npu.installed():
+        npu.torch_npu()  # registers torch.npu
         if torch.npu.is_available():
             return ACCELERATORS["npu"]
     if kind == "npu":
@@ -91,48 +79,3 @@ def select(kind: str = "auto") -> Accelerator:
     if kind == "cuda":
         raise SetupError("accelerator=cuda, but torch sees no CUDA device (CUDA_VISIBLE_DEVICES?)")
     return ACCELERATORS["cpu"]
-
-
-def prepare_environment(accelerator: Accelerator, ranks: Ranks) -> None:
-    """Set what torch.distributed and DeepSpeed read, before either initialises.
-
-    DS_ACCELERATOR stops DeepSpeed from guessing; a single process gets a rendezvous on a
-    free local port; SLURM jobs get RANK/LOCAL_RANK/WORLD_SIZE from the SLURM variables
-    and, unless the job script exported them (launch/), MASTER_ADDR = the job's first node and
-    MASTER_PORT from the job id (what a job submitted by submitit, say, needs)."""
-    os.environ["DS_ACCELERATOR"] = accelerator.kind
-    os.environ.setdefault("RANK", str(ranks.rank))
-    os.environ.setdefault("LOCAL_RANK", str(ranks.local_rank))
-    os.environ.setdefault("WORLD_SIZE", str(ranks.world_size))
-    if ranks.world_size == 1:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    elif "MASTER_ADDR" not in os.environ and (found := slurm_rendezvous()):
-        os.environ["MASTER_ADDR"], port = found
-        os.environ.setdefault("MASTER_PORT", str(port))
-    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-        raise SetupError(
-            f"rank {ranks.rank} of {ranks.world_size}: MASTER_ADDR and MASTER_PORT must be set "
-            "(torchrun and the deepspeed launcher set them; under SLURM, export them in the "
-            "job script: see launch/)"
-        )
-
-
-def slurm_rendezvous() -> tuple[str, int] | None:
-    """(first node of the SLURM job, a port from its job id), or None outside SLURM. The same
-    rule as neo launch's job scripts."""
-    nodes, job = os.environ.get("SLURM_JOB_NODELIST"), os.environ.get("SLURM_JOB_ID")
-    if not nodes or not job:
-        return None
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True,
-                             text=True, check=True).stdout.split()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return (out[0], 20000 + int(job) % 20000) if out else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -28,8 +28,10 @@ from pathlib import Path
 import torch
 
 from data_prep.files import atomic_write_text
-from train.config import PRECISIONS, ConfigError, require_choice
+from train.config.resolve import World
+from train.distributed import devices
 from train.distributed.devices import Accelerator
+from train.distributed.ranks import Ranks, ranks_from_env
 
 log = logging.getLogger("neo.train")
 
@@ -111,20 +113,28 @@ def _proc_cpu_name() -> str | None:
     return None
 
 
-def resolve_precision(requested: str, acc: Accelerator, machine: Machine) -> tuple[str, str]:
-    """(precision, why): `auto` becomes bf16 where the device computes it natively, else fp32.
-    An explicit choice is kept where it can run; one that cannot is a ConfigError."""
-    require_choice("precision", requested, PRECISIONS)
-    if requested == "fp16" and acc.kind == "cpu":
-        raise ConfigError(
-            "precision=fp16 needs a CUDA or Ascend device (DeepSpeed has no fp16 on CPU); "
-            "use precision=auto, bf16 or fp32"
-        )
-    if requested == "bf16" and acc.kind == "npu" and not machine.native_bf16:
-        raise ConfigError(f"precision=bf16, but {machine.bf16_reason}; use precision=auto")
-    if requested != "auto":
-        return requested, "as asked"
-    return ("bf16" if machine.native_bf16 else "fp32"), machine.bf16_reason
+def world(acc: Accelerator, machine: Machine, world_size: int) -> World:
+    """What `resolve` needs to know of this machine and launch."""
+    return World(world_size, acc.kind, machine.native_bf16, machine.bf16_reason)
+
+
+@dataclass(frozen=True)
+class Host:
+    """Where this process runs: its rank, its accelerator and the machine."""
+
+    ranks: Ranks
+    acc: Accelerator
+    machine: Machine
+
+    @property
+    def world(self) -> World:
+        return world(self.acc, self.machine, self.ranks.world_size)
+
+
+def host(accelerator: str) -> Host:
+    """This process's rank (from the launcher), its accelerator and the machine's facts."""
+    acc = devices.select(accelerator)
+    return Host(ranks_from_env(), acc, describe(acc))
 
 
 # --------------------------------------------------------------------------------------------

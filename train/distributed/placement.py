@@ -1,10 +1,13 @@
-"""`device_map=auto`: a model larger than one device, spread by accelerate's big-model
-machinery over the accelerator's devices, then CPU memory, then disk; each block runs where its
-weights are (weights held in CPU memory or on disk move to the device as the block runs)."""
+"""Where a finished model runs (neo eval, neo generate): on this rank's device, or with
+`device_map=auto` spread by accelerate's big-model machinery over the accelerator's devices,
+then CPU memory, then disk; each block runs where its weights are (weights held in CPU memory
+or on disk move to the device as the block runs)."""
 
 from __future__ import annotations
 
 import tempfile
+
+from torch import nn
 
 from train.distributed.devices import Accelerator
 
@@ -22,3 +25,11 @@ def dispatch_auto(model, acc: Accelerator, max_memory: dict | None = None, offlo
     model = dispatch_model(model, device_map=device_map, main_device=main, offload_dir=offload_dir)
     model.hf_device_map = device_map
     return model
+
+
+def place(model: nn.Module, acc: Accelerator, local_rank: int, device_map: str | None) -> nn.Module:
+    """The model on this rank's device, or spread by accelerate (device_map=auto)."""
+    if device_map == "auto":
+        return dispatch_auto(model, acc)
+    acc.set_device(local_rank)
+    return model.to(acc.device(local_rank))

@@ -1,5 +1,6 @@
 """Which rank this process is, from the launcher's environment; torch-free, so that the `neo`
-command can check a config against the world size before importing anything heavy.
+command can quiet other ranks and a verb can resolve its config against the world size before
+anything heavy is imported.
 
 torchrun and the deepspeed launcher set RANK, LOCAL_RANK, WORLD_SIZE; SLURM sets SLURM_PROCID,
 SLURM_LOCALID, SLURM_NTASKS; a plain `neo train` is rank 0 of 1.
@@ -7,6 +8,7 @@ SLURM_LOCALID, SLURM_NTASKS; a plain `neo train` is rank 0 of 1.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -32,3 +34,9 @@ def ranks_from_env(env: dict[str, str] | None = None) -> Ranks:
             int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"])
         )
     return Ranks(0, 0, 1)
+
+
+def quiet_other_ranks(ranks: Ranks) -> None:
+    """Progress and reports come from rank 0; other ranks log warnings and errors only."""
+    if not ranks.is_main:
+        logging.getLogger().setLevel(logging.WARNING)

@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from train.evals.items import Item
 from train.evals.scoring import Request, Score, Scorer, encode_pair, rolling_requests
-from train.evals.tasks import LOGLIKELIHOOD, MULTIPLE_CHOICE, ROLLING, VAL, Item, LoadedTask
+from train.evals.tasks import LOGLIKELIHOOD, MULTIPLE_CHOICE, ROLLING, VAL, LoadedTask
 from train.evals.val import val_metrics
 
 FEWSHOT_DELIMITER = "\n\n"

@@ -108,7 +108,8 @@ class Scorer:
     batch_size: at most this many sequences per forward (None: as many as batch_tokens allow);
     batch_tokens: at most this many (padded) tokens per forward.
     rank / world_size: under torchrun each rank runs every world_size-th batch; `score` returns
-    only this rank's scores; the caller merges them over ranks (train/loop/distributed.merged)."""
+    only this rank's scores; the caller merges them over ranks
+    (train/distributed/collectives.merged)."""
 
     def __init__(
         self,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_prep.tokenizers import LoadedTokenizer
-from train.config import BenchmarkConfig, ConfigError, EvalTaskConfig
+from train.config.evaluation import BenchmarkConfig, EvalTaskConfig
 from train.data.records import HUB_PREFIX, missing_file
 from train.errors import NotFound
 from train.evals.runner import TaskResult, build_requests, run_task
@@ -42,16 +42,14 @@ class PreparedTask:
         )
 
 
-def select_tasks(
-    cfg: BenchmarkConfig, default_set: bool, val_path: str | None = None
-) -> dict[str, EvalTaskConfig]:
+def select_tasks(cfg: BenchmarkConfig, default_set: bool) -> dict[str, EvalTaskConfig]:
     """Task name -> its settings. default_set: val and each benchmark whose published file is
-    in data_dir (the others are named and left out); otherwise every task in cfg.tasks, each of
-    which must be found. val_path: where val reads when task.val.path is unset."""
+    in data_dir (the others are named and left out); otherwise every task in cfg.tasks (each a
+    known type: resolve checked), each of which must be found."""
     chosen = {}
     if default_set:
         for name in ["val"] + [n for n, s in SPECS.items() if s.default_file]:
-            settings = _with_val_path(cfg.task_settings(name), name, val_path)
+            settings = cfg.task_settings(name)
             path = _path(cfg, name, settings)
             if path.startswith(HUB_PREFIX) or Path(path).exists():
                 chosen[name] = settings
@@ -61,25 +59,14 @@ def select_tasks(
             raise NotFound(f"no task data found (looked in {cfg.data_dir}); name tasks=[...]")
         return chosen
     for name in cfg.tasks or []:
-        settings = _with_val_path(cfg.task_settings(name), name, val_path)
+        settings = cfg.task_settings(name)
         task_type = settings.type or name
-        if task_type not in SPECS:
-            raise ConfigError(
-                f"tasks: unknown task {name!r}; known: {', '.join(SPECS)}, or define one with "
-                f"+task.{name}='{{type: mc, path: FILE}}'"
-            )
         path = _path(cfg, name, settings)
         if not path.startswith(HUB_PREFIX) and not Path(path).exists():
             spec = SPECS[task_type]
             raise missing_file(name, path, spec.expected, spec.published)
         chosen[name] = settings
     return chosen
-
-
-def _with_val_path(settings: EvalTaskConfig, name: str, val_path: str | None) -> EvalTaskConfig:
-    if (settings.type or name) == VAL and settings.path is None and val_path is not None:
-        settings.path = val_path
-    return settings
 
 
 def _path(cfg: BenchmarkConfig, name: str, settings: EvalTaskConfig) -> str:
@@ -91,22 +78,18 @@ def prepare_tasks(
     selected: dict[str, EvalTaskConfig],
     tokenizer: LoadedTokenizer,
     max_length: int,
+    val_tokens: int | None = None,
+    val_seed: int = 0,
 ) -> list[PreparedTask]:
-    """Each selected task loaded, cut to `limit` and turned into requests."""
+    """Each selected task loaded, cut to `limit` and turned into requests. val tasks score
+    every document up to val_tokens, else a sample seeded by val_seed."""
     out = []
     for name, settings in selected.items():
         task_type = settings.type or name
         path = _path(cfg, name, settings)
         if task_type == VAL:
-            task = load_val(
-                name,
-                path,
-                settings.split or "validation",
-                tokenizer,
-                cfg.val_tokens,
-                cfg.val_seed,
-                cfg.strict,
-            )
+            split = settings.split or "validation"
+            task = load_val(name, path, split, tokenizer, val_tokens, val_seed, cfg.strict)
         else:
             task = load_task(name, task_type, path, cfg.strict, settings.split)
         if cfg.limit is not None:

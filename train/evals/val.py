@@ -21,7 +21,8 @@ from data_prep.readers import UNKNOWN_SOURCE, BadRecord, Problem, decode_record,
 from data_prep.tokenizers import LoadedTokenizer
 from train.data.records import Skipped
 from train.errors import ConfigError, NotFound
-from train.evals.tasks import SPECS, VAL, Item, LoadedTask
+from train.evals.items import Item
+from train.evals.tasks import SPECS, VAL, LoadedTask
 
 
 def load_val(

@@ -1,3 +1,3 @@
-"""The machinery every verb that trains shares: run state, the run-checkpoint format, resume,
-validation, metrics and throughput, collectives and stop signals. The verbs (train/verbs/train.py,
-later fine-tuning) build a Trainer and run the loop over these parts."""
+"""The machinery every verb that trains shares (neo train, neo sft): the engine (DeepSpeed),
+optimizer and schedule, run state, checkpointing and resume, metrics and throughput, the
+evaluators' interface, the loop itself (fit) and the run's start and end."""

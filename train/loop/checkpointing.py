@@ -1,15 +1,9 @@
-"""The run-checkpoint format, and resuming from it.
-
-    RUN_DIR/checkpoints/
-      latest                      the tag to resume from; moved only once a checkpoint is whole
-      step_00000100/              DeepSpeed's shards of every rank, plus
-        trainer_state.json        TrainState, layout, identity, RNG of every rank, model config
-        tokenizer.json            so that any checkpoint can be exported alone
-      step_00000100_universal/    DeepSpeed's universal form, made when a resume needs it
+"""Saving a run's checkpoints, pruning old ones, and resuming from the last
+(the format on disk: train/checkpoints/run_format.py).
 
 A checkpoint resumes a run when its identity (the model config, and what decides the order of
 the training samples) equals the new run's; how it is loaded follows from the two layouts
-(train/engine.Layout.resume_mode).
+(train/loop/engine.Layout.resume_mode).
 """
 
 from __future__ import annotations
@@ -26,78 +20,31 @@ import torch
 import torch.distributed as dist
 
 from data_prep.files import atomic_write_text
-from train.config import ConfigError, TrainConfig
+from train.checkpoints.run_format import (
+    CHECKPOINTS,
+    LATEST,
+    STATE_FILE,
+    TOKENIZER_FILE,
+    differences,
+    latest_tag,
+    read_state,
+    tag,
+    universal_tag,
+)
+from train.config.model import ModelConfig
 from train.distributed.collectives import barrier
-from train.errors import CheckpointError
-from train.loop import engine as ds_engine
+from train.errors import ConfigError
+from train.loop.engine import Engine, Layout
 from train.loop.state import TrainState
 
 log = logging.getLogger("neo.train")
 
-CHECKPOINTS = "checkpoints"
-STATE_FILE = "trainer_state.json"
-LATEST = "latest"
-TOKENIZER_FILE = "tokenizer.json"
 
-
-def tag(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def latest_tag(ckpt_dir: Path) -> str | None:
-    file = ckpt_dir / LATEST
-    return file.read_text().strip() if file.is_file() else None
-
-
-def find(path: str | Path) -> Path | None:
-    """The checkpoint a path means, if it means one: a tag directory (with trainer_state.json),
-    a checkpoints directory (its `latest`), or a run directory (its checkpoints/latest)."""
-    path = Path(path)
-    if (path / STATE_FILE).is_file():
-        return path
-    for directory in (path, path / CHECKPOINTS):
-        name = latest_tag(directory)
-        if name is not None:
-            return directory / name
-    return None
-
-
-def read_state(tag_dir: Path) -> dict:
-    """A checkpoint's trainer_state.json."""
-    file = tag_dir / STATE_FILE
-    if not file.is_file():
-        raise CheckpointError(f"{tag_dir}: {STATE_FILE} is missing (an incomplete checkpoint?)")
-    return json.loads(file.read_text())
-
-
-def run_identity(cfg: TrainConfig, data_identity: dict) -> dict:
-    """What a checkpoint must match to continue this run: the model (not how its attention is
-    computed), and what decides the sample order (prepared data by content, not by path)."""
-    model = asdict(cfg.model)
-    model.pop("attention_backend")
-    return {
-        "model": model,
-        "data": {**data_identity, "global_batch_size": cfg.global_batch_size},
-    }
-
-
-def differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
-    """`key: saved -> now` for every leaf that differs between two identities."""
-    out = []
-    for key in sorted(set(saved) | set(now)):
-        a, b = saved.get(key), now.get(key)
-        name = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += differences(a, b, name + ".")
-        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-            for i, (x, y) in enumerate(zip(a, b, strict=True)):
-                if isinstance(x, dict) and isinstance(y, dict):
-                    out += differences(x, y, f"{name}[{i}].")
-                elif x != y:
-                    out.append(f"{name}[{i}]: {x!r} -> {y!r}")
-        elif a != b:
-            out.append(f"{name}: {a!r} -> {b!r}")
-    return out
+def model_identity(model: ModelConfig) -> dict:
+    """The model as a checkpoint must match it: its config, not how its attention is computed."""
+    identity = asdict(model)
+    identity.pop("attention_backend")
+    return identity
 
 
 @dataclass
@@ -105,7 +52,7 @@ class Resume:
     directory: Path
     tag: str
     saved: dict  # its trainer_state.json
-    mode: str  # exact | universal | consolidated (train/engine.Layout.resume_mode)
+    mode: str  # exact | universal | consolidated (train/loop/engine.Layout.resume_mode)
 
 
 class RunCheckpoints:
@@ -118,13 +65,13 @@ class RunCheckpoints:
     def exist(self) -> bool:
         return self.directory.exists() and any(self.directory.iterdir())
 
-    def save(self, engine, state: TrainState, meta: dict, tokenizer) -> Path:
+    def save(self, engine: Engine, state: TrainState, meta: dict, tokenizer) -> Path:
         """DeepSpeed shards from every rank, then (rank 0) trainer_state.json, then `latest`.
         `latest` moves only once everything is on disk, so a crash mid-save leaves the previous
         checkpoint the one that resumes. `meta`: what describes the run (layout, identity,
         model, tokenizer names), the same at every save."""
         name = tag(state.step)
-        ds_engine.save(engine, self.directory, name)
+        engine.save(self.directory, name)
         rng = _gather_rng(self.acc)
         if self.is_main:
             record = {**state.as_dict(), **meta, "rng": rng, "time": time.time()}
@@ -143,9 +90,9 @@ class RunCheckpoints:
         whole = sorted(p for p in self.directory.glob("step_*") if (p / STATE_FILE).is_file())
         for old in whole[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-            shutil.rmtree(self.directory / ds_engine.universal_tag(old.name), ignore_errors=True)
+            shutil.rmtree(self.directory / universal_tag(old.name), ignore_errors=True)
 
-    def plan_resume(self, identity: dict, layout: ds_engine.Layout) -> Resume | None:
+    def plan_resume(self, identity: dict, layout: Layout) -> Resume | None:
         """What `latest` holds and how to load it, or a ConfigError listing what differs."""
         name = latest_tag(self.directory)
         if name is None:
@@ -167,7 +114,7 @@ class RunCheckpoints:
                     f"{where} was trained with {what} (checkpoint -> now: "
                     f"{'; '.join(changed)}); {advice}"
                 )
-        before = ds_engine.Layout(**{f.name: saved[f.name] for f in fields(ds_engine.Layout)})
+        before = Layout(**{f.name: saved[f.name] for f in fields(Layout)})
         mode = layout.resume_mode(before)
         was = f"{name} ({before.describe()})"
         now = f"{layout.world_size} ranks at ZeRO-{layout.zero_stage}, {layout.precision}"
@@ -183,14 +130,14 @@ class RunCheckpoints:
             )
         return Resume(self.directory, name, saved, mode)
 
-    def resume(self, engine, resume: Resume, rank: int) -> TrainState:
+    def resume(self, engine: Engine, resume: Resume, rank: int) -> TrainState:
         """Load the checkpoint into the engine (its weights were already built from the
         consolidated state for mode `consolidated`) and return the run's counters."""
         if resume.mode == "exact":
-            ds_engine.load(engine, resume.directory, resume.tag)
+            engine.load(resume.directory, resume.tag)
             _restore_rng(resume.saved["rng"], rank, self.acc)
         elif resume.mode == "universal":
-            ds_engine.load_universal(engine, resume.directory, resume.tag)
+            engine.load_universal(resume.directory, resume.tag)
         state = TrainState.from_dict(resume.saved)
         log.info(
             "resumed from %s (step %d, %d samples consumed)",

@@ -23,6 +23,14 @@ log = logging.getLogger("neo.train")
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+VAL_LOSS, VAL_PPL, VAL_BPB = "val/loss", "val/perplexity", "val/bits_per_byte"
+LEGACY_VAL_LOSS = "val_loss"  # what runs written before the metric names were unified hold
+
+
+def validation_loss(record: dict) -> float | None:
+    """A metrics record's validation loss, under either name."""
+    value = record.get(VAL_LOSS)
+    return record.get(LEGACY_VAL_LOSS) if value is None else value
 
 
 class MetricsLogger:
@@ -69,19 +77,18 @@ class MetricsLogger:
             speed,
         )
 
-    def validation(self, step: int, **values) -> None:
+    def validation(self, step: int, values: dict, samples: list[dict]) -> None:
+        """A validation's metrics (`<task>/<metric>`, train/loop/evaluators.py) and answers."""
         if not self.enabled:
             return
-        samples = values.pop("samples", None)
         self._write({"step": step, **values})
         line = f"step {step}"
-        if "val_loss" in values:
-            line += (
-                f" | validation loss {values['val_loss']:.4f} | perplexity {values['val_ppl']:.2f}"
-            )
-            if "val_bpb" in values:
-                line += f" | bits per byte {values['val_bpb']:.4f}"
-        log.info(line + "".join(f" | {k} {v:.4g}" for k, v in values.items() if "/" in k))
+        headline = {VAL_LOSS: "validation loss", VAL_PPL: "perplexity", VAL_BPB: "bits per byte"}
+        for key, words in headline.items():
+            if key in values:
+                line += f" | {words} {values[key]:.4f}"
+        rest = "".join(f" | {k} {v:.4g}" for k, v in values.items() if k not in headline)
+        log.info(line + rest)
         if samples:
             self._write({"step": step, "event": "samples", "samples": samples}, to_wandb=False)
             for s in samples:
@@ -158,8 +165,8 @@ def plot_run(run_dir: str | Path) -> Path:
     for record in read_metrics(run_dir):
         if record.get("loss") is not None:
             train[record["step"]] = record["loss"]
-        if record.get("val_loss") is not None:
-            val[record["step"]] = record["val_loss"]
+        if (loss := validation_loss(record)) is not None:
+            val[record["step"]] = loss
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     ax.plot(sorted(train), [train[s] for s in sorted(train)], label="train loss", lw=1.2)
     if val:

@@ -1,14 +1,16 @@
-"""The optimizer's parameter groups and the learning-rate schedule (GPT-3's recipe: AdamW,
-no weight decay on biases, norms and embeddings; linear warmup, then cosine to 10%)."""
+"""The optimizer, its parameter groups and the learning-rate schedule (GPT-3's recipe: AdamW,
+no weight decay on biases, norms and embeddings; linear warmup, then cosine to 10%). The
+engine (train/loop/engine.py) hands them to DeepSpeed."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from train.config import OptimConfig
+from train.config.run import OptimConfig
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -47,3 +49,31 @@ class Schedule:
         progress = min(1.0, (t - o.warmup) / max(1, total - o.warmup))
         decay = (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
         return o.lr * (o.min_lr_ratio + decay)
+
+
+class SkippingAdamW(torch.optim.AdamW):
+    """AdamW that clips gradients itself and skips a step whose gradient norm is not finite,
+    saying so through `overflow`, the attribute DeepSpeed reads to count skipped steps.
+
+    Used where DeepSpeed's engine would hand the step straight to the optimizer (ZeRO-0 in
+    fp32): DeepSpeed's ZeRO and bf16/fp16 optimizers clip and check gradients themselves."""
+
+    def __init__(self, params, max_grad_norm: float = 0.0, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_grad_norm = max_grad_norm
+        self.overflow = False
+        self.last_grad_norm = math.nan
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if self.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=True)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        self.last_grad_norm = float(norm)
+        self.overflow = not math.isfinite(self.last_grad_norm)
+        if self.overflow:
+            self.zero_grad(set_to_none=True)
+            return None
+        return super().step(closure)

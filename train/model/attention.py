@@ -1,17 +1,6 @@
-"""Attention patterns and the backends that compute them.
-
-Three kinds of layer (GPT-Neo's `attention_types`, plus Sparse-Transformer striding):
-
-    global   query i sees every key j <= i
-    local    query i sees keys with 0 <= i - j < window       (HF GPT-Neo's mask: the query
-                                                                itself is one of the window keys)
-    strided  query i sees keys with 0 <= i - j < stride, and keys whose distance i - j is a
-             multiple of stride                               (Child et al. 2019, "strided")
-
-Packed sequences (several examples in one row, SFT) add one rule to every kind: a query sees
-only keys of its own document (`documents`: (B, T) ids, equal within an example).
-
-`visible` below is the only definition of these patterns; every backend is tested against the
+"""The backends that compute attention, all behind `attend`. What each layer kind (global,
+local, strided) lets a query see, packed examples included, is `visible` in
+train/model/masks.py, the only definition of the patterns; every backend is tested against the
 dense mask built from it.
 
 Backends, all behind `attend`:
@@ -32,50 +21,12 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from train.config import ATTENTION_BACKENDS
+from train.config.model import ATTENTION_BACKENDS
+from train.model.masks import attention_mask, visible
 from train.model.ops.blockwise import blockwise_attention
+from train.model.ops.npu import npu_attention
 
 log = logging.getLogger(__name__)
-
-
-def visible(
-    kind: str,
-    q_pos: torch.Tensor,
-    k_pos: torch.Tensor,
-    window: int,
-    stride: int,
-    q_doc: torch.Tensor | None = None,
-    k_doc: torch.Tensor | None = None,
-):
-    """True where a query at q_pos (of document q_doc) may attend to a key at k_pos (of
-    document k_doc); broadcasting tensors."""
-    distance = q_pos - k_pos
-    allowed = distance >= 0
-    if kind == "local":
-        allowed = allowed & (distance < window)
-    elif kind == "strided":
-        allowed = allowed & ((distance < stride) | (distance % stride == 0))
-    elif kind != "global":
-        raise ValueError(f"unknown attention kind {kind!r}")
-    if q_doc is not None:
-        allowed = allowed & (q_doc == k_doc)
-    return allowed
-
-
-def attention_mask(
-    kind: str,
-    seq_len: int,
-    window: int,
-    stride: int,
-    device=None,
-    documents: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """(T, T) boolean mask, True where attention is allowed; with (B, T) documents, (B, 1, T, T)."""
-    pos = torch.arange(seq_len, device=device)
-    if documents is None:
-        return visible(kind, pos[:, None], pos[None, :], window, stride)
-    q_doc, k_doc = documents[:, None, :, None], documents[:, None, None, :]
-    return visible(kind, pos[:, None], pos[None, :], window, stride, q_doc, k_doc)
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
@@ -185,84 +136,13 @@ def flex_attention(q, k, v, kind, window, stride, scale, documents=None):
         from torch.nn.attention.flex_attention import create_block_mask
 
         def mask_mod(b, h, q_idx, kv_idx):
-            return visible(kind, q_idx, kv_idx, window, stride,
-                           documents[b, q_idx], documents[b, kv_idx])  # fmt: skip
+            return visible(
+                kind, q_idx, kv_idx, window, stride, documents[b, q_idx], documents[b, kv_idx]
+            )
 
         T = q.shape[2]
         block_mask = create_block_mask(mask_mod, q.shape[0], None, T, T, device=str(q.device))
     return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale)
-
-
-# --------------------------------------------------------------------------------------------
-# npu: Ascend fused attention (torch_npu imported only here, only when asked for)
-
-# npu_fusion_attention's band and causal modes take this compressed mask, True = masked.
-_NPU_MASK_SIZE = 2048
-
-
-@functools.cache
-def _npu_compressed_mask(device: str) -> torch.Tensor:
-    return torch.ones(_NPU_MASK_SIZE, _NPU_MASK_SIZE, dtype=torch.bool, device=device).triu(1)
-
-
-def document_ends(documents: torch.Tensor) -> list[int]:
-    """Where each run of one document id ends in the (B, T) ids flattened, a row's end ending
-    a run too: the cumulative lengths npu_fusion_attention's TND layout takes (actual_seq_qlen,
-    a host list: reading it waits for the device)."""
-    starts = torch.ones_like(documents, dtype=torch.bool)
-    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
-    return starts.flatten().nonzero().flatten()[1:].tolist() + [documents.numel()]
-
-
-def npu_attention(q, k, v, kind, window, stride, scale, dropout_p, documents=None):
-    try:
-        import torch_npu
-    except ImportError as e:
-        raise RuntimeError(
-            "attention backend 'npu' needs torch_npu (pip install 'neotrain[npu]' on an Ascend "
-            "machine with CANN installed)"
-        ) from e
-    B, H, T = q.shape[:3]
-    common = dict(head_num=H, scale=scale, keep_prob=1.0 - dropout_p)
-    if documents is not None and kind != "strided":
-        # Packed examples: every row's runs of one document (its padding run too) become
-        # sequences of the kernel's variable-length layout (TND: tokens, heads, head dim),
-        # each causal (sparse_mode 3) or banded (4) on its own, so no (T, T) mask is built.
-        ends = document_ends(documents)
-        tnd = [x.transpose(1, 2).reshape(B * T, H, x.shape[-1]) for x in (q, k, v)]
-        pattern = dict(sparse_mode=3) if kind == "global" else dict(
-            sparse_mode=4, pre_tockens=window - 1, next_tockens=0)  # fmt: skip
-        result = torch_npu.npu_fusion_attention(
-            *tnd, input_layout="TND", atten_mask=_npu_compressed_mask(str(q.device)),
-            actual_seq_qlen=ends, actual_seq_kvlen=ends, **pattern, **common,
-        )  # fmt: skip
-        return result[0].reshape(B, T, H, -1).transpose(1, 2)
-    common["input_layout"] = "BNSD"
-    if documents is not None:
-        # Strided layers have no fused pattern: an explicit (B, 1, T, T) mask (True = masked).
-        mask = ~attention_mask(kind, T, window, stride, q.device, documents)
-        result = torch_npu.npu_fusion_attention(q, k, v, atten_mask=mask, sparse_mode=0, **common)
-    elif kind == "global":
-        mask = _npu_compressed_mask(str(q.device))
-        result = torch_npu.npu_fusion_attention(q, k, v, atten_mask=mask, sparse_mode=2, **common)
-    elif kind == "local":
-        # Band mode: query i sees keys i - pre_tockens .. i + next_tockens.
-        mask = _npu_compressed_mask(str(q.device))
-        result = torch_npu.npu_fusion_attention(
-            q,
-            k,
-            v,
-            atten_mask=mask,
-            sparse_mode=4,
-            pre_tockens=window - 1,
-            next_tockens=0,
-            **common,
-        )
-    else:
-        # No fused strided mode: an explicit mask (True = masked, the opposite of SDPA).
-        mask = ~attention_mask(kind, T, window, stride, q.device)
-        result = torch_npu.npu_fusion_attention(q, k, v, atten_mask=mask, sparse_mode=0, **common)
-    return result[0]
 
 
 @functools.cache

@@ -5,8 +5,11 @@ gelu_new MLP, q/k/v without bias, lm_head tied to the token embedding) and the p
 are its state-dict keys, so weights move between the two without renaming. Attention per layer
 is `global`, `local` or `strided` (train/model/attention.py).
 
-Decoding keeps keys and values in a KVCache (below): `GPT.prefill` runs the prompts through the
-training attention backends and fills it, `GPT.decode` appends one token per row.
+Given targets it returns the loss as a sum over the targets and their count (`LossSum`): sums
+add up over micro-batches, ranks and validation batches, and are divided once, where the total
+is known. Decoding keeps keys and values in a KVCache (train/model/kv_cache.py): `GPT.prefill`
+runs the prompts through the training attention backends and fills it, `GPT.decode` appends one
+token per row.
 
 This file imports torch, the attention kinds and its config only: no deepspeed, no
 torch.distributed, no file I/O (train/checkpoints/load.py reads checkpoints into it).
@@ -16,14 +19,18 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.config import ModelConfig, TaskHead
-from train.model.attention import attend, visible
+from train.config.model import ModelConfig
+from train.model.attention import attend
+from train.model.kv_cache import KVCache, LayerCache
 from train.model.ops.fused_loss import LinearCrossEntropy, chunked_cross_entropy
+
+TIED = "lm_head.weight"  # the output projection: the token embedding itself (not saved)
 
 ACTIVATIONS = {
     "gelu_new": lambda: nn.GELU(approximate="tanh"),  # GPT-2's tanh approximation
@@ -122,18 +129,33 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class LMHead(nn.Linear):
-    """The output projection (tied to wte). Given targets it returns the mean next-token loss
-    instead of logits, without ever holding the (tokens x vocab) logits in memory."""
+class LossSum(NamedTuple):
+    """A loss as the sum of its terms and how many there are: sums add up over micro-batches,
+    ranks and batches; the one division happens where the whole count is known."""
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    total: torch.Tensor  # fp32 scalar: the summed loss
+    count: torch.Tensor  # integer scalar: the targets (or examples) it sums over
+
+    def mean(self) -> torch.Tensor:
+        """The loss of this batch alone."""
+        return self.total / self.count
+
+
+class LMHead(nn.Linear):
+    """The output projection (tied to wte). Given targets it returns the next-token loss as a
+    LossSum instead of logits, without ever holding the (tokens x vocab) logits in memory."""
+
+    def forward(
+        self, x: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> torch.Tensor | LossSum:
         if targets is None:
             return super().forward(x)
         h, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
         if torch.is_grad_enabled() and (h.requires_grad or self.weight.requires_grad):
-            return LinearCrossEntropy.apply(h, self.weight, targets)
-        total, count, _, _ = chunked_cross_entropy(h, self.weight, targets, with_grad=False)
-        return total / count
+            total, count = LinearCrossEntropy.apply(h, self.weight, targets)
+        else:
+            total, count, _, _ = chunked_cross_entropy(h, self.weight, targets, with_grad=False)
+        return LossSum(total, count)
 
 
 class GPT(nn.Module):
@@ -142,7 +164,7 @@ class GPT(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.config = config.validate()
+        self.config = config  # resolved (checked) by the verb that builds the model
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.hidden_size),
@@ -202,8 +224,8 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         documents: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, vocab_size) logits; with (B, T) targets, the mean
-        next-token loss instead (computed without materialising the logits). Packed rows
+        """(B, T) token ids -> (B, T, vocab_size) logits; with (B, T) targets, the next-token
+        loss instead as a LossSum (computed without materialising the logits). Packed rows
         (several examples each) give each token's (B, T) position within its example and its
         example's id in `documents`: attention stays within an example."""
         return self.lm_head(self.hidden_states(input_ids, None, positions, documents), targets)
@@ -263,178 +285,6 @@ class GPT(nn.Module):
     def num_parameters(self) -> int:
         """Distinct parameters (the tied lm_head counted once)."""
         return sum(p.numel() for p in self.parameters())
-
-
-class TaskGPT(GPT):
-    """GPT with GPT-1's task head (Radford et al. 2018): `score`, a linear map without bias (as
-    in GPTNeoForSequenceClassification) from the final hidden state at each sequence's classify
-    token to the classes (multiple choice: to one score per choice).
-
-    Inputs are (B, K, T): K sequences per example (1; 2 for similarity's two orders, whose
-    states are added; one per choice). The loss is the task's cross entropy plus lm_coef times
-    the next-token loss on the sequences (GPT-1's auxiliary objective)."""
-
-    def __init__(self, config: ModelConfig, head: TaskHead, lm_coef: float = 0.5):
-        super().__init__(config)
-        self.head, self.lm_coef = head, lm_coef
-        self.score = nn.Linear(config.hidden_size, head.num_outputs, bias=False)
-
-    def classify(
-        self, input_ids: torch.Tensor, classify_at: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, K, T) ids, (B, K) classify positions -> (B, classes or K) logits, and the
-        (B * K, T, hidden) final states."""
-        b, k, t = input_ids.shape
-        h = self.hidden_states(input_ids.reshape(b * k, t))
-        rows = torch.arange(b * k, device=h.device)
-        pooled = h[rows, classify_at.reshape(-1)].reshape(b, k, -1)
-        if self.head.type == "multiple_choice":
-            return self.score(pooled).squeeze(-1), h
-        return self.score(pooled.sum(1)), h  # similarity: the two orders added
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        targets: torch.Tensor,
-        classify_at: torch.Tensor,
-        lm_targets: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The mean task loss over the examples whose target is not -100, plus lm_coef times
-        the mean next-token loss over `lm_targets`."""
-        logits, h = self.classify(input_ids, classify_at)
-        loss = F.cross_entropy(logits.float(), targets, ignore_index=-100)
-        if self.lm_coef and lm_targets is not None:
-            loss = loss + self.lm_coef * self.lm_head(h, lm_targets.reshape(h.shape[:2]))
-        return loss
-
-
-class KVCache:
-    """Keys and values of every layer for rows decoded together.
-
-    Rows are independent: row b holds `positions[b]` tokens at sequence indices
-    0 .. positions[b] - 1, so prompts of different lengths need no padding mask. A layer keeps
-    its keys in `slots` places, the key of index p in slot p % slots:
-
-        global, strided   slots = capacity: every index the rows will reach (a strided query
-                          sees keys at every multiple of the stride back to the start)
-        local             slots = min(window, capacity): a ring. Writing index p overwrites
-                          index p - window, the first key the query at p cannot see, so the
-                          memory does not grow with the generated length and a decoding step
-                          reads `window` keys.
-
-    `index[slots]` (B, slots) holds the sequence index stored in each slot (-1: empty); which
-    slots a query may read comes from `visible`, attention's one mask definition.
-    """
-
-    def __init__(self, config: ModelConfig, lengths: torch.Tensor, capacity: int):
-        config.check_sequence_length(capacity)
-        if int(lengths.min()) < 1 or int(lengths.max()) > capacity:
-            raise ValueError(f"prompt lengths must be within 1..{capacity}")
-        self.capacity = capacity
-        self.positions = lengths.clone()  # the next index of each row
-        self.rows = torch.arange(len(lengths), device=lengths.device)
-        self.last_index = int(lengths.max()) - 1  # the largest index any row holds
-        self.shortest = int(lengths.min())  # the fewest tokens any row holds
-        self.decoding = False
-        self.layers = [
-            LayerCache(self, kind, config.window_size, config.sparse_stride, capacity)
-            for kind in config.layer_kinds()
-        ]
-        self.index: dict[int, torch.Tensor] = {}
-        self._masks: dict[tuple[str, int], torch.Tensor] = {}
-
-    def fill_index(self, slots: int) -> torch.Tensor:
-        """(B, slots): after the prompt, the index in each slot: the largest p < length with
-        p % slots == slot, or -1."""
-        if slots not in self.index:
-            last = (self.positions - 1)[:, None]
-            slot = torch.arange(slots, device=last.device)[None, :]
-            index = last - (last - slot) % slots
-            self.index[slots] = torch.where(index >= 0, index, -1)
-        return self.index[slots]
-
-    def start_decoding(self) -> None:
-        self.decoding = True
-
-    def begin_step(self) -> None:
-        if self.last_index + 1 >= self.capacity:
-            raise ValueError(f"the cache holds {self.capacity} tokens per row and is full")
-        self.last_index += 1
-        self.shortest += 1
-        self._masks.clear()
-        self.write_slot = {}
-        for slots, index in self.index.items():
-            self.write_slot[slots] = slot = self.positions % slots
-            index[self.rows, slot] = self.positions
-
-    def end_step(self) -> None:
-        self.positions += 1
-
-    def used(self, slots: int) -> int:
-        """Slots that can hold a key so far (all of a ring; the start of the others)."""
-        return min(slots, self.last_index + 1)
-
-    def mask(self, kind: str, slots: int, window: int, stride: int) -> torch.Tensor | None:
-        """(B, 1, 1, used) True where this step's query may read the slot; None when it may
-        read them all: a global or local layer whose slots are all filled in every row (what
-        a slot holds is then, by construction, a key its pattern lets the query see)."""
-        if kind != "strided" and self.shortest >= self.used(slots):
-            return None
-        key = (kind, slots)
-        if key not in self._masks:
-            index = self.index[slots][:, : self.used(slots)]
-            allowed = visible(kind, self.positions[:, None], index, window, stride) & (index >= 0)
-            self._masks[key] = allowed[:, None, None, :]
-        return self._masks[key]
-
-    def reorder(self, order: torch.Tensor) -> None:
-        """Keep rows `order` (beam search): row i becomes the old row order[i]."""
-        self.positions = self.positions.index_select(0, order)
-        self.rows = torch.arange(len(order), device=order.device)
-        self.last_index = int(self.positions.max()) - 1
-        self.shortest = int(self.positions.min())
-        self.index = {s: index.index_select(0, order) for s, index in self.index.items()}
-        for layer in self.layers:
-            layer.k = layer.k.index_select(0, order)
-            layer.v = layer.v.index_select(0, order)
-
-    def nbytes(self, kind: str) -> int:
-        """Bytes of keys and values held for the layers of one kind."""
-        return sum(layer.k.nbytes + layer.v.nbytes for layer in self.layers if layer.kind == kind)
-
-
-class LayerCache:
-    """One layer's keys and values (B, H, slots, D); the slot bookkeeping is the KVCache's."""
-
-    def __init__(self, cache: KVCache, kind: str, window: int, stride: int, capacity: int):
-        self.cache = cache
-        self.kind, self.window, self.stride = kind, window, stride
-        self.slots = min(window, capacity) if kind == "local" else capacity
-        self.k = self.v = None
-
-    @property
-    def decoding(self) -> bool:
-        return self.cache.decoding
-
-    def fill(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Keep the prompt's keys and values (B, H, T, D), each row's up to its length."""
-        B, H, _, D = k.shape
-        index = self.cache.fill_index(self.slots)
-        gather = index.clamp(min=0)[:, None, :, None].expand(B, H, self.slots, D)
-        self.k = k.gather(2, gather)
-        self.v = v.gather(2, gather)
-
-    def attend_step(self, q, k, v, scale: float) -> torch.Tensor:
-        """One new token per row: store its key and value, attend over the visible slots."""
-        cache = self.cache
-        slot = cache.write_slot[self.slots]
-        self.k[cache.rows, :, slot] = k[:, :, 0]
-        self.v[cache.rows, :, slot] = v[:, :, 0]
-        n = cache.used(self.slots)
-        mask = cache.mask(self.kind, self.slots, self.window, self.stride)
-        return F.scaled_dot_product_attention(
-            q, self.k[:, :, :n], self.v[:, :, :n], attn_mask=mask, scale=scale
-        )
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -4,25 +4,23 @@ initialisation, the merge into the base weights, and peft's on-disk format.
 peft's own layers do the forward (`inject_adapter_in_model`), so a model trained here behaves
 as peft says. With adapters, a target's base weight is named `...q_proj.base_layer.weight` and
 its adapter `...q_proj.lora_A.default.weight` / `lora_B`; the update is
-W + (alpha / r) * B @ A. Our parameter names are GPT-Neo's, so the adapters saved here load
-with `PeftModel.from_pretrained(GPTNeoForCausalLM.from_pretrained(base_hf), adapter_dir)`.
+W + (alpha / r) * B @ A. Our parameter names are GPT-Neo's, so the adapters saved in peft's
+format (train/checkpoints/adapters.py) load with
+`PeftModel.from_pretrained(GPTNeoForCausalLM.from_pretrained(base_hf), adapter_dir)`.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from data_prep.files import atomic_dir
-from train.config import ConfigError, LoraConfig, ModelConfig
+from train.config.sft import LoraConfig
+from train.errors import ConfigError
 
 ADAPTER = "default"  # peft's adapter name in module paths
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def inject(model: nn.Module, lora: LoraConfig) -> nn.Module:
@@ -95,31 +93,3 @@ def merge(state: dict[str, torch.Tensor], lora: LoraConfig) -> dict[str, torch.T
         w = base[name]
         base[name] = (w.double() + scale * (b.double() @ a.double())).to(w.dtype)
     return base
-
-
-def save_adapter(
-    directory: str | Path,
-    state: dict[str, torch.Tensor],
-    lora: LoraConfig,
-    model: ModelConfig,
-    base: str | None,
-    overwrite: bool = True,
-) -> None:
-    """The adapters in peft's format (adapter_config.json, adapter_model.safetensors), named for
-    GPTNeoForCausalLM. GPT-3 sizes fold their attention scale into q_proj on export
-    (train/checkpoints/hf.py), so a q_proj adapter's B is scaled the same way."""
-    from safetensors.torch import save_file
-
-    _, pairs = split(state)
-    tensors = {}
-    for module, (a, b) in pairs.items():
-        if model.scale_attn_weights and module.endswith("q_proj"):
-            b = b.float() * model.attention_scale
-        prefix = f"base_model.model.{module}"
-        tensors[f"{prefix}.lora_A.weight"] = a.float().contiguous()
-        tensors[f"{prefix}.lora_B.weight"] = b.float().contiguous()
-    config = peft_config(lora, task_type="CAUSAL_LM", base_model_name_or_path=base,
-                         inference_mode=True)  # fmt: skip
-    with atomic_dir(directory, overwrite) as tmp:
-        config.save_pretrained(str(tmp))
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})

@@ -49,11 +49,11 @@ def main() -> None:
         f"\nprecision {start['precision']} ({start['precision_reason']}); "
         f"{machine['name']}, {machine['threads']} thread(s) per rank"
     )
-    evals = [r for r in records if "val_loss" in r]
+    evals = [r for r in records if "val/loss" in r]
     first, last = evals[0], evals[-1]
     print(
-        f"validation loss {first['val_loss']:.3f} -> {last['val_loss']:.3f} nats/token, "
-        f"bits per byte {first['val_bpb']:.3f} -> {last['val_bpb']:.3f} "
+        f"validation loss {first['val/loss']:.3f} -> {last['val/loss']:.3f} nats/token, "
+        f"bits per byte {first['val/bits_per_byte']:.3f} -> {last['val/bits_per_byte']:.3f} "
         f"(steps {first['step']} -> {last['step']})"
     )
 
@@ -63,10 +63,27 @@ def main() -> None:
     prompt = "It is a truth universally acknowledged"
     text = generate(prompt, max_new_tokens=40, do_sample=True, top_k=40, temperature=0.8)
     print(f"\ntransformers, from {RUN_DIR / 'hf'}:\n  {text[0]['generated_text']!r}")
-    shell(str(BIN / "neo"), "generate", f"model={RUN_DIR}", f"prompt={prompt}",
-          "num_return_sequences=2", "top_k=40", "temperature=0.8", "seed=0")  # fmt: skip
-    shell(str(BIN / "neo"), "sft", f"base={RUN_DIR}", f"run_dir={RUN_DIR}-sft", "epochs=null",
-          "max_steps=100", "eval_every=50", "save_every=100", "optim.lr=1e-3")  # fmt: skip
+    shell(
+        str(BIN / "neo"),
+        "generate",
+        f"checkpoint={RUN_DIR}",
+        f"prompt={prompt}",
+        "num_return_sequences=2",
+        "top_k=40",
+        "temperature=0.8",
+        "seed=0",
+    )
+    shell(
+        str(BIN / "neo"),
+        "sft",
+        f"base={RUN_DIR}",
+        f"run_dir={RUN_DIR}-sft",
+        "epochs=null",
+        "max_steps=100",
+        "eval_every=50",
+        "save_every=100",
+        "optim.lr=1e-3",
+    )
     print(
         f"\neverything is in {RUN_DIR}/: config.yaml, metrics.jsonl, loss.png, checkpoints/ "
         "(DeepSpeed, resumable), model/ (neotrain checkpoint), hf/ (GPTNeoForCausalLM); the "

@@ -2,7 +2,7 @@
 lm-evaluation-harness computes it (train/evals/).
 
     neo eval                                          # the demo run's model, every task found
-    neo eval model=runs/demo tasks=[lambada_openai,wikitext] limit=500
+    neo eval checkpoint=runs/demo tasks=[lambada_openai,wikitext] limit=500
     torchrun --nproc_per_node 2 -m train.cli eval ... # items split over ranks, same numbers
 
 Prints a table (task, metric, value, stderr, items, and the published GPT-Neo numbers for the
@@ -24,30 +24,40 @@ import torch
 
 from data_prep.files import atomic_dir
 from train import __version__
-from train.checkpoints.load import placed_model, read_any, require_model, source_tokenizer
-from train.config import EvalConfig
-from train.distributed import devices as accel
+from train.checkpoints.load import (
+    model_from_state,
+    read_any,
+    require_checkpoint,
+    source_tokenizer,
+)
+from train.config.evaluation import EvalConfig
+from train.config.resolve import Resolved, resolve_eval
+from train.distributed import process_group
 from train.distributed.collectives import merged
+from train.distributed.machine import Host, host
+from train.distributed.placement import place
 from train.evals.runner import TaskResult
 from train.evals.scoring import Progress, Scorer
 from train.evals.suite import prepare_tasks, select_tasks
 from train.evals.tasks import PUBLISHED
-from train.verbs.info import count_parameters
+from train.model.sizes import count_parameters
 
 log = logging.getLogger("neo.eval")
 RESULTS_FORMAT, RESULTS_VERSION = "neotrain-eval", 1
 
 
-def run(cfg: EvalConfig) -> None:
-    cfg.validate()
-    ranks = accel.ranks_from_env()
-    if not ranks.is_main:
-        logging.getLogger().setLevel(logging.WARNING)
-    acc = accel.select(cfg.accelerator)
-    require_model(cfg.model)
+def main(cfg: EvalConfig) -> None:
+    where = host(cfg.accelerator)
+    run(resolve_eval(cfg, where.world), where)
+
+
+def run(resolved: Resolved[EvalConfig], where: Host) -> None:
+    cfg, ranks, acc = resolved.cfg, where.ranks, where.acc
+    require_checkpoint(cfg.checkpoint, "checkpoint")
     selected = select_tasks(cfg, default_set=cfg.tasks is None)  # before the model loads
     model, config, tokenizer, identity = load_for_eval(cfg, acc, ranks.local_rank)
-    distributed = start_process_group(acc, ranks)
+    if ranks.world_size > 1:
+        process_group.start(acc, ranks)
     # Inputs go to the rank's device (with device_map=auto, the first device: accelerate's
     # hooks move activations between the blocks' devices from there).
     device = acc.device(0 if cfg.device_map else ranks.local_rank)
@@ -65,7 +75,10 @@ def run(cfg: EvalConfig) -> None:
     )
     results: list[TaskResult] = []
     timing = {}
-    for prepared in prepare_tasks(cfg, selected, tokenizer, max_length):
+    prepared_tasks = prepare_tasks(
+        cfg, selected, tokenizer, max_length, val_tokens=cfg.val_tokens, val_seed=cfg.val_seed
+    )
+    for prepared in prepared_tasks:
         start = time.perf_counter()
         progress = Progress(prepared.task.name, ranks.is_main)
         result = prepared.run(scorer, merged, progress, cfg.log_samples)
@@ -86,14 +99,13 @@ def run(cfg: EvalConfig) -> None:
     if ranks.is_main:
         print(table(results))
         write_results(cfg, identity, results, timing, ranks.world_size)
-    if distributed:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    if ranks.world_size > 1:
+        process_group.stop()
 
 
 def load_for_eval(cfg: EvalConfig, acc, local_rank: int):
     """(model in eval mode, its config, tokenizer, identity) from any checkpoint."""
-    path = Path(cfg.model)
+    path = Path(cfg.checkpoint)
     config, state, tokenizer = read_any(path)
     tokenizer = source_tokenizer(cfg, config, tokenizer)
     identity = {
@@ -109,7 +121,8 @@ def load_for_eval(cfg: EvalConfig, acc, local_rank: int):
             "sha256": tokenizer.file_hashes(),
         },
     }
-    return placed_model(cfg, config, state, acc, local_rank), config, tokenizer, identity
+    model = model_from_state(config, state, dtype=getattr(torch, cfg.dtype)).eval()
+    return place(model, acc, local_rank, cfg.device_map), config, tokenizer, identity
 
 
 def state_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -123,14 +136,6 @@ def state_sha256(state: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def start_process_group(acc, ranks) -> bool:
-    if ranks.world_size == 1:
-        return False
-    accel.prepare_environment(acc, ranks)
-    torch.distributed.init_process_group(acc.backend)
-    return True
 
 
 MODELS = ("gpt_neo_125m", "gpt_neo_1.3b", "gpt_neo_2.7b")
@@ -157,9 +162,17 @@ def table(results: list[TaskResult]) -> str:
         for source, values in r.per_source.items():
             for metric in ("bits_per_byte", "perplexity"):
                 rows.append(
-                    [f"  {source}", metric, f"{values[metric]:.4f}", "",
-                     str(values["documents"]), "", "", ""]
-                )  # fmt: skip
+                    [
+                        f"  {source}",
+                        metric,
+                        f"{values[metric]:.4f}",
+                        "",
+                        str(values["documents"]),
+                        "",
+                        "",
+                        "",
+                    ]
+                )
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
     lines = [" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     lines.append("-|-".join("-" * w for w in widths))

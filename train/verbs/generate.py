@@ -1,9 +1,9 @@
 """`neo generate`: continue prompts with any checkpoint (train/model/decoding.py does the decoding).
 
     neo generate                                      # the demo run's model, the card's prompt
-    neo generate model=runs/demo prompt="Hello, I'm a language model," max_new_tokens=30 \\
+    neo generate checkpoint=runs/demo prompt="Hello, I'm a language model," max_new_tokens=30 \\
         do_sample=true num_return_sequences=5 seed=0
-    neo generate model=DIR prompts_file=prompts.txt num_beams=4 format=jsonl output=out.jsonl
+    neo generate checkpoint=DIR prompts_file=prompts.txt num_beams=4 format=jsonl output=out.jsonl
 
 Text goes to standard output (or `output`): each sequence as prompt + continuation. format=jsonl
 writes one record per sequence with the token ids and per-token log-probabilities.
@@ -17,32 +17,40 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from data_prep.files import atomic_write_text, check_output_free
-from train.checkpoints.load import placed_model, read_any, require_model, source_tokenizer
-from train.config import GenerateConfig
-from train.distributed import devices as accel
+from train.checkpoints.load import (
+    model_from_state,
+    read_any,
+    require_checkpoint,
+    source_tokenizer,
+)
+from train.config.evaluation import GenerateConfig
+from train.config.resolve import Resolved, resolve_generate
+from train.distributed.machine import Host, host
+from train.distributed.placement import place
 from train.errors import ConfigError, NotFound
 from train.model.decoding import Generation, generate, make_generator
 
 log = logging.getLogger("neo.generate")
 
 
-def run(cfg: GenerateConfig) -> None:
-    cfg.validate()
-    ranks = accel.ranks_from_env()
-    if ranks.world_size > 1:
-        raise ConfigError(
-            "neo generate runs in one process (device_map=auto spreads a large model over the "
-            "devices); start it without torchrun"
-        )
+def main(cfg: GenerateConfig) -> None:
+    where = host(cfg.accelerator)
+    run(resolve_generate(cfg, where.world), where)
+
+
+def run(resolved: Resolved[GenerateConfig], where: Host) -> None:
+    cfg, acc = resolved.cfg, where.acc
     if cfg.output:
         check_output_free(Path(cfg.output), cfg.overwrite)
-    require_model(cfg.model)
+    require_checkpoint(cfg.checkpoint, "checkpoint")
     prompts = read_prompts(cfg)  # before the model loads
-    acc = accel.select(cfg.accelerator)
-    config, state, tokenizer = read_any(cfg.model)
+    config, state, tokenizer = read_any(cfg.checkpoint)
     tokenizer = source_tokenizer(cfg, config, tokenizer)
-    model = placed_model(cfg, config, state, acc, 0)
+    model = model_from_state(config, state, dtype=getattr(torch, cfg.dtype)).eval()
+    model = place(model, acc, 0, cfg.device_map)
     del state
     device = acc.device(0)
     generator = make_generator(cfg.seed, device)
@@ -74,7 +82,7 @@ def run(cfg: GenerateConfig) -> None:
         "%.1f tokens/s%s",
         len(sequences),
         len(prompts),
-        cfg.model,
+        cfg.checkpoint,
         "beam search" if cfg.num_beams > 1 else "sampling" if cfg.do_sample else "greedy",
         new_tokens,
         seconds,

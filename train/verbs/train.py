@@ -17,38 +17,40 @@ from pathlib import Path
 from data_prep.config import PrepConfig
 from data_prep.manifest import MANIFEST_FILE
 from data_prep.prep import prepare
-from train.config import ConfigError, TrainConfig
+from train.config.resolve import Resolved, resolve_train
+from train.config.train import TrainConfig
 from train.data.pretrain import PretrainBatches, TrainingData
 from train.data.pretrain import load as load_data
+from train.distributed.machine import Host, host
+from train.errors import ConfigError
+from train.evals.evaluator import TaskEvaluator
 from train.evals.suite import PreparedTask, prepare_task, prepare_tasks, select_tasks
 from train.evals.val import load_blend_val
-from train.loop.checkpointing import run_identity
+from train.loop.checkpointing import model_identity
+from train.loop.finish import standard_hooks, train_and_finish
 from train.loop.fit import Trainer
 from train.loop.optim import Schedule
-from train.loop.run import (
-    build_or_resume,
-    checkpoint_meta,
-    start_run,
-    train_and_finish,
-    trainer_fields,
-    write_config,
-)
-from train.verbs.info import count_parameters
+from train.loop.run import build_or_resume, checkpoint_meta, start_run, write_config
+from train.model.factory import ModelFactory
+from train.model.sizes import count_parameters
 
 log = logging.getLogger("neo.train")
 
 
-def run(cfg: TrainConfig) -> None:
-    train_and_finish(setup(cfg))
+def main(cfg: TrainConfig) -> None:
+    where = host(cfg.accelerator)
+    resolved = resolve_train(cfg, where.world)
+    train_and_finish(setup(resolved, where), standard_hooks(resolved.cfg.export_hf))
 
 
-def setup(cfg: TrainConfig) -> Trainer:
-    """Check the config, start the process group, open the data, build (or resume) the engine.
-    Every mistake a user can make surfaces here, before the first step; every rule of the
-    config itself before the process group starts."""
-    # eval.tasks: every file found before anything starts (val reads this run's data).
-    benchmarks = select_tasks(cfg.eval, default_set=False, val_path=cfg.data.path)
-    run = start_run(cfg, on_main=lambda: prepare_default_data(cfg))
+def setup(resolved: Resolved[TrainConfig], where: Host) -> Trainer:
+    """Start the process group, open the data, build (or resume) the engine. Every mistake a
+    user can make surfaces here, before the first step; every rule of the config itself was
+    applied by resolve, before the process group starts."""
+    cfg = resolved.cfg
+    # eval.tasks: every file found before anything starts.
+    benchmarks = select_tasks(cfg.eval, default_set=False)
+    run = start_run(resolved, where, on_main=lambda: prepare_default_data(cfg))
     ranks = run.ranks
     data = load_data(cfg.data, cfg.seq_len, cache_dir=Path(cfg.run_dir) / "data_index")
     if data.vocab_size > cfg.model.vocab_size:
@@ -58,12 +60,19 @@ def setup(cfg: TrainConfig) -> Trainer:
         )
     context = cfg.model.max_position_embeddings
     max_length = min(cfg.eval.max_length or context, context)
-    prepared = prepare_tasks(cfg.eval, benchmarks, data.tokenizer, max_length)
-    validation = validation_task(cfg, data, max_length)
+    tasks = [validation_task(cfg, data, max_length)] + prepare_tasks(
+        cfg.eval, benchmarks, data.tokenizer, max_length
+    )
+    evaluators = [
+        TaskEvaluator(task, max_length, cfg.eval.batch_tokens, data.tokenizer.eod_id)
+        for task in tasks
+        if task is not None
+    ]
     identity = run_identity(cfg, data.identity)
-    engine, state, spec, resume = build_or_resume(cfg, run, identity)
+    factory = ModelFactory(cfg.model)
+    engine, state, resume = build_or_resume(cfg, run, identity, factory)
     if ranks.is_main:
-        write_config("train", cfg, run)
+        write_config("train", resolved, run)
     log.info(
         "training %s (%s parameters) on %d x %s, ZeRO-%d, %s, global batch %d x %d tokens, "
         "accumulation %d; run dir %s%s",
@@ -72,7 +81,7 @@ def setup(cfg: TrainConfig) -> Trainer:
         ranks.world_size,
         run.acc.kind,
         cfg.deepspeed.zero_stage,
-        run.precision,
+        cfg.precision,
         cfg.global_batch_size,
         cfg.seq_len,
         run.accumulation,
@@ -80,25 +89,34 @@ def setup(cfg: TrainConfig) -> Trainer:
         f"; resumed at step {state.step}" if resume else "",
     )
     engine.train()
+    batches = PretrainBatches(
+        data.train,
+        ranks.rank,
+        ranks.world_size,
+        cfg.micro_batch_size,
+        run.accumulation,
+        cfg.seq_len,
+    )
     return Trainer(
         cfg=cfg,
-        **trainer_fields(run),
+        run=run,
         tokenizer=data.tokenizer,
-        batches=PretrainBatches(
-            data.train,
-            ranks.rank,
-            ranks.world_size,
-            cfg.micro_batch_size,
-            run.accumulation,
-            cfg.seq_len,
-        ),  # fmt: skip
+        batches=batches,
         engine=engine,
         schedule=Schedule(cfg.optim, cfg.max_steps, cfg.tokens_per_step),
-        meta=checkpoint_meta(spec, identity, cfg.model, data.tokenizer),
+        meta=checkpoint_meta(engine.spec.layout, identity, cfg.model, data.tokenizer),
         state=state,
-        validation=validation,
-        benchmarks=prepared,
+        evaluators=evaluators,
     )
+
+
+def run_identity(cfg: TrainConfig, data_identity: dict) -> dict:
+    """What a checkpoint must match to continue this run: the model, and what decides the
+    sample order (prepared data by content, not by path)."""
+    return {
+        "model": model_identity(cfg.model),
+        "data": {**data_identity, "global_batch_size": cfg.global_batch_size},
+    }
 
 
 def validation_task(cfg: TrainConfig, data: TrainingData, max_length: int) -> PreparedTask | None:

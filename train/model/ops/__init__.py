@@ -1,1 +1,2 @@
-"""Hand-written autograd kernels: blockwise sparse attention, the fused linear cross-entropy."""
+"""Hand-written kernels: blockwise sparse attention, the fused linear cross-entropy, Ascend's
+fused attention."""

@@ -40,22 +40,23 @@ def chunked_cross_entropy(
             grad = grad.to(h.dtype)
             torch.mm(grad, weight, out=grad_h[start:end])
             grad_w.addmm_(grad.T, hc)
-    return total, valid.sum().clamp(min=1), grad_h, grad_w
+    return total, valid.sum(), grad_h, grad_w
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """mean cross_entropy(h @ W.T, targets) whose gradients are made in the forward pass, chunk
-    by chunk (chunked_cross_entropy): the same matmuls as lm_head + cross_entropy, but the fp32
-    logits, their log-softmax and its gradient (each tokens x vocab) never exist whole."""
+    """(summed cross_entropy(h @ W.T, targets), count of targets) whose gradients are made in
+    the forward pass, chunk by chunk (chunked_cross_entropy): the same matmuls as lm_head +
+    cross_entropy, but the fp32 logits, their log-softmax and its gradient (each tokens x
+    vocab) never exist whole."""
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
         total, count, grad_h, grad_w = chunked_cross_entropy(h, weight, targets, with_grad=True)
-        ctx.save_for_backward(grad_h, grad_w, count)
-        return total / count
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.mark_non_differentiable(count)
+        return total, count
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w, count = ctx.saved_tensors
-        scale = grad_loss / count
-        return (grad_h * scale).to(grad_h.dtype), (grad_w * scale).to(grad_w.dtype), None
+    def backward(ctx, grad_total, grad_count):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_total).to(grad_h.dtype), (grad_w * grad_total).to(grad_w.dtype), None

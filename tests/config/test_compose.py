@@ -1,0 +1,74 @@
+"""Composing a verb's config: a key the verb does not read, a `+key` Hydra would add, a wrong
+type, an unknown option or a renamed key is one line naming the key, and exit 2."""
+
+import subprocess
+
+import pytest
+from conftest import NEO
+
+from train.config import compose
+from train.errors import ConfigError
+
+ONE_LINE_MISTAKES = [
+    (
+        ["sft", "data.path=/nonexistent/x.jsonl", "max_steps=1"],
+        "neo sft reads its data from sft.path",
+    ),
+    (["sft", "eval.tasks=[lambada_openai]"], "eval.tasks is not a key of neo sft"),
+    (["train", "+foo=1"], "foo is not a key of neo train"),
+    (["train", "foo=1"], "foo is not a key of neo train"),
+    (["info", "+model.hiden_size=1"], "neo info: did you mean model.hidden_size?"),
+    (["eval", "tasks=[nope]"], "tasks: unknown task 'nope'"),
+    (["train", "model=nope"], "model=nope: no such option; configs/model/ has gpt3_13b"),
+    (["info", "world_size=abc"], "world_size=abc: Value 'abc' of type 'str' could not be"),
+    (["train", "max_steps=[1"], "max_steps=[1: "),
+    (["train", "-m", "max_steps=2,abc"], "max_steps=abc: Value 'abc' of type 'str'"),
+    (["eval", "model=runs/demo"], "the checkpoint is checkpoint= now"),
+    (["generate", "model=runs/demo"], "the checkpoint is checkpoint= now"),
+    (["sft", "task=classification"], "the task head is head= now"),
+    (["train", "eval.val_tokens=5"], "neo train's validation budget is eval_tokens"),
+    (["train", "max_step=3"], "did you mean max_steps?"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), ONE_LINE_MISTAKES, ids=lambda v: str(v)[:40])
+def test_every_composition_mistake_is_one_line_and_exit_2(tmp_path, args, message):
+    proc = subprocess.run([NEO, *args], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"neo {args[0]}: error: ") and message in lines[0], lines[0]
+    assert not list(tmp_path.iterdir())  # nothing ran: no run directory, no data
+
+
+@pytest.mark.parametrize(
+    ("verb", "key"),
+    [
+        ("train", "deepspeed.extra.zero_optimization.overlap_comm"),  # raw DeepSpeed keys
+        ("train", "data.blend"),
+        ("train", "eval.task.mine"),  # a task of the user's own
+        ("eval", "task.mine.path"),
+        ("sft", "head.tokens.start"),
+        ("train", "hydra.job.chdir"),
+        ("train", "hydra/launcher"),
+    ],
+)
+def test_keys_inside_mappings_and_hydra_keys_are_the_owners_business(verb, key):
+    compose.check_key(verb, key)
+
+
+def test_sweeps_are_checked_job_by_job():
+    assert compose.jobs(["a=1,2", "b=x"]) == [["a=1", "b=x"], ["a=2", "b=x"], ["a=2", "b=x"]]
+    with pytest.raises(ConfigError, match="max_steps=abc"):
+        compose.check("train", ["max_steps=1,abc"], multirun=True)
+    compose.check("train", ["max_steps=1,2", "optim.lr=1e-3,2e-3"], multirun=True)
+
+
+def test_a_composed_config_is_the_verbs_schema():
+    from train.config.sft import SftConfig
+
+    cfg = compose.to_schema(
+        compose.compose("sft", ["head=classification", "epochs=2", "run_dir=r"])
+    )
+    assert isinstance(cfg, SftConfig) and cfg.head.type == "classification" and cfg.epochs == 2
+    assert cfg.max_steps is None  # one of epochs and max_steps: resolve decides the steps

@@ -1,0 +1,162 @@
+"""`neo prep` as users run it: subprocesses, the bundled sample, crashes, Ctrl-C, memory."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from data_prep.manifest import open_prepared
+from data_prep.shards import IndexedDataset
+
+NEO = str(Path(sys.executable).with_name("neo"))
+WORDS = [
+    "".join(random.Random(i).choices("abcdefghijklmnoprstuvwy", k=2 + i % 8)) for i in range(2000)
+]
+
+
+def write_corpus(path, megabytes, seed=0):
+    """JSON lines of about `megabytes` MB: 10 KB documents, every one distinct."""
+    rng = np.random.default_rng(seed)
+    words = np.array(WORDS)
+    base = [" ".join(words[rng.integers(0, len(words), 1700)]) for _ in range(50)]
+    sources = ["Github", "Pile-CC", "ArXiv"]
+    with open(path, "w") as f:
+        for i in range(int(megabytes * 100)):
+            text = f"document {i}\n{base[i % len(base)]}"
+            meta = {"pile_set_name": sources[i % 3]}
+            f.write(json.dumps({"text": text, "meta": meta}) + "\n")
+    return path
+
+
+def start(args, cwd):
+    """`neo` in its own process group (like a job on a terminal), line-buffered output."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [NEO, *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_for_line(proc, needle, timeout=120):
+    seen = []
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        seen.append(line)
+        if needle in line:
+            return seen
+        assert time.monotonic() < deadline, "".join(seen)
+    raise AssertionError(f"{needle!r} never printed; output:\n{''.join(seen)}")
+
+
+def shard_hashes(directory):
+    manifest, _ = open_prepared(directory, verify=True)
+    return {name: info.sha256 for name, info in manifest.shards.items()}
+
+
+@pytest.mark.slow
+def test_prep_with_no_arguments_prepares_the_bundled_sample(neo, tmp_path):
+    started = time.monotonic()
+    out = neo("prep").stdout
+    assert time.monotonic() - started < 120
+    for text in ("Github", "Enron Emails", "Gutenberg (PG-19)", "tokens/s", "peak memory"):
+        assert text in out, out
+    manifest, shards = open_prepared(tmp_path / "data" / "pile_sample", verify=True)
+    assert manifest.totals["documents"] == 6444 and manifest.totals["duplicates"] == 3
+    assert manifest.inputs[0]["sha256"].startswith("83af5b6c")
+    assert manifest.tokenizer.eod_id == 50256 and manifest.dtype == "uint16"
+    assert len(shards["train"]) == 1 and len(shards["validation"]) == 1
+    assert "nothing to do" in neo("prep").stdout
+    other = neo("prep", "seed=5", check=False)
+    assert other.returncode == 2 and "seed: 1234 before, 5 now" in other.stderr
+
+
+@pytest.mark.slow
+def test_strict_exits_non_zero_at_the_first_bad_record(neo, tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"text": "fine"}\n{"text": 3}\n{"text": "fine too"}\n')
+    proc = neo("prep", "input=c.jsonl", "output=o", "strict=true", check=False)
+    assert proc.returncode == 2
+    assert "c.jsonl:2: the text field is not a string ('text' is int" in proc.stderr
+    assert "strict=true" in proc.stderr
+    lenient = neo("prep", "input=c.jsonl", "output=p").stdout
+    assert "non_string_text" in lenient and "c.jsonl:2" in lenient
+
+
+@pytest.mark.slow
+def test_a_killed_run_leaves_only_complete_shards_and_resumes(neo, tmp_path):
+    write_corpus(tmp_path / "c.jsonl", 4)
+    args = ["prep", "input=c.jsonl", "shard_tokens=60000", "workers=2", "validation_fraction=0.05"]
+    neo(*args, "output=fresh")
+    proc = start([*args, "output=out"], tmp_path)
+    wait_for_line(proc, "shard group 2 written")
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job dies at once: no cleanup runs
+    proc.wait()
+    out = tmp_path / "out"
+    assert not (out / "manifest.json").exists()
+    finals = sorted(out.glob("*.idx"))
+    assert len(finals) >= 3
+    for idx in finals:  # a final name means a complete shard, never a partial one
+        IndexedDataset(idx.with_suffix(""))
+    resumed = neo(*args, "output=out").stdout
+    assert "resuming: " in resumed and "shard group(s) already complete" in resumed
+    assert shard_hashes(out) == shard_hashes(tmp_path / "fresh")
+    assert not list(out.glob(".*tmp*")) and not (out / ".prep").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_a_rerun_continues(neo, tmp_path):
+    write_corpus(tmp_path / "c.jsonl", 3, seed=1)
+    args = ["prep", "input=c.jsonl", "output=out", "shard_tokens=50000", "workers=2"]
+    proc = start(args, tmp_path)
+    wait_for_line(proc, "shard group 0 written")
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C on a terminal sends
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, rest
+    assert "interrupted; rerun the same command to continue" in rest
+    assert "Traceback" not in rest
+    out = neo(*args).stdout
+    assert "resuming: " in out
+    manifest, _ = open_prepared(tmp_path / "out", verify=True)
+    assert manifest.totals["documents"] == 300
+
+
+def peak_tree_rss(args, cwd):
+    """Run `neo` and sample the resident memory of it and all its processes every 20 ms."""
+    proc = start(args, cwd)
+    root, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree))
+        except psutil.Error:
+            pass  # a process ended between listing and reading it
+        time.sleep(0.02)
+    output = proc.stdout.read()
+    assert proc.returncode == 0, output
+    return peak
+
+
+@pytest.mark.slow
+def test_memory_does_not_grow_with_the_corpus(tmp_path):
+    write_corpus(tmp_path / "small.jsonl", 2)
+    write_corpus(tmp_path / "large.jsonl", 20)
+    common = ["prep", "workers=2", "validation_fraction=0.01"]
+    small = peak_tree_rss([*common, "input=small.jsonl", "output=s"], tmp_path)
+    large = peak_tree_rss([*common, "input=large.jsonl", "output=l"], tmp_path)
+    tokens = json.loads((tmp_path / "l" / "manifest.json").read_text())["totals"]["tokens"]
+    assert tokens > 4_000_000  # 10x the text, 10x the tokens ...
+    growth = (large - small) / 2**20
+    # ... but the same memory: holding the tokens alone would add 8+ MB, the text 18 MB.
+    assert growth < 16, f"peak RSS {small / 2**20:.0f} MiB -> {large / 2**20:.0f} MiB"

@@ -1,0 +1,144 @@
+"""`resolve(cfg, world)` per verb: every rule of the verb's config applied once, what the world
+decides filled in (world size and accumulation, the precision `auto` picks on this machine, the
+base model's config and vocabulary, epochs as steps), and the result frozen. It runs before any
+process group starts; the verb runs what it returns and records it in config.yaml; `neo
+launch` calls the same functions for the world it will start. torch-free.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, replace
+from typing import Generic, Protocol, TypeVar
+
+from train.config.evaluation import EvalConfig, GenerateConfig
+from train.config.model import ModelConfig
+from train.config.rules import Schema, batch_layout
+from train.config.run import RunConfig
+from train.config.sft import SftConfig
+from train.config.train import TrainConfig
+from train.errors import ConfigError
+
+C = TypeVar("C", bound=Schema)
+AS_ASKED = "as asked"  # why an explicit precision is what it is
+
+
+@dataclass(frozen=True)
+class World:
+    """What the launcher and the machine decide, gathered once before resolving
+    (train/distributed/machine.py `world`)."""
+
+    world_size: int = 1
+    accelerator: str = "cpu"  # cpu | cuda | npu: what `accelerator=auto` found
+    # Whether the device computes bf16 natively; None where it is not known (neo launch: the
+    # compute nodes decide `precision=auto`).
+    native_bf16: bool | None = None
+    bf16_reason: str = ""
+
+
+@dataclass(frozen=True)
+class Resolved(Generic[C]):
+    """A verb's config with every rule applied and every value final (read-only), and the
+    world it was resolved for."""
+
+    cfg: C
+    world: World
+    accumulation: int = 1  # training verbs: micro-batches per optimizer step on each rank
+    precision_reason: str = ""  # training verbs: why `precision` is what it is
+
+
+def resolve_precision(requested: str, world: World) -> tuple[str, str]:
+    """(precision, why): `auto` becomes bf16 where the device computes it natively, else fp32.
+    An explicit choice is kept where it can run; one that cannot is a ConfigError."""
+    if requested == "fp16" and world.accelerator == "cpu":
+        raise ConfigError(
+            "precision=fp16 needs a CUDA or Ascend device (DeepSpeed has no fp16 on CPU); "
+            "use precision=auto, bf16 or fp32"
+        )
+    if requested == "bf16" and world.accelerator == "npu" and world.native_bf16 is False:
+        raise ConfigError(f"precision=bf16, but {world.bf16_reason}; use precision=auto")
+    if requested != "auto":
+        return requested, AS_ASKED
+    if world.native_bf16 is None:
+        return requested, "decided where the run starts"
+    return ("bf16" if world.native_bf16 else "fp32"), world.bf16_reason
+
+
+def _training(cfg: RunConfig, world: World) -> tuple[int, str]:
+    """What both training verbs resolve the same way: accumulation and precision (set on
+    cfg); returns (accumulation, why the precision)."""
+    accumulation = batch_layout(cfg.global_batch_size, cfg.micro_batch_size, world.world_size)
+    cfg.precision, reason = resolve_precision(cfg.precision, world)
+    return accumulation, reason
+
+
+def resolve_train(cfg: TrainConfig, world: World) -> Resolved[TrainConfig]:
+    cfg = copy.deepcopy(cfg)
+    cfg.check_run()
+    cfg.model.validate()
+    cfg.check_train()
+    accumulation, reason = _training(cfg, world)
+    return Resolved(cfg.frozen(), world, accumulation, reason)
+
+
+class SftSources(Protocol):
+    """What `neo sft` reads from disk to resolve (the verb provides it; `neo launch`, which
+    does not read the base or the data, passes None and checks the rest)."""
+
+    def base_model(self) -> ModelConfig | None:
+        """The base checkpoint's model config; None: fresh weights of cfg.model."""
+
+    def tokenizer_size(self) -> int:
+        """The tokenizer's vocabulary, with the task head's added tokens."""
+
+    def training_rows(self, cfg: SftConfig) -> int:
+        """How many rows (packed, padded, or task examples) the training data makes for
+        `cfg` (its model final)."""
+
+
+def resolve_sft(cfg: SftConfig, world: World, sources: SftSources | None) -> Resolved[SftConfig]:
+    cfg = copy.deepcopy(cfg)
+    cfg.check_run()
+    cfg.check_sft()
+    if sources is not None:
+        base = sources.base_model()
+        if base is not None:  # the base decides the architecture; how attention is computed
+            cfg.model = replace(base, attention_backend=cfg.model.attention_backend)
+        size = sources.tokenizer_size()
+        if size > cfg.model.vocab_size:
+            if not (cfg.head.enabled and cfg.head.special_tokens == "add"):
+                raise ConfigError(
+                    f"{cfg.base}: the tokenizer has {size} tokens, more than the model's "
+                    f"vocab_size={cfg.model.vocab_size}"
+                )
+            cfg.model = replace(cfg.model, vocab_size=size)  # room for the head's new tokens
+    cfg.model.validate()
+    accumulation, reason = _training(cfg, world)
+    if cfg.max_steps is None and sources is not None:
+        cfg.epochs = 1.0 if cfg.epochs is None else cfg.epochs
+        rows = sources.training_rows(cfg)
+        cfg.max_steps = max(1, math.ceil(cfg.epochs * rows / cfg.global_batch_size))
+    return Resolved(cfg.frozen(), world, accumulation, reason)
+
+
+def resolve_eval(cfg: EvalConfig, world: World) -> Resolved[EvalConfig]:
+    cfg = copy.deepcopy(cfg).validate()
+    return Resolved(cfg.frozen(), world)
+
+
+def resolve_generate(cfg: GenerateConfig, world: World) -> Resolved[GenerateConfig]:
+    cfg = copy.deepcopy(cfg).validate()
+    if world.world_size > 1:
+        raise ConfigError(
+            "neo generate runs in one process (device_map=auto spreads a large model over the "
+            "devices); start it without torchrun"
+        )
+    return Resolved(cfg.frozen(), world)
+
+
+def resolve_plain(cfg: C, world: World | None = None) -> Resolved[C]:
+    """The verbs whose config needs nothing from the world (info, export, import, verify,
+    plot): their rules, frozen."""
+    cfg = copy.deepcopy(cfg).validate()
+    return Resolved(cfg.frozen(), world or World())

@@ -1,0 +1,206 @@
+"""`neo sft`'s schema: the training keys (train/config/run.py), the base checkpoint, the
+fine-tuning data, LoRA and GPT-1's task head. torch-free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from train.config.rules import Schema, require_choice, require_fraction, require_unread
+from train.config.run import RunConfig
+from train.errors import ConfigError
+
+SFT_FORMATS = ("alpaca", "prompt_completion", "chat")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj")
+HEAD_TYPES = ("lm", "classification", "entailment", "similarity", "multiple_choice")
+
+
+@dataclass
+class SftFieldsConfig(Schema):
+    """Field names of the records, for data that names them otherwise."""
+
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+    prompt: str = "prompt"
+    completion: str = "completion"
+    messages: str = "messages"
+
+
+@dataclass
+class SftDataConfig(Schema):
+    # JSON lines / JSON / hf:NAME; null: the bundled sample (instructions; with a task head,
+    # the bundled classification sample).
+    path: str | None = None
+    # alpaca {instruction, input, output} | prompt_completion {prompt, completion} |
+    # chat {messages: [{role, content}]}
+    format: str = "alpaca"
+    fields: SftFieldsConfig = field(default_factory=SftFieldsConfig)
+    # A file of its own for validation; null: a seeded `validation_fraction` of `path`.
+    validation_path: str | None = None
+    validation_fraction: float = 0.05
+    seed: int = 1234
+    # Several examples per row (packing.pack_bins; attention blocked between them); false:
+    # one example per row, padded to the micro-batch's longest.
+    packing: bool = True
+    # Train on the prompt tokens too (default: the response only; chats: assistant turns).
+    train_on_prompt: bool = False
+    # Chats: a Jinja template (or a name: neotrain); null: the tokenizer's own, else neotrain.
+    chat_template: str | None = None
+    # Stop at the first bad record or over-long example instead of counting and skipping it.
+    strict: bool = False
+    # hf:NAME datasets: the split to read.
+    split: str | None = None
+
+
+@dataclass
+class LoraConfig(Schema):
+    """Low-rank adapters (peft's LoRA): the base weights stay frozen and only the adapters
+    train. LoRA usually wants a larger learning rate than full fine-tuning (optim.lr=2e-4)."""
+
+    # Rank of the adapters; 0: full fine-tuning.
+    r: int = 0
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.05
+    # Linear layers to adapt, by name: q_proj k_proj v_proj out_proj (attention), c_fc c_proj
+    # (MLP). GPT-Neo's usual choice (peft's default for gpt_neo) is the query and value.
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # At the end: the base with the adapters folded in as run_dir/model (and its HF export);
+    # false: only the adapters (run_dir/adapter, peft's format).
+    merge: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+    def validate(self) -> LoraConfig:
+        if self.r < 0:
+            raise ConfigError(f"lora.r={self.r} must be >= 0 (0 disables LoRA)")
+        if not self.enabled:
+            require_unread("lora.", self, LoraConfig(), "LoRA is off (set lora.r=8, say)")
+            return self
+        if self.alpha <= 0:
+            raise ConfigError(f"lora.alpha={self.alpha} must be > 0")
+        require_fraction("lora.dropout", self.dropout)
+        unknown = sorted(set(self.target_modules) - set(LORA_TARGETS))
+        if unknown or not self.target_modules:
+            raise ConfigError(
+                f"lora.target_modules={list(self.target_modules)}: expected names among "
+                f"{', '.join(LORA_TARGETS)}"
+            )
+        return self
+
+
+@dataclass
+class HeadTokensConfig(Schema):
+    """The GPT-1 input transformation's tokens: new tokens by these names (special_tokens=add)
+    or existing single tokens of the vocabulary (special_tokens=map)."""
+
+    start: str = "<|start|>"
+    delim: str = "<|delim|>"
+    classify: str = "<|classify|>"
+
+
+@dataclass
+class HeadFieldsConfig(Schema):
+    """Field names of task records (JSON lines)."""
+
+    text: str = "text"  # the text; the premise, or first text, of a pair; a choice's context
+    text_pair: str = "text_pair"  # entailment's hypothesis, similarity's second text
+    label: str = "label"  # a name or a number; the label names come from the training data
+    choices: str = "choices"  # multiple_choice: the candidate answers
+    gold: str = "gold"  # multiple_choice: the index of the right one
+
+
+@dataclass
+class HeadConfig(Schema):
+    """`neo sft head=...`: lm fine-tunes the language model itself; the others put GPT-1's
+    linear head (Radford et al. 2018) over the final hidden state at the classify token and
+    train task loss + lm_coef * LM loss on the task's text."""
+
+    type: str = "lm"  # lm | classification | entailment | similarity | multiple_choice
+    lm_coef: float = 0.5  # GPT-1's weight of the auxiliary LM loss; 0 disables it
+    special_tokens: str = "add"  # add: new embedding rows, N(0, initializer_range); map
+    tokens: HeadTokensConfig = field(default_factory=HeadTokensConfig)
+    fields: HeadFieldsConfig = field(default_factory=HeadFieldsConfig)
+
+    @property
+    def enabled(self) -> bool:
+        """A task head on the model (any type but lm)."""
+        return self.type != "lm"
+
+    def validate(self) -> HeadConfig:
+        require_choice("head.type", self.type, HEAD_TYPES)
+        if not self.enabled:
+            require_unread("head.", self, HeadConfig(), "head=lm has no task head")
+            return self
+        require_choice("head.special_tokens", self.special_tokens, ("add", "map"))
+        if self.lm_coef < 0:
+            raise ConfigError(f"head.lm_coef={self.lm_coef} must be >= 0")
+        names = [self.tokens.start, self.tokens.delim, self.tokens.classify]
+        if len(set(names)) != 3 or not all(names):
+            raise ConfigError(f"head.tokens {names}: three different, non-empty tokens expected")
+        return self
+
+
+@dataclass
+class SftConfig(RunConfig):
+    """`neo sft`: the training keys on fine-tuning data, starting from `base`."""
+
+    # A neotrain checkpoint, run directory, DeepSpeed checkpoint or Hugging Face GPT-Neo
+    # directory; its model config replaces `model`. runs/demo missing: a fresh `model`.
+    base: str = "runs/demo"
+    sft: SftDataConfig = field(default_factory=SftDataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    # Passes over the training rows, or a number of optimizer steps: one of the two (neither:
+    # one epoch). A resolved config holds the steps.
+    epochs: float | None = None
+    max_steps: int | None = None
+    # Greedy answers to this many validation prompts, logged at every validation.
+    samples: int = 3
+    sample_max_new_tokens: int = 48
+
+    @property
+    def seq_len(self) -> int:
+        """Rows are the model's context long."""
+        return self.model.max_position_embeddings
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_len
+
+    def check_sft(self) -> None:
+        """The rules of the keys only neo sft reads."""
+        s = self.sft
+        require_choice("sft.format", s.format, SFT_FORMATS)
+        require_fraction("sft.validation_fraction", s.validation_fraction)
+        self.lora.validate()
+        self.head.validate()
+        if self.head.enabled:
+            require_unread(
+                "sft.",
+                s,
+                SftDataConfig(),
+                f"head={self.head.type} reads task records "
+                "(head.fields), neither packed nor templated",
+                keys=("format", "fields", "packing", "train_on_prompt", "chat_template"),
+            )
+            if self.lora.enabled and not self.lora.merge:
+                raise ConfigError(
+                    f"lora.merge=false with head={self.head.type}: the head is trained whole, "
+                    "not as an adapter; keep lora.merge=true"
+                )
+        elif s.chat_template is not None and s.format != "chat":
+            raise ConfigError(
+                f"sft.chat_template is not read: sft.format={s.format} (templates render chats)"
+            )
+        if self.epochs is not None and self.max_steps is not None:
+            raise ConfigError(
+                f"epochs={self.epochs} and max_steps={self.max_steps}: give one of them"
+            )
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"epochs={self.epochs} must be > 0")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps={self.max_steps} must be >= 1")
+        if self.samples < 0:
+            raise ConfigError(f"samples={self.samples} must be >= 0")

@@ -1,0 +1,53 @@
+"""How a training engine builds the model it trains, without knowing what the model is: a
+plain GPT, GPT-1's task head on it, or either with LoRA adapters (neo sft decides; the engine
+in train/loop/engine.py only calls `build` and `initialize`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from train.config.model import ModelConfig
+from train.config.sft import LoraConfig
+from train.model import lora as adapters
+from train.model.gpt import GPT
+from train.model.heads import TaskGPT, TaskHead
+
+
+@dataclass(frozen=True)
+class ModelFactory:
+    config: ModelConfig
+    head: TaskHead | None = None  # GPT-1's task head, trained with lm_coef x the LM loss
+    lm_coef: float = 0.0
+    lora: LoraConfig | None = None  # adapters on a frozen model; only they (and a head) train
+
+    def prepare(self) -> None:
+        """Imports that must not run while the engine builds (peft's, under ZeRO-3's
+        partitioning of every parameter created)."""
+        if self.lora is not None:
+            import peft  # noqa: F401
+
+    def build(self) -> GPT:
+        """The module, with its parameters allocated as the caller's context says (the meta
+        device, or ZeRO-3's partitions): filled afterwards from weights or `initialize`."""
+        if self.head is None:
+            model = GPT(self.config)
+        else:
+            model = TaskGPT(self.config, self.head, self.lm_coef)
+        if self.lora is not None:
+            model = adapters.inject(model, self.lora)
+            if self.head is not None:  # a new head is trained whole, beside the adapters
+                model.score.weight.requires_grad_(True)
+        return model
+
+    def initialize(
+        self, model: GPT, name: str, module: nn.Module, generator: torch.Generator
+    ) -> None:
+        """Fresh values for the parameters `module` owns directly (`name`: its first
+        parameter's): an adapter as peft initialises it, anything else as GPT does."""
+        first = next(module.parameters(recurse=False))
+        if self.lora is not None and adapters.init_parameter(name, first, generator):
+            return
+        model.init_module(module, generator)
