@@ -5,7 +5,7 @@ It lives here rather than in train/config/ because data_prep must not import tor
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from train.errors import NeoError
 
@@ -98,4 +98,11 @@ class PrepConfig:
             raise PrepConfigError(
                 f"sentencepiece.character_coverage={sp.character_coverage} must be in (0, 1]"
             )
+        if self.tokenizer != "sentencepiece":
+            for f in fields(sp):
+                if getattr(sp, f.name) != getattr(SentencePieceConfig(), f.name):
+                    raise PrepConfigError(
+                        f"sentencepiece.{f.name}={getattr(sp, f.name)} is not read: "
+                        f"tokenizer={self.tokenizer} (tokenizer=sentencepiece trains one)"
+                    )
         return self

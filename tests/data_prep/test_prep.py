@@ -239,6 +239,8 @@ def test_config_errors_name_the_key(corpus):
         run(corpus, validation_fraction=1.5)
     with pytest.raises(PrepConfigError, match="sentencepiece.model_type='wordpiece'"):
         run(corpus, sentencepiece=SentencePieceConfig(model_type="wordpiece"))
+    with pytest.raises(PrepConfigError, match="sentencepiece.vocab_size=512 is not read"):
+        run(corpus, sentencepiece=SentencePieceConfig(vocab_size=512))  # a GPT-2 prep
 
 
 # --- resume -----------------------------------------------------------------------------------

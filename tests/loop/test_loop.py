@@ -8,11 +8,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from conftest import ROOT, tiny_config
 from run_ranks import run_distributed
 
 from data_prep.tokenizers import load_tokenizer
-from train.checkpoints.run_format import STATE_FILE, differences, tag
+from train.checkpoints.run_format import CHECKPOINTS, STATE_FILE, differences, tag
+from train.config import compose
+from train.config.resolve import World, resolve_train
+from train.data.pretrain import load as load_data
 from train.data.records import Skipped
 from train.distributed.collectives import merged
 from train.distributed.devices import ACCELERATORS
@@ -24,6 +27,7 @@ from train.loop.checkpointing import RunCheckpoints
 from train.loop.engine import Layout
 from train.loop.state import TrainState
 from train.model.gpt import GPT
+from train.verbs.train import run_identity
 
 # --------------------------------------------------------------------------------------------
 # resume decisions
@@ -144,3 +148,32 @@ def test_validation_sums_documents_and_is_equal_on_one_and_two_ranks():
     assert set(sources) == {"Easy", "Hard"}
     weighted = sum(s["loss"] * s["tokens"] for s in sources.values()) / count
     assert one["metrics"]["loss"] == pytest.approx(weighted, rel=1e-9)
+
+
+# --------------------------------------------------------------------------------------------
+# runs written before the config restructure
+
+
+BEFORE = ROOT / "tests" / "assets" / "trainer_state_before_restructure.json"
+
+
+def test_a_checkpoint_written_before_the_restructure_resumes_exactly(tmp_path, corpus):
+    """A trainer_state.json `neo train` wrote before the config and the layout changed (the
+    same corpus, prepared the same way): the same command today finds the same identity and
+    resumes it as is (no universal or consolidated load). Resumed for real by the new code, its
+    losses were those of the old code's uninterrupted run, bit for bit (the note of issue 22)."""
+    before = json.loads(BEFORE.read_text())
+    saved = before["trainer_state"]
+    overrides = [*before["overrides"], f"data.path={corpus}", f"run_dir={tmp_path}"]
+    resolved = resolve_train(compose.to_schema(compose.compose("train", overrides)), World())
+    cfg = resolved.cfg
+    identity = run_identity(cfg, load_data(cfg.data, cfg.seq_len).identity)
+    assert differences(saved["identity"], identity) == []
+    tag_dir = tmp_path / CHECKPOINTS / tag(saved["step"])
+    tag_dir.mkdir(parents=True)
+    (tag_dir / STATE_FILE).write_text(json.dumps(saved))
+    (tmp_path / CHECKPOINTS / "latest").write_text(tag(saved["step"]))
+    layout = Layout(1, cfg.deepspeed.zero_stage, cfg.precision)
+    checkpoints = RunCheckpoints(tmp_path, keep_last=2, rank=0, acc=ACCELERATORS["cpu"])
+    resume = checkpoints.plan_resume(identity, layout)
+    assert resume.mode == "exact" and resume.tag == tag(4)
