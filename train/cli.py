@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from train.config import compose
 from train.distributed.ranks import quiet_other_ranks, ranks_from_env
-from train.errors import NeoError
+from train.errors import ConfigError, NeoError
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,16 @@ ONLY_HYDRA = {
     "-i",
     "--shell-completion",
     "-sc",
+}
+
+
+# Hydra's modes, of which a command line gives one at most.
+MODES = {
+    "--run": {"--run", "-r"},
+    "--multirun": {"--multirun", "-m"},
+    "--cfg": {"--cfg", "-c"},
+    "--info": {"--info", "-i"},
+    "--shell-completion": {"--shell-completion", "-sc"},
 }
 
 
@@ -184,6 +194,9 @@ def run_verb(name: str, args: list[str]) -> None:
     args = [quote_text(a, verb.text_keys) for a in args]
     overrides, flags = split_arguments(args)
     try:
+        modes = [f for f in MODES if MODES[f] & flags]
+        if len(modes) > 1:  # Hydra would raise its own ValueError with a traceback
+            raise ConfigError(f"{' and '.join(modes)}: give one of them")
         if not flags & ONLY_HYDRA:  # help and info print the config; there is nothing to run
             compose.check(name, overrides, multirun=bool(flags & {"-m", "--multirun"}))
     except NeoError as e:

@@ -28,6 +28,7 @@ ONE_LINE_MISTAKES = [
     (["sft", "task=classification"], "the task head is head= now"),
     (["train", "eval.val_tokens=5"], "neo train's validation budget is eval_tokens"),
     (["train", "max_step=3"], "did you mean max_steps?"),
+    (["train", "-m", "max_steps=1,2", "--cfg", "job"], "--multirun and --cfg: give one of them"),
 ]
 
 
