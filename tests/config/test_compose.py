@@ -59,7 +59,15 @@ def test_keys_inside_mappings_and_hydra_keys_are_the_owners_business(verb, key):
 
 
 def test_sweeps_are_checked_job_by_job():
-    assert compose.jobs(["a=1,2", "b=x"]) == [["a=1", "b=x"], ["a=2", "b=x"], ["a=2", "b=x"]]
+    assert compose.jobs(["a=1,2", "b=x,y"]) == [
+        ["a=1", "b=x"],
+        ["a=1", "b=y"],
+        ["a=2", "b=x"],
+        ["a=2", "b=y"],
+    ]
+    wide = compose.jobs([f"k{i}=0,1" for i in range(7)])  # 128 jobs: the first 64, and each
+    assert len(wide) == compose.MAX_JOBS_CHECKED + 1  # value alone (k0=1 is not among them)
+    assert ["k0=1"] + [f"k{i}=0" for i in range(1, 7)] in wide
     with pytest.raises(ConfigError, match="max_steps=abc"):
         compose.check("train", ["max_steps=1,abc"], multirun=True)
     compose.check("train", ["max_steps=1,2", "optim.lr=1e-3,2e-3"], multirun=True)

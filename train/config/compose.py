@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
+import math
 import re
 import typing
 from typing import Any
@@ -75,8 +76,7 @@ def _has_key(schema: type, key: str) -> bool:
     for part in key.split("."):
         if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
             return True
-        fields = {f.name: f for f in dataclasses.fields(node)}
-        if part not in fields:
+        if part not in {f.name for f in dataclasses.fields(node)}:
             return False
         node = typing.get_type_hints(node)[part]
     return True
@@ -139,13 +139,15 @@ def jobs(overrides: list[str]) -> list[list[str]]:
             choices.append([f"{key}={v}" for v in o.sweep_string_iterator()])
         else:
             choices.append([raw])
-    combos = list(itertools.islice(itertools.product(*choices), MAX_JOBS_CHECKED))
+    combos = [list(c) for c in itertools.islice(itertools.product(*choices), MAX_JOBS_CHECKED)]
+    if math.prod(map(len, choices)) <= MAX_JOBS_CHECKED:
+        return combos
     singles = [
         [values[0] if j != i else v for j, values in enumerate(choices)]
         for i, values in enumerate(choices)
         for v in values[1:]
     ]
-    return [list(c) for c in combos] + singles
+    return combos + [job for job in singles if job not in combos]
 
 
 def error_line(e: Exception) -> str:

@@ -101,6 +101,7 @@ def resolve_sft(cfg: SftConfig, world: World, sources: SftSources | None) -> Res
     cfg = copy.deepcopy(cfg)
     cfg.check_run()
     cfg.check_sft()
+    accumulation, reason = _training(cfg, world)  # before the base and the data are read
     if sources is not None:
         base = sources.base_model()
         if base is not None:  # the base decides the architecture; how attention is computed
@@ -114,7 +115,6 @@ def resolve_sft(cfg: SftConfig, world: World, sources: SftSources | None) -> Res
                 )
             cfg.model = replace(cfg.model, vocab_size=size)  # room for the head's new tokens
     cfg.model.validate()
-    accumulation, reason = _training(cfg, world)
     if cfg.max_steps is None and sources is not None:
         cfg.epochs = 1.0 if cfg.epochs is None else cfg.epochs
         rows = sources.training_rows(cfg)

@@ -18,7 +18,6 @@ import logging
 import time
 
 import numpy as np
-from scipy.optimize import linprog
 
 from train.data.sft import IGNORE, Example
 
@@ -99,6 +98,8 @@ def cutting_stock(lengths: list[int], capacity: int, rounds: int | None = None) 
     items left over are packed first-fit decreasing. SFT lengths take few distinct values (at
     most the capacity), so the LP stays small.
     """
+    from scipy.optimize import linprog  # imported when packing needs it: a second of start-up
+
     sizes, counts = np.unique(np.asarray(lengths, dtype=np.int64), return_counts=True)
     if sizes.size and sizes[-1] > capacity:
         raise ValueError(f"an item is longer than the capacity {capacity}")
