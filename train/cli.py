@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from train.config import compose
 from train.distributed.ranks import quiet_other_ranks, ranks_from_env
-from train.errors import ConfigError, NeoError
+from train.errors import ConfigError, Interrupted, NeoError
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
 def _report(verb: str, error: Exception) -> None:
     """One line on stderr; from rank 0 only when several ranks hit the same error."""
     if ranks_from_env().is_main:
-        print(f"neo {verb}: error: {error}", file=sys.stderr)
+        print(f"neo {verb}: {getattr(error, 'prefix', 'error')}: {error}", file=sys.stderr)
 
 
 def _without_local_rank(argv: list[str]) -> list[str]:
@@ -212,6 +212,9 @@ def run_verb(name: str, args: list[str]) -> None:
         except NeoError as e:  # a user's mistake: one line; anything else keeps its traceback
             _report(name, e)
             sys.exit(e.exit_code)
+        except KeyboardInterrupt:  # outside training's loop, or its second Ctrl-C
+            _report(name, Interrupted("stopped at once (Ctrl-C); nothing more was saved"))
+            sys.exit(Interrupted.exit_code)
 
     compose.register_configs()
     sys.argv = [f"neo {name}", *args]

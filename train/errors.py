@@ -11,6 +11,7 @@ class NeoError(Exception):
     """A mistake the user can fix."""
 
     exit_code = 2
+    prefix = "error"  # neo VERB: PREFIX: the message
 
 
 class ConfigError(NeoError, ValueError):
@@ -34,3 +35,10 @@ class TrainingStopped(NeoError):
     """Training stopped on purpose (too many non-finite steps) after saving a checkpoint."""
 
     exit_code = 1
+
+
+class Interrupted(NeoError):
+    """Ctrl-C: the run saved what it had (or was told twice and stopped at once)."""
+
+    exit_code = 130  # 128 + SIGINT, as shells report it
+    prefix = "interrupted"

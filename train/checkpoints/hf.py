@@ -29,6 +29,7 @@ from train.checkpoints.model_format import (
     read_weights,
     save_checkpoint,
 )
+from train.checkpoints.pickles import read_tensors
 from train.config.model import ModelConfig
 from train.errors import CheckpointError
 from train.model.gpt import TIED
@@ -144,10 +145,7 @@ def read_hf_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def _read_weight_file(file: Path) -> dict[str, torch.Tensor]:
     if file.suffix == ".safetensors":
         return read_weights(file)
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # pickle, zip and size errors alike
-        raise CheckpointError(f"{file}: cannot be read, truncated or corrupt ({e})") from None
+    return read_tensors(file)
 
 
 def state_dict_from_hf(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:

@@ -7,9 +7,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
+from train.checkpoints.pickles import read_tensors, weights_only
 from train.errors import CheckpointError
+
+
+def deepspeed_types() -> list:
+    """What DeepSpeed pickles beside tensors and containers in its checkpoints (ZeRO 0-3, fp32
+    and bf16, and the universal form): its loss scaler, the ZeRO stage enum, and where a
+    parameter's fragment lies in a flat partition. Found by reading every file of such
+    checkpoints with the weights-only unpickler; tests/checkpoints/test_pickles.py keeps it so."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def deepspeed_loads(where: str | Path):
+    """Around DeepSpeed's own checkpoint reading (resume, zero_to_fp32, universal conversion):
+    weights only, DeepSpeed's types allowed; a refused file is one line naming `where`."""
+    return weights_only(deepspeed_types(), where)
 
 
 def checkpoint_layout(directory: Path, tag: str) -> tuple[int, int]:
@@ -17,7 +34,7 @@ def checkpoint_layout(directory: Path, tag: str) -> tuple[int, int]:
     files = sorted((directory / tag).glob("*model_states.pt"))
     if not files:
         raise CheckpointError(f"{directory / tag}: no DeepSpeed model states (*model_states.pt)")
-    state = torch.load(files[0], map_location="cpu", weights_only=False)
+    state = read_tensors(files[0], deepspeed_types())
     stage = int(state.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
     return int(state.get("dp_world_size", len(files))), stage
 
@@ -36,11 +53,12 @@ def consolidated_state_dict(directory: Path, tag: str, lazy: bool = False) -> di
         _, stage = checkpoint_layout(directory, tag)
         if stage == 0:
             file = directory / tag / "mp_rank_00_model_states.pt"
-            state = torch.load(file, map_location="cpu", weights_only=False, mmap=lazy)["module"]
+            state = read_tensors(file, deepspeed_types(), mmap=lazy)["module"]
         else:
-            state = get_fp32_state_dict_from_zero_checkpoint(
-                str(directory), tag=tag, lazy_mode=lazy
-            )
+            with deepspeed_loads(directory / tag):
+                state = get_fp32_state_dict_from_zero_checkpoint(
+                    str(directory), tag=tag, lazy_mode=lazy
+                )
     except CheckpointError:
         raise
     except Exception as e:  # torch.load's and DeepSpeed's errors on a damaged file alike

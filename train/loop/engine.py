@@ -29,6 +29,7 @@ from torch import nn
 
 from data_prep.files import atomic_dir, atomic_write_text
 from train.checkpoints.run_format import universal_tag
+from train.checkpoints.zero import deepspeed_loads
 from train.config.run import DeepSpeedConfig, OptimConfig
 from train.distributed.devices import Accelerator
 from train.errors import CheckpointError
@@ -294,7 +295,10 @@ class Engine:
         self.ds.save_checkpoint(str(directory), tag=tag, save_latest=False)
 
     def load(self, directory: Path, tag: str) -> None:
-        path, _ = self.ds.load_checkpoint(str(directory), tag=tag, load_lr_scheduler_states=False)
+        with deepspeed_loads(directory / tag):
+            path, _ = self.ds.load_checkpoint(
+                str(directory), tag=tag, load_lr_scheduler_states=False
+            )
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {directory / tag}")
 
@@ -303,9 +307,10 @@ class Engine:
         DeepSpeed's universal format (rank 0), then every rank loads its new partition. The
         engine must have been built with load_universal=True."""
         universal = convert_to_universal(directory, tag)
-        path, _ = self.ds.load_checkpoint(
-            str(directory), tag=universal.name, load_lr_scheduler_states=False
-        )
+        with deepspeed_loads(universal):
+            path, _ = self.ds.load_checkpoint(
+                str(directory), tag=universal.name, load_lr_scheduler_states=False
+            )
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load the universal checkpoint {universal}")
 
@@ -329,7 +334,7 @@ def convert_to_universal(directory: Path, tag: str) -> Path:
     if dist.get_rank() == 0 and not universal.exists():
         from deepspeed.checkpoint.ds_to_universal import main as to_universal
 
-        with atomic_dir(universal) as tmp:
+        with atomic_dir(universal) as tmp, deepspeed_loads(directory / tag):
             to_universal(_UniversalArgs(str(directory / tag), str(tmp)))
         # DeepSpeed points latest_universal at the folder it wrote: the temporary name.
         atomic_write_text(directory / "latest_universal", universal.name)

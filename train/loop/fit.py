@@ -22,7 +22,7 @@ from train.config.train import TrainConfig
 from train.distributed import machine as hw
 from train.distributed.collectives import all_max, all_sum, any_rank
 from train.distributed.signals import StopSignal
-from train.errors import TrainingStopped
+from train.errors import Interrupted, TrainingStopped
 from train.loop.engine import Engine
 from train.loop.evaluators import EvalContext, Evaluator
 from train.loop.metrics import MetricsLogger, Throughput, live_tensor_bytes
@@ -71,52 +71,58 @@ def fit(t: Trainer) -> bool:
     cfg, state, run = t.cfg, t.state, t.run
     metrics = start_metrics(t)
     meter = throughput(t)
-    stop = StopSignal()
-    while state.step < cfg.max_steps:
-        lr = t.schedule.lr(state.step, state.tokens)
-        t.engine.set_lr(lr)
-        # Model-state memory, once: on the step after warm-up, when every buffer exists.
-        probe = MemoryProbe(run.device) if state.step == meter.first + 1 else None
-        tokens = t.batches.tokens_in_step(state.step)
-        loss, applied = train_step(t, probe)
-        state.advance(cfg.global_batch_size, tokens, applied)
-        step, done = state.step, state.step == cfg.max_steps
+    with StopSignal() as stop:
+        while state.step < cfg.max_steps:
+            lr = t.schedule.lr(state.step, state.tokens)
+            t.engine.set_lr(lr)
+            # Model-state memory, once: on the step after warm-up, when every buffer exists.
+            probe = MemoryProbe(run.device) if state.step == meter.first + 1 else None
+            tokens = t.batches.tokens_in_step(state.step)
+            loss, applied = train_step(t, probe)
+            state.advance(cfg.global_batch_size, tokens, applied)
+            step, done = state.step, state.step == cfg.max_steps
 
-        if step % cfg.logger.log_every == 0 or done or step == meter.first + 1 or probe:
-            metrics.train(
-                step,
-                loss=loss,
-                lr=lr,
-                grad_norm=t.engine.grad_norm(),
-                tokens=state.tokens,
-                skipped=state.skipped_steps,
-                **meter.measure(step, state.tokens),
-                **(probe.record if probe else {}),
-            )
-        if t.evaluators and (step % cfg.eval_every == 0 or done):
-            values, samples = validate(t)
-            metrics.validation(step, values, samples)
-        too_many_bad = state.bad_steps_in_row >= cfg.max_bad_steps
-        stopping = any_rank(stop.requested, run.device)
-        if step % cfg.save_every == 0 or done or too_many_bad or stopping:
-            saved = run.checkpoints.save(t.engine, state, t.meta, t.tokenizer)
-        if too_many_bad:
-            metrics.close()
-            raise TrainingStopped(
-                f"{cfg.max_bad_steps} steps in a row had a non-finite loss (last: step {step}, "
-                f"loss {loss}); saved {saved}. Lower optim.lr, check the data, or use "
-                "precision=bf16/fp32"
-            )
-        if stopping:
-            log.info(
-                "stopped by %s after step %d; checkpoint saved to %s. Run the same command "
-                "to resume.",
-                stop.name,
-                step,
-                saved,
-            )
-            metrics.close()
-            return False
+            if step % cfg.logger.log_every == 0 or done or step == meter.first + 1 or probe:
+                metrics.train(
+                    step,
+                    loss=loss,
+                    lr=lr,
+                    grad_norm=t.engine.grad_norm(),
+                    tokens=state.tokens,
+                    skipped=state.skipped_steps,
+                    **meter.measure(step, state.tokens),
+                    **(probe.record if probe else {}),
+                )
+            if t.evaluators and (step % cfg.eval_every == 0 or done):
+                values, samples = validate(t)
+                metrics.validation(step, values, samples)
+            too_many_bad = state.bad_steps_in_row >= cfg.max_bad_steps
+            stopping = any_rank(stop.requested, run.device)
+            if step % cfg.save_every == 0 or done or too_many_bad or stopping:
+                saved = run.checkpoints.save(t.engine, state, t.meta, t.tokenizer)
+            if too_many_bad:
+                metrics.close()
+                raise TrainingStopped(
+                    f"{cfg.max_bad_steps} steps in a row had a non-finite loss (last: step {step}, "
+                    f"loss {loss}); saved {saved}. Lower optim.lr, check the data, or use "
+                    "precision=bf16/fp32"
+                )
+            if stopping and stop.interrupted:
+                metrics.close()
+                raise Interrupted(
+                    f"interrupted (Ctrl-C) after step {step}; checkpoint saved to {saved}. "
+                    "Run the same command to resume"
+                )
+            if stopping:
+                log.info(
+                    "stopped by %s after step %d; checkpoint saved to %s. Run the same command "
+                    "to resume.",
+                    stop.name or "a stop signal on another rank",
+                    step,
+                    saved,
+                )
+                metrics.close()
+                return False
     metrics.close()
     return True
 

@@ -4,6 +4,7 @@ weights, or resumed."""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import sys
 from collections.abc import Callable
@@ -14,12 +15,13 @@ import torch
 from omegaconf import OmegaConf
 
 from data_prep.files import atomic_write_text
+from train.checkpoints.lock import RunInUse, RunLock
 from train.config.resolve import AS_ASKED, Resolved
 from train.config.sft import SftConfig
 from train.config.train import TrainConfig
 from train.distributed import machine as hw
 from train.distributed import process_group
-from train.distributed.collectives import barrier
+from train.distributed.collectives import any_rank, barrier
 from train.distributed.machine import Host
 from train.errors import ConfigError
 from train.loop.checkpointing import Resume, RunCheckpoints
@@ -70,6 +72,7 @@ def start_run(
         )
     process_group.start(acc, ranks)
     device = acc.device(ranks.local_rank)
+    lock_run_dir(Path(cfg.run_dir), ranks.is_main, device)
     peak = None
     if ranks.is_main:
         if on_main is not None:
@@ -86,6 +89,19 @@ def start_run(
     return RunStart(
         host, resolved.accumulation, resolved.precision_reason, checkpoints, device, peak
     )
+
+
+def lock_run_dir(run_dir: Path, is_main: bool, device: torch.device) -> None:
+    """Rank 0 takes the run directory's lock for the whole job (released when the process
+    ends); when it cannot, every rank stops, and rank 0 says who holds it."""
+    refused: RunInUse | None = None
+    if is_main:
+        try:
+            atexit.register(RunLock.take(run_dir, log).release)
+        except RunInUse as e:
+            refused = e
+    if any_rank(refused is not None, device):
+        raise refused or RunInUse(f"{run_dir} is in use by another run (rank 0 says which)")
 
 
 def engine_spec(cfg: TrainConfig | SftConfig, run: RunStart) -> EngineSpec:
