@@ -31,6 +31,10 @@ class SetupError(NeoError, RuntimeError):
     rendezvous address for several ranks)."""
 
 
+class EvalError(NeoError):
+    """An evaluation gave no usable number (a non-finite score: a broken model)."""
+
+
 class TrainingStopped(NeoError):
     """Training stopped on purpose (too many non-finite steps) after saving a checkpoint."""
 

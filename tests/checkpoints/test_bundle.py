@@ -10,7 +10,9 @@ from conftest import NEO, tiny_config
 from safetensors.torch import load_file, save_file
 from test_hf import make_checkpoint
 
+from data_prep.tokenizers import load_tokenizer
 from train.checkpoints import verify as bundle
+from train.checkpoints.checksums import write_checksums
 from train.checkpoints.export import export_hf
 from train.checkpoints.model_format import save_checkpoint
 from train.model.gpt import GPT
@@ -77,7 +79,7 @@ def test_damage_is_named(exported, tmp_path):
     weights = load_file(copy / "model.safetensors")
     weights["transformer.ln_f.bias"] = weights["transformer.ln_f.bias"] + 0.5
     save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
-    bundle.write_checksums(copy)
+    write_checksums(copy)
     done = verify(copy, "usage=false")
     assert done.returncode == 2 and "probe.json: transformers' logits differ" in done.stderr
 
@@ -186,3 +188,42 @@ def test_a_truncated_checkpoint_is_named_and_nothing_is_written(tmp_path):
     assert done.returncode == 2
     assert f"{weights}: cannot be read as safetensors, truncated or corrupt" in done.stderr
     assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.*"))
+
+
+def test_import_eval_and_generate_refuse_a_directory_its_checksums_disown(exported, tmp_path, neo):
+    """A flipped byte in model.safetensors: `neo import` wrote a checkpoint, `neo eval` printed
+    loss nan and `neo generate` a traceback. Every loader checks checksums.sha256 now."""
+    copy = _copy(exported, tmp_path)
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[-5] ^= 0xFF
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    said = f"{copy / 'model.safetensors'}: sha256 differs from checksums.sha256"
+    text = tmp_path / "doc.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    for args in (
+        ("import", f"input={copy}", f"output={tmp_path / 'imported'}"),
+        ("eval", f"checkpoint={copy}", "tasks=[doc]", f"+task.doc={{type: text, path: {text}}}"),
+        ("generate", f"checkpoint={copy}", "max_new_tokens=2"),
+    ):
+        proc = neo(*args, check=False)
+        assert proc.returncode == 2 and said in proc.stderr, (args, proc.stderr)
+    assert not (tmp_path / "imported").exists()
+    # A file added beside the listed ones is not a reason to refuse loading (neo verify says).
+    extra = _copy(exported, tmp_path / "extra")
+    (extra / "notes.txt").write_text("mine")
+    assert neo("import", f"input={extra}", f"output={tmp_path / 'ok'}").returncode == 0
+
+
+def test_a_non_finite_score_is_an_error_not_a_result(tmp_path, neo):
+    model = make_checkpoint(tmp_path / "ckpt")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["transformer.ln_f.weight"][0] = float("nan")
+    save_checkpoint(tmp_path / "nan", model.config, state, load_tokenizer("gpt2"))
+    text = tmp_path / "doc.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    task = f"+task.doc={{type: text, path: {text}}}"
+    proc = neo("eval", f"checkpoint={tmp_path / 'nan'}", "tasks=[doc]", task, check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "the model's outputs are not finite" in proc.stderr and "nan" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "nan" / "eval").exists()

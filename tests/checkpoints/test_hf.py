@@ -1,6 +1,7 @@
 """`neo import` / `neo export`: directories that transformers loads, identical outputs."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -238,3 +239,20 @@ def test_checkpoint_without_weights_is_named(tmp_path):
     (tmp_path / "ckpt" / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="model.safetensors is missing"):
         read_checkpoint(tmp_path / "ckpt")
+
+
+def test_weights_get_the_permissions_of_every_other_file(tmp_path):
+    """safetensors creates its file 0600: a model handed to another team could not be read."""
+    make_checkpoint(tmp_path / "ckpt")
+    export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    for directory in ("ckpt", "hf"):
+        files = (p for p in (tmp_path / directory).iterdir() if p.is_file())
+        modes = {p.name: p.stat().st_mode & 0o777 for p in files}
+        assert modes["model.safetensors"] == 0o666 & ~current_umask(), modes
+        assert len(set(modes.values())) == 1, modes
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from data_prep.files import atomic_dir
+from train.checkpoints.model_format import save_tensors
 from train.config.model import ModelConfig
 from train.config.sft import LoraConfig
 from train.model.lora import peft_config, split
@@ -27,7 +28,6 @@ def save_adapter(
     """The adapters in peft's format (adapter_config.json, adapter_model.safetensors), named for
     GPTNeoForCausalLM. GPT-3 sizes fold their attention scale into q_proj on export
     (train/checkpoints/hf.py), so a q_proj adapter's B is scaled the same way."""
-    from safetensors.torch import save_file
 
     _, pairs = split(state)
     tensors = {}
@@ -42,4 +42,4 @@ def save_adapter(
     )
     with atomic_dir(directory, overwrite) as tmp:
         config.save_pretrained(str(tmp))
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        save_tensors(tensors, tmp / ADAPTER_WEIGHTS)

@@ -14,6 +14,7 @@ from data_prep.files import atomic_dir
 from data_prep.tokenizers import load_tokenizer, save_hf_tokenizer
 from train.checkpoints import verify as bundle
 from train.checkpoints.card import onnx_card, read_records
+from train.checkpoints.checksums import write_checksums
 from train.checkpoints.hf import read_hf_dir, write_hf_dir
 from train.checkpoints.load import model_from_state, read_any, read_head
 from train.config.model import ModelConfig
@@ -50,7 +51,7 @@ def export_hf(
         written, weights = read_hf_dir(tmp)
         bundle.write_probe(tmp, bundle.probe(written, weights, tok, head, dtype))
         del weights
-        bundle.write_checksums(tmp)
+        write_checksums(tmp)
         if verify:
             for line in bundle.verify(tmp, usage=usage):
                 log.info("verified: %s", line)
@@ -145,7 +146,7 @@ def export_onnx_dir(
             onnx_card(config, dtype, description, read_records(input_dir))
         )
         bundle.write_probe(tmp, bundle.probe(config, state, tok, None, dtype, kind="onnx"))
-        bundle.write_checksums(tmp)
+        write_checksums(tmp)
         if verify:
             for line in bundle.verify(tmp, usage=False):
                 log.info("verified: %s", line)

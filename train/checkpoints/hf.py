@@ -18,16 +18,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from data_prep.files import atomic_dir
 from data_prep.tokenizers import LoadedTokenizer, load_tokenizer, save_hf_tokenizer
 from train.checkpoints.card import RunRecords, model_card
+from train.checkpoints.checksums import check_if_listed
 from train.checkpoints.model_format import (
     materialize,
     model_config_from_dict,
     read_weights,
     save_checkpoint,
+    save_tensors,
 )
 from train.checkpoints.pickles import read_tensors
 from train.config.model import ModelConfig
@@ -214,7 +215,7 @@ def write_weights(
                 del state[TIED]
             tensors[k] = hf_tensor(config, k, materialize(state.pop(k)), dtype)
             weight_map[k] = name
-        save_file(tensors, str(directory / name), metadata={"format": "pt"})
+        save_tensors(tensors, directory / name)
         del tensors
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
@@ -223,6 +224,7 @@ def write_weights(
 
 def read_hf_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     path = Path(path)
+    check_if_listed(path)
     config_file = path / "config.json"
     try:
         hf = json.loads(config_file.read_text())

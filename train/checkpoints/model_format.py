@@ -12,6 +12,7 @@ train/checkpoints/load.py reads one (or any other kind of checkpoint) into a mod
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from data_prep.files import atomic_dir, check_format
 from data_prep.tokenizers import LoadedTokenizer, load_tokenizer
+from train.checkpoints.checksums import check_if_listed
 from train.config.model import ModelConfig
 from train.errors import CheckpointError
 from train.model.gpt import TIED
@@ -71,7 +73,7 @@ def save_checkpoint(
         **({"head": asdict(head)} if head else {}),
     }
     with atomic_dir(out_dir, overwrite) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_tensors(tensors, tmp / WEIGHTS_FILE)
         if tokenizer is not None:
             (tmp / TOKENIZER_DIR).mkdir()
             tokenizer.tokenizer.save(str(tmp / TOKENIZER_DIR / "tokenizer.json"))
@@ -79,9 +81,19 @@ def save_checkpoint(
     return Path(out_dir)
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """safetensors' save_file, with the permissions the user's umask gives every other file
+    (safetensors creates its file readable by its owner only)."""
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(file, 0o666 & ~mask)
+
+
 def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The model config and the state dict (with lm_head.weight, tied) of a checkpoint."""
     path = Path(path)
+    check_if_listed(path)
     meta = _read_meta(path)
     config = model_config_from_dict(meta["model"], str(path / CONFIG_FILE))
     weights = path / WEIGHTS_FILE

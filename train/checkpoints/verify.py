@@ -8,73 +8,24 @@ probe and compares, and runs the card's own usage through `pipeline`. Every fail
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
 
 import torch
 
+from train.checkpoints.checksums import CHECKSUMS, VerifyError, check_checksums
 from train.checkpoints.load import model_from_state
 from train.config.model import ModelConfig
-from train.errors import NeoError
 from train.model.heads import TaskGPT, TaskHead
 
 log = logging.getLogger("neo.verify")
 
-CHECKSUMS = "checksums.sha256"
 PROBE = "probe.json"
 PROMPT = "Hello, I'm a language model,"
 TOP = 10
 # |our logit - transformers' logit| allowed, by the weights' dtype (bf16 keeps 8 bits).
 TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 2.5e-1}
-
-
-class VerifyError(NeoError):
-    """An exported directory is not what it says it is."""
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_checksums(directory: Path) -> None:
-    """sha256sum's format, every file but itself, sorted: `sha256sum -c` checks it too."""
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != CHECKSUMS)
-    lines = [f"{sha256(p)}  {p.relative_to(directory).as_posix()}\n" for p in files]
-    (directory / CHECKSUMS).write_text("".join(lines))
-
-
-def check_checksums(directory: Path) -> int:
-    listing = directory / CHECKSUMS
-    if not listing.is_file():
-        raise VerifyError(f"{listing}: missing")
-    listed = {}
-    for n, line in enumerate(listing.read_text().splitlines(), start=1):
-        digest, _, name = line.partition("  ")
-        if len(digest) != 64 or not name:
-            raise VerifyError(f"{listing}:{n}: not '<sha256>  <file>'")
-        listed[name] = digest
-    present = {
-        p.relative_to(directory).as_posix()
-        for p in directory.rglob("*")
-        if p.is_file() and p.name != CHECKSUMS
-    }
-    if missing := sorted(set(listed) - present):
-        raise VerifyError(f"{directory}: listed in {CHECKSUMS} but missing: {', '.join(missing)}")
-    if extra := sorted(present - set(listed)):
-        raise VerifyError(f"{directory}: not listed in {CHECKSUMS}: {', '.join(extra)}")
-    for name, digest in listed.items():
-        if sha256(directory / name) != digest:
-            raise VerifyError(
-                f"{directory / name}: sha256 differs from {CHECKSUMS} (corrupt or "
-                "changed since export)"
-            )
-    return len(listed)
 
 
 def probe_ids(tokenizer, head: TaskHead | None, vocab_size: int) -> list[int]:

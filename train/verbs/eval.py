@@ -16,6 +16,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -36,6 +37,7 @@ from train.distributed import process_group
 from train.distributed.collectives import merged
 from train.distributed.machine import Host, host
 from train.distributed.placement import place
+from train.errors import EvalError
 from train.evals.runner import TaskResult
 from train.evals.scoring import Progress, Scorer
 from train.evals.suite import prepare_tasks, select_tasks
@@ -95,12 +97,25 @@ def run(resolved: Resolved[EvalConfig], where: Host) -> None:
             if result.skipped
             else "",
         )
+        require_finite(result, cfg)
         results.append(result)
     if ranks.is_main:
         print(table(results))
         write_results(cfg, identity, results, timing, ranks.world_size)
     if ranks.world_size > 1:
         process_group.stop()
+
+
+def require_finite(result: TaskResult, cfg: EvalConfig) -> None:
+    """A NaN or infinite score is a broken model or an overflow, never a result to print."""
+    bad = {k: v for k, v in result.metrics.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        shown = ", ".join(f"{k} {v}" for k, v in bad.items())
+        raise EvalError(
+            f"{result.name}: {shown}: the model's outputs are not finite on {cfg.checkpoint} "
+            f"(dtype {cfg.dtype}): its weights may be damaged (neo verify checks an exported "
+            "directory) or the dtype overflows (try dtype=float32)"
+        )
 
 
 def load_for_eval(cfg: EvalConfig, acc, local_rank: int):
