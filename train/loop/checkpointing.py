@@ -13,7 +13,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -53,6 +53,7 @@ class Resume:
     tag: str
     saved: dict  # its trainer_state.json
     mode: str  # exact | universal | consolidated (train/loop/engine.Layout.resume_mode)
+    changed: list[str] = field(default_factory=list)  # settings that differ (loop/history.py)
 
 
 class RunCheckpoints:

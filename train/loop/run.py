@@ -24,6 +24,7 @@ from train.distributed import process_group
 from train.distributed.collectives import any_rank, barrier
 from train.distributed.machine import Host
 from train.errors import ConfigError
+from train.loop import history
 from train.loop.checkpointing import Resume, RunCheckpoints
 from train.loop.engine import Engine, EngineSpec, Layout
 from train.loop.state import TrainState
@@ -128,6 +129,8 @@ def build_or_resume(
     counters."""
     spec = engine_spec(cfg, run)
     resume = run.checkpoints.plan_resume(identity, spec.layout)
+    if resume:
+        resume.changed = history.changes(cfg, Path(cfg.run_dir), resume.saved["step"])
     if resume and resume.mode == "consolidated":
         from train.checkpoints.zero import consolidated_state_dict
 
@@ -151,10 +154,10 @@ def checkpoint_meta(layout: Layout, identity: dict, model, tokenizer) -> dict:
     }
 
 
-def write_config(verb: str, resolved: Resolved, run: RunStart) -> None:
+def write_config(verb: str, resolved: Resolved, run: RunStart, resume: Resume | None) -> None:
     """The resolved config, as the run uses it: every value final (`precision` is what auto
     picked on this machine, sft's max_steps what its epochs make); the comments say how, and
-    which machine it was."""
+    which machine it was, and what changed on earlier resumes (loop/history.py)."""
     cfg = resolved.cfg
     auto = resolved.precision_reason != AS_ASKED
     run_dir = Path(cfg.run_dir)
@@ -164,5 +167,8 @@ def write_config(verb: str, resolved: Resolved, run: RunStart) -> None:
         f"# neo {verb} {' '.join(sys.argv[1:])}",
         f"# precision: {'auto -> ' if auto else ''}{cfg.precision} ({resolved.precision_reason})",
         f"# machine: {run.machine.summary()} per rank",
+        *history.carried_notes(
+            run_dir, resume.saved["step"] if resume else None, resume.changed if resume else []
+        ),
     ]
     atomic_write_text(run_dir / "config.yaml", "\n".join(header) + "\n" + text)

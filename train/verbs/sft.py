@@ -150,7 +150,7 @@ def setup(resolved: Resolved[SftConfig], where: Host, sources: Sources) -> Train
     engine, state, resume = build_or_resume(cfg, run, identity, factory, weights)
     del weights
     if ranks.is_main:
-        write_config("sft", resolved, run)
+        write_config("sft", resolved, run, resume)
     log.info(
         "fine-tuning %s (%s parameters%s%s) from %s on %d x %s, ZeRO-%d, %s, accumulation %d; "
         "run dir %s%s",

@@ -72,7 +72,7 @@ def setup(resolved: Resolved[TrainConfig], where: Host) -> Trainer:
     factory = ModelFactory(cfg.model)
     engine, state, resume = build_or_resume(cfg, run, identity, factory)
     if ranks.is_main:
-        write_config("train", resolved, run)
+        write_config("train", resolved, run, resume)
     log.info(
         "training %s (%s parameters) on %d x %s, ZeRO-%d, %s, global batch %d x %d tokens, "
         "accumulation %d; run dir %s%s",

@@ -1,0 +1,39 @@
+"""A resumed run with changed settings: the allowed ones are said and kept in config.yaml's
+history; the optimizer's own and the seed are refused."""
+
+import pytest
+import yaml
+from runs import losses, train
+
+COMMON = ("precision=fp32", "save_every=2", "eval_every=100", "export_hf=false")
+
+
+@pytest.mark.slow
+def test_resume_lists_what_changed_keeps_it_and_refuses_what_may_not_change(tmp_path, corpus):
+    run = tmp_path / "run"
+    train(run, corpus, *COMMON, "max_steps=2", "optim.lr=3e-3")
+
+    proc = train(run, corpus, *COMMON, "max_steps=4", "optim.lr=1e-3")
+    said = proc.stdout + proc.stderr
+    change = "max_steps: 2 -> 4; optim.lr: 0.003 -> 0.001"
+    assert f"resuming at step 2 with changed settings: {change}" in said, said
+    config = (run / "config.yaml").read_text()
+    assert yaml.safe_load(config)["optim"]["lr"] == 0.001
+    assert f"# changed at step 2: {change} (before: config_history/until_step_00000002.yaml)" in (
+        config
+    )
+    before = yaml.safe_load((run / "config_history" / "until_step_00000002.yaml").read_text())
+    assert before["optim"]["lr"] == 0.003 and before["max_steps"] == 2
+    assert sorted(losses(run)) == [1, 2, 3, 4]
+
+    refused = train(
+        run, corpus, *COMMON, "max_steps=6", "optim.lr=1e-3", "optim.weight_decay=0", check=False
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.count("\n") == 1, refused.stderr
+    assert "resuming at step 4 with optim.weight_decay: 0.1 -> 0.0" in refused.stderr
+
+    # The same settings again: nothing new is noted, the earlier note stays.
+    train(run, corpus, *COMMON, "max_steps=4", "optim.lr=1e-3")
+    config = (run / "config.yaml").read_text()
+    assert config.count("# changed at") == 1 and len(list((run / "config_history").iterdir())) == 1
