@@ -14,6 +14,7 @@ weights back is train/checkpoints/zero.py's.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from train.errors import CheckpointError
@@ -22,6 +23,8 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
 TOKENIZER_FILE = "tokenizer.json"
+# What every trainer_state.json written by neotrain holds (and reading it needs).
+REQUIRED = ("step", "identity", "model", "world_size", "zero_stage", "precision")
 
 
 def tag(step: int) -> str:
@@ -29,8 +32,17 @@ def tag(step: int) -> str:
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:
+    """The tag `latest` names: a checkpoint directory beside it, never a path elsewhere."""
     file = ckpt_dir / LATEST
-    return file.read_text().strip() if file.is_file() else None
+    if not file.is_file():
+        return None
+    name = file.read_text().strip()
+    if not re.fullmatch(r"step_\d{8,}", name):
+        raise CheckpointError(
+            f"{file}: holds {name[:80]!r}, not a checkpoint's tag (step_NNNNNNNN); write the tag "
+            "of a checkpoint in this directory there, or remove the file to start over"
+        )
+    return name
 
 
 def find(path: str | Path) -> Path | None:
@@ -51,7 +63,15 @@ def read_state(tag_dir: Path) -> dict:
     file = tag_dir / STATE_FILE
     if not file.is_file():
         raise CheckpointError(f"{tag_dir}: {STATE_FILE} is missing (an incomplete checkpoint?)")
-    return json.loads(file.read_text())
+    try:
+        saved = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f"{file}:{e.lineno}" if isinstance(e, json.JSONDecodeError) else str(file)
+        raise CheckpointError(f"{where}: not valid JSON ({e}); the checkpoint is damaged") from None
+    missing = [k for k in REQUIRED if not isinstance(saved, dict) or k not in saved]
+    if missing:
+        raise CheckpointError(f"{file}: {', '.join(missing)} missing; the checkpoint is damaged")
+    return saved
 
 
 def differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
