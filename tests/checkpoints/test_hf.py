@@ -194,6 +194,7 @@ def test_import_reads_sharded_and_legacy_checkpoints(tmp_path):
     model = make_checkpoint(tmp_path / "ckpt")
     export_hf(tmp_path / "ckpt", tmp_path / "hf")
     hf_dir = tmp_path / "hf"
+    (hf_dir / "checksums.sha256").unlink()  # old checkpoints have none (and these are edited)
     state = load_file(hf_dir / "model.safetensors")
     (hf_dir / "model.safetensors").unlink()
     legacy = dict(state)
@@ -256,3 +257,19 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_import_refuses_weights_that_do_not_fit_the_config(tmp_path, neo):
+    """A config.json of 2,000 layers beside a 10 x 10 embedding was imported (exit 0) into a
+    checkpoint that could never load."""
+    make_checkpoint(tmp_path / "ckpt")
+    export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["num_layers"] = 6
+    config["attention_types"] = [[["global"], 6]]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "hf" / "checksums.sha256").unlink()
+    proc = neo("import", f"input={tmp_path / 'hf'}", f"output={tmp_path / 'out'}", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "the weights do not fit its config: 26 missing (transformer.h.4." in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -24,6 +24,7 @@ from data_prep.tokenizers import LoadedTokenizer, load_tokenizer, save_hf_tokeni
 from train.checkpoints.card import RunRecords, model_card
 from train.checkpoints.checksums import check_if_listed
 from train.checkpoints.model_format import (
+    check_state,
     materialize,
     model_config_from_dict,
     read_weights,
@@ -231,7 +232,9 @@ def read_hf_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_file}:{e.lineno}: not valid JSON ({e.msg})") from e
     config = config_from_hf(hf, str(config_file))
-    return config, state_dict_from_hf(read_hf_state_dict(path), str(path))
+    state = state_dict_from_hf(read_hf_state_dict(path), str(path))
+    check_state(config, state, str(path))
+    return config, state
 
 
 # --------------------------------------------------------------------------------------------

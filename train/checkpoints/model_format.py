@@ -24,7 +24,7 @@ from data_prep.tokenizers import LoadedTokenizer, load_tokenizer
 from train.checkpoints.checksums import check_if_listed
 from train.config.model import ModelConfig
 from train.errors import CheckpointError
-from train.model.gpt import TIED
+from train.model.gpt import GPT, TIED
 from train.model.heads import TaskHead
 
 FORMAT = "neotrain-model"
@@ -100,7 +100,9 @@ def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
     if not weights.is_file():
         raise CheckpointError(f"{path}: {WEIGHTS_FILE} is missing")
     state = read_weights(weights)
-    state[TIED] = state["transformer.wte.weight"]
+    if "transformer.wte.weight" in state:
+        state[TIED] = state["transformer.wte.weight"]
+    check_state(config, state, str(path))
     return config, state
 
 
@@ -114,6 +116,28 @@ def checkpoint_tokenizer(path: str | Path) -> LoadedTokenizer:
         tok.name = info.get("name", tok.name)
         return tok
     return load_tokenizer("gpt2")
+
+
+def check_state(config: ModelConfig, state: dict[str, torch.Tensor], source: str) -> None:
+    """Every tensor the config's model has, in its shape, and no other (a task head's `score.`
+    aside): a directory whose weights do not fit its config is named here, not written on as a
+    checkpoint that fails later."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in state.items() if not k.startswith("score.")}
+    wrong = [
+        f"{k} is {have[k]}, the config makes {expected[k]}"
+        for k in sorted(expected.keys() & have.keys())
+        if have[k] != expected[k]
+    ]
+    missing, extra = sorted(expected.keys() - have.keys()), sorted(have.keys() - expected.keys())
+    problems = [
+        *([f"{len(missing)} missing ({', '.join(missing[:3])}...)"] if missing else []),
+        *([f"{len(extra)} not in the model ({', '.join(extra[:3])}...)"] if extra else []),
+        *wrong[:3],
+    ]
+    if problems:
+        raise CheckpointError(f"{source}: the weights do not fit its config: {'; '.join(problems)}")
 
 
 def read_weights(file: Path) -> dict[str, torch.Tensor]:
