@@ -41,8 +41,10 @@ def shell_word(text: str) -> str:
     a prompt may span lines)."""
     if not CONTROL.search(text):
         return shlex.quote(text)
+    # \xHH is one byte: a C1 control (U+0080-U+009F) is written as its two UTF-8 bytes.
     escaped = "".join(
-        f"\\x{ord(c):02x}" if CONTROL.match(c) else "\\" + c if c in "\\'" else c for c in text
+        "".join(f"\\x{b:02x}" for b in c.encode()) if CONTROL.match(c) else "\\" * (c in "\\'") + c
+        for c in text
     )
     return f"$'{escaped}'"
 

@@ -176,6 +176,7 @@ def test_a_failed_cd_starts_nothing(tmp_path, stubs):
     [
         "Hello, I'm a language model,",
         "one line\ntouch PWNED #",
+        "tab\tC1\x85DEL\x7f\\x41 \\'",
         "$(touch PWNED) `touch PWNED` ${oops} \\' \"",
     ],
 )
