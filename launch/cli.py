@@ -14,9 +14,9 @@ runs on a login node without torch.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -25,8 +25,9 @@ from pathlib import Path
 from data_prep.files import atomic_write_text
 from launch import scripts
 from launch.config import LAUNCHERS, LaunchConfig, LaunchEntry
+from launch.quoting import one_line, shell_join, shell_word
 from train.config import compose
-from train.config.compose import error_line
+from train.config.compose import TEXT_KEYS, error_line, hydra_string, override_key, quote_text
 from train.config.resolve import (
     World,
     resolve_eval,
@@ -48,7 +49,37 @@ def main(argv: list[str]) -> None:
         sys.exit(e.exit_code)
 
 
+def usage() -> str:
+    settings = "\n".join(
+        f"  launch.{f.name}={_default(f)}"
+        for f in dataclasses.fields(LaunchConfig)
+        if f.name != "launcher"
+    )
+    return f"""usage: neo launch VERB launcher=NAME [launch.KEY=VALUE ...] [VERB's overrides ...]
+       neo launch status sweep_dir=DIR
+
+Runs neo VERB ({", ".join(LAUNCHABLE)}) on SLURM, over a DeepSpeed hostfile, as a multi-node
+torchrun, or here; every override that is not launcher= or launch.* goes to the verb as typed
+(`neo VERB --help` shows its config). The verb's config is composed and checked for the world
+the job will start before anything is written or submitted.
+
+launcher= (required): slurm, hostfile, torchrun, local (this machine), or a site preset of
+configs/launcher/.  launch.dry_run=true prints the script or commands and runs nothing.
+
+launch.KEY settings and their defaults (launch/config.py):
+{settings}"""
+
+
+def _default(f: dataclasses.Field) -> object:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return "null" if f.default is None else f.default
+
+
 def run(argv: list[str]) -> None:
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage())
+        return
     if argv and argv[0] == "status":
         from launch.status import status
 
@@ -57,17 +88,22 @@ def run(argv: list[str]) -> None:
     if not argv or argv[0] not in LAUNCHABLE:
         got = f"{argv[0]!r}" if argv else "nothing"
         raise ConfigError(
-            f"neo launch VERB ...: VERB must be one of {', '.join(LAUNCHABLE)} (got {got})"
+            f"neo launch VERB ...: VERB must be one of {', '.join(LAUNCHABLE)} (got {got}); "
+            "neo launch --help says more"
         )
     verb, rest = argv[0], argv[1:]
+    flags = [a for a in rest if a.startswith("-")]
+    if flags:
+        raise ConfigError(
+            f"{flags[0]}: neo launch takes key=value overrides only (Hydra's flags are "
+            f"neo {verb}'s: run neo {verb} {flags[0]} ...)"
+        )
     mine = [
-        a
-        for a in rest
-        if a.split("=", 1)[0].lstrip("+") in ("launcher",) or a.lstrip("+").startswith("launch.")
+        a for a in rest if override_key(a) == "launcher" or override_key(a).startswith("launch.")
     ]
     overrides = [a for a in rest if a not in mine]
     launch = launch_config(mine)
-    job = prepare_job(verb, overrides, launch, shlex.join(["neo", "launch", *argv]))
+    job = prepare_job(verb, overrides, launch, shell_join(["neo", "launch", *argv]))
     {"local": run_local, "slurm": run_slurm, "hostfile": run_hostfile, "torchrun": run_torchrun}[
         launch.launcher
     ](job, launch)
@@ -80,6 +116,12 @@ def launch_config(overrides: list[str]) -> LaunchConfig:
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
+    # launch.env is a mapping whose keys are the user's: `launch.env.NAME=v` and
+    # `launch.env={NAME: v}` add to it (Hydra would want `+` for a key the config lacks).
+    overrides = [
+        f"++{a}" if a.startswith("launch.env.") or a.startswith("launch.env=") else a
+        for a in overrides
+    ]
     ConfigStore.instance().store(name="launch_schema", node=LaunchEntry)
     with initialize_config_module("configs", version_base="1.3"):
         try:
@@ -100,22 +142,38 @@ def _choice(overrides: list[str]) -> str:
 
 def prepare_job(verb: str, overrides: list[str], launch: LaunchConfig, typed: str):
     """The verb's config composed and resolved exactly as the verb will (train/config/), for
-    launch.world_size ranks; its run dir made absolute and passed to the job, so a requeued job
-    finds its checkpoints."""
-    overrides = list(overrides)
-    given = next((a.split("=", 1)[1] for a in overrides if a.startswith("run_dir=")), None)
+    launch.world_size ranks. The run directory is the one the trainer will write: run_dir (or
+    Hydra's run dir) as composed, relative to the job's workdir; it is passed to the job
+    absolute, so that the job script, its logs and a requeued job all find it."""
+    workdir = Path(launch.workdir or os.getcwd()).absolute()
+    runs_or_submits = not (
+        launch.dry_run or (launch.launcher == "torchrun" and launch.node_rank is None)
+    )
+    if runs_or_submits and not workdir.is_dir():
+        raise NotFound(f"launch.workdir={workdir}: no such directory (the job runs there)")
+    # The verb's own reading of free-text keys (a prompt with commas and quotes): the job gets
+    # the overrides as typed and its `neo VERB` reads them the same way.
+    text_keys = TEXT_KEYS.get(verb, ())
+    given = [a for a in overrides if override_key(a) == "run_dir"]
     try:
         if verb in RESUMABLE:
-            full = compose.compose(verb, overrides, hydra_config=True)
-            run_dir = Path(given or full.hydra.run.dir).absolute()
-            if not given:
-                overrides.append(f"run_dir={run_dir}")
+            full = compose.compose(verb, [quote_text(a, text_keys) for a in overrides], True)
+            run_dir = workdir / _composed_run_dir(full)
+            final = run_dir / "model" / "neotrain.json"
         else:
             stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-            run_dir = Path("runs/launch", f"{verb}-{stamp}").absolute()
-        config = compose.to_schema(compose.compose(verb, overrides))
+            run_dir, final = workdir / "runs" / "launch" / f"{verb}-{stamp}", None
+        one_line("run_dir", str(run_dir))
+        if verb in RESUMABLE:
+            overrides = [a for a in overrides if a not in given] + [f"run_dir={_hydra(run_dir)}"]
+        config = compose.to_schema(
+            compose.compose(verb, [quote_text(a, text_keys) for a in overrides])
+        )
     except ConfigError as e:
         raise ConfigError(f"neo {verb} overrides: {e}") from None
+    lora = getattr(config, "lora", None)
+    if final is not None and lora is not None and lora.enabled and not lora.merge:
+        final = run_dir / "adapter" / "adapter_config.json"  # no merged model is written
     accelerator = config.accelerator
     if accelerator == "auto":  # decided on the compute nodes; the script sets GPU variables
         accelerator = "cpu" if launch.launcher == "local" else "cuda"
@@ -134,10 +192,30 @@ def prepare_job(verb: str, overrides: list[str], launch: LaunchConfig, typed: st
         overrides,
         str(run_dir),
         accelerator,
-        verb in RESUMABLE,
-        launch.workdir or os.getcwd(),
+        None if final is None else str(final),
+        str(workdir),
         typed,
     )
+
+
+def _composed_run_dir(full) -> str:
+    """run_dir as the verb will read it. Its default, `${hydra:runtime.output_dir}`, only a
+    running Hydra app resolves: that is Hydra's run dir (hydra.run.dir)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    raw = OmegaConf.to_container(full, resolve=False)["run_dir"]
+    try:
+        return str(full.hydra.run.dir if raw == "${hydra:runtime.output_dir}" else full.run_dir)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"run_dir={raw}: {error_line(e)}") from None
+
+
+def _hydra(path: Path) -> str:
+    """A path as an override value Hydra reads back unchanged."""
+    text = str(path)
+    plain = all(c.isalnum() or c in "/._-+@%" for c in text) and text.isascii()
+    return text if plain else hydra_string(text)
 
 
 def resolve_for(verb: str, config, world: World):
@@ -163,7 +241,7 @@ def run_local(job: scripts.Job, launch: LaunchConfig) -> None:
             f"--nproc_per_node={launch.gpus_per_node}",
             *command[1:],
         ]
-    _run_or_print([command], launch)
+    _run_or_print([command], launch, cwd=job.workdir)
 
 
 def run_torchrun(job: scripts.Job, launch: LaunchConfig) -> None:
@@ -183,13 +261,14 @@ def run_hostfile(job: scripts.Job, launch: LaunchConfig) -> None:
     env_file = Path(job.run_dir) / "launch" / ".deepspeed_env"
     command = scripts.deepspeed_command(job, launch)
     if launch.dry_run:
-        print(f"# {env_file}\n{scripts.deepspeed_env(job, launch)}# command\n{shlex.join(command)}")
+        print(f"# {env_file}\n{scripts.deepspeed_env(job, launch)}# command\n{shell_join(command)}")
         return
     env_file.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(env_file, scripts.deepspeed_env(job, launch))
     # .deepspeed_env reaches the other nodes; this one gets the variables directly.
     variables = {n: v for n, v, _ in scripts.environment(job, launch)}
-    _run_or_print([command], launch, env={**variables, "DS_ENV_FILE": str(env_file)})
+    env = {**variables, "DS_ENV_FILE": str(env_file)}
+    _run_or_print([command], launch, env=env, cwd=job.workdir)
 
 
 def run_slurm(job: scripts.Job, launch: LaunchConfig) -> None:
@@ -211,14 +290,15 @@ def run_slurm(job: scripts.Job, launch: LaunchConfig) -> None:
         raise ConfigError(f"sbatch {script} failed: {done.stderr.strip() or done.stdout.strip()}")
     job_id = done.stdout.strip().split(";")[0]
     print(f"submitted job {job_id}: neo {job.verb}, run dir {job.run_dir}")
-    print(f"follow it: squeue -j {job_id}; tail -f {job.run_dir}/slurm-{job_id}.out")
+    log = shell_word(f"{job.run_dir}/slurm-{job_id}.out")
+    print(f"follow it: squeue -j {job_id}; tail -f {log}")
 
 
-def _run_or_print(commands: list[list[str]], launch: LaunchConfig, env=None) -> None:
+def _run_or_print(commands: list[list[str]], launch: LaunchConfig, env=None, cwd=None) -> None:
     for command in commands:
         if launch.dry_run:
-            print(shlex.join(command))
+            print(shell_join(command))
             continue
-        done = subprocess.run(command, env={**os.environ, **(env or {})})
+        done = subprocess.run(command, env={**os.environ, **(env or {})}, cwd=cwd)
         if done.returncode != 0:
             sys.exit(done.returncode)

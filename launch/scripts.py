@@ -4,12 +4,15 @@ multi-node torchrun commands and the deepspeed launcher's command. Plain strings
 
 from __future__ import annotations
 
-import shlex
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from launch.config import LaunchConfig
+from launch.quoting import pdsh_word, sbatch_option, shell_join, shell_word
+from train.config.compose import override_key
+from train.errors import ConfigError
 
 # The job's environment by accelerator: (name, value or None when unset by default, what it
 # does). `{...}` fields come from the launch config. Values a site gives in launch.env win.
@@ -64,12 +67,18 @@ class Job:
     """One launch: the verb, its overrides (run_dir included) and where it runs."""
 
     verb: str
-    overrides: list[str]
-    run_dir: str  # absolute
+    overrides: list[str]  # as the verb takes them, run_dir=<the absolute run dir> last
+    run_dir: str  # absolute: where the trainer writes, whatever directory the job starts in
     accelerator: str  # cuda | npu | cpu (auto resolved by the launch config)
-    resumable: bool  # train and sft save on USR1 and resume: the job requeues itself
-    workdir: str
-    command_line: str  # what the user typed, for the script's header
+    # train and sft save on USR1 and resume: the job requeues itself until this file (the
+    # run's final output, absolute) exists. None: the verb does not resume.
+    final: str | None
+    workdir: str  # absolute
+    command_line: str  # what the user typed, for the script's header (one line)
+
+    @property
+    def resumable(self) -> bool:
+        return self.final is not None
 
 
 def environment(job: Job, launch: LaunchConfig) -> list[tuple[str, str, str]]:
@@ -107,9 +116,56 @@ def torchrun(launch: LaunchConfig) -> list[str]:
 def _exports(job: Job, launch: LaunchConfig) -> list[str]:
     lines = []
     if job.accelerator == "npu":
-        lines.append(f"source {shlex.quote(launch.cann_set_env)}  # CANN: libraries, drivers")
+        lines.append(f"source {shell_word(launch.cann_set_env)}  # CANN: libraries, drivers")
     for name, value, comment in environment(job, launch):
-        lines.append(f"export {name}={shlex.quote(value)}  # {comment}")
+        lines.append(f"export {name}={shell_word(value)}  # {comment}")
+    return lines
+
+
+def _sbatch_lines(job: Job, launch: LaunchConfig) -> list[str]:
+    """The #SBATCH lines, each option checked and quoted for sbatch (with the key it came
+    from, for the error)."""
+    per_node = launch.gpus_per_node if launch.mode == "srun" else 1
+    default_name = f"neo-{job.verb}-{Path(job.run_dir).name}"
+    options = [
+        (
+            "launch.job_name" if launch.job_name else "run_dir",
+            "job-name",
+            launch.job_name or re.sub(r"[^\w.+-]", "_", default_name, flags=re.ASCII),
+        ),
+        ("launch.nodes", "nodes", launch.nodes),
+        ("launch.gpus_per_node", "ntasks-per-node", per_node),
+    ]
+    if job.accelerator == "cuda":
+        options.append(("launch.gpus_per_node", "gpus-per-node", launch.gpus_per_node))
+    if launch.cpus_per_task:
+        options.append(("launch.cpus_per_task", "cpus-per-task", launch.cpus_per_task))
+    for key in ("partition", "account", "qos", "time"):
+        if getattr(launch, key):
+            options.append((f"launch.{key}", key, getattr(launch, key)))
+    if job.resumable and launch.requeue:
+        options += [("launch.requeue", "requeue", None)]
+        options += [("launch.signal_seconds", "signal", f"USR1@{launch.signal_seconds}")]
+    # In --output and --error, % starts one of SLURM's patterns (%j: the job id) and a
+    # backslash turns them all off.
+    if "\\" in job.run_dir:
+        raise ConfigError(
+            f"run_dir={job.run_dir!r}: SLURM's --output reads a backslash as 'no patterns' "
+            "(its slurm-%j.out would not name the job); choose a run directory without one"
+        )
+    logs = job.run_dir.replace("%", "%%")
+    options += [
+        ("launch", "open-mode", "append"),  # a requeued job appends to the same files
+        ("run_dir", "output", f"{logs}/slurm-%j.out"),
+        ("run_dir", "error", f"{logs}/slurm-%j.err"),
+    ]
+    lines = [
+        sbatch_option(key, f"--{name}" if value is None else f"--{name}={value}")
+        for key, name, value in options
+    ]
+    lines += [
+        sbatch_option(f"launch.sbatch_args[{i}]", a) for i, a in enumerate(launch.sbatch_args)
+    ]
     return lines
 
 
@@ -117,68 +173,49 @@ def slurm_script(job: Job, launch: LaunchConfig) -> str:
     """The sbatch script. mode=srun: one task per device, each a rank (SLURM_PROCID,
     SLURM_LOCALID, SLURM_NTASKS), so SLURM's USR1 reaches every rank and each saves; mode=torchrun:
     one task per node running torchrun with a c10d rendezvous on the first node."""
-    per_node = launch.gpus_per_node if launch.mode == "srun" else 1
-    name = launch.job_name or f"neo-{job.verb}-{job.run_dir.rstrip('/').rsplit('/', 1)[-1]}"
-    sbatch = [
-        f"--job-name={name}",
-        f"--nodes={launch.nodes}",
-        f"--ntasks-per-node={per_node}",
-    ]
-    if job.accelerator == "cuda":
-        sbatch.append(f"--gpus-per-node={launch.gpus_per_node}")
-    if launch.cpus_per_task:
-        sbatch.append(f"--cpus-per-task={launch.cpus_per_task}")
-    for key in ("partition", "account", "qos", "time"):
-        if getattr(launch, key):
-            sbatch.append(f"--{key}={getattr(launch, key)}")
-    if job.resumable and launch.requeue:
-        sbatch += ["--requeue", f"--signal=USR1@{launch.signal_seconds}"]
-    sbatch += [
-        "--open-mode=append",  # a requeued job appends to the same files
-        f"--output={job.run_dir}/slurm-%j.out",
-        f"--error={job.run_dir}/slurm-%j.err",
-        *launch.sbatch_args,
-    ]
     port = launch.master_port or "$((20000 + SLURM_JOB_ID % 20000))"
+    script = shell_word(f"{job.run_dir}/launch/job.sbatch")
     lines = [
         "#!/bin/bash",
         f"# {job.command_line}",
-        f"# Written by neo launch; submit again with: sbatch {job.run_dir}/launch/job.sbatch",
-        *(f"#SBATCH {arg}" for arg in sbatch),
+        f"# Written by neo launch; submit again with: sbatch {script}",
+        *_sbatch_lines(job, launch),
         "",
-        "set -uo pipefail",
-        f"cd {shlex.quote(job.workdir)}",
+        "set -euo pipefail",
+        f"cd {shell_word(job.workdir)}",
         "# The rendezvous: the job's first node.",
         'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         f"export MASTER_PORT={port}",
         *_exports(job, launch),
         "",
     ]
-    command = " ".join(shlex.quote(a) for a in verb_command(job, launch))
     if launch.mode == "srun":
-        lines.append(f"srun --kill-on-bad-exit=1 {command}")
+        lines += [
+            "rc=0",
+            f"srun --kill-on-bad-exit=1 {shell_join(verb_command(job, launch))} || rc=$?",
+        ]
     else:
         per_node = [
-            *torchrun(launch),
+            shell_join(torchrun(launch)),
             f"--nnodes={launch.nodes}",
             f"--nproc_per_node={launch.gpus_per_node}",
             "--rdzv_backend=c10d",
             '--rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT"',
             '--rdzv_id="$SLURM_JOB_ID"',
             "-m train.cli",
-            " ".join(shlex.quote(a) for a in [job.verb, *job.overrides]),
+            shell_join([job.verb, *job.overrides]),
         ]
         lines += [
             "# torchrun passes SLURM's USR1 on to its workers (which save), allowing them 30 s.",
             "export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
-            f"srun --kill-on-bad-exit=1 {' '.join(per_node)}",
+            "rc=0",
+            f"srun --kill-on-bad-exit=1 {' '.join(per_node)} || rc=$?",
         ]
-    lines.append("rc=$?")
     if job.resumable and launch.requeue:
         lines += [
             "# Stopped early by USR1 (time limit near, or scancel --signal=USR1): the trainer",
-            "# saved and exited 0 without a final model. Requeue: the same job resumes.",
-            f'if [ "$rc" -eq 0 ] && [ ! -e {shlex.quote(job.run_dir)}/model/neotrain.json ]; then',
+            "# saved and exited 0 without its final output. Requeue: the same job resumes.",
+            f'if [ "$rc" -eq 0 ] && [ ! -e {shell_word(job.final)} ]; then',
             '    echo "neo launch: stopped before the end; requeueing job $SLURM_JOB_ID" >&2',
             '    scontrol requeue "$SLURM_JOB_ID"',
             "fi",
@@ -191,7 +228,7 @@ def torchrun_commands(job: Job, launch: LaunchConfig) -> list[str]:
     """One shell command per node (multi-node torchrun, static rendezvous on node 0)."""
     port = launch.master_port or 29500
     addr = launch.master_addr or "127.0.0.1"
-    env = " ".join(f"{n}={shlex.quote(v)}" for n, v, _ in environment(job, launch))
+    env = " ".join(f"{n}={shell_word(v)}" for n, v, _ in environment(job, launch))
     commands = []
     for rank in range(launch.nodes):
         args = [
@@ -206,23 +243,38 @@ def torchrun_commands(job: Job, launch: LaunchConfig) -> list[str]:
             job.verb,
             *job.overrides,
         ]
-        commands.append(f"cd {shlex.quote(job.workdir)} && {env} " + shlex.join(args))
+        commands.append(f"cd {shell_word(job.workdir)} && {env} " + shell_join(args))
     return commands
 
 
-def deepspeed_command(job: Job, launch: LaunchConfig) -> list[str]:
-    """The deepspeed launcher over launch.hostfile; .deepspeed_env (written beside the run)
-    carries the environment to every node."""
-    hosts = [
+def hosts(launch: LaunchConfig) -> list[str]:
+    """The host of each line of launch.hostfile ('host slots=N'), as DeepSpeed reads it."""
+    return [
         line.split()[0]
         for line in Path(launch.hostfile).read_text().splitlines()
         if line.strip() and not line.lstrip().startswith("#")
     ]
+
+
+def deepspeed_command(job: Job, launch: LaunchConfig) -> list[str]:
+    """The deepspeed launcher over launch.hostfile, run in the job's workdir; .deepspeed_env
+    (written beside the run) carries the environment to every node. Over pdsh with several
+    hosts, DeepSpeed hands the workdir, the interpreter and every argument to each node's shell
+    unquoted (or double-quoted, with a space): those are checked for what that shell reads."""
+    names = hosts(launch)
+    if not names:
+        raise ConfigError(f"launch.hostfile={launch.hostfile}: no 'host slots=N' line in it")
+    if launch.ds_launcher == "pdsh" and len(set(names)) > 1:
+        n = len(set(names))
+        pdsh_word("launch.workdir", job.workdir, n, quoted_if_spaced=False)
+        pdsh_word("launch.python", python(launch), n, quoted_if_spaced=False)
+        for arg in [job.verb, *job.overrides]:
+            pdsh_word(override_key(arg), arg, n)
     addr = launch.master_addr
     local = []
-    if len(set(hosts)) == 1:  # deepspeed runs it here, but would first reach it over ssh
+    if len(set(names)) == 1:  # deepspeed runs it here, but would first reach it over ssh
         local = ["--no_ssh_check"]
-        addr = addr or ("127.0.0.1" if hosts[0] == "localhost" else hosts[0])
+        addr = addr or ("127.0.0.1" if names[0] == "localhost" else names[0])
     if addr:
         local.append(f"--master_addr={addr}")
     return [

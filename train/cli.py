@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 import sys
 from dataclasses import dataclass
 
 from train.config import compose
+from train.config.compose import TEXT_KEYS, quote_text
 from train.distributed.ranks import quiet_other_ranks, ranks_from_env
 from train.errors import ConfigError, Interrupted, NeoError
 
@@ -27,8 +27,7 @@ from train.errors import ConfigError, Interrupted, NeoError
 class Verb:
     module: str  # train.verbs.<name>, whose main(cfg) runs the verb
     help: str
-    # Keys whose value is free text, taken as typed (quoted for Hydra here): a prompt may hold
-    # commas and quotes, which Hydra's override grammar would read as syntax.
+    # Keys whose value is free text, taken as typed (train/config/compose.py TEXT_KEYS).
     text_keys: tuple[str, ...] = ()
 
 
@@ -61,7 +60,7 @@ VERBS = {
     "generate": Verb(
         "train.verbs.generate",
         "continue prompts with a checkpoint: greedy, sampling, beam search (checkpoint= prompt=)",
-        text_keys=("prompt",),
+        text_keys=TEXT_KEYS["generate"],
     ),
     "export": Verb(
         "train.verbs.export",
@@ -219,22 +218,6 @@ def run_verb(name: str, args: list[str]) -> None:
     compose.register_configs()
     sys.argv = [f"neo {name}", *args]
     app()
-
-
-def quote_text(override: str, text_keys: tuple[str, ...]) -> str:
-    """`prompt=Hello, I'm here` -> `prompt='Hello, I\\'m here'` (Hydra's quoted string), unless
-    the value is quoted already."""
-    key, sep, value = override.partition("=")
-    if not sep or key not in text_keys:
-        return override
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-        return override
-    # Inside Hydra's quotes a backslash is literal except where it precedes a quote or ends the
-    # string: those runs are doubled, and every quote escaped; `${` is not an interpolation.
-    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
-    escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
-    escaped = escaped.replace("${", "\\${")
-    return f"{key}='{escaped}'"
 
 
 if __name__ == "__main__":

@@ -209,7 +209,7 @@ REFUSED = [
 def test_launch_refuses_exactly_what_the_verb_refuses(tmp_path, verb, args, message):
     direct = subprocess.run([NEO, verb, *args], cwd=tmp_path, capture_output=True, text=True)
     launched = subprocess.run(
-        [NEO, "launch", verb, *args, "launch.dry_run=true"],
+        [NEO, "launch", verb, *args, "launcher=local", "launch.dry_run=true"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -287,6 +287,41 @@ def test_slurm_job_equals_torchrun_and_resumes_after_usr1(slurm, tmp_path, corpu
 
 
 @pytest.mark.slow
+def test_slurm_job_in_a_workdir_finds_its_run_dir_and_ends(slurm, tmp_path, corpus):  # noqa: F811
+    """A working directory with a space, a relative run_dir with a quote, a space, % and #
+    (Hydra-quoted), an sbatch option with a space and #: the job runs there, its logs go to
+    that run directory, and a finished run is not requeued."""
+    workdir = tmp_path / "work dir"
+    workdir.mkdir()
+    out = launch(
+        "train",
+        "launcher=slurm",
+        "accelerator=cpu",
+        f"launch.workdir='{workdir}'",
+        "run_dir='runs/it\\'s 100% #1'",
+        "launch.sbatch_args=['--comment=a b #c']",
+        f"data.path={corpus}",
+        *SMALL,
+        "precision=fp32",
+        "max_steps=2",
+        "eval_every=100",
+        cwd=tmp_path,
+    ).stdout
+    job = out.split()[2].rstrip(":")
+    run_dir = workdir / "runs" / "it's 100% #1"
+    assert f"run dir {run_dir}" in out
+    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE")
+    state = _wait(job, lambda state, restarts: state in ended or restarts > 0)
+    log = run_dir / f"slurm-{job}.out"
+    assert state == ("COMPLETED", 0), log.read_text() if log.exists() else list(tmp_path.rglob("*"))
+    assert (run_dir / "model" / "neotrain.json").is_file()
+    assert "on 1 x cpu" in log.read_text()
+    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True)
+    assert "Comment=a b #c" in shown.stdout
+    assert not (tmp_path / "runs").exists()  # nothing written where neo launch ran
+
+
+@pytest.mark.slow
 def test_torchrun_nodes_and_the_deepspeed_launcher_equal_torchrun(tmp_path, corpus):  # noqa: F811
     """launcher=torchrun, two "nodes" on this machine (one rank each, rendezvous on
     127.0.0.1), and launcher=hostfile with `localhost slots=2` (the deepspeed launcher): the
@@ -378,7 +413,12 @@ def test_a_hydra_sweep_runs_on_slurm_through_submitit(slurm, tmp_path, corpus): 
 
 def test_local_launcher_and_verbs_that_do_not_resume():
     out = launch(
-        "train", "launch.gpus_per_node=2", "launch.dry_run=true", *FIXED, "run_dir=/scratch/r"
+        "train",
+        "launcher=local",
+        "launch.gpus_per_node=2",
+        "launch.dry_run=true",
+        *FIXED,
+        "run_dir=/scratch/r",
     ).stdout
     assert out.strip() == (
         "python -m torch.distributed.run --standalone --nproc_per_node=2 "
@@ -389,4 +429,5 @@ def test_local_launcher_and_verbs_that_do_not_resume():
         "eval", "checkpoint=/models/x", "launcher=slurm", "launch.dry_run=true", *FIXED
     ).stdout
     assert "--requeue" not in out and "USR1" not in out and "scontrol requeue" not in out
-    assert "srun --kill-on-bad-exit=1 python -m train.cli eval checkpoint=/models/x\n" in out
+    srun = "srun --kill-on-bad-exit=1 python -m train.cli eval checkpoint=/models/x || rc=$?\n"
+    assert srun in out

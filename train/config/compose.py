@@ -51,6 +51,33 @@ HINTS: dict[str, dict[str, str]] = {
 }
 
 
+# Keys whose value is free text, taken as typed (quoted for Hydra by quote_text): a prompt may
+# hold commas and quotes, which Hydra's override grammar would read as syntax. `neo VERB` and
+# `neo launch VERB` both apply it, so that they accept the same command lines.
+TEXT_KEYS: dict[str, tuple[str, ...]] = {"generate": ("prompt",)}
+
+
+def quote_text(override: str, text_keys: tuple[str, ...]) -> str:
+    """`prompt=Hello, I'm here` -> `prompt='Hello, I\\'m here'` (Hydra's quoted string), unless
+    the value is quoted already."""
+    key, sep, value = override.partition("=")
+    if not sep or key not in text_keys:
+        return override
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return override
+    return f"{key}={hydra_string(value)}"
+
+
+def hydra_string(value: str) -> str:
+    """`value` as a quoted string of Hydra's override grammar, read back exactly as given."""
+    # Inside Hydra's quotes a backslash is literal except where it precedes a quote or ends the
+    # string: those runs are doubled, and every quote escaped; `${` is not an interpolation.
+    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
+    escaped = escaped.replace("${", "\\${")
+    return f"'{escaped}'"
+
+
 def override_key(override: str) -> str:
     """`+model.hidden_size=64` -> model.hidden_size (`~key`, `++key`, `key@pkg` too)."""
     key = override.lstrip("~+").split("=", 1)[0]
