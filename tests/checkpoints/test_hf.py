@@ -168,8 +168,13 @@ def test_export_never_overwrites_without_asking(tmp_path):
     with pytest.raises(OutputExistsError, match="overwrite=true"):
         export_hf(tmp_path / "ckpt", tmp_path / "hf")
     assert (tmp_path / "hf" / "mine.txt").read_text() == "keep me"
+    # overwrite=true replaces only an earlier export (issue 23: it deleted whatever was there)
+    with pytest.raises(OutputExistsError, match="holds 1 entry: mine.txt, and it is not"):
+        export_hf(tmp_path / "ckpt", tmp_path / "hf", overwrite=True)
+    assert (tmp_path / "hf" / "mine.txt").read_text() == "keep me"
+    (tmp_path / "hf" / "mine.txt").unlink()
+    export_hf(tmp_path / "ckpt", tmp_path / "hf")
     export_hf(tmp_path / "ckpt", tmp_path / "hf", overwrite=True)
-    assert not (tmp_path / "hf" / "mine.txt").exists()
     assert (tmp_path / "hf" / "config.json").is_file()
     assert not list(tmp_path.glob(".hf.*")), "no temporary directories left behind"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from data_prep.files import atomic_dir
+from data_prep.files import OutputKind, atomic_dir, marked_by
 from train.checkpoints.model_format import save_tensors
 from train.config.model import ModelConfig
 from train.config.sft import LoraConfig
@@ -15,6 +15,7 @@ from train.model.lora import peft_config, split
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_KIND = OutputKind(f"LoRA adapters ({ADAPTER_CONFIG})", marked_by(ADAPTER_CONFIG))
 
 
 def save_adapter(
@@ -40,6 +41,6 @@ def save_adapter(
     config = peft_config(
         lora, task_type="CAUSAL_LM", base_model_name_or_path=base, inference_mode=True
     )
-    with atomic_dir(directory, overwrite) as tmp:
+    with atomic_dir(directory, overwrite, kind=ADAPTER_KIND) as tmp:
         config.save_pretrained(str(tmp))
         save_tensors(tensors, tmp / ADAPTER_WEIGHTS)

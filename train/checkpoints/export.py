@@ -10,18 +10,29 @@ from pathlib import Path
 
 import torch
 
-from data_prep.files import atomic_dir
+from data_prep.files import (
+    OutputKind,
+    atomic_dir,
+    check_apart,
+    check_output_free,
+    marked_by,
+    when_full,
+)
 from data_prep.tokenizers import load_tokenizer, save_hf_tokenizer
 from train.checkpoints import verify as bundle
 from train.checkpoints.card import onnx_card, read_records
 from train.checkpoints.checksums import write_checksums
-from train.checkpoints.hf import read_hf_dir, write_hf_dir
+from train.checkpoints.hf import EXPORT_KIND, read_hf_dir, write_hf_dir
 from train.checkpoints.load import model_from_state, read_any, read_head
 from train.config.model import ModelConfig
 from train.errors import CheckpointError, ConfigError
+from train.model.sizes import count_parameters
 
 log = logging.getLogger("neo.export")
 GPT2_VOCAB = 50257
+ONNX_KIND = OutputKind(
+    "a `neo export format=onnx` directory (onnx_config.json)", marked_by("onnx_config.json")
+)
 
 
 def export_hf(
@@ -41,6 +52,8 @@ def export_hf(
     written from the run's records (train/checkpoints/card.py), with `eval_results` (a neo eval
     results.json) or the one found in the run. `verify`: `neo verify` on the directory before
     it is renamed into place (`usage`: the card's pipeline usage too)."""
+    check_apart(output_dir, [input_dir])  # before any work; write_hf_dir checks again
+    check_output_free(Path(output_dir), overwrite, EXPORT_KIND)
     config, state, found = read_any(input_dir, lazy=True)  # tensors read as they are written
     head = read_head(input_dir)
     tok = export_tokenizer(input_dir, config, found, tokenizer)
@@ -69,6 +82,7 @@ def export_hf(
         finish=finish,
         records=records,
         max_shard_size=max_shard_size,
+        inputs=(input_dir,),
     )
     return config
 
@@ -116,12 +130,18 @@ def export_onnx_dir(
     from train.checkpoints.onnx import export_onnx  # torch.onnx, imported when asked for
 
     dtype = dtype or torch.float32
+    check_apart(output_dir, [input_dir])
+    check_output_free(Path(output_dir), overwrite, ONNX_KIND)
     config, state, found = read_any(input_dir)
     if read_head(input_dir) is not None:
         raise ConfigError(f"{input_dir} is a task model; ONNX export covers causal LMs")
     tok = export_tokenizer(input_dir, config, found, tokenizer)
     model = model_from_state(config, {k: v.float() for k, v in state.items()})
-    with atomic_dir(output_dir, overwrite) as tmp:
+    needed = count_parameters(config).total * dtype.itemsize
+    with (
+        when_full(output_dir, lambda: needed),
+        atomic_dir(output_dir, overwrite, kind=ONNX_KIND, inputs=(input_dir,)) as tmp,
+    ):
         files = export_onnx(model, tmp, with_past, dtype, opset)
         d = config.hidden_size // config.num_heads
         description = {

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
-from data_prep.files import atomic_dir
+from data_prep.files import OutputKind, atomic_dir, check_apart, check_output_free, when_full
 from data_prep.tokenizers import LoadedTokenizer, load_tokenizer, save_hf_tokenizer
 from train.checkpoints.card import RunRecords, model_card
-from train.checkpoints.checksums import check_if_listed
+from train.checkpoints.checksums import CHECKSUMS, check_if_listed
 from train.checkpoints.model_format import (
+    CHECKPOINT_KIND,
     check_state,
     materialize,
     model_config_from_dict,
@@ -36,6 +37,7 @@ from train.config.model import ModelConfig
 from train.errors import CheckpointError
 from train.model.gpt import TIED
 from train.model.heads import TaskHead
+from train.model.sizes import count_parameters
 
 # GPTNeoConfig fields that are ModelConfig fields of the same name and meaning.
 SHARED_FIELDS = (
@@ -241,11 +243,21 @@ def read_hf_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]
 # the two verbs
 
 
+def is_export(path: Path) -> bool:
+    """A directory `neo export` wrote: a Hugging Face config and the checksums of its files."""
+    return (path / "config.json").is_file() and (path / CHECKSUMS).is_file()
+
+
+EXPORT_KIND = OutputKind(f"a `neo export` directory (config.json, {CHECKSUMS})", is_export)
+
+
 def import_hf(
     input_dir: str | Path, output_dir: str | Path, overwrite: bool = False
 ) -> ModelConfig:
     """A Hugging Face GPT-Neo directory -> a neotrain checkpoint (tokenizer included)."""
     input_dir = Path(input_dir)
+    check_apart(output_dir, [input_dir])
+    check_output_free(Path(output_dir), overwrite, CHECKPOINT_KIND)
     if not is_hf_dir(input_dir):
         raise CheckpointError(f"{input_dir}: not a Hugging Face model directory (no config.json)")
     config, state = read_hf_dir(input_dir)
@@ -255,7 +267,7 @@ def import_hf(
             f"{input_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
             f"vocab_size is {config.vocab_size}"
         )
-    save_checkpoint(output_dir, config, state, tokenizer, overwrite=overwrite)
+    save_checkpoint(output_dir, config, state, tokenizer, overwrite, inputs=(input_dir,))
     return config
 
 
@@ -271,6 +283,7 @@ def write_hf_dir(
     finish: Callable[[Path, torch.dtype], None] | None = None,
     records: RunRecords | None = None,
     max_shard_size: str | int = "5GB",
+    inputs: tuple[str | Path, ...] = (),
 ) -> None:
     """A directory GPTNeoForCausalLM and AutoTokenizer load offline, written atomically;
     `source` names what the weights came from, in errors. With a task `head`: a
@@ -290,7 +303,11 @@ def write_hf_dir(
     dtype = dtype or state["transformer.wte.weight"].dtype
     hf_config = config_to_hf(config, tokenizer, dtype, head)  # refuses strided layers first
     eod = tokenizer.eod_id if tokenizer is not None else None
-    with atomic_dir(output_dir, overwrite) as tmp:
+    needed = count_parameters(config).total * dtype.itemsize
+    with (
+        when_full(output_dir, lambda: needed),
+        atomic_dir(output_dir, overwrite, kind=EXPORT_KIND, inputs=inputs) as tmp,
+    ):
         hf_config.save_pretrained(str(tmp))
         write_weights(tmp, config, state, dtype, parse_size(max_shard_size))
         GenerationConfig(bos_token_id=eod, eos_token_id=eod, pad_token_id=eod).save_pretrained(

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from data_prep.files import atomic_dir, check_format
+from data_prep.files import OutputKind, atomic_dir, check_format, marked_by, when_full
 from data_prep.tokenizers import LoadedTokenizer, load_tokenizer
 from train.checkpoints.checksums import check_if_listed
 from train.config.model import ModelConfig
@@ -52,6 +52,10 @@ def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
 
+# What overwrite=true may replace where a neotrain checkpoint is written.
+CHECKPOINT_KIND = OutputKind(f"a neotrain checkpoint ({CONFIG_FILE})", marked_by(CONFIG_FILE))
+
+
 def save_checkpoint(
     out_dir: str | Path,
     config: ModelConfig,
@@ -59,6 +63,7 @@ def save_checkpoint(
     tokenizer: LoadedTokenizer | None,
     overwrite: bool = False,
     head: TaskHead | None = None,
+    inputs: tuple[str | Path, ...] = (),
 ) -> Path:
     """Write a checkpoint atomically: it appears under out_dir only when complete. `head`: a
     task model's (neo sft task=...), whose weights are `score.weight`."""
@@ -72,7 +77,11 @@ def save_checkpoint(
         else None,
         **({"head": asdict(head)} if head else {}),
     }
-    with atomic_dir(out_dir, overwrite) as tmp:
+    needed = sum(t.numel() * t.element_size() for t in tensors.values())
+    with (
+        when_full(out_dir, lambda: needed),
+        atomic_dir(out_dir, overwrite, kind=CHECKPOINT_KIND, inputs=inputs) as tmp,
+    ):
         save_tensors(tensors, tmp / WEIGHTS_FILE)
         if tokenizer is not None:
             (tmp / TOKENIZER_DIR).mkdir()

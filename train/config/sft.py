@@ -4,6 +4,7 @@ fine-tuning data, LoRA and GPT-1's task head. torch-free."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from train.config.rules import Schema, require_choice, require_fraction, require_unread
 from train.config.run import RunConfig
@@ -194,6 +195,14 @@ class SftConfig(RunConfig):
             raise ConfigError(
                 f"sft.chat_template is not read: sft.format={s.format} (templates render chats)"
             )
+        if self.base:
+            run_dir, base = Path(self.run_dir).resolve(), Path(self.base).resolve()
+            if run_dir == base or run_dir in base.parents:
+                raise ConfigError(
+                    f"run_dir={self.run_dir} holds base={self.base}: the fine-tuned model and "
+                    "checkpoints would be written over the model it starts from; choose another "
+                    "run_dir"
+                )
         if self.epochs is not None and self.max_steps is not None:
             raise ConfigError(
                 f"epochs={self.epochs} and max_steps={self.max_steps}: give one of them"

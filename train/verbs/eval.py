@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from data_prep.files import atomic_dir
+from data_prep.files import OutputKind, atomic_dir, check_apart, check_output_free, marked_by
 from train import __version__
 from train.checkpoints.load import (
     model_from_state,
@@ -46,6 +46,7 @@ from train.model.sizes import count_parameters
 
 log = logging.getLogger("neo.eval")
 RESULTS_FORMAT, RESULTS_VERSION = "neotrain-eval", 1
+RESULTS_KIND = OutputKind("a `neo eval` output (results.json)", marked_by("results.json"))
 
 
 def main(cfg: EvalConfig) -> None:
@@ -56,6 +57,8 @@ def main(cfg: EvalConfig) -> None:
 def run(resolved: Resolved[EvalConfig], where: Host) -> None:
     cfg, ranks, acc = resolved.cfg, where.ranks, where.acc
     require_checkpoint(cfg.checkpoint, "checkpoint")
+    check_apart(cfg.output, [cfg.checkpoint], "output", "checkpoint")  # before hours of work
+    check_output_free(Path(cfg.output), cfg.overwrite, RESULTS_KIND)
     selected = select_tasks(cfg, default_set=cfg.tasks is None)  # before the model loads
     model, config, tokenizer, identity = load_for_eval(cfg, acc, ranks.local_rank)
     if ranks.world_size > 1:
@@ -209,7 +212,7 @@ def write_results(cfg: EvalConfig, identity: dict, results, timing: dict, world_
         "published": {r.name: PUBLISHED[r.name] for r in results if r.name in PUBLISHED},
         "timing": timing,
     }
-    with atomic_dir(cfg.output, overwrite=cfg.overwrite) as tmp:
+    with atomic_dir(cfg.output, cfg.overwrite, kind=RESULTS_KIND, inputs=[cfg.checkpoint]) as tmp:
         (tmp / "results.json").write_text(json.dumps(document, indent=1))
         if cfg.log_samples:
             with open(tmp / "samples.jsonl", "w") as f:

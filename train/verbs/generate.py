@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from data_prep.files import atomic_write_text, check_output_free
+from data_prep.files import atomic_write_text, check_apart, check_output_free
 from train.checkpoints.load import (
     model_from_state,
     read_any,
@@ -44,6 +44,10 @@ def main(cfg: GenerateConfig) -> None:
 def run(resolved: Resolved[GenerateConfig], where: Host) -> None:
     cfg, acc = resolved.cfg, where.acc
     if cfg.output:
+        inputs = {"checkpoint": cfg.checkpoint, "prompts_file": cfg.prompts_file}
+        for key, given in inputs.items():
+            if given:
+                check_apart(cfg.output, [given], "output", key)
         check_output_free(Path(cfg.output), cfg.overwrite)
     require_checkpoint(cfg.checkpoint, "checkpoint")
     prompts = read_prompts(cfg)  # before the model loads
