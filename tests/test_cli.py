@@ -106,10 +106,10 @@ def test_export_and_import_round_trip_through_the_cli(neo, tmp_path):
         tmp_path / "runs/demo/model", config, model.state_dict(), load_tokenizer("gpt2")
     )
 
-    out = neo("export").stdout  # the embedded defaults: runs/demo -> runs/demo/export
-    assert "exported tiny" in out and "runs/demo/export" in out and "verified" in out
+    out = neo("export").stdout  # the embedded defaults: runs/demo -> exports/demo
+    assert "exported tiny" in out and "exports/demo" in out and "verified" in out
     assert "the card's usage: pipeline('text-generation') gave 5 continuations" in out
-    exported = tmp_path / "runs/demo/export"
+    exported = tmp_path / "exports/demo"
     assert json.loads((exported / "config.json").read_text())["model_type"] == "gpt_neo"
     assert "verified" in neo("verify", str(exported)).stdout
     shutil.copytree(exported, tmp_path / "runs/demo/hf")  # what neo import reads by default

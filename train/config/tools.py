@@ -35,7 +35,7 @@ class ExportConfig(Schema):
     """`neo export`: any checkpoint -> a verified Hugging Face (or ONNX) directory."""
 
     input: str = "runs/demo"
-    output: str = "runs/demo/export"
+    output: str = "exports/demo"  # beside the run, never inside an input
     overwrite: bool = False
     # Cast the weights (float32, bfloat16, float16); None keeps them as stored.
     dtype: str | None = None
@@ -92,7 +92,7 @@ class ImportConfig(Schema):
 class VerifyConfig(Schema):
     """`neo verify DIR`: check an exported directory (train/checkpoints/verify.py)."""
 
-    dir: str = "runs/demo/export"
+    dir: str = "exports/demo"
     # Also run the card's pipeline("text-generation") usage (seconds).
     usage: bool = True
 

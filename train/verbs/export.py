@@ -1,7 +1,7 @@
 """`neo export`: any checkpoint (a neotrain checkpoint, a run directory, a DeepSpeed checkpoint)
 -> a verified Hugging Face GPTNeoForCausalLM directory (or ONNX graphs with format=onnx).
 
-    neo export                                  # the demo run (runs/demo) -> runs/demo/export
+    neo export                                  # the demo run (runs/demo) -> exports/demo
     neo export input=runs/my-run output=exports/my-model dtype=bfloat16
 """
 
