@@ -24,6 +24,7 @@ A prepared directory holds shards plus `manifest.json` (data_prep/manifest.py).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
@@ -35,6 +36,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from data_prep.files import owned_name
 from train.errors import NeoError
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -252,7 +254,8 @@ class IndexedDatasetWriter:
         )
 
     def abort(self) -> None:
-        self._bin.close()
+        with contextlib.suppress(OSError):  # flushing into a full disk fails again
+            self._bin.close()
         for path in (self._tmp_bin, self._tmp_idx):
             path.unlink(missing_ok=True)
 
@@ -288,4 +291,4 @@ def _index_bytes(sizes: np.ndarray, dtype: np.dtype) -> bytes:
 
 
 def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    return owned_name(path, "tmp")
