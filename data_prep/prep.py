@@ -35,7 +35,7 @@ from typing import Any
 from rich.console import Console
 
 from data_prep.config import PrepConfig
-from data_prep.encode import Encoder, EncodeSettings
+from data_prep.encode import Encoder, EncodeSettings, OutOfMemory, WorkerDied
 from data_prep.files import check_apart, when_full
 from data_prep.groups import SPLITS, Router
 from data_prep.inputs import InputFile, describe_input, ignored_files, resolve_inputs
@@ -231,6 +231,9 @@ def _run(
                 if batches % TRIM_EVERY == 0:
                     _release_free_memory()
             router.commit((len(files), 0))
+    except (OutOfMemory, WorkerDied) as e:
+        router.abandon()
+        raise PrepError(_out_of_memory(e, files)) from None
     except BaseException:
         router.abandon()
         raise
@@ -241,6 +244,20 @@ def _run(
         "documents_this_run": router.documents,
         "peak_rss_bytes": {"main": main_peak, "worker": worker_peak if workers > 1 else 0},
     }
+
+
+def _out_of_memory(e: OutOfMemory | WorkerDied, files: list[InputFile]) -> str:
+    """One line naming the document (the largest in flight, if a worker was killed)."""
+    assert e.batch is not None
+    file = files[e.batch.file]
+    where = file.path if file.format == "txt" else f"{file.path}:{e.batch.first + e.item + 1}"
+    advice = "rerun with more memory, fewer workers=, or that document split or removed"
+    if isinstance(e, OutOfMemory):
+        return f"{where}: out of memory tokenizing this document ({e.size:,} bytes); {advice}"
+    return (
+        f"a tokenizing worker died (killed by the system: out of memory?); the largest "
+        f"document in flight: {where} ({e.size:,} bytes); {advice}"
+    )
 
 
 def _release_free_memory() -> None:
