@@ -89,7 +89,16 @@ class ShardGroup:
         except BaseException:
             writer.abort()  # a full disk: give back the space the temporary files hold
             raise
-        return ShardInfo(split, files.documents, files.tokens, files.sha256, files.bytes, ranges)
+        return ShardInfo(
+            split,
+            files.documents,
+            files.tokens,
+            files.sha256,
+            files.bytes,
+            ranges,
+            files.xxh3,
+            files.max_token,
+        )
 
     def discard(self) -> None:
         for part in self.parts.values():

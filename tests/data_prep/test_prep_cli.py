@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from tmpfs import small_tmpfs
 
 from data_prep.manifest import open_prepared
 from data_prep.shards import IndexedDataset
@@ -238,13 +239,8 @@ def test_a_killed_overwrite_leaves_the_old_output_aside_until_a_rerun_removes_it
 
 @pytest.mark.slow
 def test_a_full_disk_is_one_line_naming_the_output_and_the_space(neo, tmp_path):
-    from tests.data_prep.test_files import small_tmpfs
-
     write_corpus(tmp_path / "c.jsonl", 6)
-    disk = small_tmpfs(tmp_path / "disk", size="4m")
-    try:
+    with small_tmpfs(tmp_path / "disk", size="4m") as disk:
         proc = neo("prep", "input=c.jsonl", f"output={disk}/out", "workers=2", check=False)
         line = error_line(proc)
         assert f"{disk}/out: no space left on device (" in line and "bytes free there" in line
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
