@@ -140,7 +140,7 @@ def check_output_free(path: Path, overwrite: bool, kind: OutputKind | None = Non
         )
     raise OutputExistsError(
         f"{path} {held}, and it is not {kind.name}; choose another output (overwrite=true "
-        f"replaces only {kind.name}, so that nothing else is deleted)"
+        "replaces only such an output, so that nothing else is deleted)"
     )
 
 

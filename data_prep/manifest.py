@@ -121,6 +121,13 @@ class Manifest:
             )
             for name, info in data["shards"].items()
         }
+        for name, info in data["shards"].items():
+            numbers = {"documents": info.documents, "tokens": info.tokens}
+            for source, r in info.sources.items():
+                numbers |= {f"sources.{source}.{k}": v for k, v in asdict(r).items()}
+            for key, value in numbers.items():
+                if type(value) is not int:
+                    raise ShardError(f"{where}: shards.{name}.{key} is {value!r}, not an integer")
         return cls(**data, directory=directory)
 
     @classmethod
@@ -164,6 +171,13 @@ def open_prepared(
             "%s: written by an older neo prep (no xxh3 checksums): token ids are checked, "
             "bytes changed in place are not; data.verify_shards=true compares sha256",
             directory,
+        )
+    listed = [prefix for prefixes in manifest.splits.values() for prefix in prefixes]
+    twice = sorted({prefix for prefix in listed if listed.count(prefix) > 1})
+    if twice:
+        raise ShardError(
+            f"{Path(directory) / MANIFEST_FILE}: splits list shard {twice[0]} more than once "
+            "(a hand-edited manifest: training and validation would share documents)"
         )
     splits = {
         split: [open_shard(manifest, prefix, verify) for prefix in prefixes]
@@ -253,7 +267,8 @@ def _check_tokens(manifest: Manifest, prefix: str, info: ShardInfo, shard: Index
         document, offset, token = shard.first_outside(0, vocab)
         raise ShardError(
             f"shard {shard.bin_path}: document {document} holds token id {token} (its token "
-            f"{offset}), outside the vocabulary [0, {vocab}): the shard is corrupt"
+            f"{offset}), outside the vocabulary [0, {vocab}) of the manifest's tokenizer: the "
+            "shard is corrupt"
         )
     if info.xxh3 is None:  # format_version 1: nothing recorded to compare with
         return

@@ -215,7 +215,7 @@ def test_a_shard_overwritten_with_0xff_is_named_with_its_document(tmp_path):
         open_prepared(tmp_path)
     assert str(corrupt.value) == (
         f"shard {bin0}: document 0 holds token id 65535 (its token 0), outside the "
-        "vocabulary [0, 50257): the shard is corrupt"
+        "vocabulary [0, 50257) of the manifest's tokenizer: the shard is corrupt"
     )
 
 
@@ -248,12 +248,17 @@ def test_a_hand_edited_source_range_names_the_manifest_key(tmp_path):
         ({"start": 2, "end": 9}, r"sources.B: documents \[2, 9\) but the shard has 5"),
         ({"start": 1, "end": 5}, r"sources.B: documents \[1, 5\) overlap another source's"),
         ({"start": 3, "end": 5}, r"sources.B: \d+ tokens, but its documents \[3, 5\) hold \d+"),
+        ({"end": "5"}, "sources.B.end is '5', not an integer"),
     ]:
         edited = json.loads(json.dumps(good))
         edited["shards"]["train-00000"]["sources"]["B"].update(edit)
         path.write_text(json.dumps(edited))
         with pytest.raises(ShardError, match=rf"manifest.json: shards.train-00000.{message}"):
             open_prepared(tmp_path)
+    good["splits"]["validation"].append("train-00000")
+    path.write_text(json.dumps(good))
+    with pytest.raises(ShardError, match="splits list shard train-00000 more than once"):
+        open_prepared(tmp_path)
 
 
 def test_a_manifest_of_format_version_1_is_still_read(tmp_path, caplog):
