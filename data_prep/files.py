@@ -19,9 +19,16 @@ The API every command that writes a directory uses (`neo prep`, `neo export`, ..
                                      of their owner; the next run removes those whose owner
                                      died on this host (never a live one's, never another
                                      host's)
-    when_full(path, needed)          ENOSPC/EDQUOT (as OSError, or as a library's message such
-                                     as safetensors') -> NoSpaceError: one line, the path, the
-                                     bytes free there and needed where known
+    when_full(path, needed)          a context: ENOSPC/EDQUOT inside it (an OSError, or a
+                                     library's error that says so, such as safetensors'
+                                     SafetensorError) -> NoSpaceError (exit 2): one line, the
+                                     path, the bytes free there and `needed()` where known
+    is_out_of_space(exc) / no_space_error(path, needed)
+                                     the same test and error, for code that catches itself
+
+Old call forms keep their meaning: atomic_dir(path, overwrite) and check_output_free(path,
+overwrite) without a kind replace anything with overwrite=true (and now name what is there when
+they refuse).
 """
 
 from __future__ import annotations
@@ -140,7 +147,7 @@ def check_output_free(path: Path, overwrite: bool, kind: OutputKind | None = Non
         )
     raise OutputExistsError(
         f"{path} {held}, and it is not {kind.name}; choose another output (overwrite=true "
-        f"replaces only {kind.name}, so that nothing else is deleted)"
+        "replaces only such an output, so that nothing else is deleted)"
     )
 
 

@@ -3,6 +3,7 @@ validation split) and fills the open ShardGroup, which closes into one shard per
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from array import array
@@ -77,18 +78,32 @@ class ShardGroup:
     def _write_shard(self, prefix: str, split: str, names: list[str]) -> ShardInfo:
         writer = IndexedDatasetWriter(self.directory / prefix, self.dtype)
         ranges, start = {}, 0
-        for name in names:
-            part = self.parts[(split, name)]
-            with open(part.path, "rb") as f:
-                writer.add_raw(f, part.sizes)
-            ranges[name] = SourceRange(start, start + len(part.sizes), part.tokens)
-            start += len(part.sizes)
-        files = writer.finish()
-        return ShardInfo(split, files.documents, files.tokens, files.sha256, files.bytes, ranges)
+        try:
+            for name in names:
+                part = self.parts[(split, name)]
+                with open(part.path, "rb") as f:
+                    writer.add_raw(f, part.sizes)
+                ranges[name] = SourceRange(start, start + len(part.sizes), part.tokens)
+                start += len(part.sizes)
+            files = writer.finish()
+        except BaseException:
+            writer.abort()  # a full disk: give back the space the temporary files hold
+            raise
+        return ShardInfo(
+            split,
+            files.documents,
+            files.tokens,
+            files.sha256,
+            files.bytes,
+            ranges,
+            files.xxh3,
+            files.max_token,
+        )
 
     def discard(self) -> None:
         for part in self.parts.values():
-            part.file.close()
+            with contextlib.suppress(OSError):  # flushing into a full disk fails again
+                part.file.close()
         shutil.rmtree(self.work, ignore_errors=True)
 
 

@@ -12,6 +12,11 @@ with the input position where the group ends, the running counts and the group's
 digests (for dedup). A rerun verifies that inputs, tokenizer and settings are those recorded,
 deletes whatever no complete group owns, and reads on from the last group's end. At the end,
 manifest.json is written and `.prep/` removed; a finished directory has no partial state.
+
+The output never is, holds or lies inside an input; overwrite=true replaces only a `neo prep`
+output, and only once the new one is complete (data_prep/output.py). A run that keeps no
+document (every record skipped) fails and leaves the directory as it found it. A full disk is
+one line with the bytes free and, estimated from the input read so far, needed.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ import ctypes.util
 import logging
 import os
 import resource
-import shutil
 import time
 from datetime import datetime, timezone
 from importlib import metadata
@@ -31,18 +35,20 @@ from typing import Any
 from rich.console import Console
 
 from data_prep.config import PrepConfig
-from data_prep.encode import Encoder, EncodeSettings
-from data_prep.files import check_output_free
+from data_prep.encode import Encoder, EncodeSettings, OutOfMemory, WorkerDied
+from data_prep.files import check_apart, when_full
 from data_prep.groups import SPLITS, Router
 from data_prep.inputs import InputFile, describe_input, ignored_files, resolve_inputs
 from data_prep.manifest import MANIFEST_FILE, Manifest, TokenizerInfo
+from data_prep.output import TOKENIZER_DIR, OutputDir, input_paths
 from data_prep.progress import (
     SENTENCEPIECE,
-    STATE_DIR,
+    NothingPrepared,
     PrepError,
     Progress,
     clean_partial,
     manifest_identity,
+    require_documents,
     require_same,
     run_identity,
 )
@@ -59,7 +65,6 @@ from data_prep.tokenizers import (
 
 log = logging.getLogger("neo.prep")
 
-TOKENIZER_DIR = "tokenizer"
 # Text per batch sent to a worker: small enough that in-flight batches hold little memory,
 # large enough that the per-batch overhead is negligible.
 BATCH_BYTES = 1 << 18
@@ -78,35 +83,69 @@ def prepare(
     started = time.perf_counter()
     console = console or _default_console()
     cfg.validate()
-    directory = Path(cfg.output)
     files = resolve_inputs(cfg.input)
+    check_apart(cfg.output, input_paths(cfg.input, files))
+    output = OutputDir.at(cfg.output)
+    directory = output.path
     for path in ignored_files(cfg.input):
         log.warning("%s: ignored (not a .jsonl[.zst|.gz], .parquet or .txt file)", path)
     size = sum(f.bytes or 0 for f in files)
     log.info("hashing %d input file(s), %s bytes", len(files), f"{size:,}")
     inputs = [describe_input(f) for f in files]
 
-    tokenizer, progress, finished = _open_output(cfg, directory, files, inputs)
-    if finished is not None:
-        console.print(
-            f"{directory} is already prepared from these inputs and settings: nothing to do"
-        )
-        print_summary(console, finished)
-        return finished
-
-    run = _run(cfg, directory, files, tokenizer, progress, batch_bytes, console)
-    manifest = _manifest(directory, inputs, tokenizer, progress)
-    seconds = time.perf_counter() - started
-    manifest.run = {
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "seconds": round(seconds, 3),
-        "tokens_per_second": round(run["tokens_this_run"] / seconds),
-        **run,
-    }
-    manifest.save(directory)
-    shutil.rmtree(directory / STATE_DIR)
+    meter = _Meter(size)
+    progress: Progress | None = None
+    try:
+        with when_full(directory, meter.needed):
+            tokenizer, progress, finished = _open_output(cfg, output, files, inputs)
+            if finished is not None:
+                console.print(
+                    f"{directory} is already prepared from these inputs and settings: nothing to do"
+                )
+                print_summary(console, finished)
+                return finished
+            meter.start(progress, token_dtype(tokenizer.vocab_size).itemsize)
+            run = _run(cfg, directory, files, tokenizer, progress, batch_bytes, console, meter)
+            require_documents(progress.stats, cfg.input, cfg.data.text_field)
+            manifest = _manifest(directory, inputs, tokenizer, progress)
+            seconds = time.perf_counter() - started
+            manifest.run = {
+                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "seconds": round(seconds, 3),
+                "tokens_per_second": round(run["tokens_this_run"] / seconds),
+                **run,
+            }
+            manifest.save(directory)
+    except NothingPrepared:
+        output.undo()
+        raise
+    except BaseException:
+        output.failed(committed=bool(progress and progress.groups))
+        raise
+    output.finish()
     print_summary(console, manifest)
     return manifest
+
+
+class _Meter:
+    """How far the run got, to estimate the space the output needs when the disk fills."""
+
+    def __init__(self, input_bytes: int):
+        self.input_bytes, self.itemsize = input_bytes, 0
+        self.read = 0  # input bytes read, earlier runs included
+        self.tokens = 0  # tokens of this run
+        self.on_disk = 0  # bytes of the shards complete before this run
+
+    def start(self, progress: Progress, itemsize: int) -> None:
+        self.itemsize = itemsize
+        self.on_disk = sum(sum(s.bytes.values()) for s in progress.shards().values())
+
+    def needed(self) -> int | None:
+        """More bytes the shards need, scaled from the input read so far (None: unknown)."""
+        if not (self.read and self.input_bytes and self.tokens):
+            return None
+        so_far = self.on_disk + self.tokens * self.itemsize
+        return max(int(so_far * self.input_bytes / self.read) - self.on_disk, 0) or None
 
 
 def _default_console() -> Console:
@@ -116,20 +155,22 @@ def _default_console() -> Console:
 
 
 def _open_output(
-    cfg: PrepConfig, directory: Path, files: list[InputFile], inputs: list[dict[str, Any]]
+    cfg: PrepConfig, output: OutputDir, files: list[InputFile], inputs: list[dict[str, Any]]
 ) -> tuple[LoadedTokenizer, Progress, Manifest | None]:
     """(tokenizer, progress, manifest if the directory is finished). A finished or partly done
     directory must have been made from the same inputs, tokenizer and settings."""
+    directory = output.path
     finished = (directory / MANIFEST_FILE).is_file()
     progress = Progress.load(directory)
     if cfg.overwrite or (not finished and progress is None):
-        _start_empty(directory, cfg.overwrite)
+        output.start_empty(cfg.overwrite)
         finished, progress = False, None
     tokenizer = _tokenizer(cfg, files, directory, reuse=finished or progress is not None)
     identity = run_identity(cfg, inputs, tokenizer)
     if finished:
         manifest = Manifest.load(directory)
         require_same(directory, manifest_identity(manifest), identity)
+        output.finish()  # a run killed between writing the manifest and removing its state
         return tokenizer, Progress(identity), manifest
     if progress is None:
         progress = Progress(identity)
@@ -156,6 +197,7 @@ def _run(
     progress: Progress,
     batch_bytes: int,
     console: Console,
+    meter: _Meter,
 ) -> dict[str, Any]:
     """Read, encode and route every record from the progress position on; what it did."""
     workers = cfg.workers or len(os.sched_getaffinity(0))
@@ -184,10 +226,14 @@ def _run(
                 router.batch(item, encoded)
                 worker_peak = max(worker_peak, encoded.peak_rss)
                 display.update(item.input_bytes, router.tokens)
+                meter.read, meter.tokens = item.input_bytes, router.tokens
                 batches += 1
                 if batches % TRIM_EVERY == 0:
                     _release_free_memory()
             router.commit((len(files), 0))
+    except (OutOfMemory, WorkerDied) as e:
+        router.abandon()
+        raise PrepError(_out_of_memory(e, files)) from None
     except BaseException:
         router.abandon()
         raise
@@ -198,6 +244,20 @@ def _run(
         "documents_this_run": router.documents,
         "peak_rss_bytes": {"main": main_peak, "worker": worker_peak if workers > 1 else 0},
     }
+
+
+def _out_of_memory(e: OutOfMemory | WorkerDied, files: list[InputFile]) -> str:
+    """One line naming the document (the largest in flight, if a worker was killed)."""
+    assert e.batch is not None
+    file = files[e.batch.file]
+    where = file.path if file.format == "txt" else f"{file.path}:{e.batch.first + e.item + 1}"
+    advice = "rerun with more memory, fewer workers=, or that document split or removed"
+    if isinstance(e, OutOfMemory):
+        return f"{where}: out of memory tokenizing this document ({e.size:,} bytes); {advice}"
+    return (
+        f"a tokenizing worker died (killed by the system: out of memory?); the largest "
+        f"document in flight: {where} ({e.size:,} bytes); {advice}"
+    )
 
 
 def _release_free_memory() -> None:
@@ -217,17 +277,6 @@ def _load_libc():
 
 
 _libc = _load_libc()
-
-
-def _start_empty(directory: Path, overwrite: bool) -> None:
-    """An empty output directory; one holding only what a run that stopped before its first
-    progress record left (a trained tokenizer, state) counts as empty."""
-    if directory.is_dir() and {p.name for p in directory.iterdir()} <= {TOKENIZER_DIR, STATE_DIR}:
-        overwrite = True
-    check_output_free(directory, overwrite)
-    if overwrite and directory.exists():
-        shutil.rmtree(directory) if directory.is_dir() else directory.unlink()
-    directory.mkdir(parents=True, exist_ok=True)
 
 
 def _tokenizer(

@@ -29,6 +29,10 @@ class PrepError(NeoError, ValueError):
     """A bad record under strict=true, or an output directory that holds different data."""
 
 
+class NothingPrepared(PrepError):
+    """Every record was skipped: there is no document to write."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Counts
 
@@ -90,6 +94,29 @@ class Stats:
     def from_dict(cls, data: dict[str, Any]) -> Stats:
         sources = {name: SourceCounts(**c) for name, c in data["sources"].items()}
         return cls(sources, data["skipped"])
+
+
+def require_documents(stats: Stats, spec: str, text_field: str) -> None:
+    """A prep that kept no document is a mistake (a wrong data.text_field, the wrong files),
+    not an empty dataset: say why every record was skipped."""
+    totals = stats.totals()
+    if totals["documents"]:
+        return
+    if not totals["skipped"]:
+        raise NothingPrepared(f"input={spec}: no records in it; nothing was prepared")
+    kinds = sorted(stats.skipped.items(), key=lambda item: -item[1]["count"])
+    counts = ", ".join(f"{entry['count']:,} {kind}" for kind, entry in kinds)
+    example = kinds[0][1]["examples"][0]
+    hint = ""
+    if "missing_text" in stats.skipped:
+        hint = (
+            f"; records without a {text_field!r} field: is the text elsewhere? "
+            f"(data.text_field={text_field})"
+        )
+    raise NothingPrepared(
+        f"input={spec}: {totals['skipped']:,} record(s) read, every one skipped ({counts}; "
+        f"first: {example['where']}: {example['reason']}){hint}; nothing was prepared"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

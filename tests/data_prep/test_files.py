@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tmpfs import small_tmpfs
 
 from data_prep.files import (
     NoSpaceError,
@@ -157,22 +158,10 @@ def test_a_librarys_worded_no_space_error_is_recognised():
         assert is_out_of_space(wrapped)
 
 
-def small_tmpfs(path, size="1m"):
-    """A real full file system, where this user may mount one (root, outside most sandboxes)."""
-    path.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)])
-    if mounted.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    return path
-
-
 @pytest.fixture
 def full_fs(tmp_path):
-    path = small_tmpfs(tmp_path / "tmpfs")
-    yield path
-    subprocess.run(["umount", str(path)], check=True)
+    with small_tmpfs(tmp_path / "tmpfs") as path:
+        yield path
 
 
 def test_a_real_full_disk_through_safetensors_is_one_line(full_fs):

@@ -1,10 +1,14 @@
 """`neo prep` in-process: bad input, dedup, split, worker-independence, resume, tokenizers."""
 
 import contextlib
+import errno
 import io
 import json
 import logging
 import random
+import re
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -16,10 +20,10 @@ from rich.console import Console
 
 from data_prep.config import CorpusConfig, PrepConfig, PrepConfigError, SentencePieceConfig
 from data_prep.dedup import DigestSet, validation_mask
-from data_prep.files import OutputExistsError
+from data_prep.files import NoSpaceError, OutputExistsError
 from data_prep.manifest import open_prepared
 from data_prep.prep import PrepError, Progress, Router, prepare
-from data_prep.shards import IndexedDataset
+from data_prep.shards import IndexedDataset, IndexedDatasetWriter
 from data_prep.tokenizers import load_tokenizer
 
 WORDS = [
@@ -232,6 +236,67 @@ def test_an_unrelated_output_directory_is_not_touched(corpus):
     with pytest.raises(OutputExistsError, match="overwrite=true"):
         run(corpus)
     assert (corpus / "out" / "precious.txt").read_text() == "keep me"
+
+
+def tree(directory):
+    """Every path under `directory` with its bytes (None for a folder): what a test asserts
+    nothing touched."""
+    return {
+        str(p.relative_to(directory)): None if p.is_dir() else p.read_bytes()
+        for p in sorted(Path(directory).rglob("*"))
+    }
+
+
+def test_overwrite_replaces_the_old_output_only_once_the_new_one_is_complete(corpus):
+    first, _ = run(corpus, shard_tokens=6000)
+    before = tree(corpus / "out")
+    with ctrl_c_at_batch(1):  # stops before any shard group of the new output is complete
+        run(corpus, overwrite=True, seed=7, batch_bytes=2000, shard_tokens=6000)
+    assert tree(corpus / "out") == before, "the old output is back, untouched"
+    with ctrl_c_at_batch(25):  # stops with groups complete: the new output stays, resumable
+        run(corpus, overwrite=True, seed=7, batch_bytes=2000, shard_tokens=6000)
+    (aside,) = corpus.glob(".out.old-*")
+    assert tree(aside) == before, "the old output waits aside until the new one is done"
+    # As if this process had died (SIGKILL): the next run removes what it left.
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], text=True, capture_output=True
+    ).stdout.strip()
+    aside.rename(aside.with_name(aside.name.rpartition("-")[0] + "-" + dead))
+    resumed, _ = run(corpus, seed=7, batch_bytes=2000, shard_tokens=6000)
+    assert resumed.settings["seed"] == 7 and not (corpus / "out" / ".prep").exists()
+    assert sorted(p.name for p in corpus.iterdir()) == ["in", "out"]
+    replaced, _ = run(corpus, overwrite=True, shard_tokens=6000)
+    assert content(replaced) | {"inputs": 0} == content(first) | {"inputs": 0}
+    assert sorted(p.name for p in corpus.iterdir()) == ["in", "out"]
+
+
+def test_zero_documents_is_an_error_that_leaves_nothing_behind(tmp_path):
+    (tmp_path / "in").mkdir()
+    write_jsonl(tmp_path / "in" / "c.jsonl", [{"content": "one"}, {"content": "two"}])
+    with pytest.raises(PrepError) as refused:
+        run(tmp_path)
+    message = str(refused.value)
+    assert "2 record(s) read, every one skipped (2 missing_text;" in message, message
+    assert "no 'text' field" in message and "data.text_field=text" in message
+    assert not (tmp_path / "out").exists(), "nothing is marked prepared"
+    manifest, _ = run(tmp_path, data=CorpusConfig(text_field="content"))  # no overwrite needed
+    assert manifest.totals["documents"] == 2
+
+
+def test_a_full_disk_names_the_output_and_the_space_it_needs(corpus, monkeypatch):
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(IndexedDatasetWriter, "_write", full)
+    with pytest.raises(NoSpaceError) as refused:
+        run(corpus, batch_bytes=2000, shard_tokens=6000)
+    message = str(refused.value)
+    assert message.startswith(f"{corpus / 'out'}: no space left on device (")
+    assert re.search(r"\d[\d,]* bytes free there, about \d[\d,]* needed\)", message), message
+    assert not list((corpus / "out").glob(".*.tmp-*")), "the partial shard is removed"
+    monkeypatch.undo()
+    resumed, _ = run(corpus, batch_bytes=2000, shard_tokens=6000)  # room again: it goes on
+    assert resumed.totals["documents"] > 0
 
 
 def test_config_errors_name_the_key(corpus):

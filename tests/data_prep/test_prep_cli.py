@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from tmpfs import small_tmpfs
 
 from data_prep.manifest import open_prepared
 from data_prep.shards import IndexedDataset
@@ -160,3 +161,86 @@ def test_memory_does_not_grow_with_the_corpus(tmp_path):
     growth = (large - small) / 2**20
     # ... but the same memory: holding the tokens alone would add 8+ MB, the text 18 MB.
     assert growth < 16, f"peak RSS {small / 2**20:.0f} MiB -> {large / 2**20:.0f} MiB"
+
+
+def tree(directory):
+    return {
+        str(p.relative_to(directory)): None if p.is_dir() else p.read_bytes()
+        for p in sorted(Path(directory).rglob("*"))
+    }
+
+
+def error_line(proc):
+    """The one line `neo` prints for a user's mistake (exit 2, no traceback)."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("neo prep: error: "), proc.stderr
+    return line
+
+
+@pytest.mark.slow
+def test_an_output_that_is_holds_or_lies_in_the_input_is_refused(neo, tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.jsonl").write_text('{"text": "hello world"}\n')
+    (tmp_path / "link").symlink_to("corpus")
+    before = tree(tmp_path)
+    for input, output, how in [  # the other cases: tests/data_prep/test_files.py
+        ("corpus", "corpus", "is"),  # the reported command: it deleted the corpus
+        ("link", "corpus/prepared", "lies inside"),
+        ("corpus/a.jsonl", ".", "contains"),
+    ]:
+        proc = neo("prep", f"input={input}", f"output={output}", "overwrite=true", check=False)
+        line = error_line(proc)
+        assert f"output={output} {how} input " in line and "choose another output" in line, line
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_overwrite_refuses_a_folder_that_is_not_a_prep_output(neo, tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"text": "hello world"}\n')
+    (tmp_path / "out" / "notes").mkdir(parents=True)
+    (tmp_path / "out" / "thesis.tex").write_text("years of work")
+    before = tree(tmp_path)
+    for extra in ([], ["overwrite=true"]):
+        line = error_line(neo("prep", "input=c.jsonl", "output=out", *extra, check=False))
+        assert "out holds 2 entries: notes/, thesis.tex, and it is not a `neo prep` output" in line
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_a_prep_that_keeps_no_document_exits_2_and_marks_nothing_prepared(neo, tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"body": "one"}\n{"body": "two"}\n{"body": "three"}\n')
+    (tmp_path / "junk.jsonl").write_text("not json\n{also not\n")
+    line = error_line(neo("prep", "input=c.jsonl", "output=out", check=False))
+    assert "input=c.jsonl: 3 record(s) read, every one skipped (3 missing_text;" in line, line
+    assert "data.text_field=text" in line
+    line = error_line(neo("prep", "input=junk.jsonl", "output=out", check=False))
+    assert "2 record(s) read, every one skipped (2 malformed_json;" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "junk.jsonl"]
+    out = neo("prep", "input=c.jsonl", "output=out", "data.text_field=body").stdout
+    assert "tokenized" in out and json.loads((tmp_path / "out" / "manifest.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_killed_overwrite_leaves_the_old_output_aside_until_a_rerun_removes_it(neo, tmp_path):
+    write_corpus(tmp_path / "c.jsonl", 2)
+    args = ["prep", "input=c.jsonl", "output=out", "shard_tokens=40000", "workers=2"]
+    neo(*args, "validation_fraction=0.5")
+    proc = start([*args, "overwrite=true"], tmp_path)
+    wait_for_line(proc, "shard group 0 written")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    (aside,) = tmp_path.glob(".out.old-*")
+    assert aside.name.endswith(f"-{proc.pid}") and (aside / "manifest.json").is_file()
+    assert "resuming: " in neo(*args).stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "out"]
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_naming_the_output_and_the_space(neo, tmp_path):
+    write_corpus(tmp_path / "c.jsonl", 6)
+    with small_tmpfs(tmp_path / "disk", size="4m") as disk:
+        proc = neo("prep", "input=c.jsonl", f"output={disk}/out", "workers=2", check=False)
+        line = error_line(proc)
+        assert f"{disk}/out: no space left on device (" in line and "bytes free there" in line

@@ -139,8 +139,9 @@ def _patch(path, offset, data):
     return bytes(raw)
 
 
-def _prepared(tmp_path):
-    """A prepared directory built by hand: two train shards, one validation shard."""
+def _prepared(tmp_path, checksums=True):
+    """A prepared directory built by hand: two train shards, one validation shard (without
+    checksums: as an older neo prep wrote it)."""
     shards, splits = {}, {"train": [], "validation": []}
     rng = np.random.default_rng(0)
     for name, split, n in [
@@ -155,6 +156,8 @@ def _prepared(tmp_path):
             "B": SourceRange(2, n, int(sum(map(len, docs[2:])))),
         }
         shards[name] = ShardInfo(split, n, files.tokens, files.sha256, files.bytes, sources)
+        if checksums:
+            shards[name].xxh3, shards[name].max_token = files.xxh3, files.max_token
         splits[split].append(name)
     tok = TokenizerInfo("gpt2", 50257, 50256, "<|endoftext|>", None, {})
     manifest = Manifest("0.1.0", tok, "uint16", splits, shards, {}, {}, {}, [], {})
@@ -186,7 +189,8 @@ def test_open_prepared_names_a_missing_truncated_or_corrupt_shard(tmp_path):
     flipped = bytearray(good)
     flipped[0] ^= 1
     bin1.write_bytes(bytes(flipped))
-    open_prepared(tmp_path)  # same size: only the checksum can tell
+    with pytest.raises(ShardError, match=r"train-00001.bin: xxh3 \w+ differs .*corrupt"):
+        open_prepared(tmp_path)  # same size: the checksum tells
     with pytest.raises(ShardError, match="train-00001.bin: sha256 differs"):
         open_prepared(tmp_path, verify=True)
 
@@ -201,3 +205,81 @@ def test_manifest_of_another_shape_is_refused(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ShardError, match="not ours"):
         open_prepared(tmp_path)
+
+
+def test_a_shard_overwritten_with_0xff_is_named_with_its_document(tmp_path):
+    _prepared(tmp_path)
+    bin0 = tmp_path / "train-00000.bin"
+    bin0.write_bytes(b"\xff" * bin0.stat().st_size)
+    with pytest.raises(ShardError) as corrupt:
+        open_prepared(tmp_path)
+    assert str(corrupt.value) == (
+        f"shard {bin0}: document 0 holds token id 65535 (its token 0), outside the "
+        "vocabulary [0, 50257) of the manifest's tokenizer: the shard is corrupt"
+    )
+
+
+def test_flipped_bytes_that_keep_ids_in_the_vocabulary_are_found(tmp_path):
+    _prepared(tmp_path)
+    shard = tmp_path / "train-00000.bin"
+    data = bytearray(shard.read_bytes())
+    ids = np.frombuffer(bytes(data), np.uint16)
+    below = np.flatnonzero(ids < 50000)  # flipping the lowest bit keeps these in the vocabulary
+    for token in np.random.default_rng(1).choice(below, size=min(100, len(below)), replace=False):
+        data[2 * token] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"train-00000.bin: xxh3 \w+ differs from the manifest"):
+        open_prepared(tmp_path)
+    _prepared(tmp_path)
+    idx = tmp_path / "validation-00000.idx"
+    raw = bytearray(idx.read_bytes())
+    raw[-16] ^= 1  # document index [0, 1, 2] -> [0, 0, 2]: still a valid index
+    idx.write_bytes(bytes(raw))
+    IndexedDataset(tmp_path / "validation-00000")
+    with pytest.raises(ShardError, match=r"validation-00000.idx: xxh3 \w+ differs"):
+        open_prepared(tmp_path)
+
+
+def test_a_hand_edited_source_range_names_the_manifest_key(tmp_path):
+    _prepared(tmp_path)
+    path = tmp_path / "manifest.json"
+    good = json.loads(path.read_text())
+    for edit, message in [
+        ({"start": 2, "end": 9}, r"sources.B: documents \[2, 9\) but the shard has 5"),
+        ({"start": 1, "end": 5}, r"sources.B: documents \[1, 5\) overlap another source's"),
+        ({"start": 3, "end": 5}, r"sources.B: \d+ tokens, but its documents \[3, 5\) hold \d+"),
+        ({"end": "5"}, "sources.B.end is '5', not an integer"),
+    ]:
+        edited = json.loads(json.dumps(good))
+        edited["shards"]["train-00000"]["sources"]["B"].update(edit)
+        path.write_text(json.dumps(edited))
+        with pytest.raises(ShardError, match=rf"manifest.json: shards.train-00000.{message}"):
+            open_prepared(tmp_path)
+    good["splits"]["validation"].append("train-00000")
+    path.write_text(json.dumps(good))
+    with pytest.raises(ShardError, match="splits list shard train-00000 more than once"):
+        open_prepared(tmp_path)
+
+
+def test_a_manifest_of_format_version_1_is_still_read(tmp_path, caplog):
+    _prepared(tmp_path, checksums=False)
+    path = tmp_path / "manifest.json"
+    old = json.loads(path.read_text())
+    old["format_version"] = 1
+    for info in old["shards"].values():
+        del info["xxh3"], info["max_token"]
+    path.write_text(json.dumps(old))
+    manifest, shards = open_prepared(tmp_path)
+    assert manifest.format_version == 1 and len(shards["train"]) == 2
+    assert "older neo prep (no xxh3 checksums)" in caplog.text
+    bin0 = tmp_path / "train-00000.bin"
+    bin0.write_bytes(b"\xff" * bin0.stat().st_size)  # token ids: checked all the same
+    with pytest.raises(ShardError, match="document 0 holds token id 65535"):
+        open_prepared(tmp_path)
+
+
+def test_written_shards_record_their_largest_token_and_checksums(tmp_path):
+    files = write_indexed_dataset(tmp_path / "s", [np.array(d) for d in DOCS], np.uint16)
+    assert files.max_token == max(max(d) for d in DOCS)
+    scan = IndexedDataset(tmp_path / "s").scan()
+    assert (scan.high, scan.xxh3) == (files.max_token, files.xxh3["bin"])

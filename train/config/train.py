@@ -32,7 +32,8 @@ class DataConfig(Schema):
     seq_len: int | None = None
     # Seed of the document and sample order (one permutation per epoch).
     seed: int = 1234
-    # Check every shard's sha256 against the manifest before training.
+    # Also check every shard's sha256 against the manifest before training (the cheap checks,
+    # token ids below the vocabulary and each shard's xxh3-64, always run).
     verify_shards: bool = False
 
 

@@ -13,9 +13,10 @@ def main(cfg: PrepConfig) -> None:
     try:
         prepare(cfg)
     except KeyboardInterrupt:
+        again = "the same command" if not cfg.overwrite else "it without overwrite=true"
         print(
-            f"neo prep: interrupted; rerun the same command to continue from the shards "
-            f"already complete in {cfg.output}",
+            f"neo prep: interrupted; rerun {again} to continue from the shards already "
+            f"complete in {cfg.output}",
             file=sys.stderr,
         )
         sys.exit(130)
