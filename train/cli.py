@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 import sys
 from dataclasses import dataclass
 
 from train.config import compose
+from train.config.shell import hydra_quoted, override, verify_positional
 from train.distributed.ranks import quiet_other_ranks, ranks_from_env
 from train.errors import ConfigError, Interrupted, NeoError
 
@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     argv = _without_local_rank(argv)
     name = argv[0]
-    if name == "verify" and len(argv) > 1 and "=" not in argv[1] and not argv[1].startswith("-"):
-        argv = [name, f"dir={argv[1]}", *argv[2:]]  # neo verify DIR
+    if name == "verify" and len(argv) > 1 and verify_positional(argv[1]):
+        argv = [name, override("dir", argv[1]), *argv[2:]]  # neo verify DIR, any path
     if name == "launch":
         from launch.cli import main as launch
 
@@ -229,12 +229,7 @@ def quote_text(override: str, text_keys: tuple[str, ...]) -> str:
         return override
     if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
         return override
-    # Inside Hydra's quotes a backslash is literal except where it precedes a quote or ends the
-    # string: those runs are doubled, and every quote escaped; `${` is not an interpolation.
-    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
-    escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
-    escaped = escaped.replace("${", "\\${")
-    return f"{key}='{escaped}'"
+    return f"{key}={hydra_quoted(value)}"
 
 
 if __name__ == "__main__":

@@ -186,3 +186,29 @@ def test_a_truncated_checkpoint_is_named_and_nothing_is_written(tmp_path):
     assert done.returncode == 2
     assert f"{weights}: cannot be read as safetensors, truncated or corrupt" in done.stderr
     assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["my model, v2 (it's é)", "a=b"])
+def test_the_verify_hint_after_export_pastes_into_a_shell(tmp_path, name):
+    """`neo export` ends with the `neo verify` command for what it wrote; pasted into a shell
+    it checks that directory, whatever its name holds (spaces, commas, quotes, `=`)."""
+    import shlex
+
+    from train.config.shell import override
+
+    make_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / name
+    command = [NEO, "export", f"input={tmp_path / 'ckpt'}", override("output", out), "usage=false"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    hint = (done.stdout + done.stderr).split("check it again with ")[1].splitlines()[0]
+    assert hint.startswith("neo verify ")
+    pasted = subprocess.run(
+        ["bash", "-c", shlex.quote(NEO) + hint.removeprefix("neo") + " usage=false"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert pasted.returncode == 0, pasted.stderr
+    assert "checksums:" in pasted.stdout
