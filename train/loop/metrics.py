@@ -93,7 +93,7 @@ class MetricsLogger:
             self._write({"step": step, "event": "samples", "samples": samples}, to_wandb=False)
             for s in samples:
                 answer = repr(s["answer"][:160]) if s["answer"] else "(end-of-text at once)"
-                log.info("  sample: %r -> %s", s["prompt"][-80:], answer)
+                log.info("  sample: %r -> %s", prompt_tail(s["prompt"]), answer)
 
     def _write(self, record: dict, to_wandb: bool = True) -> None:
         record = {
@@ -137,6 +137,21 @@ def _wandb_id(run_dir: Path) -> str:
     if not file.exists():
         atomic_write_text(file, secrets.token_hex(4))
     return file.read_text().strip()
+
+
+def prompt_tail(text: str, width: int = 80) -> str:
+    """The end of a prompt, what a sample answers, in about `width` characters: whole when it
+    fits, else from the start of a line (one in the first half of the cut) or of a word, after
+    an ellipsis; never from the middle of a word unless one word is longer than the width."""
+    if len(text) <= width:
+        return text
+    tail = text[-width:]
+    if not text[-width - 1].isspace():  # the cut fell inside a word
+        spaces = [i for i, c in enumerate(tail[:-1]) if c.isspace()]  # each leaves some text
+        lines = [i for i in spaces if tail[i] == "\n" and i < width // 2]
+        if lines or spaces:
+            tail = tail[(lines or spaces)[0] + 1 :].lstrip()
+    return "…" + tail
 
 
 def _duration(seconds: float) -> str:
