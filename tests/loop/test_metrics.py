@@ -41,3 +41,28 @@ def test_sample_prompts_are_cut_at_a_line_or_word_with_an_ellipsis(tmp_path, cap
 def test_a_prompt_with_no_boundary_to_cut_at_still_shows_its_end(text):
     shown = metrics.prompt_tail(text)
     assert shown.startswith("…") and text.endswith(shown[1:].lstrip()) and len(shown) <= 81
+
+
+@pytest.mark.slow
+def test_wandb_adds_one_line_saying_where_the_offline_run_is(tmp_path, caplog, capfd):
+    """wandb's banner and closing summary (history, summary, sync advice: 30 lines and more)
+    are silenced; the run's end says in one line where the offline run is and how to upload it,
+    as a command that can be pasted."""
+    import shlex
+
+    run_dir = tmp_path / "my run"
+    run_dir.mkdir()
+    cfg = TrainConfig(max_steps=10)
+    cfg.logger.wandb.mode = "offline"
+    with caplog.at_level(logging.INFO, logger="neo.train"):
+        logger = metrics.MetricsLogger(run_dir, cfg, enabled=True)
+        for step in range(1, 4):
+            logger._write({"step": step, "loss": 5.0 / step, "lr": 1e-3, "val/loss": 4.0})
+        logger.close()
+    printed = capfd.readouterr()
+    assert "wandb" not in printed.out + printed.err, printed
+    [line] = [m for m in caplog.messages if "wandb" in m]
+    [folder] = list((run_dir / "wandb").glob("offline-run-*"))
+    assert line.startswith(f"wandb: offline run in {folder}; upload it with `")
+    sync = shlex.split(line.split("`")[1])
+    assert sync == ["wandb", "sync", str(folder)]

@@ -17,6 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor
 
 from data_prep.files import atomic_write_text
+from train.config.shell import command
 from train.errors import NotFound
 
 log = logging.getLogger("neo.train")
@@ -110,7 +111,9 @@ class MetricsLogger:
         if self.file:
             self.file.close()
         if self.wandb is not None:
+            line = _wandb_line(self.wandb)
             self.wandb.finish()
+            log.info(line)
 
 
 def _start_wandb(run_dir: Path, cfg):
@@ -128,7 +131,18 @@ def _start_wandb(run_dir: Path, cfg):
         config=asdict(cfg),
         resume="allow",
         id=_wandb_id(run_dir),
+        # wandb's own banner and closing summary (30 lines and more): the run ends with one
+        # line of ours instead (_wandb_line)
+        settings=wandb.Settings(silent=True),
     )
+
+
+def _wandb_line(run) -> str:
+    """Where wandb's run went: online, its page; offline, its folder and how to upload it."""
+    if run.settings.mode != "offline" and run.url:
+        return f"wandb: {run.url}"
+    folder = Path(run.dir).parent  # run.dir is the run's files/ folder
+    return f"wandb: offline run in {folder}; upload it with `{command('wandb', 'sync', folder)}`"
 
 
 def _wandb_id(run_dir: Path) -> str:
