@@ -62,6 +62,7 @@ class TaskSpec:
     source: str  # where the published file is, saved as default_file ("": no published file)
     item: Callable[[Record], Item] | None  # one record -> one item (file tasks)
     hub: str = ""  # hf:NAME of the hub dataset the harness reads
+    beside: str = ""  # a second published file the task reads beside the first
 
 
 SPECS: dict[str, TaskSpec] = {
@@ -89,9 +90,9 @@ SPECS: dict[str, TaskSpec] = {
         ("acc",),
         "pubmedqa_ori_pqal.json",
         "PubMedQA PQA-L ori_pqal.json with test_ground_truth.json beside it",
-        "https://raw.githubusercontent.com/pubmedqa/pubmedqa/master/data/ori_pqal.json (and "
-        "test_ground_truth.json of the same folder beside it as pubmedqa_test_ground_truth.json)",
+        "https://raw.githubusercontent.com/pubmedqa/pubmedqa/master/data/ori_pqal.json",
         pubmedqa_item,
+        beside="test_ground_truth.json (same folder) as pubmedqa_test_ground_truth.json",
     ),
     "hellaswag": TaskSpec(
         MULTIPLE_CHOICE,
@@ -106,9 +107,9 @@ SPECS: dict[str, TaskSpec] = {
         ("acc", "acc_norm"),
         "piqa_valid.jsonl",
         "JSON lines with goal, sol1, sol2 (labels in <name>-labels.lst beside it, or label)",
-        "https://yonatanbisk.com/piqa/data/valid.jsonl (and valid-labels.lst of the same "
-        "folder beside it as piqa_valid-labels.lst)",
+        "https://yonatanbisk.com/piqa/data/valid.jsonl",
         piqa_item,
+        beside="valid-labels.lst (same folder) as piqa_valid-labels.lst",
     ),
     "winogrande": TaskSpec(
         MULTIPLE_CHOICE,
@@ -196,6 +197,8 @@ def missing_file(name: str, task_type: str, path: str) -> NotFound:
     line = f"task {name}: {path} does not exist; expected {spec.expected}"
     if spec.source:
         line += f"; neo eval downloads nothing: save {spec.source} as {path}"
+    if spec.beside:
+        line += f" and {spec.beside} beside it"
     if spec.hub:
         line += f", or read the hub's copy with task.{name}.path={spec.hub}"
     return NotFound(f"{line}; or set task.{name}.path=FILE (README: Benchmark files)")
