@@ -192,29 +192,31 @@ def test_a_peak_cached_before_the_load_check_is_measured_again(monkeypatch, tmp_
 
 
 @pytest.mark.slow
-def test_a_busy_machine_is_seen_as_load(monkeypatch):
-    """For real: as many busy processes as this process has CPUs, and the measurement's threads
-    wait for a CPU far more than LOADED of the time."""
+def test_a_measurement_on_a_busy_machine_is_right_or_said_to_be_under_load():
+    """For real: with as many busy processes as this process has CPUs, a measurement either
+    comes out near the quiet peak (its fastest products ran anyway) or says that its products
+    waited for a CPU; never a peak far too low taken as right."""
     import os
     import subprocess
     import sys
 
     if not Path("/proc/self/task").is_dir():
         pytest.skip("the wait for a CPU is read from Linux's /proc/self/task/*/schedstat")
-    quiet = hw.measure_matmuls(torch.float32, CPU, torch.device("cpu"))
-    assert quiet["waited"] is not None and quiet["waited"] >= 0
+    quiet = hw.measure_peak(torch.float32, CPU, torch.device("cpu"))
     busy = [
         subprocess.Popen([sys.executable, "-c", "while True: pass"])
         for _ in range(len(os.sched_getaffinity(0)))
     ]
     try:
         time.sleep(0.5)
-        loaded = hw.measure_matmuls(torch.float32, CPU, torch.device("cpu"))
+        found = [hw.measure_matmuls(torch.float32, CPU, torch.device("cpu")) for _ in range(3)]
     finally:
         for process in busy:
             process.kill()
             process.wait()
-    assert loaded["waited"] > hw.LOADED, loaded
+    peak = max(quiet["layouts"].values())
+    for one in found:
+        assert one["waited"] > hw.LOADED or max(one["layouts"].values()) > peak / 2, (one, peak)
 
 
 # --------------------------------------------------------------------------------------------

@@ -143,12 +143,13 @@ def host(accelerator: str) -> Host:
 
 
 LAYOUTS = ("a @ b", "a @ b.T", "a.T @ b")
-# Short measurements, best of up to PEAK_ATTEMPTS, stopping at the first one taken while the
-# process had its CPUs: its threads waited for one less than LOADED of the time. More, and the
-# measurement timed the other work on the machine (2 threads on a busy 2-core machine measured
-# 0.3 GFLOP/s for a 165 GFLOP/s CPU: each product waits for its slowest, preempted, thread).
-PEAK_ATTEMPTS = 3
+# A product whose threads waited for a CPU more than LOADED of its time measured the other work
+# on the machine, not the matmul: 2 threads on a busy 2-core machine measured 0.3 GFLOP/s where
+# one thread alone reached 165 (each product waits for its slowest, preempted, thread).
+# Measurements are repeated, each layout's best kept, until the products that set them ran
+# with their CPUs, at most PEAK_ATTEMPTS times.
 LOADED = 0.2
+PEAK_ATTEMPTS = 3
 
 
 def measure_matmuls(
@@ -161,16 +162,17 @@ def measure_matmuls(
     """FLOP/s of square matmuls of sizes 128, 256, ... in the three layouts training uses
     (a @ b; a @ b.T in Linear's forward; a.T @ b in its weight gradient: emulated bf16 kernels
     differ 10x between them): {"layouts": {layout: best FLOP/s over sizes}, "size": the largest
-    size measured, "waited": the share of the time this process's threads waited for a CPU
-    (CPU devices on Linux; else None)}. Each size and layout gets a warm-up and up to three
-    timed products; the next size (8x the work) starts only if its warm-up and one product fit
-    in what is left of `budget_s`."""
+    size measured, "waited": the most, over layouts, of the share of its time the product that
+    set the best waited for a CPU (CPU devices on Linux; else None)}. Each size and layout gets
+    a warm-up and up to three timed products; the next size (8x the work) starts only if its
+    warm-up and one product fit in what is left of `budget_s`."""
     torch.ones(8, 8, device=device).to(dtype) @ torch.ones(8, 8, device=device).to(dtype)
     acc.synchronize()  # library start-up (cuBLAS handles, oneDNN) stays out of the budget
-    waited = _waited_s() if acc.kind == "cpu" else None
-    start = time.perf_counter()
-    deadline = start + budget_s
+    watch = acc.kind == "cpu" and _waited_s() is not None
+    threads = torch.get_num_threads()
+    deadline = time.perf_counter() + budget_s
     best = dict.fromkeys(LAYOUTS, 0.0)
+    waited = dict.fromkeys(LAYOUTS, 0.0)
     n = 128
     while True:
         a = torch.randn(n, n, device=device).to(dtype)
@@ -179,24 +181,26 @@ def measure_matmuls(
         for layout, (x, y) in zip(LAYOUTS, ((a, b), (a, b.T), (a.T, b)), strict=True):
             x @ y  # warm-up: kernel selection, packing buffers
             acc.synchronize()
-            fastest = math.inf
+            fastest, its_wait = math.inf, 0.0
             for _ in range(3):
+                before = _waited_s() if watch else 0.0
                 began = time.perf_counter()
                 x @ y
                 acc.synchronize()
-                fastest = min(fastest, time.perf_counter() - began)
+                took = time.perf_counter() - began
+                if took < fastest:
+                    fastest = took
+                    its_wait = (_waited_s() - before) / (took * threads) if watch else 0.0
                 if time.perf_counter() + fastest > deadline:
                     break
             cost += fastest
-            best[layout] = max(best[layout], 2 * n**3 / fastest)
+            if 2 * n**3 / fastest > best[layout]:
+                best[layout], waited[layout] = 2 * n**3 / fastest, its_wait
         del a, b
         if n >= max_size or time.perf_counter() + 2 * 8 * cost > deadline:
             break
         n *= 2
-    if waited is not None and (now := _waited_s()) is not None:
-        spent = (time.perf_counter() - start) * torch.get_num_threads()
-        waited = (now - waited) / spent
-    return {"layouts": best, "size": n, "waited": waited}
+    return {"layouts": best, "size": n, "waited": max(waited.values()) if watch else None}
 
 
 def _waited_s() -> float | None:
@@ -215,9 +219,9 @@ def _waited_s() -> float | None:
 
 
 def measure_peak(dtype: torch.dtype, acc: Accelerator, device: torch.device) -> dict:
-    """`measure_matmuls` until one measurement has the CPUs to itself, at most PEAK_ATTEMPTS,
-    each layout's best kept: {"layouts", "size", "loaded"}; "loaded" is None for a quiet
-    measurement, else the least share of the time the threads waited for a CPU in any attempt."""
+    """`measure_matmuls` until its best products ran with their CPUs, at most PEAK_ATTEMPTS
+    times, each layout's best kept: {"layouts", "size", "loaded"}; "loaded" is None for a
+    quiet measurement, else the least share of their time those products waited for a CPU."""
     layouts, waits = dict.fromkeys(LAYOUTS, 0.0), []
     for _ in range(PEAK_ATTEMPTS):
         found = measure_matmuls(dtype, acc, device)
@@ -293,8 +297,9 @@ def under_load(dtype: torch.dtype, machine: Machine, entry: dict) -> str:
     """One line: the peak was measured under load, so it is not used; what to do instead."""
     load = f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     return (
-        f"matmul peak, {str(dtype).removeprefix('torch.')}: measured under load (this process's "
-        f"{machine.threads} thread(s) waited for a CPU {entry['loaded']:.0%} of the time{load}), "
+        f"matmul peak, {str(dtype).removeprefix('torch.')}: measured under load (even the "
+        f"fastest products' {machine.threads} thread(s) waited for a CPU {entry['loaded']:.0%} of "
+        f"their time{load}), "
         f"so {max(entry['layouts'].values()) / 1e9:,.1f} GFLOP/s is not this machine's peak: not "
         "cached and no MFU from it; measure it again on a quiet machine (neo info) or set "
         "peak_flops=FLOP/s per device"
