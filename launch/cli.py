@@ -27,7 +27,7 @@ from launch import scripts
 from launch.config import LAUNCHERS, LaunchConfig, LaunchEntry
 from launch.quoting import one_line, shell_join, shell_word
 from train.config import compose
-from train.config.compose import TEXT_KEYS, error_line, hydra_string, override_key, quote_text
+from train.config.compose import TEXT_KEYS, error_line, override_key, quote_text
 from train.config.resolve import (
     World,
     resolve_eval,
@@ -35,6 +35,7 @@ from train.config.resolve import (
     resolve_sft,
     resolve_train,
 )
+from train.config.shell import hydra_quoted
 from train.errors import ConfigError, NeoError, NotFound
 
 LAUNCHABLE = ("train", "sft", "eval", "generate")
@@ -215,7 +216,7 @@ def _hydra(path: Path) -> str:
     """A path as an override value Hydra reads back unchanged."""
     text = str(path)
     plain = all(c.isalnum() or c in "/._-+@%" for c in text) and text.isascii()
-    return text if plain else hydra_string(text)
+    return text if plain else hydra_quoted(text)
 
 
 def resolve_for(verb: str, config, world: World):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from train.config import compose
 from train.config.compose import TEXT_KEYS, quote_text
+from train.config.shell import override, verify_positional
 from train.distributed.ranks import quiet_other_ranks, ranks_from_env
 from train.errors import ConfigError, Interrupted, NeoError
 
@@ -130,8 +131,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     argv = _without_local_rank(argv)
     name = argv[0]
-    if name == "verify" and len(argv) > 1 and "=" not in argv[1] and not argv[1].startswith("-"):
-        argv = [name, f"dir={argv[1]}", *argv[2:]]  # neo verify DIR
+    if name == "verify" and len(argv) > 1 and verify_positional(argv[1]):
+        argv = [name, override("dir", argv[1]), *argv[2:]]  # neo verify DIR, any path
     if name == "launch":
         from launch.cli import main as launch
 

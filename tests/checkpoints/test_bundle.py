@@ -227,3 +227,29 @@ def test_a_non_finite_score_is_an_error_not_a_result(tmp_path, neo):
     assert "the model's outputs are not finite" in proc.stderr and "nan" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "nan" / "eval").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["my model, v2 (it's é)", "a=b"])
+def test_the_verify_hint_after_export_pastes_into_a_shell(tmp_path, name):
+    """`neo export` ends with the `neo verify` command for what it wrote; pasted into a shell
+    it checks that directory, whatever its name holds (spaces, commas, quotes, `=`)."""
+    import shlex
+
+    from train.config.shell import override
+
+    make_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / name
+    command = [NEO, "export", f"input={tmp_path / 'ckpt'}", override("output", out), "usage=false"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    hint = (done.stdout + done.stderr).split("check it again with ")[1].splitlines()[0]
+    assert hint.startswith("neo verify ")
+    pasted = subprocess.run(
+        ["bash", "-c", shlex.quote(NEO) + hint.removeprefix("neo") + " usage=false"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert pasted.returncode == 0, pasted.stderr
+    assert "checksums:" in pasted.stdout

@@ -2,7 +2,9 @@
 and the throughput meter: warm-up kept out of rates and ETA, no MFU above 100%."""
 
 import logging
+import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,6 +137,86 @@ def test_peak_is_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
     hw.forget_matmul_peak(torch.float32, m)  # a peak that proved wrong is measured again
     hw.matmul_peak(torch.float32, CPU, m)
     assert calls == [torch.float32, torch.bfloat16, torch.float32]
+
+
+def fake_measurements(monkeypatch, tmp_path, waits):
+    """measure_matmuls replaced by measurements whose threads waited `waits[i]` of the time (the
+    i-th one 10x slower when it waited); returns the list of calls."""
+    monkeypatch.setenv("NEOTRAIN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(hw, "_UNCACHED", {})
+    calls = []
+
+    def fake(dtype, acc, device, budget_s=hw.PEAK_BUDGET_S, max_size=8192):
+        waited = waits[len(calls)]
+        calls.append(waited)
+        speed = 1e9 if waited > hw.LOADED else 10e9
+        return {"layouts": dict.fromkeys(hw.LAYOUTS, speed), "size": 256, "waited": waited}
+
+    monkeypatch.setattr(hw, "measure_matmuls", fake)
+    return calls
+
+
+def test_a_peak_measured_under_load_is_neither_cached_nor_used(monkeypatch, tmp_path, caplog):
+    """Every attempt under load: no MFU from it (None), nothing cached, one warning line saying
+    how to measure again or set peak_flops; the process does not measure it twice."""
+    calls = fake_measurements(monkeypatch, tmp_path, [0.8, 0.6, 0.7])
+    with caplog.at_level(logging.WARNING, logger="neo.train"):
+        assert hw.matmul_peak(torch.float32, CPU, machine(False)) is None
+        assert hw.matmul_peak(torch.float32, CPU, machine(False)) is None
+    assert calls == [0.8, 0.6, 0.7]  # best of PEAK_ATTEMPTS, once per process
+    assert not (tmp_path / hw.CACHE_FILE).exists()
+    [line] = caplog.messages
+    assert "matmul peak, float32: measured under load" in line and "waited for a CPU 60%" in line
+    assert "1.0 GFLOP/s is not this machine's peak" in line
+    assert "neo info" in line and "peak_flops=" in line and "\n" not in line
+
+
+def test_the_first_quiet_attempt_is_kept_and_cached(monkeypatch, tmp_path):
+    calls = fake_measurements(monkeypatch, tmp_path, [0.8, 0.05, 0.0])
+    assert hw.matmul_peak(torch.float32, CPU, machine(False)) == 10e9
+    assert calls == [0.8, 0.05]
+    assert (tmp_path / hw.CACHE_FILE).is_file()
+    assert hw.matmul_peak(torch.float32, CPU, machine(False)) == 10e9 and len(calls) == 2
+
+
+def test_a_peak_cached_before_the_load_check_is_measured_again(monkeypatch, tmp_path):
+    """An entry written before measurements were checked for load may be one taken under it
+    (0.3 GFLOP/s for a 165 GFLOP/s CPU): it is measured again."""
+    import json
+
+    calls = fake_measurements(monkeypatch, tmp_path, [0.0])
+    key = hw._cache_key(machine(False), torch.float32)
+    old = {"layouts": dict.fromkeys(hw.LAYOUTS, 0.3e9), "size": 128, "measured": "2026-12-01"}
+    (tmp_path / hw.CACHE_FILE).write_text(json.dumps({key: old}))
+    assert hw.matmul_peak(torch.float32, CPU, machine(False)) == 10e9 and calls == [0.0]
+
+
+@pytest.mark.slow
+def test_a_measurement_on_a_busy_machine_is_right_or_said_to_be_under_load():
+    """For real: with as many busy processes as this process has CPUs, a measurement either
+    comes out near the quiet peak (its fastest products ran anyway) or says that its products
+    waited for a CPU; never a peak far too low taken as right."""
+    import os
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("the wait for a CPU is read from Linux's /proc/self/task/*/schedstat")
+    quiet = hw.measure_peak(torch.float32, CPU, torch.device("cpu"))
+    busy = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(len(os.sched_getaffinity(0)))
+    ]
+    try:
+        time.sleep(0.5)
+        found = [hw.measure_matmuls(torch.float32, CPU, torch.device("cpu")) for _ in range(3)]
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+    peak = max(quiet["layouts"].values())
+    for one in found:
+        assert one["waited"] > hw.LOADED or max(one["layouts"].values()) > peak / 2, (one, peak)
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -445,6 +446,8 @@ def test_an_mfu_above_100_percent_is_never_printed(tmp_path, corpus):
     output = proc.stdout + proc.stderr
     assert output.count("so that peak is wrong") == 1 and "| MFU" not in output, output
     assert all(r.get("mfu") is None for r in read_metrics(run))
+    # Not even in the warning: no percentage of 100 or more anywhere.
+    assert not re.search(r"\b\d{3,}(\.\d+)?%", output.replace(",", "")), output
 
 
 @pytest.mark.slow

@@ -84,6 +84,17 @@ def read_records(source: str | Path, eval_results: str | Path | None = None) -> 
     return records
 
 
+def hub_id(base: str | None) -> str | None:
+    """The Hugging Face Hub id of a base model, where its path says it: a snapshot in the hub's
+    cache (.../models--OWNER--NAME/snapshots/REVISION). Any other path is local, known to no
+    one else, so it is no `base_model` for the card's metadata."""
+    parts = Path(base).parts if base else ()
+    for part, below in zip(parts, parts[1:], strict=False):
+        if part.startswith("models--") and part != "models--" and below == "snapshots":
+            return part.removeprefix("models--").replace("--", "/", 1)
+    return None
+
+
 def model_card(
     config: ModelConfig,
     tokenizer,
@@ -98,9 +109,8 @@ def model_card(
         "pipeline_tag": "text-generation" if causal else "text-classification",
         "tags": ["gpt-neo", "neotrain", "causal-lm" if causal else head.type],
     }
-    base = records.base()
-    if base:
-        meta["base_model"] = str(base)
+    if hub := hub_id(records.base()):  # the metadata takes a Hub id; a local path is in the text
+        meta["base_model"] = hub
     lines = [
         "---",
         yaml.safe_dump(meta, sort_keys=False).rstrip(),
@@ -267,8 +277,9 @@ def _training(records: RunRecords, config: ModelConfig) -> list[str]:
         lora = c.get("lora") or {}
         base = records.base()
         data = f"`{sft['path']}`" if sft.get("path") else "the bundled sample"
+        hub = f" (Hugging Face Hub: {hub_id(base)})" if hub_id(base) else ""
         lines += [
-            f"- fine-tuned (`neo sft`) from `{base}`"
+            f"- fine-tuned (`neo sft`) from `{base}`{hub}"
             if base
             else "- trained by `neo sft` from fresh weights (no base model)",
             f"- data: {data} ({sft.get('format') if task == 'lm' else f'task {task}'})",

@@ -19,6 +19,7 @@ import typing
 from typing import Any
 
 from train.config.schemas import SCHEMAS, register_configs
+from train.config.shell import hydra_quoted
 from train.errors import ConfigError
 
 CONFIG_MODULE = "configs"
@@ -65,17 +66,7 @@ def quote_text(override: str, text_keys: tuple[str, ...]) -> str:
         return override
     if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
         return override
-    return f"{key}={hydra_string(value)}"
-
-
-def hydra_string(value: str) -> str:
-    """`value` as a quoted string of Hydra's override grammar, read back exactly as given."""
-    # Inside Hydra's quotes a backslash is literal except where it precedes a quote or ends the
-    # string: those runs are doubled, and every quote escaped; `${` is not an interpolation.
-    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
-    escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
-    escaped = escaped.replace("${", "\\${")
-    return f"'{escaped}'"
+    return f"{key}={hydra_quoted(value)}"
 
 
 def override_key(override: str) -> str:

@@ -48,8 +48,9 @@ class BenchmarkConfig(Schema):
     # adds a task (OmegaConf cannot add entries to a mapping of dataclasses); checked in
     # `task_settings`.
     task: dict[str, Any] = field(default_factory=_task_entries)
-    # Where the published benchmark files are looked for by their names.
-    data_dir: str = "../shared/eval"
+    # Where the published benchmark files are looked for by their names (README: Benchmark
+    # files; nothing is downloaded).
+    data_dir: str = "data/eval"
     num_fewshot: int = 0
     fewshot_seed: int = 1234
     # Padded tokens per forward.

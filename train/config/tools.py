@@ -12,6 +12,8 @@ from train.errors import ConfigError
 EXPORT_FORMATS = ("hf", "onnx")
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 ONNX_OPSETS = range(18, 24)  # what torch's exporter writes
+# The run `make demo` writes: what every verb reads when given no path.
+DEMO_RUN = "runs/demo"
 
 
 @dataclass
@@ -104,7 +106,7 @@ class VerifyConfig(Schema):
 
 @dataclass
 class PlotConfig(Schema):
-    run_dir: str = "runs/tiny"
+    run_dir: str = DEMO_RUN
 
     def validate(self) -> PlotConfig:
         if not self.run_dir:

@@ -28,6 +28,7 @@ import numpy as np
 from data_prep.manifest import Manifest, manifest_digest, open_prepared
 from data_prep.shards import IndexedDataset
 from data_prep.tokenizers import LoadedTokenizer, load_tokenizer
+from train.config.shell import command, override
 from train.config.train import BlendComponent, DataConfig
 from train.errors import ConfigError
 
@@ -212,9 +213,8 @@ def load(cfg: DataConfig, seq_len: int, cache_dir: Path | None = None) -> Traini
     for comp in components:
         if comp.path not in opened:
             if not Path(comp.path).exists():
-                raise ConfigError(
-                    f"data: {comp.path} does not exist (run `neo prep output={comp.path}`)"
-                )
+                prep = command("neo", "prep", "input=CORPUS", override("output", comp.path))
+                raise ConfigError(f"data: {comp.path} does not exist (make it with `{prep}`)")
             opened[comp.path] = open_prepared(comp.path, verify=cfg.verify_shards)
     manifests = [m for m, _ in opened.values()]
     vocab = {m.tokenizer.vocab_size for m in manifests}

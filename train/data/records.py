@@ -125,13 +125,6 @@ def gold_index(record: Record, value: Any, n_choices: int, key: str, base: int =
     return index
 
 
-def missing_file(task: str, path: str, expected: str, published: str) -> NotFound:
-    return NotFound(
-        f"task {task}: {path} does not exist; expected {expected} (published at {published}); "
-        f"set task.{task}.path=FILE"
-    )
-
-
 def check_choices(record: Record, choices: Any, key: str = "choices") -> list[str]:
     if not isinstance(choices, list) or not choices:
         raise BadItem(f"{record.where}: {key!r} must be a non-empty list of strings")

@@ -8,7 +8,8 @@
 - `matmul_peak(dtype, acc)`: the MFU denominator. Measured with square matmuls of growing size
   inside a fixed time budget (a fraction of a second even where bf16 is emulated), then cached
   per device, threads, torch version and dtype in ~/.cache/neotrain/matmul_peak.json
-  ($NEOTRAIN_CACHE_DIR or $XDG_CACHE_HOME/neotrain where set).
+  ($NEOTRAIN_CACHE_DIR or $XDG_CACHE_HOME/neotrain where set). A measurement taken under load
+  is neither cached nor used (see `measure_peak`).
 
 Why native bf16 matters on CPU: without AVX512-BF16 or AMX (e.g. AVX2-only x86 CPUs) oneDNN has
 no bf16 matmul kernel and PyTorch falls back to a reference loop, 10x to 70x slower than fp32
@@ -142,6 +143,13 @@ def host(accelerator: str) -> Host:
 
 
 LAYOUTS = ("a @ b", "a @ b.T", "a.T @ b")
+# A product whose threads waited for a CPU more than LOADED of its time measured the other work
+# on the machine, not the matmul: 2 threads on a busy 2-core machine measured 0.3 GFLOP/s where
+# one thread alone reached 165 (each product waits for its slowest, preempted, thread).
+# Measurements are repeated, each layout's best kept, until the products that set them ran
+# with their CPUs, at most PEAK_ATTEMPTS times.
+LOADED = 0.2
+PEAK_ATTEMPTS = 3
 
 
 def measure_matmuls(
@@ -154,13 +162,17 @@ def measure_matmuls(
     """FLOP/s of square matmuls of sizes 128, 256, ... in the three layouts training uses
     (a @ b; a @ b.T in Linear's forward; a.T @ b in its weight gradient: emulated bf16 kernels
     differ 10x between them): {"layouts": {layout: best FLOP/s over sizes}, "size": the largest
-    size measured}. Each size and layout gets a warm-up and up to three timed products; the next
-    size (8x the work) starts only if its warm-up and one product fit in what is left of
-    `budget_s`."""
+    size measured, "waited": the most, over layouts, of the share of its time the product that
+    set the best waited for a CPU (CPU devices on Linux; else None)}. Each size and layout gets
+    a warm-up and up to three timed products; the next size (8x the work) starts only if its
+    warm-up and one product fit in what is left of `budget_s`."""
     torch.ones(8, 8, device=device).to(dtype) @ torch.ones(8, 8, device=device).to(dtype)
     acc.synchronize()  # library start-up (cuBLAS handles, oneDNN) stays out of the budget
+    watch = acc.kind == "cpu" and _waited_s() is not None
+    threads = torch.get_num_threads()
     deadline = time.perf_counter() + budget_s
     best = dict.fromkeys(LAYOUTS, 0.0)
+    waited = dict.fromkeys(LAYOUTS, 0.0)
     n = 128
     while True:
         a = torch.randn(n, n, device=device).to(dtype)
@@ -169,20 +181,56 @@ def measure_matmuls(
         for layout, (x, y) in zip(LAYOUTS, ((a, b), (a, b.T), (a.T, b)), strict=True):
             x @ y  # warm-up: kernel selection, packing buffers
             acc.synchronize()
-            fastest = math.inf
+            fastest, its_wait = math.inf, 0.0
             for _ in range(3):
-                start = time.perf_counter()
+                before = _waited_s() if watch else 0.0
+                began = time.perf_counter()
                 x @ y
                 acc.synchronize()
-                fastest = min(fastest, time.perf_counter() - start)
+                took = time.perf_counter() - began
+                if took < fastest:
+                    fastest = took
+                    its_wait = (_waited_s() - before) / (took * threads) if watch else 0.0
                 if time.perf_counter() + fastest > deadline:
                     break
             cost += fastest
-            best[layout] = max(best[layout], 2 * n**3 / fastest)
+            if 2 * n**3 / fastest > best[layout]:
+                best[layout], waited[layout] = 2 * n**3 / fastest, its_wait
         del a, b
         if n >= max_size or time.perf_counter() + 2 * 8 * cost > deadline:
-            return {"layouts": best, "size": n}
+            break
         n *= 2
+    return {"layouts": best, "size": n, "waited": max(waited.values()) if watch else None}
+
+
+def _waited_s() -> float | None:
+    """Seconds this process's threads have spent runnable but waiting for a CPU (Linux's
+    /proc/self/task/*/schedstat, second field); None where that is not available."""
+    total = 0
+    try:
+        for task in Path("/proc/self/task").iterdir():
+            try:
+                total += int((task / "schedstat").read_text().split()[1])
+            except FileNotFoundError:  # a thread that ended meanwhile
+                continue
+    except (OSError, IndexError, ValueError):
+        return None
+    return total / 1e9
+
+
+def measure_peak(dtype: torch.dtype, acc: Accelerator, device: torch.device) -> dict:
+    """`measure_matmuls` until its best products ran with their CPUs, at most PEAK_ATTEMPTS
+    times, each layout's best kept: {"layouts", "size", "loaded"}; "loaded" is None for a
+    quiet measurement, else the least share of their time those products waited for a CPU."""
+    layouts, waits = dict.fromkeys(LAYOUTS, 0.0), []
+    for _ in range(PEAK_ATTEMPTS):
+        found = measure_matmuls(dtype, acc, device)
+        layouts = {k: max(v, found["layouts"][k]) for k, v in layouts.items()}
+        waited = found.get("waited")
+        if waited is None or waited <= LOADED:
+            return {"layouts": layouts, "size": found["size"], "loaded": None}
+        waits.append(waited)
+    return {"layouts": layouts, "size": found["size"], "loaded": min(waits)}
 
 
 def cache_path() -> Path:
@@ -216,33 +264,70 @@ def _write_cache(cache: dict) -> None:
         log.debug("could not write the matmul cache %s: %s", cache_path(), e)
 
 
+# Measured under load in this process: used for nothing, cached nowhere, measured once.
+_UNCACHED: dict[str, dict] = {}
+
+
+def measurement(
+    dtype: torch.dtype, acc: Accelerator, machine: Machine, device: torch.device | None = None
+) -> dict:
+    """This device's matmul speeds in `dtype`, {"layouts": {layout: FLOP/s}, "size", "loaded",
+    "measured"}: cached, or measured now (a second at most) and cached when the measurement had
+    the CPUs to itself. One taken under load is said in one line and kept for this process only.
+    """
+    key = _cache_key(machine, dtype)
+    if key in _UNCACHED:
+        return _UNCACHED[key]
+    entry = _read_cache().get(key)
+    if entry is not None and "loaded" in entry:  # an entry without it predates the load check
+        return entry
+    entry = measure_peak(dtype, acc, device or acc.device(0))
+    entry["measured"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    if acc.kind != "cpu":
+        acc.module().empty_cache()
+    if entry["loaded"] is None:
+        _write_cache({**_read_cache(), key: entry})  # re-read: another rank or run may write
+    else:
+        _UNCACHED[key] = entry
+        log.warning(under_load(dtype, machine, entry))
+    return entry
+
+
+def under_load(dtype: torch.dtype, machine: Machine, entry: dict) -> str:
+    """One line: the peak was measured under load, so it is not used; what to do instead."""
+    load = f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    return (
+        f"matmul peak, {str(dtype).removeprefix('torch.')}: measured under load (even the "
+        f"fastest products' {machine.threads} thread(s) waited for a CPU {entry['loaded']:.0%} of "
+        f"their time{load}), "
+        f"so {max(entry['layouts'].values()) / 1e9:,.1f} GFLOP/s is not this machine's peak: not "
+        "cached and no MFU from it; measure it again on a quiet machine (neo info) or set "
+        "peak_flops=FLOP/s per device"
+    )
+
+
 def matmul_speeds(
     dtype: torch.dtype, acc: Accelerator, machine: Machine, device: torch.device | None = None
 ) -> dict[str, float]:
-    """{layout: FLOP/s} of this device's matmuls in `dtype`: cached, or measured now (a fraction
-    of a second) and cached."""
-    key = _cache_key(machine, dtype)
-    entry = _read_cache().get(key)
-    if entry is None:
-        entry = measure_matmuls(dtype, acc, device or acc.device(0))
-        entry["measured"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        if acc.kind != "cpu":
-            acc.module().empty_cache()
-        _write_cache({**_read_cache(), key: entry})  # re-read: another rank or run may write
-    return entry["layouts"]
+    """{layout: FLOP/s} of this device's matmuls in `dtype` (`measurement`)."""
+    return measurement(dtype, acc, machine, device)["layouts"]
 
 
 def matmul_peak(
     dtype: torch.dtype, acc: Accelerator, machine: Machine, device: torch.device | None = None
-) -> float:
-    """The MFU denominator: the fastest matmul FLOP/s this device reached in `dtype`."""
-    return max(matmul_speeds(dtype, acc, machine, device).values())
+) -> float | None:
+    """The MFU denominator: the fastest matmul FLOP/s this device reached in `dtype`; None when
+    it could only be measured under load (no MFU rather than a wrong one)."""
+    entry = measurement(dtype, acc, machine, device)
+    return None if entry["loaded"] is not None else max(entry["layouts"].values())
 
 
 def forget_matmul_peak(dtype: torch.dtype, machine: Machine) -> None:
     """Drop a cached measurement that proved wrong (an MFU above 100%): the next run measures."""
+    key = _cache_key(machine, dtype)
+    _UNCACHED.pop(key, None)
     cache = _read_cache()
-    if cache.pop(_cache_key(machine, dtype), None) is not None:
+    if cache.pop(key, None) is not None:
         _write_cache(cache)
 
 
@@ -253,7 +338,7 @@ def bf16_slowdown_warning(
     it is here, from the measured matmuls."""
     if machine.native_bf16:
         return None
-    fp32 = matmul_peak(torch.float32, acc, machine, device)
+    fp32 = max(matmul_speeds(torch.float32, acc, machine, device).values())
     bf16 = matmul_speeds(torch.bfloat16, acc, machine, device).values()
     slow, fast = min(bf16), max(bf16)
     return (

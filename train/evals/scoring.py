@@ -36,8 +36,9 @@ from train.errors import ConfigError
 
 log = logging.getLogger("neo.eval")
 
-# Logits per projection chunk: 64 MB in fp32, as in train/model/ops/fused_loss.py.
-CHUNK_ELEMENTS = 1 << 24
+# Logits per projection chunk: 16 MB in fp32, as in train/model/ops/fused_loss.py (reused
+# from the heap, not mapped afresh for every chunk).
+CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)

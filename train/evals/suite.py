@@ -10,14 +10,18 @@ from pathlib import Path
 
 from data_prep.tokenizers import LoadedTokenizer
 from train.config.evaluation import BenchmarkConfig, EvalTaskConfig
-from train.data.records import HUB_PREFIX, missing_file
+from train.data.records import HUB_PREFIX
 from train.errors import NotFound
 from train.evals.runner import TaskResult, build_requests, run_task
 from train.evals.scoring import Request, Score, Scorer
-from train.evals.tasks import SPECS, VAL, LoadedTask, load_task, task_path
+from train.evals.tasks import SPECS, VAL, LoadedTask, load_task, missing_file, task_path
 from train.evals.val import load_val
 
 log = logging.getLogger("neo.eval")
+NOTHING_FETCHED = (
+    "neo eval downloads nothing: the README's Benchmark files say where each file is "
+    "published and under which name it goes into data_dir; or set task.NAME.path=FILE"
+)
 
 
 @dataclass
@@ -46,7 +50,7 @@ def select_tasks(cfg: BenchmarkConfig, default_set: bool) -> dict[str, EvalTaskC
     """Task name -> its settings. default_set: val and each benchmark whose published file is
     in data_dir (the others are named and left out); otherwise every task in cfg.tasks (each a
     known type: resolve checked), each of which must be found."""
-    chosen = {}
+    chosen, missing = {}, []
     if default_set:
         for name in ["val"] + [n for n, s in SPECS.items() if s.default_file]:
             settings = cfg.task_settings(name)
@@ -54,17 +58,18 @@ def select_tasks(cfg: BenchmarkConfig, default_set: bool) -> dict[str, EvalTaskC
             if path.startswith(HUB_PREFIX) or Path(path).exists():
                 chosen[name] = settings
             else:
-                log.info("%s: %s not found, left out (set task.%s.path=FILE)", name, path, name)
+                missing.append(f"{name} ({path})")
         if not chosen:
-            raise NotFound(f"no task data found (looked in {cfg.data_dir}); name tasks=[...]")
+            raise NotFound(f"no task data found: {', '.join(missing)}; {NOTHING_FETCHED}")
+        if missing:
+            log.info("left out, not found: %s; %s", ", ".join(missing), NOTHING_FETCHED)
         return chosen
     for name in cfg.tasks or []:
         settings = cfg.task_settings(name)
         task_type = settings.type or name
         path = _path(cfg, name, settings)
         if not path.startswith(HUB_PREFIX) and not Path(path).exists():
-            spec = SPECS[task_type]
-            raise missing_file(name, path, spec.expected, spec.published)
+            raise missing_file(name, task_type, path)
         chosen[name] = settings
     return chosen
 

@@ -18,14 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from train.data.records import (
-    HUB_PREFIX,
-    BadItem,
-    Record,
-    Skipped,
-    missing_file,
-    read_records,
-)
+from train.data.records import HUB_PREFIX, BadItem, Record, Skipped, read_records
 from train.errors import NotFound
 from train.evals.items import (
     Item,
@@ -64,11 +57,12 @@ class LoadedTask:
 class TaskSpec:
     kind: str
     metrics: tuple[str, ...]
-    default_file: str  # in data_dir (../shared/eval); "" when no public copy is bundled
+    default_file: str  # its name in data_dir (default data/eval); "" for a user's own data
     expected: str  # the format, for the missing-file message
-    published: str  # where the file is published
+    source: str  # where the published file is, saved as default_file ("": no published file)
     item: Callable[[Record], Item] | None  # one record -> one item (file tasks)
     hub: str = ""  # hf:NAME of the hub dataset the harness reads
+    beside: str = ""  # a second published file the task reads beside the first
 
 
 SPECS: dict[str, TaskSpec] = {
@@ -77,7 +71,7 @@ SPECS: dict[str, TaskSpec] = {
         ("perplexity", "acc"),
         "lambada_openai_test.jsonl",
         'JSON lines {"text": ...} (OpenAI\'s LAMBADA test set, 5,153 lines)',
-        "github.com/openai/gpt-2 (lambada_test.jsonl); hub: EleutherAI/lambada_openai",
+        "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl",
         lambada_item,
         hub="hf:EleutherAI/lambada_openai@default",
     ),
@@ -86,7 +80,8 @@ SPECS: dict[str, TaskSpec] = {
         ("word_perplexity", "byte_perplexity", "bits_per_byte"),
         "wikitext-2-raw-test.raw",
         'WikiText-2 raw wiki.test.raw, or JSON lines {"page": ...}',
-        "the wikitext-2-raw-v1 zip (Salesforce); hub: EleutherAI/wikitext_document_level",
+        "wikitext-2-raw/wiki.test.raw of "
+        "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-raw-v1.zip",
         wikitext_item,
         hub="hf:EleutherAI/wikitext_document_level@wikitext-2-raw-v1",
     ),
@@ -95,15 +90,16 @@ SPECS: dict[str, TaskSpec] = {
         ("acc",),
         "pubmedqa_ori_pqal.json",
         "PubMedQA PQA-L ori_pqal.json with test_ground_truth.json beside it",
-        "github.com/pubmedqa/pubmedqa data/",
+        "https://raw.githubusercontent.com/pubmedqa/pubmedqa/master/data/ori_pqal.json",
         pubmedqa_item,
+        beside="test_ground_truth.json (same folder) as pubmedqa_test_ground_truth.json",
     ),
     "hellaswag": TaskSpec(
         MULTIPLE_CHOICE,
         ("acc", "acc_norm"),
         "hellaswag_val.jsonl",
         "JSON lines with ctx_a, ctx_b, activity_label, endings, label",
-        "github.com/rowanz/hellaswag data/hellaswag_val.jsonl; hub: Rowan/hellaswag",
+        "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl",
         hellaswag_item,
     ),
     "piqa": TaskSpec(
@@ -111,15 +107,17 @@ SPECS: dict[str, TaskSpec] = {
         ("acc", "acc_norm"),
         "piqa_valid.jsonl",
         "JSON lines with goal, sol1, sol2 (labels in <name>-labels.lst beside it, or label)",
-        "yonatanbisk.com/piqa (valid.jsonl, valid-labels.lst)",
+        "https://yonatanbisk.com/piqa/data/valid.jsonl",
         piqa_item,
+        beside="valid-labels.lst (same folder) as piqa_valid-labels.lst",
     ),
     "winogrande": TaskSpec(
         MULTIPLE_CHOICE,
         ("acc",),
         "winogrande_dev.jsonl",
         "JSON lines with sentence (one '_'), option1, option2, answer ('1' or '2')",
-        "github.com/allenai/winogrande (winogrande_1.1.zip, dev.jsonl)",
+        "winogrande_1.1/dev.jsonl of "
+        "https://storage.googleapis.com/ai2-mosaic/public/winogrande/winogrande_1.1.zip",
         winogrande_item,
     ),
     "mathqa": TaskSpec(
@@ -127,7 +125,7 @@ SPECS: dict[str, TaskSpec] = {
         ("acc", "acc_norm"),
         "mathqa_test.json",
         "MathQA test.json (a JSON array with Problem, options, correct)",
-        "math-qa.github.io (MathQA.zip)",
+        "test.json of https://math-qa.github.io/math-QA/data/MathQA.zip",
         mathqa_item,
     ),
     "mc": TaskSpec(
@@ -135,7 +133,7 @@ SPECS: dict[str, TaskSpec] = {
         ("acc", "acc_norm"),
         "",
         'JSON lines {"query": str, "choices": [str, ...], "gold": int}',
-        "your own data",
+        "",
         mc_item,
     ),
     "text": TaskSpec(
@@ -143,7 +141,7 @@ SPECS: dict[str, TaskSpec] = {
         ("word_perplexity", "byte_perplexity", "bits_per_byte"),
         "",
         'JSON lines {"text": ...}, or a .txt file (one document)',
-        "your own data",
+        "",
         text_item,
     ),
     "val": TaskSpec(
@@ -151,7 +149,7 @@ SPECS: dict[str, TaskSpec] = {
         ("loss", "perplexity", "bits_per_byte"),
         "",
         "a `neo prep` output directory, or a corpus file neo prep reads",
-        "neo prep",
+        "",
         None,
     ),
 }
@@ -192,13 +190,27 @@ def task_path(name: str, kind: str, path: str | None, data_dir: str) -> str:
     return str(Path(data_dir) / spec.default_file)
 
 
+def missing_file(name: str, task_type: str, path: str) -> NotFound:
+    """One line: the task's missing file, its format, and how to put the published file in
+    place (neo eval downloads nothing itself)."""
+    spec = SPECS[task_type]
+    line = f"task {name}: {path} does not exist; expected {spec.expected}"
+    if spec.source:
+        line += f"; neo eval downloads nothing: save {spec.source} as {path}"
+    if spec.beside:
+        line += f" and {spec.beside} beside it"
+    if spec.hub:
+        line += f", or read the hub's copy with task.{name}.path={spec.hub}"
+    return NotFound(f"{line}; or set task.{name}.path=FILE (README: Benchmark files)")
+
+
 def load_task(
     name: str, task_type: str, path: str, strict: bool, split: str | None = None
 ) -> LoadedTask:
     """The items of a file task (every type but val), bad records skipped and counted."""
     spec = SPECS[task_type]
     if not path.startswith(HUB_PREFIX) and not Path(path).exists():
-        raise missing_file(name, path, spec.expected, spec.published)
+        raise missing_file(name, task_type, path)
     skipped = Skipped()
     items = _items(spec, task_type, path, split or "test", skipped, strict)
     if not items:

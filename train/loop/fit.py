@@ -216,13 +216,13 @@ def throughput(t: Trainer) -> Throughput:
     peak of every device, in the precision the matmuls run in."""
     run = t.run
 
-    def impossible(mfu: float) -> None:
+    def impossible(mfu: float) -> None:  # never printed: an MFU above 100% means nothing
         source = "peak_flops=" if t.cfg.peak_flops else "the measured matmul peak"
         log.warning(
-            "MFU came out at %.0f%% of %s (%.4g FLOP/s per device), so that peak is wrong; "
-            "MFU is not reported for the rest of this run (set peak_flops= to the device's "
-            "real peak)",
-            100 * mfu,
+            "the model reached %.4g FLOP/s per device, more than %s (%.4g), so that peak is "
+            "wrong; MFU is not reported for the rest of this run (set peak_flops= to the "
+            "device's real peak)",
+            mfu * run.peak_flops,
             source,
             run.peak_flops,
         )

@@ -17,6 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor
 
 from data_prep.files import atomic_write_text
+from train.config.shell import command
 from train.errors import NotFound
 
 log = logging.getLogger("neo.train")
@@ -93,7 +94,7 @@ class MetricsLogger:
             self._write({"step": step, "event": "samples", "samples": samples}, to_wandb=False)
             for s in samples:
                 answer = repr(s["answer"][:160]) if s["answer"] else "(end-of-text at once)"
-                log.info("  sample: %r -> %s", s["prompt"][-80:], answer)
+                log.info("  sample: %r -> %s", prompt_tail(s["prompt"]), answer)
 
     def _write(self, record: dict, to_wandb: bool = True) -> None:
         record = {
@@ -110,7 +111,9 @@ class MetricsLogger:
         if self.file:
             self.file.close()
         if self.wandb is not None:
+            line = _wandb_line(self.wandb)
             self.wandb.finish()
+            log.info(line)
 
 
 def _start_wandb(run_dir: Path, cfg):
@@ -128,7 +131,18 @@ def _start_wandb(run_dir: Path, cfg):
         config=asdict(cfg),
         resume="allow",
         id=_wandb_id(run_dir),
+        # wandb's own banner and closing summary (30 lines and more): the run ends with one
+        # line of ours instead (_wandb_line)
+        settings=wandb.Settings(silent=True),
     )
+
+
+def _wandb_line(run) -> str:
+    """Where wandb's run went: online, its page; offline, its folder and how to upload it."""
+    if run.settings.mode != "offline" and run.url:
+        return f"wandb: {run.url}"
+    folder = Path(run.dir).parent  # run.dir is the run's files/ folder
+    return f"wandb: offline run in {folder}; upload it with `{command('wandb', 'sync', folder)}`"
 
 
 def _wandb_id(run_dir: Path) -> str:
@@ -137,6 +151,21 @@ def _wandb_id(run_dir: Path) -> str:
     if not file.exists():
         atomic_write_text(file, secrets.token_hex(4))
     return file.read_text().strip()
+
+
+def prompt_tail(text: str, width: int = 80) -> str:
+    """The end of a prompt, what a sample answers, in about `width` characters: whole when it
+    fits, else from the start of a line (one in the first half of the cut) or of a word, after
+    an ellipsis; never from the middle of a word unless one word is longer than the width."""
+    if len(text) <= width:
+        return text
+    tail = text[-width:]
+    if not text[-width - 1].isspace():  # the cut fell inside a word
+        spaces = [i for i, c in enumerate(tail[:-1]) if c.isspace()]  # each leaves some text
+        lines = [i for i in spaces if tail[i] == "\n" and i < width // 2]
+        if lines or spaces:
+            tail = tail[(lines or spaces)[0] + 1 :].lstrip()
+    return "…" + tail
 
 
 def _duration(seconds: float) -> str:

@@ -6,8 +6,9 @@ lm-evaluation-harness computes it (train/evals/).
     torchrun --nproc_per_node 2 -m train.cli eval ... # items split over ranks, same numbers
 
 Prints a table (task, metric, value, stderr, items, and the published GPT-Neo numbers for the
-same cells) and writes `results.json` (settings, the model's identity, per-task metrics) and,
-with log_samples=true, `samples.jsonl` into `output`.
+same cells where they were measured the same way: zero-shot, `val` on the Pile's validation set)
+and writes `results.json` (settings, the model's identity, per-task metrics) and, with
+log_samples=true, `samples.jsonl` into `output`.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ from train.distributed.collectives import merged
 from train.distributed.machine import Host, host
 from train.distributed.placement import place
 from train.errors import EvalError
+from train.evals.published import left_out, references
 from train.evals.runner import TaskResult
 from train.evals.scoring import Progress, Scorer
 from train.evals.suite import prepare_tasks, select_tasks
-from train.evals.tasks import PUBLISHED
 from train.model.sizes import count_parameters
 
 log = logging.getLogger("neo.eval")
@@ -103,7 +104,10 @@ def run(resolved: Resolved[EvalConfig], where: Host) -> None:
         require_finite(result, cfg)
         results.append(result)
     if ranks.is_main:
-        print(table(results))
+        tokenizer_name = identity["tokenizer"]["name"]
+        print(table(results, tokenizer_name))
+        for note in filter(None, (left_out(r, tokenizer_name) for r in results)):
+            log.info(note)
         write_results(cfg, identity, results, timing, ranks.world_size)
     if ranks.world_size > 1:
         process_group.stop()
@@ -159,13 +163,15 @@ def state_sha256(state: dict[str, torch.Tensor]) -> str:
 MODELS = ("gpt_neo_125m", "gpt_neo_1.3b", "gpt_neo_2.7b")
 
 
-def table(results: list[TaskResult]) -> str:
-    """task | metric | value | stderr | items | the published GPT-Neo numbers."""
+def table(results: list[TaskResult], tokenizer: str) -> str:
+    """task | metric | value | stderr | items | the published GPT-Neo numbers, where they were
+    measured as these were (train/evals/published.py)."""
     header = ["task", "metric", "value", "stderr", "items", *MODELS]
     rows = []
     for r in results:
+        comparable = references(r, tokenizer)
         for metric, value in r.metrics.items():
-            published = PUBLISHED.get(r.name, {}).get(metric, {})
+            published = comparable.get(metric, {})
             stderr = r.stderr.get(metric)
             rows.append(
                 [
@@ -209,7 +215,11 @@ def write_results(cfg: EvalConfig, identity: dict, results, timing: dict, world_
         "model": identity,
         "settings": settings,
         "results": {r.name: r.as_dict() for r in results},
-        "published": {r.name: PUBLISHED[r.name] for r in results if r.name in PUBLISHED},
+        "published": {
+            r.name: numbers
+            for r in results
+            if (numbers := references(r, identity["tokenizer"]["name"]))
+        },
         "timing": timing,
     }
     with atomic_dir(cfg.output, cfg.overwrite, kind=RESULTS_KIND, inputs=[cfg.checkpoint]) as tmp:

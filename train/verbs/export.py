@@ -14,6 +14,7 @@ import torch
 from train.checkpoints.export import export_hf, export_onnx_dir
 from train.checkpoints.load import require_checkpoint
 from train.config.resolve import Resolved, resolve_plain
+from train.config.shell import verify_command
 from train.config.tools import ExportConfig
 from train.model.sizes import count_parameters
 
@@ -51,9 +52,9 @@ def run(resolved: Resolved[ExportConfig]) -> None:
         )
     log.info(
         "exported %s (%s parameters) to %s, verified (its README.md says how to load it); check "
-        "it again with neo verify %s",
+        "it again with %s",
         config.name,
         f"{count_parameters(config).total / 1e6:,.1f}M",
         cfg.output,
-        cfg.output,
+        verify_command(cfg.output),
     )

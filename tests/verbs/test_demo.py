@@ -1,0 +1,44 @@
+"""`make demo`'s script (train/verbs/demo.py), its commands recorded instead of run: what it
+runs, how it prints them, and that it says how long each step took."""
+
+import json
+import shlex
+import sys
+import types
+
+from train.verbs import demo
+
+
+def test_the_demo_trains_both_models_as_two_processes_and_prints_pasteable_commands(
+    tmp_path, monkeypatch, capsys
+):
+    """Pretraining and fine-tuning both run as 2 single-threaded processes (torchrun): one
+    process of 2 threads took 4 times as long to fine-tune on a 2-core machine busy with other
+    work. Every command is echoed as it can be pasted into a shell, with its time."""
+    ran = []
+    monkeypatch.setattr(demo.subprocess, "run", lambda words, check: ran.append(list(words)))
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "demo"
+    run.mkdir(parents=True)
+    machine = {"name": "a CPU", "threads": 1}
+    records = [
+        {"step": 0, "event": "start", "precision": "fp32", "precision_reason": "r"},
+        {"step": 50, "val/loss": 7.0, "val/bits_per_byte": 2.7},
+        {"step": 150, "val/loss": 6.5, "val/bits_per_byte": 2.5},
+    ]
+    records[0]["machine"] = machine
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    fake = types.ModuleType("transformers")
+    fake.pipeline = lambda *a, **k: lambda prompt, **kw: [{"generated_text": prompt + " ..."}]
+    monkeypatch.setitem(sys.modules, "transformers", fake)
+
+    demo.main()
+
+    torchrun = [str(demo.BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m"]
+    verbs = {words[5] if words[0].endswith("torchrun") else words[1]: words for words in ran}
+    assert verbs["train"][:4] == torchrun and verbs["sft"][:4] == torchrun
+    out = capsys.readouterr().out
+    echoed = [line[2:] for line in out.splitlines() if line.startswith("$ ")]
+    assert [shlex.split(line) for line in echoed] == ran  # pasted, each is the command run
+    assert "prompt=It is a truth universally acknowledged" in verbs["generate"]
+    assert out.count("\n[0m0") == len(ran) and "The demo took 0m0" in out
