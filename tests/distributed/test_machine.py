@@ -167,7 +167,7 @@ def test_a_peak_measured_under_load_is_neither_cached_nor_used(monkeypatch, tmp_
     assert not (tmp_path / hw.CACHE_FILE).exists()
     [line] = caplog.messages
     assert "matmul peak, float32: measured under load" in line and "waited for a CPU 60%" in line
-    assert "1.0 GFLOP/s is not this machine's peak" in line
+    assert "its 1.0 GFLOP/s cannot be trusted: not cached and no MFU from it" in line
     assert "neo info" in line and "peak_flops=" in line and "\n" not in line
 
 

@@ -345,14 +345,17 @@ def test_stop_strings_end_a_sequence_when_they_end_in_its_newest_token():
 
 
 def test_stop_strings_stop_generation(trained_gpt2_model):
+    """Sampled with a seed, so that the text has words: a small model's greedy continuation can
+    be blank lines only, depending on the last bits of its training."""
     model = load_model(trained_gpt2_model / "ckpt").eval()
     tokenizer = load_tokenizer("gpt2")
-    free = generate(model, tokenizer, "The", GenerationConfig(max_new_tokens=40))[0][0]
+    settings = dict(max_new_tokens=40, do_sample=True, top_k=40, seed=0)
+    free = generate(model, tokenizer, "The", GenerationConfig(**settings))[0][0]
     words = free.text.split()
     assert len(words) > 3, free.text
     stop_at = words[2]
     stopped = generate(
-        model, tokenizer, "The", GenerationConfig(max_new_tokens=40, stop_strings=[stop_at])
+        model, tokenizer, "The", GenerationConfig(**settings, stop_strings=[stop_at])
     )[0][0]
     assert stopped.finish_reason == "stop"
     assert stop_at in stopped.text

@@ -295,14 +295,14 @@ def measurement(
 
 def under_load(dtype: torch.dtype, machine: Machine, entry: dict) -> str:
     """One line: the peak was measured under load, so it is not used; what to do instead."""
-    load = f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (
         f"matmul peak, {str(dtype).removeprefix('torch.')}: measured under load (even the "
         f"fastest products' {machine.threads} thread(s) waited for a CPU {entry['loaded']:.0%} of "
-        f"their time{load}), "
-        f"so {max(entry['layouts'].values()) / 1e9:,.1f} GFLOP/s is not this machine's peak: not "
-        "cached and no MFU from it; measure it again on a quiet machine (neo info) or set "
-        "peak_flops=FLOP/s per device"
+        f"their time; load average {os.getloadavg()[0]:.1f} on {cores} cores), so its "
+        f"{max(entry['layouts'].values()) / 1e9:,.1f} GFLOP/s cannot be trusted: not cached and "
+        "no MFU from it; measure it again on a quiet machine (neo info) or set peak_flops=FLOP/s "
+        "per device"
     )
 
 
