@@ -12,7 +12,7 @@ from dataclasses import asdict, replace
 import pytest
 from runs import losses, train, wait_for_step
 
-from train.checkpoints.lock import LOCK_FILE, RunInUse, RunLock, me, process_start
+from train.checkpoints.lock import LOCK_FILE, RunInUse, RunLock, exited, me, process_start
 
 log = logging.getLogger("test.lock")
 
@@ -103,3 +103,17 @@ def test_a_second_run_on_the_same_run_dir_refuses_then_takes_over(tmp_path, corp
     assert f"resumed from {run / 'checkpoints' / f'step_{latest:08d}'}" in said, said
     assert sorted(losses(run))[-1] == latest + 2
     assert not (run / LOCK_FILE).exists()  # released at the end
+
+
+def test_an_exited_but_unreaped_owner_is_gone(tmp_path):
+    """A SIGKILLed rank is a zombie until it is reaped: kill(pid, 0) still succeeds. Its lock
+    is taken over (a resume right after `kill -9` of a torchrun job met the lock)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = process_start(proc.pid)
+    while not exited(proc.pid):  # ended, not reaped: we do not wait() yet
+        pass
+    plant(tmp_path, pid=proc.pid, started=started)
+    lock = RunLock.take(tmp_path)
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    lock.release()
+    proc.wait()

@@ -39,14 +39,26 @@ class Owner:
         return f"pid {self.pid} on {self.host}{job}, since {self.since}"
 
 
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command's name (field 3 on; [] if gone or not Linux)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
 def process_start(pid: int) -> str:
     """A process's start time, which with its pid names it uniquely on this host ('' if gone
     or not Linux)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command's name
+    fields = _stat(pid)
+    return fields[19] if fields else ""  # field 22
+
+
+def exited(pid: int) -> bool:
+    """A process that has ended but is not yet reaped (a killed rank whose parent died too
+    answers kill(pid, 0) until init reaps it)."""
+    fields = _stat(pid)
+    return bool(fields) and fields[0] in ("Z", "X")
 
 
 def me() -> Owner:
@@ -74,6 +86,8 @@ def gone(owner: Owner, here: Owner) -> str:
         return f"pid {owner.pid} is not running"
     except PermissionError:
         pass  # another user's process: it runs
+    if exited(owner.pid):
+        return f"pid {owner.pid} has exited"
     if owner.started and process_start(owner.pid) not in ("", owner.started):
         return f"pid {owner.pid} is another program now"
     return ""
