@@ -1,8 +1,10 @@
 """Running `neo train` as users do (one rank, or torchrun with several), and reading what the
 run wrote: for the tests that train (tests/verbs, tests/checkpoints, tests/launch)."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -74,6 +76,46 @@ def train(
             f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+def kill(proc) -> None:
+    """SIGKILL a run started with `wait=False` at once, as a node failure or the OOM killer
+    would: the process and every descendant (torchrun starts each rank in a session of its own,
+    so killing torchrun's group leaves them running). Returns when all have ended: a rank
+    tearing down its memory outlives torchrun by a moment, and holds the run's lock until then."""
+    family = [proc.pid, *descendants(proc.pid)]
+    for pid in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 60
+    while time.time() < deadline and any(_state(pid) not in ("", "Z", "X") for pid in family):
+        time.sleep(0.1)
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat(int(entry.name))):
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _state(pid: int) -> str:
+    return (_stat(pid) or [""])[0]
+
+
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat from field 3 (the state; then the parent's pid) on; [] if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
 
 
 def losses(run_dir: Path) -> dict[int, float]:

@@ -3,14 +3,13 @@
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
 from dataclasses import asdict, replace
 
 import pytest
-from runs import losses, train, wait_for_step
+from runs import kill, losses, train, wait_for_step
 
 from train.checkpoints.lock import LOCK_FILE, RunInUse, RunLock, exited, me, process_start
 
@@ -93,8 +92,7 @@ def test_a_second_run_on_the_same_run_dir_refuses_then_takes_over(tmp_path, corp
     assert second.stderr.startswith(line) and second.stderr.count("\n") == 1, second.stderr
     assert (run / "config.yaml").stat().st_mtime_ns == config  # the second wrote nothing
     assert json.loads((run / LOCK_FILE).read_text())["pid"] == first.pid
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    kill(first)
 
     latest = int((run / "checkpoints" / "latest").read_text().strip().split("_")[1])
     resumed = train(run, corpus, *common, f"max_steps={latest + 2}")

@@ -6,7 +6,7 @@ import signal
 import time
 
 import pytest
-from runs import losses, train, wait_for_step
+from runs import last_step, losses, train, wait_for_step
 
 # optim.decay pins the schedule's length: a run stopped early and resumed to N steps follows
 # the same learning rates as one that ran N steps straight.
@@ -45,18 +45,17 @@ def test_ctrl_c_saves_then_resumes_exactly(tmp_path, corpus, ranks):
 
 @pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once(tmp_path, corpus):
-    """The first Ctrl-C lets the step finish; a second, later one does not wait for the save.
-    A validation of many batches stands for a long step here."""
+    """The first Ctrl-C lets the step finish; a second, later one does not wait for it or for
+    the save. A step of 128 micro-batches (several seconds on any machine) is the long step."""
     run = tmp_path / "twice"
-    slow = ("eval_every=4", "eval_tokens=2000000")
-    proc = train(run, corpus, *COMMON[:1], "save_every=100", "max_steps=40", *slow, wait=False)
-    wait_for_step(proc, run, 3)
-    time.sleep(0.5)  # inside step 4's validation
+    proc = train(run, corpus, *COMMON, "max_steps=40", "global_batch_size=256", wait=False)
+    wait_for_step(proc, run, 1)  # now inside step 2
     os.killpg(proc.pid, signal.SIGINT)
-    time.sleep(2)
+    time.sleep(1.5)  # a second press, not the same one (signals.SAME_PRESS)
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, out
     assert "neo train: interrupted: stopped at once (Ctrl-C)" in out, out
     assert "Traceback" not in out, out
     assert not (run / "checkpoints" / "latest").exists()
+    assert last_step(run) == 1, out  # step 2 was not finished

@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import NEO, ROOT, tiny_config
+from runs import kill
 from transformers import GPTNeoForCausalLM
 
 from data_prep.tokenizers import load_tokenizer
@@ -159,8 +159,7 @@ def test_kill_and_resume_is_exact(tmp_path, trained_gpt2_model, instructions):
             break
         time.sleep(0.2)
     assert proc.poll() is None, proc.stdout.read()
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill(proc)
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
     state = json.loads((run / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())
     assert re.fullmatch("[0-9a-f]{64}", state["identity"]["data"]["rows"])  # the packing

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import NEO, ROOT
-from runs import BF16, SMALL, losses, train, val_losses, wait_for_step
+from runs import BF16, SMALL, kill, losses, train, val_losses, wait_for_step
 
 from train.checkpoints.load import load_model
 from train.checkpoints.model_format import materialize
@@ -78,8 +78,7 @@ def test_kill_and_resume_is_exact(tmp_path, bf16_corpus):
     run = tmp_path / "killed"
     proc = train(run, corpus, *common, ranks=2, wait=False)
     wait_for_step(proc, run, 6)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill(proc)
     latest = (run / "checkpoints" / "latest").read_text().strip()
     assert latest in ("step_00000004", "step_00000008")
     assert not (run / "model").exists()
