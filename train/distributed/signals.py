@@ -4,8 +4,8 @@ once, without saving.
 
 A Ctrl-C in a terminal reaches every process of the foreground group: `neo train` itself, or
 torchrun, which forwards it to its ranks (each in a session of its own), or a launcher's ranks
-and the launcher, which may forward it again a moment later. A SIGINT within `SAME_PRESS` seconds of the
-first is that same press, not a second one."""
+and the launcher, which may forward it again a moment later. A SIGINT within `SAME_PRESS`
+seconds of the first is that same press, not a second one."""
 
 from __future__ import annotations
 
