@@ -16,6 +16,7 @@ import importlib
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from train.config import compose
 from train.config.compose import TEXT_KEYS, quote_text
@@ -187,18 +188,43 @@ def split_arguments(args: list[str]) -> tuple[list[str], set[str]]:
     return overrides, flags
 
 
+def _first_missing(directory: Path) -> Path | None:
+    """The outermost folder of `directory` that does not exist yet (None: it exists)."""
+    missing = None
+    for folder in [directory, *directory.parents]:
+        if folder.exists():
+            return missing
+        missing = folder
+    return missing
+
+
+def _remove_empty(directory: Path, up_to: Path) -> None:
+    """Remove `directory` and its parents up to `up_to` while they are empty: what Hydra made
+    for a run that stopped on a mistake before writing anything."""
+    for folder in [directory, *directory.parents]:
+        try:
+            folder.rmdir()  # empty folders only
+        except OSError:
+            return
+        if folder == up_to:
+            return
+
+
 def run_verb(name: str, args: list[str]) -> None:
     import hydra
+    from hydra.core.hydra_config import HydraConfig
 
     verb = VERBS[name]
     args = [quote_text(a, verb.text_keys) for a in args]
     overrides, flags = split_arguments(args)
+    made = None  # the first folder Hydra's run directory will add: removed again on a mistake
     try:
         modes = [f for f in MODES if MODES[f] & flags]
         if len(modes) > 1:  # Hydra would raise its own ValueError with a traceback
             raise ConfigError(f"{' and '.join(modes)}: give one of them")
         if not flags & ONLY_HYDRA:  # help and info print the config; there is nothing to run
-            compose.check(name, overrides, multirun=bool(flags & {"-m", "--multirun"}))
+            run_dir = compose.check(name, overrides, multirun=bool(flags & {"-m", "--multirun"}))
+            made = run_dir and _first_missing(run_dir)
     except NeoError as e:
         _report(name, e)
         sys.exit(e.exit_code)
@@ -211,6 +237,8 @@ def run_verb(name: str, args: list[str]) -> None:
             importlib.import_module(verb.module).main(config)
         except NeoError as e:  # a user's mistake: one line; anything else keeps its traceback
             _report(name, e)
+            if made is not None:
+                _remove_empty(Path(HydraConfig.get().runtime.output_dir), made.resolve())
             sys.exit(e.exit_code)
         except KeyboardInterrupt:  # outside training's loop, or its second Ctrl-C
             _report(name, Interrupted("stopped at once (Ctrl-C); nothing more was saved"))

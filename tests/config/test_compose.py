@@ -29,6 +29,14 @@ ONE_LINE_MISTAKES = [
     (["train", "eval.val_tokens=5"], "neo train's validation budget is eval_tokens"),
     (["train", "max_step=3"], "did you mean max_steps?"),
     (["train", "-m", "max_steps=1,2", "--cfg", "job"], "--multirun and --cfg: give one of them"),
+    (["train", "optim.name=sgd"], "optim.name='sgd' is not one of adamw, muon"),
+    (["train", "optim.schedule=linear"], "optim.schedule='linear' is not one of cosine, wsd"),
+    (["train", "optim.cooldown=0"], "optim.cooldown=0.0 must be in (0, 1]"),
+    (
+        ["train", "optim.name=muon", "deepspeed=zero2"],
+        "optim.name=muon trains with deepspeed=zero0",
+    ),
+    (["sft", "optim.name=muon", "deepspeed=zero1"], "optim.name=muon trains with deepspeed=zero0"),
 ]
 
 
@@ -81,3 +89,15 @@ def test_a_composed_config_is_the_verbs_schema():
     )
     assert isinstance(cfg, SftConfig) and cfg.head.type == "classification" and cfg.epochs == 2
     assert cfg.max_steps is None  # one of epochs and max_steps: resolve decides the steps
+
+
+def test_a_mistake_found_after_hydra_made_the_run_directory_removes_only_what_it_made(tmp_path):
+    """Hydra makes runs/<name> before the verb checks its values: a refused run removes it
+    again, and leaves alone the folders that were there before (and anything in them)."""
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "mine.txt").write_text("a user's file")
+    proc = subprocess.run(
+        [NEO, "train", "optim.schedule=linear"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["mine.txt"]

@@ -37,3 +37,25 @@ def test_resume_lists_what_changed_keeps_it_and_refuses_what_may_not_change(tmp_
     train(run, corpus, *COMMON, "max_steps=4", "optim.lr=1e-3")
     config = (run / "config.yaml").read_text()
     assert config.count("# changed at") == 1 and len(list((run / "config_history").iterdir())) == 1
+
+
+def test_a_key_added_since_the_run_started_is_its_default_then(tmp_path):
+    """A run written before optim.name existed trained with AdamW: resuming it with the default
+    notes nothing; with optim.name=muon, the change is refused like any optimizer change."""
+    from dataclasses import asdict, replace
+
+    from omegaconf import OmegaConf
+
+    from train.config.run import OptimConfig
+    from train.config.train import TrainConfig
+    from train.errors import ConfigError
+    from train.loop.history import changes
+
+    old = asdict(TrainConfig())
+    for key in ("name", "schedule", "cooldown", "muon_lr", "momentum"):
+        del old["optim"][key]
+    OmegaConf.save(OmegaConf.create(old), tmp_path / "config.yaml")
+    assert changes(TrainConfig(), tmp_path, 10) == []
+    muon = replace(TrainConfig(), optim=OptimConfig(name="muon"))
+    with pytest.raises(ConfigError, match="optim.name: adamw -> muon"):
+        changes(muon, tmp_path, 10)

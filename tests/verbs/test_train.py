@@ -623,3 +623,18 @@ def test_last_validation_is_what_neo_eval_gives_on_the_final_model(tmp_path, cor
         assert val["per_source"][source]["loss"] == pytest.approx(
             last[f"val/{source}/loss"], rel=1e-5
         )
+
+
+@pytest.mark.slow
+def test_muon_trains_and_resumes_exactly(tmp_path, corpus):
+    """optim.name=muon: stopped at step 3 and resumed to 6, the losses equal a straight run's,
+    bit for bit (Muon's momentum and AdamW's moments come back from the checkpoint); and it
+    learns (the loss falls)."""
+    common = ("optim.name=muon", "precision=fp32", "save_every=3", "eval_every=100")
+    common += ("optim.decay=40",)  # the schedule's length, the same for both runs
+    train(tmp_path / "straight", corpus, *common, "max_steps=6")
+    train(tmp_path / "resumed", corpus, *common, "max_steps=3")
+    train(tmp_path / "resumed", corpus, *common, "max_steps=6")
+    straight = losses(tmp_path / "straight")
+    assert losses(tmp_path / "resumed") == straight
+    assert straight[6] < straight[1] - 0.5

@@ -16,6 +16,7 @@ import itertools
 import math
 import re
 import typing
+from pathlib import Path
 from typing import Any
 
 from train.config.schemas import SCHEMAS, register_configs
@@ -133,11 +134,15 @@ def compose(verb: str, overrides: list[str], hydra_config: bool = False):
             raise ConfigError(error_line(e)) from None
 
 
-def check(verb: str, overrides: list[str], multirun: bool) -> None:
+def check(verb: str, overrides: list[str], multirun: bool) -> Path | None:
     """Compose every job the command line asks for (each combination of a sweep's values),
-    so that no mistake reaches Hydra's own error handling."""
-    for job in jobs(overrides) if multirun else [overrides]:
+    so that no mistake reaches Hydra's own error handling. Returns the directory Hydra will
+    create for a single run (hydra.run.dir), None for a sweep."""
+    if not multirun:
+        return Path(compose(verb, overrides, hydra_config=True).hydra.run.dir)
+    for job in jobs(overrides):
         compose(verb, job)
+    return None
 
 
 def jobs(overrides: list[str]) -> list[list[str]]:

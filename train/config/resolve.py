@@ -70,6 +70,13 @@ def _training(cfg: RunConfig, world: World) -> tuple[int, str]:
     cfg); returns (accumulation, why the precision)."""
     accumulation = batch_layout(cfg.global_batch_size, cfg.micro_batch_size, world.world_size)
     cfg.precision, reason = resolve_precision(cfg.precision, world)
+    if cfg.optim.name == "muon" and (cfg.deepspeed.zero_stage or cfg.precision != "fp32"):
+        raise ConfigError(
+            f"optim.name=muon trains with deepspeed=zero0 and precision=fp32 (this run: "
+            f"ZeRO-{cfg.deepspeed.zero_stage}, {cfg.precision}): DeepSpeed's ZeRO and bf16/fp16 "
+            "optimizers hand the optimizer flattened partitions, and Muon orthogonalizes whole "
+            "matrices; use optim.name=adamw for this layout"
+        )
     return accumulation, reason
 
 

@@ -18,13 +18,21 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 ACCELERATOR_KINDS = ("auto", "cpu", "cuda", "npu")
 RESUME_MODES = ("auto", "never")
 SCHEDULE_UNITS = ("steps", "tokens")
+SCHEDULES = ("cosine", "wsd")
+OPTIMIZERS = ("adamw", "muon")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
 @dataclass
 class OptimConfig(Schema):
-    """AdamW with GPT-3's defaults; linear warmup, then cosine decay to min_lr_ratio * lr."""
+    """AdamW with GPT-3's defaults, or Muon for the hidden matrices and AdamW for the rest;
+    linear warmup, then cosine decay (or warmup-stable-decay) to min_lr_ratio * lr."""
 
+    # adamw | muon: Muon (momentum, Newton-Schulz orthogonalized updates) for the 2-D weights
+    # of attention and MLP, AdamW with the settings below for embeddings, norms and biases.
+    # Muon trains with ZeRO-0 in fp32 (DeepSpeed hands its ZeRO and bf16/fp16 optimizers
+    # flattened partitions, not matrices).
+    name: str = "adamw"
     lr: float = 6e-4
     beta1: float = 0.9
     beta2: float = 0.95
@@ -32,12 +40,20 @@ class OptimConfig(Schema):
     # Not applied to biases, LayerNorm weights or embeddings.
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    # Muon's peak learning rate (its updates have unit spectral scale, hence another range
+    # than AdamW's) and momentum (Nesterov); they follow the same schedule as lr.
+    muon_lr: float = 0.02
+    momentum: float = 0.95
     # Schedule length unit: "steps" or "tokens".
     unit: str = "steps"
     warmup: int = 30
-    # Length of warmup + cosine decay; None: the whole run.
+    # Length of warmup + decay; None: the whole run.
     decay: int | None = None
     min_lr_ratio: float = 0.1
+    # cosine | wsd: warmup, then lr held until the last `cooldown` fraction of the schedule,
+    # which decays linearly to min_lr_ratio * lr.
+    schedule: str = "cosine"
+    cooldown: float = 0.2
 
 
 @dataclass
@@ -113,6 +129,12 @@ class RunConfig(Schema):
         require_choice("accelerator", self.accelerator, ACCELERATOR_KINDS)
         require_choice("resume", self.resume, RESUME_MODES)
         require_choice("optim.unit", self.optim.unit, SCHEDULE_UNITS)
+        require_choice("optim.schedule", self.optim.schedule, SCHEDULES)
+        require_choice("optim.name", self.optim.name, OPTIMIZERS)
+        if not 0 < self.optim.cooldown <= 1:
+            raise ConfigError(f"optim.cooldown={self.optim.cooldown} must be in (0, 1]")
+        if not 0 <= self.optim.momentum < 1:
+            raise ConfigError(f"optim.momentum={self.optim.momentum} must be in [0, 1)")
         require_choice("logger.wandb.mode", self.logger.wandb.mode, WANDB_MODES)
         for key in ("eval_every", "save_every", "keep_last", "max_bad_steps"):
             require_positive(key, getattr(self, key))

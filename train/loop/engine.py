@@ -34,7 +34,7 @@ from train.config.run import DeepSpeedConfig, OptimConfig
 from train.distributed.devices import Accelerator
 from train.errors import CheckpointError
 from train.loop.deepspeed_config import deepspeed_config, optimizer_clips
-from train.loop.optim import SkippingAdamW, parameter_groups
+from train.loop.optim import MuonAdamW, SkippingAdamW, muon_parameter_groups, parameter_groups
 from train.model.factory import ModelFactory
 from train.model.gpt import LossSum
 
@@ -74,6 +74,8 @@ def build_optimizer(
     precision: str,
 ) -> torch.optim.Optimizer:
     kwargs = dict(lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+    if optim.name == "muon":  # ZeRO-0 in fp32 only (train/config/resolve.py): it clips
+        return MuonAdamW(groups, max_grad_norm=optim.grad_clip, **kwargs)
     if ds.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -215,7 +217,10 @@ class Engine:
         if spec.deepspeed.activation_checkpointing:
             deepspeed.checkpointing.configure(None, deepspeed_config=ds_config)
             model.checkpoint_fn = deepspeed.checkpointing.checkpoint
-        groups = parameter_groups(model, spec.optim.weight_decay)
+        if spec.optim.name == "muon":
+            groups = muon_parameter_groups(model, spec.optim)
+        else:
+            groups = parameter_groups(model, spec.optim.weight_decay)
         optimizer = build_optimizer(groups, spec.optim, acc, spec.deepspeed, spec.precision)
         ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         if ds.dp_world_size == 1 and not ds.zero_optimization():
@@ -252,7 +257,7 @@ class Engine:
 
     def set_lr(self, lr: float) -> None:
         for group in self.ds.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's groups: optim.muon_lr
 
     def step_was_applied(self) -> bool:
         """False when DeepSpeed skipped the optimizer step (non-finite gradients)."""

@@ -25,7 +25,7 @@ CONFIG_FILE = "config.yaml"
 HISTORY_DIR = "config_history"
 # Changing these would make a different run, not a continued one.
 FIXED = ("seed", "optim.beta1", "optim.beta2", "optim.eps", "optim.weight_decay")
-FIXED += ("optim.grad_clip", "optim.unit")
+FIXED += ("optim.grad_clip", "optim.unit", "optim.name")
 # Checked by the checkpoint's identity (model, data), with their own messages.
 IDENTITY = ("model.",)
 
@@ -59,16 +59,22 @@ def changes(cfg, run_dir: Path, step: int) -> list[str]:
         return []
     now = flat(asdict(cfg))
     differ = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-    differ = [k for k in differ if not k.startswith(IDENTITY)]
+    # A key the run's version did not have yet held its default then (optim.name: adamw).
+    defaults = flat(asdict(type(cfg)()))
+    differ = [
+        k
+        for k in differ
+        if not k.startswith(IDENTITY) and (k in before or defaults.get(k) != now.get(k))
+    ]
     if fixed := [k for k in differ if k in FIXED]:
-        shown = "; ".join(f"{k}: {before.get(k)} -> {now.get(k)}" for k in fixed)
+        shown = "; ".join(f"{k}: {before.get(k, defaults.get(k))} -> {now.get(k)}" for k in fixed)
         raise ConfigError(
             f"{run_dir / CONFIG_FILE}: resuming at step {step} with {shown}: a run continues "
             "with the optimizer and seed it started with; set them back, or use another run_dir "
             "(the learning rate, its schedule, max_steps, evaluation, logging and the layout may "
             "change)"
         )
-    return [f"{k}: {before.get(k)} -> {now.get(k)}" for k in differ]
+    return [f"{k}: {before.get(k, defaults.get(k))} -> {now.get(k)}" for k in differ]
 
 
 def carried_notes(run_dir: Path, step: int | None, changed: list[str]) -> list[str]:

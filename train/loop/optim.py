@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.optim.adamw import adamw
 
 from train.config.run import OptimConfig
 
@@ -32,8 +33,10 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Linear warmup to optim.lr, then cosine decay to optim.min_lr_ratio * optim.lr, by steps
-    or by tokens (optim.unit). Its length is optim.decay, or the whole run."""
+    """Linear warmup to optim.lr, then decay to optim.min_lr_ratio * optim.lr, by steps or by
+    tokens (optim.unit): cosine, or warmup-stable-decay (optim.schedule=wsd: the peak held
+    until the last optim.cooldown of the schedule, then a linear decay). Its length is
+    optim.decay, or the whole run."""
 
     optim: OptimConfig
     total_steps: int
@@ -46,14 +49,35 @@ class Schedule:
         total = o.decay or self.total_steps * (self.tokens_per_step if by_tokens else 1)
         if o.warmup and t < o.warmup:
             return o.lr * (t + 1) / o.warmup
+        if o.schedule == "wsd":
+            # The cooldown takes the last fraction of the whole schedule, warmup included.
+            length = max(1.0, o.cooldown * total)
+            progress = min(1.0, max(0.0, (t - (total - length)) / length))
+            return o.lr * (1 - (1 - o.min_lr_ratio) * progress)
         progress = min(1.0, (t - o.warmup) / max(1, total - o.warmup))
         decay = (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
         return o.lr * (o.min_lr_ratio + decay)
 
 
+def clip_or_skip(optimizer, max_grad_norm: float) -> bool:
+    """Clip the gradients of `optimizer`'s parameters to max_grad_norm (if > 0), record their
+    norm, and say whether the step may go on: False, with the gradients dropped, when the norm
+    is not finite. Sets `overflow`, the attribute DeepSpeed reads to count skipped steps."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if max_grad_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    optimizer.last_grad_norm = float(norm)
+    optimizer.overflow = not math.isfinite(optimizer.last_grad_norm)
+    if optimizer.overflow:
+        optimizer.zero_grad(set_to_none=True)
+    return not optimizer.overflow
+
+
 class SkippingAdamW(torch.optim.AdamW):
-    """AdamW that clips gradients itself and skips a step whose gradient norm is not finite,
-    saying so through `overflow`, the attribute DeepSpeed reads to count skipped steps.
+    """AdamW that clips gradients itself and skips a step whose gradient norm is not finite
+    (`clip_or_skip`).
 
     Used where DeepSpeed's engine would hand the step straight to the optimizer (ZeRO-0 in
     fp32): DeepSpeed's ZeRO and bf16/fp16 optimizers clip and check gradients themselves."""
@@ -66,14 +90,137 @@ class SkippingAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if self.max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=True)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-        self.last_grad_norm = float(norm)
-        self.overflow = not math.isfinite(self.last_grad_norm)
-        if self.overflow:
-            self.zero_grad(set_to_none=True)
+        if not clip_or_skip(self, self.max_grad_norm):
             return None
         return super().step(closure)
+
+
+# torch.optim.Muon's quintic Newton-Schulz coefficients and step count (Keller Jordan's).
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
+
+
+def orthogonalize(g: torch.Tensor, dtype: torch.dtype, eps: float = 1e-7) -> torch.Tensor:
+    """torch.optim.Muon's Newton-Schulz orthogonalization, operation for operation, computed in
+    `dtype`: torch fixes bfloat16, which a CPU without native bf16 emulates (here ~6x slower
+    than fp32 for a 384 x 1536 matrix, more than the training step's own matmuls)."""
+    a, b, c = NS_COEFFICIENTS
+    x = g.to(dtype, copy=True)
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T
+    x.div_(x.norm().clamp(min=eps))
+    for _ in range(NS_STEPS):
+        gram = x @ x.T
+        update = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.addmm(x, update, x, beta=a)
+    return x.T if tall else x
+
+
+def muon_parameter_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
+    """Muon for the 2-D weights of the Linear layers in the transformer blocks (attention and
+    MLP); AdamW for the rest (embeddings, positions, LayerNorms, biases, task heads), with
+    `parameter_groups`' weight decay rule. Each group's `lr_scale` is its peak learning rate
+    over optim.lr (the schedule sets lr * lr_scale). Muon's weight decay is scaled so that its
+    matrices shrink by lr * weight_decay a step, as AdamW's do."""
+    blocks = getattr(getattr(model, "transformer", None), "h", None)
+    matrices = {
+        id(m.weight)
+        for m in (blocks.modules() if blocks is not None else ())
+        if isinstance(m, nn.Linear) and m.weight.requires_grad
+    }
+    groups = parameter_groups(model, optim.weight_decay)
+    decay = groups[0]["params"]
+    muon = [p for p in decay if id(p) in matrices]
+    groups[0]["params"] = [p for p in decay if id(p) not in matrices]
+    scale = optim.muon_lr / optim.lr
+    muon_group = {
+        "params": muon,
+        "muon": True,
+        "lr_scale": scale,
+        "weight_decay": optim.weight_decay / scale,
+        "momentum": optim.momentum,
+    }
+    return [muon_group, *(g for g in groups if g["params"])]
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon (Nesterov momentum, Newton-Schulz orthogonalized update, torch.optim.Muon's
+    "original" shape scaling sqrt(max(1, rows / cols))) on the groups marked `muon`, AdamW
+    (torch's functional AdamW) on the others, in one optimizer with one state dict; it clips
+    and skips non-finite steps as SkippingAdamW does. `ns_dtype`: what the orthogonalization
+    computes in (the run's precision where the device computes it natively)."""
+
+    def __init__(
+        self,
+        groups: list[dict],
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        max_grad_norm: float = 0.0,
+        ns_dtype: torch.dtype = torch.float32,
+    ):
+        for group in groups:
+            if group.get("muon") and any(p.ndim != 2 for p in group["params"]):
+                raise ValueError("Muon's parameter groups hold matrices only")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0, muon=False, lr_scale=1.0)
+        super().__init__(groups, defaults | dict(momentum=0.95))
+        self.max_grad_norm = max_grad_norm
+        self.ns_dtype = ns_dtype
+        self.overflow = False
+        self.last_grad_norm = math.nan
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not clip_or_skip(self, self.max_grad_norm):
+            return loss
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["muon"]:
+                self._muon(group, params)
+            else:
+                self._adamw(group, params)
+        return loss
+
+    def _muon(self, group: dict, params: list[torch.Tensor]) -> None:
+        lr, momentum = group["lr"], group["momentum"]
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - momentum)
+            update = orthogonalize(p.grad.lerp(buf, momentum), self.ns_dtype)
+            p.mul_(1 - lr * group["weight_decay"])
+            p.add_(update, alpha=-lr * math.sqrt(max(1.0, p.size(0) / p.size(1))))
+
+    def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
+        for p in params:
+            if not self.state[p]:
+                self.state[p].update(
+                    step=torch.tensor(0.0),
+                    exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                    exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format),
+                )
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        adamw(
+            params,
+            [p.grad for p in params],
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [],
+            [s["step"] for s in states],
+            foreach=True,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )

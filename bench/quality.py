@@ -1,0 +1,367 @@
+"""Model quality per compute: `neo train` against karpathy/nanoGPT's `train.py`, side by side on
+the same tokens, both scored by one evaluator.
+
+    python bench/quality.py --nanogpt PATH [--steps 200] [--every 50] [--variants ...]
+
+PATH is a checkout of https://github.com/karpathy/nanoGPT (its code is run there, not copied
+here). Shape: 6 layers x 384, 6 heads, context 256, batch 8 x 256 tokens, the bundled corpus
+as prepared by `neo prep` (data/pile_sample, prepared on first use); learning rate 1e-3, warmup
+10 steps, decay to 1e-4 over the run; AdamW betas (0.9, 0.95), weight decay 0.1, clipping 1.0;
+fp32, one process each (each trainer has both cores to itself: they run one after the other).
+
+- nanoGPT reads the prepared shards' token files directly (MMIDIDX .bin files are raw uint16
+  tokens; its train.bin and val.bin are links to them), samples random windows of the training
+  split, and saves a checkpoint every --every steps (eval_iters=1: its own estimate is skipped);
+  its architecture: GPT-2's (biases on, global attention, 1/sqrt(d) scaled), vocabulary padded
+  to 50,304.
+- neo trains its default recipe and each variant (--variants), saving every --every steps, with
+  no validation of its own during training; model: GPT-Neo's layout with every layer global.
+
+Every checkpoint of both is then scored by `validation_loss` on the whole validation split cut
+into disjoint 256-token windows (every position once; the mean cross entropy over the full
+softmax each model defines). Time is training time: the sum of the step times each trainer
+logs, where a step that saved a checkpoint, and the one after, count as the median step (the
+two save different amounts, and nanoGPT's save step also evaluates). Loss at equal time is
+interpolated linearly between checkpoints (at step 0: ln(vocabulary), the uniform guess).
+
+Goals (issue 24): at equal training time (when the first of the two finished), neo's default
+recipe >= 0.10 nats below nanoGPT; tokens/s >= 1.05x nanoGPT's in fp32. (bf16 is not run:
+nanoGPT's train.py uses no autocast on CPU, and a CPU without native bf16 emulates it.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+from data_prep.manifest import open_prepared
+from train.checkpoints.load import load_model
+from train.distributed import devices as accel
+from train.distributed import machine as hw
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+DATA = ROOT / "data" / "pile_sample"
+SEQ, BATCH, LR, MIN_LR, WARMUP = 256, 8, 1e-3, 1e-4, 10
+LAYERS, HIDDEN, HEADS = 6, 384, 6
+
+NEO = [
+    f"model.num_layers={LAYERS}",
+    f"model.hidden_size={HIDDEN}",
+    f"model.num_heads={HEADS}",
+    f"model.attention_types=[[[global],{LAYERS}]]",
+    f"model.max_position_embeddings={SEQ}",
+    f"data.seq_len={SEQ}",
+    f"micro_batch_size={BATCH}",
+    f"global_batch_size={BATCH}",
+    "precision=fp32",
+    "deepspeed=zero0",
+    f"optim.lr={LR}",
+    f"optim.warmup={WARMUP}",
+    f"optim.min_lr_ratio={MIN_LR / LR}",
+    "logger.log_every=1",
+    "logger.wandb.mode=disabled",
+    "export_hf=false",
+    "keep_last=1000",
+]
+# name -> the overrides that make it (each recipe change alone, against `adamw`)
+VARIANTS = {
+    "adamw": [],
+    "adamw-wsd": ["optim.schedule=wsd"],
+    "muon": ["optim.name=muon"],
+    "muon-wsd": ["optim.name=muon", "optim.schedule=wsd"],
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainers
+
+
+def nanogpt_data(out: Path) -> Path:
+    """train.bin and val.bin for nanoGPT: links to (or, for several shards, concatenations of)
+    the prepared shards' token files."""
+    manifest, shards = open_prepared(DATA)
+    if manifest.tokenizer.vocab_size > 65536:
+        raise SystemExit("nanoGPT reads uint16 tokens: the prepared vocabulary must fit")
+    out.mkdir(parents=True, exist_ok=True)
+    for split, name in (("train", "train.bin"), ("validation", "val.bin")):
+        files = [s.bin_path for s in shards[split]]
+        if len(files) == 1:
+            (out / name).symlink_to(files[0])
+        else:
+            with open(out / name, "wb") as f:
+                for file in files:
+                    f.write(Path(file).read_bytes())
+    return out
+
+
+def run_nanogpt(checkout: Path, data: Path, out: Path, steps: int, every: int) -> list[float]:
+    """nanoGPT's train.py for `steps` steps; returns each step's seconds, and leaves its
+    checkpoints as out/ckpt_STEP.pt."""
+    args = {
+        "dataset": str(data),  # an absolute path: os.path.join('data', it) is it
+        "out_dir": str(out),
+        "device": "cpu",
+        "dtype": "float32",
+        "compile": False,
+        "n_layer": LAYERS,
+        "n_head": HEADS,
+        "n_embd": HIDDEN,
+        "block_size": SEQ,
+        "batch_size": BATCH,
+        "gradient_accumulation_steps": 1,
+        "bias": True,
+        "dropout": 0.0,
+        "learning_rate": LR,
+        "min_lr": MIN_LR,
+        "warmup_iters": WARMUP,
+        "lr_decay_iters": steps,
+        "max_iters": steps,
+        "eval_interval": every,
+        "eval_iters": 1,
+        "always_save_checkpoint": True,
+        "log_interval": 1,
+    }
+    command = [sys.executable, "train.py", *(f"--{k}={v}" for k, v in args.items())]
+    proc = subprocess.Popen(
+        command, cwd=checkout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    times, saved, lines = [], None, []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("saving checkpoint"):
+            saved = int(re.search(r"step (\d+):", lines[-2]).group(1))
+        elif m := re.match(r"iter (\d+): loss \S+, time ([\d.]+)ms", line):
+            if saved is not None:  # its save has finished: keep it under its step
+                os.replace(out / "ckpt.pt", out / f"ckpt_{saved}.pt")
+                saved = None
+            if int(m.group(1)) < steps:
+                times.append(float(m.group(2)) / 1000)
+    if proc.wait() != 0:
+        raise RuntimeError("nanoGPT's train.py failed:\n" + "".join(lines[-30:]))
+    return times
+
+
+def run_neo(run_dir: Path, overrides: list[str], steps: int, every: int) -> list[float]:
+    """`neo train` for `steps` steps; returns each step's seconds."""
+    command = [
+        str(BIN / "neo"),
+        "train",
+        f"run_dir={run_dir}",
+        f"data.path={DATA}",
+        *NEO,
+        f"max_steps={steps}",
+        f"save_every={every}",
+        f"eval_every={steps * 10}",
+        *overrides,
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(command)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    times = {}
+    for r in records:
+        if "loss" in r:
+            rate = r.get("tokens_per_s")
+            times[r["step"]] = BATCH * SEQ / rate if rate else r["warmup_s"]
+    return [times[s] for s in sorted(times)]
+
+
+# ---------------------------------------------------------------------------------------------
+# one evaluator
+
+
+def validation_windows() -> torch.Tensor:
+    """The validation split as (N, SEQ + 1) windows overlapping by one token: every position is
+    a target once (the split's last partial window is left out)."""
+    _, shards = open_prepared(DATA)
+    tokens = np.concatenate(
+        [np.asarray(s.get(i)) for s in shards["validation"] for i in range(len(s))]
+    )
+    n = (len(tokens) - 1) // SEQ
+    idx = np.arange(n)[:, None] * SEQ + np.arange(SEQ + 1)[None, :]
+    return torch.from_numpy(tokens[idx].astype(np.int64))
+
+
+@torch.no_grad()
+def validation_loss(logits_of, windows: torch.Tensor, batch: int = 16) -> float:
+    """Mean next-token cross entropy over every position of every window; `logits_of` maps
+    (B, SEQ) ids to (B, SEQ, V) logits."""
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch):
+        w = windows[i : i + batch]
+        logits = logits_of(w[:, :-1]).float()
+        total += F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1), reduction="sum"
+        ).item()
+        count += w[:, 1:].numel()
+    return total / count
+
+
+def nanogpt_model(checkout: Path, file: Path):
+    spec = importlib.util.spec_from_file_location("nanogpt_model", checkout / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    saved = torch.load(file, map_location="cpu", weights_only=True)
+    model = module.GPT(module.GPTConfig(**saved["model_args"]))
+    model.load_state_dict(saved["model"])
+    model.eval()
+    # with targets, nanoGPT's forward returns the logits of every position
+    return lambda ids: model(ids, torch.zeros_like(ids))[0]
+
+
+def neo_model(directory: Path):
+    model = load_model(directory).eval()
+    return lambda ids: model(ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# the tables
+
+
+def clock(times: list[float], saved: set[int]) -> list[float]:
+    """Cumulative training seconds after each step (1-based), save steps and the ones after them
+    counted as the median step."""
+    median = statistics.median(times)
+    fixed = [median if (s in saved or s - 1 in saved) else t for s, t in enumerate(times, 1)]
+    return list(np.cumsum(fixed))
+
+
+def loss_at(curve: list[tuple[float, float]], x: float) -> float:
+    """Linear interpolation of (x, loss) points sorted by x; nan beyond the last."""
+    xs, ys = zip(*curve, strict=True)
+    return float(np.interp(x, xs, ys)) if x <= xs[-1] else math.nan
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nanogpt", type=Path, required=True, help="a karpathy/nanoGPT checkout")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--every", type=int, default=50)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--windows", type=int, help="score the first N windows only (a smoke test)")
+    args = parser.parse_args()
+    if not (args.nanogpt / "train.py").is_file():
+        raise SystemExit(f"--nanogpt {args.nanogpt}: no train.py there")
+    if args.steps % args.every:
+        raise SystemExit("--steps must be a multiple of --every")
+    if not DATA.exists():
+        subprocess.run([str(BIN / "neo"), "prep"], check=True, cwd=ROOT)
+    acc = accel.select("cpu")
+    machine = hw.describe(acc)
+    checkpoints = list(range(args.every, args.steps + 1, args.every))
+    windows = validation_windows()[: args.windows]
+    results = {}  # name -> {"clock": [...], "losses": {step: loss}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        started = time.time()
+        times = run_nanogpt(
+            args.nanogpt, nanogpt_data(tmp / "data"), tmp / "nano", args.steps, args.every
+        )
+        print(f"nanoGPT: {args.steps} steps in {time.time() - started:.0f}s", flush=True)
+        losses = {
+            s: validation_loss(nanogpt_model(args.nanogpt, tmp / "nano" / f"ckpt_{s}.pt"), windows)
+            for s in checkpoints
+        }
+        # nanoGPT's checkpoint at step s is written before step s + 1 runs: the save step is s + 1
+        results["nanoGPT"] = {"clock": clock(times, {s + 1 for s in checkpoints}), "losses": losses}
+        vocab = 50304
+        for name in args.variants:
+            run = tmp / name
+            started = time.time()
+            times = run_neo(run, VARIANTS[name], args.steps, args.every)
+            print(f"neo {name}: {args.steps} steps in {time.time() - started:.0f}s", flush=True)
+            losses = {
+                s: validation_loss(neo_model(run / "checkpoints" / f"step_{s:08d}"), windows)
+                for s in checkpoints
+            }
+            results[f"neo {name}"] = {"clock": clock(times, set(checkpoints)), "losses": losses}
+    report(results, args, machine, vocab, len(windows))
+
+
+def report(results: dict, args, machine, vocab: int, windows: int) -> None:
+    tokens = BATCH * SEQ
+    rows = {}
+    for name, r in results.items():
+        curve = [(0.0, math.log(vocab))] + [
+            (r["clock"][s - 1], loss) for s, loss in r["losses"].items()
+        ]
+        step_times = np.diff([0.0, *r["clock"]])[5:]  # after the first five
+        rows[name] = {"curve": curve, "tok_s": tokens / float(np.median(step_times)), **r}
+    nano = rows["nanoGPT"]
+    console = Console(width=140)
+    console.print(
+        f"machine: {machine.summary()}\n"
+        f"{LAYERS} x {HIDDEN} model, {HEADS} heads, context {SEQ}, batch {BATCH} x {SEQ}, fp32, "
+        f"{args.steps} steps; validation: {windows} windows of {SEQ} (every position); time = "
+        "training time (see the module docstring); equal time = when the first of the two "
+        "finished"
+    )
+    table = Table(title="validation loss (nats) and speed, neo vs nanoGPT")
+    half = args.steps // 2 // args.every * args.every or args.every
+    columns = [
+        "trainer",
+        f"loss @ step {half}",
+        f"loss @ step {args.steps}",
+        "train time",
+        "equal time",
+        "loss there",
+        "nanoGPT's there",
+        "difference (goal <= -0.10)",
+        "tokens/s (median)",
+        "vs nanoGPT (goal >= 1.05x)",
+    ]
+    for c in columns:
+        table.add_column(c, justify="right")
+    out = {}
+    for name, row in rows.items():
+        t_equal = min(row["clock"][-1], nano["clock"][-1])
+        mine, theirs = loss_at(row["curve"], t_equal), loss_at(nano["curve"], t_equal)
+        table.add_row(
+            name,
+            f"{row['losses'][half]:.3f}",
+            f"{row['losses'][args.steps]:.3f}",
+            f"{row['clock'][-1]:.0f}s",
+            f"{t_equal:.0f}s",
+            f"{mine:.3f}",
+            f"{theirs:.3f}",
+            "-" if name == "nanoGPT" else f"{mine - theirs:+.3f}",
+            f"{row['tok_s']:,.0f}",
+            "-" if name == "nanoGPT" else f"{row['tok_s'] / nano['tok_s']:.2f}x",
+        )
+        out[name] = {
+            "losses": row["losses"],
+            "clock_s": {s: row["clock"][s - 1] for s in row["losses"]},
+            "tokens_per_s": row["tok_s"],
+            "equal_time_s": t_equal,
+            "loss_at_equal_time": mine,
+            "nanogpt_loss_at_equal_time": theirs,
+        }
+    console.print(table)
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {"steps": args.steps, "machine": machine.summary(), "results": out}, indent=1
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

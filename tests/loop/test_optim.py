@@ -1,0 +1,163 @@
+"""The optimizers and the schedule against their references: MuonAdamW's Muon half is
+torch.optim.Muon and its AdamW half torch.optim.AdamW, step for step; the schedules' shapes."""
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from train.config.run import OptimConfig
+from train.loop.optim import MuonAdamW, Schedule, muon_parameter_groups, orthogonalize
+
+
+def gradients(params, step: int) -> None:
+    g = torch.Generator().manual_seed(step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+
+
+def clones(shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+
+
+def test_the_muon_half_is_torch_muon():
+    """In bfloat16, as torch computes it: the same parameters after five steps, bit for bit
+    (lr, weight decay, Nesterov momentum, the shape scaling of a tall and a wide matrix)."""
+    shapes = [(48, 16), (16, 48), (24, 24)]
+    ours, theirs = clones(shapes), clones(shapes)
+    mine = MuonAdamW(
+        [{"params": ours, "muon": True, "weight_decay": 0.1, "momentum": 0.9}],
+        lr=0.02,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        ns_dtype=torch.bfloat16,
+    )
+    reference = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=True)
+    for step in range(5):
+        gradients(ours, step)
+        gradients(theirs, step)
+        mine.step()
+        reference.step()
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_adamw_half_is_torch_adamw():
+    shapes = [(8, 4), (4,), (3, 5)]
+    ours, theirs = clones(shapes), clones(shapes)
+    groups = (
+        lambda ps: [  # noqa: E731
+            {"params": ps[:2], "weight_decay": 0.1},
+            {"params": ps[2:], "weight_decay": 0.0},
+        ]
+    )
+    mine = MuonAdamW(groups(ours), lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    reference = torch.optim.AdamW(
+        groups(theirs), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, foreach=True
+    )
+    for step in range(5):
+        gradients(ours, step)
+        gradients(theirs, step)
+        mine.step()
+        reference.step()
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_orthogonalize_in_fp32_is_near_orthogonal():
+    """Newton-Schulz gives U S' V^T with S' in about [0.5, 1.5] (torch's docstring): fp32 and
+    bf16 agree to bf16's precision, and the singular values are in that band."""
+    g = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    fp32, bf16 = orthogonalize(g, torch.float32), orthogonalize(g, torch.bfloat16)
+    assert fp32.dtype == torch.float32 and fp32.shape == g.shape
+    torch.testing.assert_close(fp32, bf16.float(), atol=0.03, rtol=0.05)
+    s = torch.linalg.svdvals(fp32)
+    assert s.min() > 0.5 and s.max() < 1.5
+    assert torch.equal(g, torch.randn(64, 32, generator=torch.Generator().manual_seed(0)))
+
+
+def test_muon_takes_the_block_matrices_only():
+    from train.config.model import ModelConfig
+    from train.model.gpt import GPT
+
+    model = GPT(
+        ModelConfig(
+            num_layers=2, hidden_size=32, num_heads=4, max_position_embeddings=16, vocab_size=64
+        )
+    )
+    optim = OptimConfig(name="muon", lr=1e-3, muon_lr=0.02, weight_decay=0.1)
+    groups = muon_parameter_groups(model, optim)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = sorted(names[id(p)] for g in groups if g.get("muon") for p in g["params"])
+    assert len(muon) == 6 * len(model.transformer.h)  # q, k, v, out, c_fc, c_proj
+    assert all(".h." in n and n.endswith("weight") for n in muon)
+    others = [names[id(p)] for g in groups if not g.get("muon") for p in g["params"]]
+    assert "transformer.wte.weight" in others and "transformer.wpe.weight" in others
+    assert len(muon) + len(others) == len(names)
+    muon_group = next(g for g in groups if g.get("muon"))
+    assert muon_group["lr_scale"] == pytest.approx(20)
+    # the matrices shrink by lr * weight_decay a step, as under AdamW
+    assert optim.muon_lr * muon_group["weight_decay"] == pytest.approx(
+        optim.lr * optim.weight_decay
+    )
+
+
+def test_a_non_finite_gradient_skips_the_step():
+    p = clones([(4, 4)])
+    opt = MuonAdamW(
+        [{"params": p, "muon": True}], lr=0.02, betas=(0.9, 0.95), eps=1e-8, max_grad_norm=1.0
+    )
+    before = p[0].detach().clone()
+    p[0].grad = torch.full((4, 4), math.inf)
+    opt.step()
+    assert opt.overflow and torch.equal(p[0], before) and not opt.state[p[0]]
+
+
+def test_state_dict_round_trip_resumes_exactly():
+    shapes = [(12, 8), (8,)]
+    a, b = clones(shapes), clones(shapes)
+
+    def make(ps):
+        return MuonAdamW(
+            [{"params": ps[:1], "muon": True}, {"params": ps[1:]}],
+            lr=1e-2,
+            betas=(0.9, 0.95),
+            eps=1e-8,
+        )
+
+    first = make(a)
+    for step in range(3):
+        gradients(a, step)
+        first.step()
+    with torch.no_grad():
+        for x, y in zip(a, b, strict=True):
+            y.copy_(x)
+    second = make(b)
+    saved = io.BytesIO()  # as a checkpoint does: the state dict through a file
+    torch.save(first.state_dict(), saved)
+    saved.seek(0)
+    second.load_state_dict(torch.load(saved, weights_only=True))
+    for step in range(3, 5):
+        gradients(a, step)
+        gradients(b, step)
+        first.step()
+        second.step()
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_schedules(schedule):
+    optim = OptimConfig(lr=1.0, warmup=10, min_lr_ratio=0.1, schedule=schedule, cooldown=0.2)
+    lrs = [Schedule(optim, 100, 1).lr(s, 0) for s in range(101)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # warmup
+    assert lrs[100] == pytest.approx(0.1) and min(lrs[10:]) == pytest.approx(0.1)
+    assert all(x >= y for x, y in zip(lrs[10:], lrs[11:], strict=False))  # never rises
+    if schedule == "wsd":
+        assert lrs[10:81] == [1.0] * 71  # stable until the last 20 steps
+        assert lrs[90] == pytest.approx(1 - 0.9 * 0.5)  # linear halfway down
+    else:
+        assert lrs[55] == pytest.approx(0.1 + 0.9 * 0.5)  # cosine halfway down
