@@ -44,5 +44,10 @@ bench: install
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/sft.py
 
+# Model quality per compute against nanoGPT, about 45 minutes: make quality NANOGPT=PATH
+# (a checkout of karpathy/nanoGPT).
+quality: install
+	$(BIN)/python bench/quality.py --nanogpt "$(NANOGPT)"
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
