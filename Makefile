@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # that pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint format bench clean slurm
+.PHONY: install demo test lint format bench quality clean slurm
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
