@@ -23,6 +23,17 @@ def clones(shapes, seed=0):
     return [nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
 
 
+def assert_same_steps(mine, ours, reference, theirs, steps: int = 5) -> None:
+    """Both optimizers step on the same gradients; the parameters stay equal, bit for bit."""
+    for step in range(steps):
+        gradients(ours, step)
+        gradients(theirs, step)
+        mine.step()
+        reference.step()
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_the_muon_half_is_torch_muon():
     """In bfloat16, as torch computes it: the same parameters after five steps, bit for bit
     (lr, weight decay, Nesterov momentum, the shape scaling of a tall and a wide matrix)."""
@@ -36,13 +47,7 @@ def test_the_muon_half_is_torch_muon():
         ns_dtype=torch.bfloat16,
     )
     reference = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=True)
-    for step in range(5):
-        gradients(ours, step)
-        gradients(theirs, step)
-        mine.step()
-        reference.step()
-    for a, b in zip(ours, theirs, strict=True):
-        assert torch.equal(a, b)
+    assert_same_steps(mine, ours, reference, theirs)
 
 
 def test_the_adamw_half_is_torch_adamw():
@@ -58,13 +63,7 @@ def test_the_adamw_half_is_torch_adamw():
     reference = torch.optim.AdamW(
         groups(theirs), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, foreach=True
     )
-    for step in range(5):
-        gradients(ours, step)
-        gradients(theirs, step)
-        mine.step()
-        reference.step()
-    for a, b in zip(ours, theirs, strict=True):
-        assert torch.equal(a, b)
+    assert_same_steps(mine, ours, reference, theirs)
 
 
 def test_orthogonalize_in_fp32_is_near_orthogonal():
