@@ -80,10 +80,10 @@ NEO = [
     "export_hf=false",
     "keep_last=1000",
 ]
-# name -> the overrides that make it (each recipe change alone, against `adamw`)
+# name -> the overrides that make it (each recipe change alone; `muon` is neo train's default)
 VARIANTS = {
-    "adamw": [],
-    "adamw-wsd": ["optim.schedule=wsd"],
+    "adamw": ["optim.name=adamw"],
+    "adamw-wsd": ["optim.name=adamw", "optim.schedule=wsd"],
     "muon": ["optim.name=muon"],
     "muon-wsd": ["optim.name=muon", "optim.schedule=wsd"],
 }

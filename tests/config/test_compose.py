@@ -32,11 +32,6 @@ ONE_LINE_MISTAKES = [
     (["train", "optim.name=sgd"], "optim.name='sgd' is not one of adamw, muon"),
     (["train", "optim.schedule=linear"], "optim.schedule='linear' is not one of cosine, wsd"),
     (["train", "optim.cooldown=0"], "optim.cooldown=0.0 must be in (0, 1]"),
-    (
-        ["train", "optim.name=muon", "deepspeed=zero2"],
-        "optim.name=muon trains with deepspeed=zero0",
-    ),
-    (["sft", "optim.name=muon", "deepspeed=zero1"], "optim.name=muon trains with deepspeed=zero0"),
 ]
 
 

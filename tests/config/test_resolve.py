@@ -31,6 +31,18 @@ def test_a_resolved_config_is_read_only_and_the_given_one_untouched():
     given.max_steps = 3  # the user's object stays theirs
 
 
+def test_muon_in_fp16_without_zero_is_refused():
+    """DeepSpeed's ZeRO-0 fp16 optimizer flattens the parameters: Muon would see vectors and
+    become SGD without a word. Under ZeRO (which gathers Muon's matrices) fp16 resolves."""
+    gpu = World(world_size=1, accelerator="cuda", native_bf16=True)
+    cfg = TrainConfig(precision="fp16")
+    cfg.optim.name = "muon"
+    with pytest.raises(ConfigError, match="optim.name=muon with precision=fp16 needs deepspeed="):
+        resolve_train(cfg, gpu)
+    cfg.deepspeed.zero_stage = 2
+    assert resolve_train(cfg, gpu).cfg.precision == "fp16"
+
+
 class Sources:
     """What neo sft would read, counted."""
 

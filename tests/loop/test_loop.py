@@ -19,6 +19,7 @@ from train.data.pretrain import load as load_data
 from train.data.records import Skipped
 from train.distributed.collectives import merged
 from train.distributed.devices import ACCELERATORS
+from train.errors import ConfigError
 from train.evals.items import Item
 from train.evals.scoring import Scorer
 from train.evals.suite import prepare_task
@@ -175,5 +176,28 @@ def test_a_checkpoint_written_before_the_restructure_resumes_exactly(tmp_path, c
     (tmp_path / CHECKPOINTS / "latest").write_text(tag(saved["step"]))
     layout = Layout(1, cfg.deepspeed.zero_stage, cfg.precision)
     checkpoints = RunCheckpoints(tmp_path, keep_last=2, rank=0, acc=ACCELERATORS["cpu"])
-    resume = checkpoints.plan_resume(identity, layout)
+    resume = checkpoints.plan_resume(identity, layout, cfg.optim.name)
     assert resume.mode == "exact" and resume.tag == tag(4)
+
+
+def test_a_muon_checkpoint_that_would_need_resharding_is_refused(tmp_path, corpus):
+    """DeepSpeed's universal checkpoint cannot reshard Muon's momentum (DeepSpeed issue 8608):
+    a resume of a Muon run on another world size is refused, naming both layouts, rather than
+    restarting the momentum; the same resume of an AdamW run goes through the universal form."""
+    before = json.loads(BEFORE.read_text())
+    overrides = [*before["overrides"], f"data.path={corpus}", f"run_dir={tmp_path}"]
+    cfg = resolve_train(compose.to_schema(compose.compose("train", overrides)), World()).cfg
+    identity = run_identity(cfg, load_data(cfg.data, cfg.seq_len).identity)
+    saved = {**before["trainer_state"], "world_size": 2, "zero_stage": 2, "precision": "fp32"}
+    (tmp_path / CHECKPOINTS / tag(saved["step"])).mkdir(parents=True)
+    (tmp_path / CHECKPOINTS / tag(saved["step"]) / STATE_FILE).write_text(json.dumps(saved))
+    (tmp_path / CHECKPOINTS / "latest").write_text(tag(saved["step"]))
+    checkpoints = RunCheckpoints(tmp_path, keep_last=2, rank=0, acc=ACCELERATORS["cpu"])
+    one_rank = Layout(1, 2, "fp32")
+    assert checkpoints.plan_resume(identity, one_rank, "adamw").mode == "universal"
+    with pytest.raises(ConfigError) as error:
+        checkpoints.plan_resume(identity, one_rank, "muon")
+    assert "(2 ranks, ZeRO-2, fp32) cannot resume on 1 ranks at ZeRO-2, fp32" in str(error.value)
+    assert "DeepSpeed issue 8608" in str(error.value)
+    # Where the layout is the same, nothing needs resharding.
+    assert checkpoints.plan_resume(identity, Layout(2, 2, "fp32"), "muon").mode == "exact"

@@ -70,12 +70,11 @@ def _training(cfg: RunConfig, world: World) -> tuple[int, str]:
     cfg); returns (accumulation, why the precision)."""
     accumulation = batch_layout(cfg.global_batch_size, cfg.micro_batch_size, world.world_size)
     cfg.precision, reason = resolve_precision(cfg.precision, world)
-    if cfg.optim.name == "muon" and (cfg.deepspeed.zero_stage or cfg.precision != "fp32"):
+    if cfg.optim.name == "muon" and cfg.precision == "fp16" and not cfg.deepspeed.zero_stage:
         raise ConfigError(
-            f"optim.name=muon trains with deepspeed=zero0 and precision=fp32 (this run: "
-            f"ZeRO-{cfg.deepspeed.zero_stage}, {cfg.precision}): DeepSpeed's ZeRO and bf16/fp16 "
-            "optimizers hand the optimizer flattened partitions, and Muon orthogonalizes whole "
-            "matrices; use optim.name=adamw for this layout"
+            "optim.name=muon with precision=fp16 needs deepspeed=zero1, zero2 or zero3: "
+            "DeepSpeed's ZeRO-0 fp16 optimizer hands the optimizer flattened vectors, where "
+            "Muon would silently become SGD; use precision=bf16 (or fp32) for ZeRO-0"
         )
     return accumulation, reason
 

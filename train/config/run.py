@@ -30,8 +30,9 @@ class OptimConfig(Schema):
 
     # adamw | muon: Muon (momentum, Newton-Schulz orthogonalized updates) for the 2-D weights
     # of attention and MLP, AdamW with the settings below for embeddings, norms and biases.
-    # Muon trains with ZeRO-0 in fp32 (DeepSpeed hands its ZeRO and bf16/fp16 optimizers
-    # flattened partitions, not matrices).
+    # neo train's default is muon (configs/train.yaml; README, Performance); neo sft's adamw.
+    # Under ZeRO 1-3, DeepSpeed's Muon: grad_clip is not applied there (its norm covers
+    # Muon's updates).
     name: str = "adamw"
     lr: float = 6e-4
     beta1: float = 0.9

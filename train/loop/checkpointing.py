@@ -93,8 +93,9 @@ class RunCheckpoints:
             shutil.rmtree(old, ignore_errors=True)
             shutil.rmtree(self.directory / universal_tag(old.name), ignore_errors=True)
 
-    def plan_resume(self, identity: dict, layout: Layout) -> Resume | None:
-        """What `latest` holds and how to load it, or a ConfigError listing what differs."""
+    def plan_resume(self, identity: dict, layout: Layout, optimizer: str) -> Resume | None:
+        """What `latest` holds and how to load it, or a ConfigError listing what differs.
+        `optimizer`: optim.name (the same as the checkpoint's: loop/history.py)."""
         name = latest_tag(self.directory)
         if name is None:
             return None
@@ -119,13 +120,19 @@ class RunCheckpoints:
         mode = layout.resume_mode(before)
         was = f"{name} ({before.describe()})"
         now = f"{layout.world_size} ranks at ZeRO-{layout.zero_stage}, {layout.precision}"
+        if mode == "universal" and optimizer == "muon":
+            raise ConfigError(
+                f"{where} ({before.describe()}) cannot resume on {now}: DeepSpeed's universal "
+                "checkpoint cannot reshard Muon's momentum (DeepSpeed issue 8608), and it "
+                f"would restart from zero; resume on {before.describe()}"
+            )
         if mode == "universal":
             log.info("resuming %s on %s through a universal checkpoint", was, now)
         elif mode == "consolidated":
             log.warning(
                 "resuming %s on %s from its consolidated fp32 weights: DeepSpeed cannot reshard "
-                "optimizer state between these layouts, so Adam's moments start again from zero "
-                "(the step, learning rate and data position carry on)",
+                "optimizer state between these layouts, so the optimizer's moments start again "
+                "from zero (the step, learning rate and data position carry on)",
                 was,
                 now,
             )

@@ -33,7 +33,7 @@ from train.checkpoints.zero import deepspeed_loads
 from train.config.run import DeepSpeedConfig, OptimConfig
 from train.distributed.devices import Accelerator
 from train.errors import CheckpointError
-from train.loop.deepspeed_config import deepspeed_config, optimizer_clips
+from train.loop.deepspeed_config import deepspeed_config, muon_norms_updates, optimizer_clips
 from train.loop.optim import MuonAdamW, SkippingAdamW, muon_parameter_groups, parameter_groups
 from train.model.factory import ModelFactory
 from train.model.gpt import LossSum
@@ -74,8 +74,10 @@ def build_optimizer(
     precision: str,
 ) -> torch.optim.Optimizer:
     kwargs = dict(lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
-    if optim.name == "muon":  # ZeRO-0 in fp32 only (train/config/resolve.py): it clips
+    if optim.name == "muon" and optimizer_clips(ds, precision):
         return MuonAdamW(groups, max_grad_norm=optim.grad_clip, **kwargs)
+    if optim.name == "muon":
+        return _deepspeed_muon(groups, kwargs, ds.offload_optimizer)
     if ds.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -87,6 +89,39 @@ def build_optimizer(
         return torch.optim.AdamW(groups, fused=fused, **kwargs)
     clip = optim.grad_clip if optimizer_clips(ds, precision) else 0.0
     return SkippingAdamW(groups, max_grad_norm=clip, fused=fused, **kwargs)
+
+
+def _deepspeed_muon(groups: list[dict], kwargs: dict, offload: bool) -> torch.optim.Optimizer:
+    """DeepSpeed's Muon, for the layouts where DeepSpeed's ZeRO or bf16/fp16 optimizer owns
+    the step: they hand the optimizer flat partitions, so they gather each matrix, apply Muon's
+    momentum and orthogonalization themselves (Newton-Schulz in its "gram" form, fp16 where the
+    device has it, else fp32) and only the step size and weight decay are left to the
+    optimizer. They recognise it by its class and by `use_muon` on each parameter and group.
+    The groups are ours (muon_parameter_groups), not DeepSpeed's name-based tagging, which
+    would put wte and wpe under Muon."""
+    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+
+    # DeepSpeed compiles its Muon update (torch.compile); inductor calls a torch helper that
+    # torch itself has deprecated. Nothing a user can act on.
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\._prims_common\.check` is deprecated", category=FutureWarning
+    )
+
+    for group in groups:
+        group["use_muon"] = bool(group.pop("muon", False))
+        for param in group["params"]:
+            param.use_muon = group["use_muon"]
+        if group["use_muon"]:
+            group.update(lr=kwargs["lr"] * group["lr_scale"], ns_method="gram")
+        else:
+            group.update(kwargs, lr=kwargs["lr"])
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        adam, adam_kwargs = DeepSpeedCPUAdam, dict(adamw_mode=True)
+    else:
+        adam, adam_kwargs = torch.optim.AdamW, dict(foreach=True)
+    return MuonWithAuxAdam(groups, adam_optimizer=adam, adam_optimizer_kwargs=adam_kwargs)
 
 
 def _import_deepspeed(acc: Accelerator):
@@ -222,6 +257,14 @@ class Engine:
         else:
             groups = parameter_groups(model, spec.optim.weight_decay)
         optimizer = build_optimizer(groups, spec.optim, acc, spec.deepspeed, spec.precision)
+        if muon_norms_updates(spec.deepspeed, spec.optim) and spec.optim.grad_clip:
+            log.warning(
+                "optim.grad_clip=%g is not applied and grad norm is not reported: under ZeRO-%d "
+                "DeepSpeed takes the gradient norm after Muon has replaced its matrices' "
+                "gradients by orthogonalized updates (use deepspeed=zero0 to clip)",
+                spec.optim.grad_clip,
+                spec.deepspeed.zero_stage,
+            )
         ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         if ds.dp_world_size == 1 and not ds.zero_optimization():
             # One rank without ZeRO: DeepSpeed would still flatten, "all-reduce" and unflatten
@@ -264,7 +307,10 @@ class Engine:
         return bool(getattr(self.ds, "_step_applied", True))
 
     def grad_norm(self) -> float:
-        """Gradient norm of the last optimizer step (before clipping)."""
+        """Gradient norm of the last optimizer step (before clipping); nan where DeepSpeed's
+        norm is not the gradients' (muon_norms_updates)."""
+        if muon_norms_updates(self.spec.deepspeed, self.spec.optim):
+            return math.nan
         norm = self.ds.get_global_grad_norm()
         if norm is None:
             return getattr(self.ds.optimizer, "last_grad_norm", math.nan)

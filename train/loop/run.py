@@ -128,7 +128,7 @@ def build_or_resume(
     initialised), or around the run's last checkpoint when it has one; and the run's
     counters."""
     spec = engine_spec(cfg, run)
-    resume = run.checkpoints.plan_resume(identity, spec.layout)
+    resume = run.checkpoints.plan_resume(identity, spec.layout, cfg.optim.name)
     if resume:
         resume.changed = history.changes(cfg, Path(cfg.run_dir), resume.saved["step"])
     if resume and resume.mode == "consolidated":
