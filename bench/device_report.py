@@ -5,6 +5,7 @@ document and the exit. torch-free, so that it is tested on any machine."""
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ FP32_LIMIT = 1e-4
 # The same rule as tests/model/test_model.py's bf16 fused-loss test.
 LOW_PRECISION_FLOOR = 1e-3
 
+WARMUP_STEPS = 3  # steps whose rate is left out of the median (allocation, compilation)
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (half the "with sparsity" figure), per
 # GPU, matched on the name torch reports; the first entry whose key is in the name wins.
 DATASHEET_BF16_FLOPS = (
@@ -113,6 +115,47 @@ def metrics_disagree(got: dict, expected: dict, rtol: float) -> dict[str, tuple]
         if not isinstance(have, int | float) or not abs(have - want) <= rtol * max(1, abs(want)):
             off[name] = (have, want)
     return off
+
+
+def items_disagree(got: list[dict], expected: list[dict], rtol: float) -> list[int]:
+    """The indices of neo eval's samples.jsonl items whose log-likelihoods differ by more than
+    rtol * max(1, |expected|) or whose greedy flags differ (an item missing counts too)."""
+    have = {item["index"]: item for item in got}
+    off = []
+    for want in expected:
+        item = have.get(want["index"])
+        if item is None or item["greedy"] != want["greedy"]:
+            off.append(want["index"])
+            continue
+        pairs = zip(item["logprobs"], want["logprobs"], strict=True)
+        if not all(abs(a - b) <= rtol * max(1, abs(b)) for a, b in pairs):
+            off.append(want["index"])
+    return off
+
+
+def throughput(records: list[dict], flops: float, datasheet: float | None) -> dict:
+    """From a run's metrics.jsonl: the median tokens/s of the steps after WARMUP_STEPS, MFU
+    against the peak the run measured (its start record) and the datasheet's, the losses."""
+    start = next((r for r in records if r.get("event") == "start"), {})
+    steps = [r for r in records if r.get("tokens_per_s") and r["step"] > WARMUP_STEPS]
+    rate = statistics.median(r["tokens_per_s"] for r in steps) if steps else 0.0
+    measured = start.get("peak_flops")
+    logged = [r["mfu"] for r in steps if r.get("mfu") is not None]
+    return {
+        "tokens_per_s": rate,
+        "steps_timed": len(steps),
+        "flops_per_token": flops,
+        "measured_peak_flops": measured,
+        "datasheet_peak_flops": datasheet,
+        "mfu_measured_peak": flops * rate / measured if measured else None,
+        "mfu_datasheet": flops * rate / datasheet if datasheet else None,
+        "mfu_logged_median": statistics.median(logged) if logged else None,
+        "losses": {r["step"]: r["loss"] for r in records if r.get("loss") is not None},
+    }
+
+
+def percent(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.1f}%"
 
 
 def datasheet_peak(device_name: str) -> float | None:

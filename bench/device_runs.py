@@ -15,7 +15,6 @@ import math
 import os
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -29,7 +28,10 @@ from device_report import (
     curve_agrees,
     datasheet_peak,
     first_difference,
+    items_disagree,
     metrics_disagree,
+    percent,
+    throughput,
 )
 
 from data_prep.config import PrepConfig
@@ -48,7 +50,6 @@ SAMPLE = ROOT / "data_prep" / "sample" / "pile_sample.jsonl.zst"
 GOLDEN_RTOL = 1e-3
 EVAL_RTOL = 1e-4
 LAMBADA_ITEMS = 300
-WARMUP_STEPS = 3  # steps whose rate is left out of the median (allocation, compilation)
 QUIET = [
     "eval_every=100000",
     "save_every=100000",
@@ -95,6 +96,7 @@ TINY_WEIGHTS = [
 ]
 PROMPTS = ["The meaning of life is", "In 1905, Albert Einstein", "def main():", "Paris is"]
 NEW_TOKENS = 32
+LOGPROB_ATOL = 1e-4  # fp32 on both sides; kernels differ (flex or SDPA against HF's eager)
 ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -169,6 +171,7 @@ class Runs:
             "tasks=[lambada_openai]",
             f"task.lambada_openai.path={self.lambada}",
             f"limit={LAMBADA_ITEMS}",
+            "log_samples=true",
             f"output={self.work / f'eval_{accelerator}'}",
         ]
 
@@ -262,8 +265,10 @@ class Runs:
         return Outcome("pass" if ok else "fail", summary, details)
 
     def generate(self, device) -> Outcome:
-        """neo generate's greedy tokens against transformers' generate on the HF export of the
-        same weights, prompt by prompt (batch 1: no padding), both in fp32 on the device."""
+        """neo generate's greedy tokens and their log-probabilities against transformers'
+        generate on the HF export of the same weights, prompt by prompt (batch 1: no padding),
+        both in fp32 on the device. The log-probabilities check every step's numbers, also
+        where a small model's greedy text repeats itself."""
         import torch
         from transformers import GPTNeoForCausalLM
 
@@ -279,7 +284,7 @@ class Runs:
         for r in records:
             ids = torch.tensor([r["prompt_ids"]], device=device)
             with torch.no_grad():
-                row = model.generate(
+                hf = model.generate(
                     ids,
                     attention_mask=torch.ones_like(ids),
                     do_sample=False,
@@ -287,37 +292,58 @@ class Runs:
                     max_new_tokens=NEW_TOKENS,
                     pad_token_id=eos,
                     eos_token_id=eos,
+                    return_dict_in_generate=True,
+                    output_logits=True,
                 )
-            theirs = row[0, ids.shape[1] :].tolist()
+            theirs = hf.sequences[0, ids.shape[1] :].tolist()
+            logprobs = [
+                torch.log_softmax(step[0].float(), dim=-1)[token].item()
+                for step, token in zip(hf.logits, theirs, strict=True)
+            ]
+            diff = max(
+                (abs(a - b) for a, b in zip(r["logprobs"], logprobs, strict=False)), default=0.0
+            )
             at = first_difference(r["token_ids"], theirs)
-            compared.append({"prompt": r["prompt"], "neo": r["token_ids"], "hf": theirs, "at": at})
+            compared.append(
+                {"prompt": r["prompt"], "neo": r["token_ids"], "hf": theirs, "at": at}
+                | {"logprob_max_diff": diff}
+            )
         differ = [c for c in compared if c["at"] is not None]
-        summary = f"{len(compared) - len(differ)}/{len(compared)} prompts equal"
-        summary += f" over {NEW_TOKENS} greedy tokens"
+        worst = max((c["logprob_max_diff"] for c in compared), default=math.inf)
+        summary = f"{len(compared) - len(differ)}/{len(compared)} prompts equal over"
+        summary += f" {NEW_TOKENS} greedy tokens, log-probabilities within {worst:.1e}"
+        summary += f" (limit {LOGPROB_ATOL})"
         if differ:
             summary += f"; {differ[0]['prompt']!r} differs from token {differ[0]['at']}"
-        passed = compared and not differ
+        passed = compared and not differ and worst <= LOGPROB_ATOL
         return Outcome("pass" if passed else "fail", summary, {"prompts": compared})
 
     def eval(self) -> Outcome:
+        """neo eval's LAMBADA metrics and every item's log-likelihood and greedy flag on the
+        device against the same command on the CPU."""
         if self.lambada is None or not self.lambada.is_file():
             return Outcome("skipped", f"no LAMBADA file ({self.lambada}); give --lambada PATH")
         self.tiny_weights()
-        results = {}
+        metrics, items = {}, {}
         for accelerator in (self.kind, "cpu"):
             self.run(self.eval_command(accelerator), f"eval_{accelerator}")
-            out = self.work / f"eval_{accelerator}" / "results.json"
-            results[accelerator] = json.loads(out.read_text())["results"]["lambada_openai"]
-        got, cpu = results[self.kind]["metrics"], results["cpu"]["metrics"]
+            out = self.work / f"eval_{accelerator}"
+            metrics[accelerator] = json.loads((out / "results.json").read_text())["results"][
+                "lambada_openai"
+            ]["metrics"]
+            items[accelerator] = [json.loads(x) for x in (out / "samples.jsonl").open()]
+        got, cpu = metrics[self.kind], metrics["cpu"]
         off = metrics_disagree(got, cpu, EVAL_RTOL)
+        items_off = items_disagree(items[self.kind], items["cpu"], EVAL_RTOL)
         details = {self.kind: got, "cpu": cpu, "rtol": EVAL_RTOL, "disagree": off}
+        details["items_disagree"] = items_off
         numbers = ", ".join(f"{k} {v:.4f}" for k, v in cpu.items() if isinstance(v, float))
-        summary = f"{LAMBADA_ITEMS} items, CPU {numbers}; " + (
-            f"{len(off)} metric(s) differ: {off}"
-            if off
-            else f"{self.kind} equal within {EVAL_RTOL}"
-        )
-        return Outcome("fail" if off else "pass", summary, details)
+        summary = f"{LAMBADA_ITEMS} items, CPU {numbers}; "
+        if off or items_off:
+            summary += f"{len(off)} metric(s) and {len(items_off)} item(s) differ: {off}"
+        else:
+            summary += f"{self.kind} equal within {EVAL_RTOL}, metrics and every item"
+        return Outcome("fail" if off or items_off else "pass", summary, details)
 
 
 def write_documents(file: Path) -> Path:
@@ -338,31 +364,6 @@ def model_flops(name: str, seq_len: int = 2048) -> float:
     train's MFU counts them (train/model/sizes.py)."""
     values = yaml.safe_load((ROOT / "configs" / "model" / f"{name}.yaml").read_text())
     return flops_per_token(ModelConfig(**values).validate(), seq_len)
-
-
-def throughput(records: list[dict], flops: float, datasheet: float | None) -> dict:
-    """From a run's metrics.jsonl: the median tokens/s of the steps after WARMUP_STEPS, MFU
-    against the peak the run measured (its start record) and the datasheet's, the losses."""
-    start = next((r for r in records if r.get("event") == "start"), {})
-    steps = [r for r in records if r.get("tokens_per_s") and r["step"] > WARMUP_STEPS]
-    rate = statistics.median(r["tokens_per_s"] for r in steps) if steps else 0.0
-    measured = start.get("peak_flops")
-    logged = [r["mfu"] for r in steps if r.get("mfu") is not None]
-    return {
-        "tokens_per_s": rate,
-        "steps_timed": len(steps),
-        "flops_per_token": flops,
-        "measured_peak_flops": measured,
-        "datasheet_peak_flops": datasheet,
-        "mfu_measured_peak": flops * rate / measured if measured else None,
-        "mfu_datasheet": flops * rate / datasheet if datasheet else None,
-        "mfu_logged_median": statistics.median(logged) if logged else None,
-        "losses": {r["step"]: r["loss"] for r in records if r.get("loss") is not None},
-    }
-
-
-def percent(share: float | None) -> str:
-    return "-" if share is None else f"{100 * share:.1f}%"
 
 
 def shown(command: list[str]) -> str:
