@@ -79,6 +79,7 @@ BUDGETS = {  # seconds, about eight minutes in all on one H100
     "eval": 40,
 }
 HARD_LIMIT = 2  # x budget
+MIN_START_S = 5  # a section is not started with less of the check's time left
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -90,6 +91,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lambada", type=Path, default=None, help="lambada_openai_test.jsonl")
     parser.add_argument(
         "--time-limit", type=float, default=570, help="seconds for the whole check (default 570)"
+    )
+    parser.add_argument(
+        "--scratch", type=Path, default=None, help="where the runs go (~25 GB; default: $TMPDIR)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     return parser.parse_args(argv)
@@ -223,7 +227,7 @@ def run_all(checks: list, runs: Runs, acc: devices.Accelerator, limit: float, sa
     for section in checks:
         start = time.monotonic()
         print(f"\n== {section.name} (budget {section.budget_s}s): {section.checks}", flush=True)
-        if end - start < 5:
+        if end - start < MIN_START_S:
             outcome = report.Outcome("fail", f"not run: the check's {limit:.0f}s were spent")
         else:
             runs.deadline = start + min(HARD_LIMIT * section.budget_s, end - start)
@@ -247,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("device", "driver", "torch", "cuda", "cudnn", "torch-npu", "commit"):
         if env.get(key) is not None:
             print(f"{key}: {env[key]}")
-    work = Path("<scratch>") if dry else Path(tempfile.mkdtemp(prefix="neotrain_device_check_"))
+    scratch = None if dry else tempfile.mkdtemp(prefix="neotrain_device_check_", dir=args.scratch)
+    work = Path(scratch or "<scratch>")
     runs = Runs(kind, work, lambada_file(args.lambada))
     try:
         checks = report.select(sections(runs, acc, env["device"]), args.only)

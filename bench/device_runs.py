@@ -240,7 +240,9 @@ class Runs:
         details["peak_memory_gib"] = None if peak is None else round(peak / 2**30, 2)
         shutil.rmtree(run / "checkpoints", ignore_errors=True)  # 1.3B under ZeRO-2: ~21 GB
         losses = details["losses"]
-        finite = bool(losses) and all(math.isfinite(x) for x in losses.values())
+        if not losses or not details["steps_timed"]:
+            return Outcome("fail", f"{run / 'metrics.jsonl'} has no timed training step", details)
+        finite = all(math.isfinite(x) for x in losses.values())
         learned = finite and losses[max(losses)] < losses[min(losses)]
         mfu = details["mfu_measured_peak"], details["mfu_datasheet"]
         summary = (

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -287,3 +288,59 @@ def test_fused_loss_section_passes_the_real_op_and_fails_a_wrong_one(monkeypatch
     outcome = device_kernels.fused_loss_check(ACCELERATORS["cpu"])
     assert outcome.status == "fail"
     assert not outcome.details["results"]["fp32"]["passed"]
+
+
+def test_a_real_run_records_each_section_and_exits_naming_the_first_failure(
+    tmp_path, monkeypatch, capsys
+):
+    """main() as on a GPU machine, with sections that pass, fail, raise and run out of time
+    (the device replaced by the CPU, the sections by stand-ins)."""
+
+    def boom():
+        raise ValueError("boom\nsecond line")
+
+    def slow():
+        time.sleep(2.5)
+        return report.Outcome("pass", "slow but fine")
+
+    stand_ins = [
+        report.Section("first", "passes", 1, {}, lambda: report.Outcome("pass", "ok 1.0")),
+        report.Section("second", "raises", 1, {}, boom),
+        report.Section("third", "fails", 1, {}, lambda: report.Outcome("fail", "off by 2")),
+        report.Section("fourth", "slow", 1, {}, slow),
+        report.Section("fifth", "never starts", 1, {}, lambda: report.Outcome("pass", "?")),
+    ]
+    saved = []
+    real_save = device_check.atomic_write_text
+    monkeypatch.setattr(device_check, "choose", lambda args: ("cuda", False, ""))
+    monkeypatch.setattr(device_check.devices, "select", lambda kind: ACCELERATORS["cpu"])
+    monkeypatch.setattr(device_check, "environment", lambda kind, acc: {"device": "stand-in"})
+    monkeypatch.setattr(device_check, "sections", lambda runs, acc, name: stand_ins)
+    monkeypatch.setattr(
+        device_check,
+        "atomic_write_text",
+        lambda path, text: (saved.append(json.loads(text)), real_save(path, text)),
+    )
+    # 3 s for the whole check, 1 s needed to start a section: after the fourth's 2.5 s the
+    # fifth is not run
+    monkeypatch.setattr(device_check, "MIN_START_S", 1.0)
+    out = tmp_path / "run.json"
+    args = ["--json", str(out), "--time-limit", "3", "--scratch", str(tmp_path)]
+    assert device_check.main(args) == 1
+    doc = json.loads(out.read_text())
+    assert (doc["mode"], doc["status"]) == ("run", "fail")
+    assert [s["status"] for s in doc["sections"]] == ["pass", "fail", "fail", "pass", "fail"]
+    assert doc["first_failure"] == {"name": "second", "summary": "ValueError: boom"}
+    assert "boom" in doc["sections"][1]["details"]["error"]  # the traceback is kept
+    assert doc["sections"][4]["summary"].startswith("not run: the check's")
+    assert all(s["seconds"] is not None for s in doc["sections"])
+    # saved when it starts (all pending), after each section, and at the end
+    assert [s["status"] for s in saved[0]["sections"]] == ["pending"] * 5
+    assert [s["status"] for s in saved[1]["sections"]][:2] == ["pass", "pending"]
+    assert saved[1]["status"] == "pending" and len(saved) == 1 + 5 + 1
+    captured = capsys.readouterr()
+    assert "| second | fail |" in captured.out
+    assert f"scratch directory (logs of every command): {tmp_path}/neotrain_device_check_" in (
+        captured.out
+    )
+    assert "device check FAILED: first failure: second: ValueError: boom" in captured.err
