@@ -17,7 +17,9 @@ Sections, in order (each with its time budget; twice the budget is its hard limi
                  against the measured matmul peak and the datasheet's, peak memory
     train_1.3b   neo train gpt_neo_1.3b with activation checkpointing, 6 steps: the same numbers
     generate     neo generate, greedy, equal to transformers' generate on the same weights
-    eval         neo eval on 300 LAMBADA items equal to neo eval on the CPU (1e-4)
+                 (tokens, and their log-probabilities within 1e-4)
+    eval         neo eval on 300 LAMBADA items equal to neo eval on the CPU (metrics and every
+                 item's log-likelihood within 1e-4)
 
 It prints the device, driver, torch and CUDA versions first, one table at the end, writes
 device_check.json (every number, rewritten after each section so that a run cut short keeps
@@ -93,7 +95,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--time-limit", type=float, default=570, help="seconds for the whole check (default 570)"
     )
     parser.add_argument(
-        "--scratch", type=Path, default=None, help="where the runs go (~25 GB; default: $TMPDIR)"
+        "--scratch", type=Path, default=None, help="where the runs go (~20 GB; default: $TMPDIR)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     return parser.parse_args(argv)
@@ -173,7 +175,7 @@ def sections(runs: Runs, acc: devices.Accelerator | None, device_name: str) -> l
         ),
         S(
             "generate",
-            "neo generate greedy equal to transformers' generate on the same weights",
+            "neo generate greedy equal to transformers' generate: tokens, log-probs (1e-4)",
             BUDGETS["generate"],
             plan(runs.tiny_command(), runs.generate_command()),
             lambda: runs.generate(acc.device(0)),

@@ -238,7 +238,7 @@ class Runs:
         details = throughput(records, model_flops(model), datasheet_peak(device))
         peak = memory.get("peak_memory_bytes")
         details["peak_memory_gib"] = None if peak is None else round(peak / 2**30, 2)
-        shutil.rmtree(run / "checkpoints", ignore_errors=True)  # 1.3B under ZeRO-2: ~21 GB
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)  # 1.3B under ZeRO-2: ~20 GB
         losses = details["losses"]
         if not losses or not details["steps_timed"]:
             return Outcome("fail", f"{run / 'metrics.jsonl'} has no timed training step", details)
