@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # that pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint format bench quality clean slurm
+.PHONY: install demo test lint format bench quality device-check clean slurm
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,5 +49,11 @@ bench: install
 quality: install
 	$(BIN)/python bench/quality.py --nanogpt "$(NANOGPT)"
 
+# The accelerator check (README: Performance): about 8 minutes on one GPU, exit 1 naming the
+# first failure; where no GPU or NPU is present, the plan only (a dry run, exit 0).
+# Options: make device-check ARGS="--only attention golden" (or --accelerator npu, --lambada FILE).
+device-check: install
+	$(BIN)/python bench/device_check.py $(ARGS)
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache device_check.json
