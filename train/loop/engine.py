@@ -92,21 +92,15 @@ def build_optimizer(
 
 
 def _deepspeed_muon(groups: list[dict], kwargs: dict, offload: bool) -> torch.optim.Optimizer:
-    """DeepSpeed's Muon, for the layouts where DeepSpeed's ZeRO or bf16/fp16 optimizer owns
-    the step: they hand the optimizer flat partitions, so they gather each matrix, apply Muon's
-    momentum and orthogonalization themselves (Newton-Schulz in its "gram" form, fp16 where the
-    device has it, else fp32) and only the step size and weight decay are left to the
-    optimizer. They recognise it by its class and by `use_muon` on each parameter and group.
-    The groups are ours (muon_parameter_groups), not DeepSpeed's name-based tagging, which
-    would put wte and wpe under Muon."""
+    """DeepSpeed's Muon, where DeepSpeed's ZeRO or bf16 optimizer owns the step: they gather
+    each matrix from the flat partitions and apply Muon's momentum and Newton-Schulz ("gram"
+    form) themselves, recognising it by its class and `use_muon` on parameters and groups. The
+    groups are ours: DeepSpeed's name-based tagging would put wte and wpe under Muon."""
     from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
 
-    # DeepSpeed compiles its Muon update (torch.compile); inductor calls a torch helper that
-    # torch itself has deprecated. Nothing a user can act on.
-    warnings.filterwarnings(
-        "ignore", message=r"`torch\._prims_common\.check` is deprecated", category=FutureWarning
-    )
-
+    # Its update is torch.compile'd; inductor calls a helper torch itself deprecated.
+    message = r"`torch\._prims_common\.check` is deprecated"
+    warnings.filterwarnings("ignore", message=message, category=FutureWarning)
     for group in groups:
         group["use_muon"] = bool(group.pop("muon", False))
         for param in group["params"]:
