@@ -45,6 +45,7 @@ def test_the_muon_half_is_torch_muon():
         betas=(0.9, 0.95),
         eps=1e-8,
         ns_dtype=torch.bfloat16,
+        ns_method="standard",
     )
     reference = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=True)
     assert_same_steps(mine, ours, reference, theirs)
@@ -76,6 +77,22 @@ def test_orthogonalize_in_fp32_is_near_orthogonal():
     s = torch.linalg.svdvals(fp32)
     assert s.min() > 0.5 and s.max() < 1.5
     assert torch.equal(g, torch.randn(64, 32, generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("shape", [(32, 96), (96, 32), (40, 64)])
+def test_gram_newton_schulz_is_the_standard_iteration(shape):
+    """The Gram form (what MuonAdamW runs by default, as DeepSpeed's Muon does) is the same
+    iteration reordered: in fp32 it lands as close to the fp64 standard result as the fp32
+    standard one does. A matrix less than twice as wide as tall takes the standard form."""
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    exact = orthogonalize(g, torch.float64, "standard")
+    standard = orthogonalize(g, torch.float32, "standard")
+    gram = orthogonalize(g, torch.float32, "gram")
+    assert gram.shape == g.shape and gram.dtype == torch.float32
+    error = (gram.double() - exact).norm() / exact.norm()
+    assert error < 1e-5 and error < 3 * (standard.double() - exact).norm() / exact.norm()
+    if max(shape) < 2 * min(shape):
+        assert torch.equal(gram, standard)
 
 
 def test_muon_takes_the_block_matrices_only():
