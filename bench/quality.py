@@ -2,6 +2,7 @@
 the same tokens, both scored by one evaluator.
 
     python bench/quality.py --nanogpt PATH [--steps 200] [--every 50] [--variants ...]
+        [--speed-rounds 3 [--speed-steps 30]] [--speed-only] [--json FILE]
 
 PATH is a checkout of https://github.com/karpathy/nanoGPT (its code is run there, not copied
 here). Shape: 6 layers x 384, 6 heads, context 256, batch 8 x 256 tokens, the bundled corpus
@@ -24,6 +25,14 @@ logs, where a step that saved a checkpoint, and the one after, count as the medi
 two save different amounts, and nanoGPT's save step also evaluates). Loss at equal time is
 interpolated linearly between checkpoints (at step 0: ln(vocabulary), the uniform guess).
 
+A shared machine's speed drifts by more than the difference being measured (the same trainer
+ran 600 and 828 tokens/s on one machine on one day), so tokens/s is best taken from
+--speed-rounds R: R rounds, each trainer --speed-steps steps in turn, the order rotated each
+round; a round's ratios compare trainers that ran minutes apart. With the quality runs, its
+table also gives the loss at equal time with each trainer's step time from the rounds'
+medians (the losses by step do not depend on the machine's speed: both trainers are seeded).
+--speed-only skips the quality runs.
+
 Goals (issue 24): at equal training time (when the first of the two finished), neo's default
 recipe >= 0.10 nats below nanoGPT; tokens/s >= 1.05x nanoGPT's in fp32. (bf16 is not run:
 nanoGPT's train.py uses no autocast on CPU, and a CPU without native bf16 emulates it.)
@@ -37,6 +46,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -257,46 +267,97 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--windows", type=int, help="score the first N windows only (a smoke test)")
+    parser.add_argument(
+        "--speed-rounds",
+        type=int,
+        default=0,
+        help="then R interleaved speed rounds: each trainer for --speed-steps steps, in turn",
+    )
+    parser.add_argument("--speed-steps", type=int, default=30)
+    parser.add_argument("--speed-only", action="store_true", help="the speed rounds only")
     args = parser.parse_args()
     if not (args.nanogpt / "train.py").is_file():
         raise SystemExit(f"--nanogpt {args.nanogpt}: no train.py there")
     if args.steps % args.every:
         raise SystemExit("--steps must be a multiple of --every")
+    if args.speed_only and not args.speed_rounds:
+        raise SystemExit("--speed-only needs --speed-rounds R (R >= 1)")
+    if args.speed_rounds and args.speed_steps <= 2 * WARMUP:
+        raise SystemExit(
+            f"--speed-steps must be over {2 * WARMUP} (the schedule warms up for {WARMUP})"
+        )
     if not DATA.exists():
         subprocess.run([str(BIN / "neo"), "prep"], check=True, cwd=ROOT)
     acc = accel.select("cpu")
     machine = hw.describe(acc)
     checkpoints = list(range(args.every, args.steps + 1, args.every))
-    windows = validation_windows()[: args.windows]
+    windows = validation_windows()[: args.windows] if not args.speed_only else None
     results = {}  # name -> {"clock": [...], "losses": {step: loss}}
+    speeds = {}  # name -> tokens/s in each speed round
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        data = nanogpt_data(tmp / "data")
+        if not args.speed_only:
+            results = quality_runs(args, data, tmp, checkpoints, windows)
+        if args.speed_rounds:
+            speeds = speed_rounds(args, data, tmp)
+    summary = {"machine": machine.summary(), "steps": args.steps}
+    if results:
+        summary["results"] = report(results, args, machine, 50304, len(windows))
+    if speeds:
+        print(f"machine: {machine.summary()}")
+        summary["speed_rounds"] = report_speeds(speeds, results, args)
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1))
+
+
+def quality_runs(args, data: Path, tmp: Path, checkpoints: list[int], windows) -> dict:
+    """nanoGPT, then each neo variant, for --steps steps, every checkpoint scored."""
+    results = {}
+    started = time.time()
+    times = run_nanogpt(args.nanogpt, data, tmp / "nano", args.steps, args.every)
+    print(f"nanoGPT: {args.steps} steps in {time.time() - started:.0f}s", flush=True)
+    losses = {
+        s: validation_loss(nanogpt_model(args.nanogpt, tmp / "nano" / f"ckpt_{s}.pt"), windows)
+        for s in checkpoints
+    }
+    # nanoGPT's checkpoint at step s is written before step s + 1 runs: the save step is s + 1
+    results["nanoGPT"] = {"clock": clock(times, {s + 1 for s in checkpoints}), "losses": losses}
+    for name in args.variants:
+        run = tmp / name
         started = time.time()
-        times = run_nanogpt(
-            args.nanogpt, nanogpt_data(tmp / "data"), tmp / "nano", args.steps, args.every
-        )
-        print(f"nanoGPT: {args.steps} steps in {time.time() - started:.0f}s", flush=True)
+        times = run_neo(run, VARIANTS[name], args.steps, args.every)
+        print(f"neo {name}: {args.steps} steps in {time.time() - started:.0f}s", flush=True)
         losses = {
-            s: validation_loss(nanogpt_model(args.nanogpt, tmp / "nano" / f"ckpt_{s}.pt"), windows)
+            s: validation_loss(neo_model(run / "checkpoints" / f"step_{s:08d}"), windows)
             for s in checkpoints
         }
-        # nanoGPT's checkpoint at step s is written before step s + 1 runs: the save step is s + 1
-        results["nanoGPT"] = {"clock": clock(times, {s + 1 for s in checkpoints}), "losses": losses}
-        vocab = 50304
-        for name in args.variants:
-            run = tmp / name
-            started = time.time()
-            times = run_neo(run, VARIANTS[name], args.steps, args.every)
-            print(f"neo {name}: {args.steps} steps in {time.time() - started:.0f}s", flush=True)
-            losses = {
-                s: validation_loss(neo_model(run / "checkpoints" / f"step_{s:08d}"), windows)
-                for s in checkpoints
-            }
-            results[f"neo {name}"] = {"clock": clock(times, set(checkpoints)), "losses": losses}
-    report(results, args, machine, vocab, len(windows))
+        results[f"neo {name}"] = {"clock": clock(times, set(checkpoints)), "losses": losses}
+    return results
 
 
-def report(results: dict, args, machine, vocab: int, windows: int) -> None:
+def speed_rounds(args, data: Path, tmp: Path) -> dict[str, list[float]]:
+    """Tokens/s of each trainer in each of --speed-rounds rounds: in a round every trainer runs
+    --speed-steps steps (no checkpoint on the way), one after the other, the order rotated
+    each round, so that a slow spell of a shared machine falls on every trainer alike and the
+    ratio within a round compares like with like. Each rate is the median step after five."""
+    names = ["nanoGPT", *(f"neo {v}" for v in args.variants)]
+    rates = {name: [] for name in names}
+    steps = args.speed_steps
+    for r in range(args.speed_rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            out = tmp / f"speed-{r}-{name.replace(' ', '-')}"
+            if name == "nanoGPT":
+                times = run_nanogpt(args.nanogpt, data, out, steps, steps * 10)
+            else:
+                times = run_neo(out, VARIANTS[name.removeprefix("neo ")], steps, steps * 10)
+            rates[name].append(BATCH * SEQ / statistics.median(times[5 : steps - 1]))
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"speed round {r + 1}: {name} {rates[name][-1]:,.0f} tokens/s", flush=True)
+    return rates
+
+
+def report(results: dict, args, machine, vocab: int, windows: int) -> dict:
     tokens = BATCH * SEQ
     rows = {}
     for name, r in results.items():
@@ -355,12 +416,51 @@ def report(results: dict, args, machine, vocab: int, windows: int) -> None:
             "nanogpt_loss_at_equal_time": theirs,
         }
     console.print(table)
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {"steps": args.steps, "machine": machine.summary(), "results": out}, indent=1
-            )
-        )
+    return out
+
+
+def report_speeds(speeds: dict[str, list[float]], results: dict, args) -> dict:
+    """The interleaved rounds' tokens/s, each round's ratio to nanoGPT's in the same round,
+    and (with the quality runs) the loss at equal time with each trainer's step time taken
+    from the rounds' medians instead of its own long run's."""
+    nano = speeds["nanoGPT"]
+    table = Table(
+        title=f"tokens/s, {args.speed_rounds} interleaved rounds of {args.speed_steps} steps"
+    )
+    columns = ["trainer", "each round", "median", "vs nanoGPT, each round", "median ratio"]
+    columns += ["loss at equal time", "nanoGPT's there", "difference"] if results else []
+    for c in columns:
+        table.add_column(c, justify="right")
+    nano_step = BATCH * SEQ / statistics.median(nano)
+    out = {}
+    for name, rates in speeds.items():
+        ratios = [a / b for a, b in zip(rates, nano, strict=True)]
+        row = [
+            name,
+            " ".join(f"{x:,.0f}" for x in rates),
+            f"{statistics.median(rates):,.0f}",
+            "-" if name == "nanoGPT" else " ".join(f"{x:.2f}" for x in ratios),
+            "-" if name == "nanoGPT" else f"{statistics.median(ratios):.2f}x",
+        ]
+        if results:
+            step = BATCH * SEQ / statistics.median(rates)
+            t_equal = args.steps * max(step, nano_step)  # when the slower one finished
+            mine = loss_by_step(results[name]["losses"], t_equal / step)
+            theirs = loss_by_step(results["nanoGPT"]["losses"], t_equal / nano_step)
+            row += [
+                f"{mine:.3f}",
+                f"{theirs:.3f}",
+                "-" if name == "nanoGPT" else f"{mine - theirs:+.3f}",
+            ]
+        table.add_row(*row)
+        out[name] = {"tokens_per_s": rates, "vs_nanogpt": ratios, "row": row}
+    Console(width=140).print(table)
+    return out
+
+
+def loss_by_step(losses: dict[int, float], step: float) -> float:
+    """A run's validation loss interpolated at a (fractional) step, from ln(50304) at step 0."""
+    return loss_at([(0.0, math.log(50304)), *((float(s), v) for s, v in losses.items())], step)
 
 
 if __name__ == "__main__":
