@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_config
 from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
@@ -173,6 +174,26 @@ def test_fused_loss_equals_logits_then_cross_entropy(monkeypatch, chunk):
         torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(model(inputs, targets).mean(), reference)
+
+
+def test_fused_loss_scales_its_gradients_in_place_once():
+    """The backward scales the gradients made in the forward in place: a second backward
+    through the same graph raises instead of scaling them twice; no rows give zero grads."""
+    from train.model.ops.fused_loss import LinearCrossEntropy, chunked_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(6, 8, generator=g, requires_grad=True)
+    w = torch.randn(11, 8, generator=g, requires_grad=True)
+    targets = torch.randint(0, 11, (6,), generator=g)
+    total, _ = LinearCrossEntropy.apply(h, w, targets)
+    (total * 3).backward(retain_graph=True)
+    expected = torch.autograd.grad(F.cross_entropy(h @ w.T, targets, reduction="sum") * 3, [h, w])
+    torch.testing.assert_close(h.grad, expected[0])
+    torch.testing.assert_close(w.grad, expected[1])
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        total.backward()
+    _, count, grad_h, grad_w = chunked_cross_entropy(h[:0], w.detach(), targets[:0], with_grad=True)
+    assert count == 0 and grad_h.shape == (0, 8) and torch.equal(grad_w, torch.zeros(11, 8))
 
 
 def test_fused_loss_in_bf16_is_as_accurate_as_the_unfused_bf16_loss(monkeypatch):

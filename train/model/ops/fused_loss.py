@@ -28,7 +28,7 @@ def chunked_cross_entropy(
     any_ignored = bool((~valid).any())  # one host sync, not one per chunk
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     grad_h = torch.empty_like(h) if with_grad else None
-    grad_w = torch.zeros_like(weight) if with_grad else None
+    grad_w = (torch.empty_like if len(h) else torch.zeros_like)(weight) if with_grad else None
     rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
     for start in range(0, h.shape[0], rows):
         end = start + rows
@@ -42,7 +42,10 @@ def chunked_cross_entropy(
                 grad.mul_(keep[:, None])
             grad = grad.to(h.dtype)
             torch.mm(grad, weight, out=grad_h[start:end])
-            grad_w.addmm_(grad.T, hc)
+            if start == 0:
+                torch.mm(grad.T, hc, out=grad_w)  # no pass to zero it first
+            else:
+                grad_w.addmm_(grad.T, hc)
     return total, valid.sum(), grad_h, grad_w
 
 
@@ -61,5 +64,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, grad_count):
+        # Scaled in place: the gradients are made for this one backward, and a fresh copy of
+        # grad_w (vocab x hidden) is a fresh mapping of that many pages every step.
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_total).to(grad_h.dtype), (grad_w * grad_total).to(grad_w.dtype), None
+        return grad_h.mul_(grad_total), grad_w.mul_(grad_total), None
