@@ -349,8 +349,8 @@ class Runs:
 
 
 def write_documents(file: Path) -> Path:
-    """300 documents of the bundled sample cut to 8 kB each: tests/conftest.py's `documents`,
-    the corpus the golden curve was pinned on (tests/bench checks the two stay equal)."""
+    """300 documents of the bundled sample cut to 8 kB each: the corpus the golden curve was
+    pinned on (tests/conftest.py's `documents` fixture is this function's file)."""
     file.parent.mkdir(parents=True, exist_ok=True)
     with SAMPLE.open("rb") as f, file.open("w") as out:
         lines = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding="utf-8")
