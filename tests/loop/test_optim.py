@@ -177,3 +177,35 @@ def test_schedules(schedule):
         assert lrs[90] == pytest.approx(1 - 0.9 * 0.5)  # linear halfway down
     else:
         assert lrs[55] == pytest.approx(0.1 + 0.9 * 0.5)  # cosine halfway down
+
+
+def test_with_lora_muon_takes_the_adapters_and_nothing_frozen():
+    """`neo sft optim.name=muon lora.r=8`: the frozen base matrices are in no group; Muon
+    takes the adapters' matrices (lora_A, lora_B) inside the blocks; AdamW what else trains."""
+    from train.config.model import ModelConfig
+    from train.config.sft import LoraConfig
+    from train.model import lora
+    from train.model.gpt import GPT
+
+    model = GPT(
+        ModelConfig(
+            num_layers=2, hidden_size=32, num_heads=4, max_position_embeddings=16, vocab_size=64
+        )
+    )
+    lora.inject(model, LoraConfig(r=4))
+    optim = OptimConfig(name="muon", lr=1e-3, muon_lr=0.02, weight_decay=0.1)
+    groups = muon_parameter_groups(model, optim)
+    names = {id(p): n for n, p in model.named_parameters()}
+    grouped = [names[id(p)] for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    muon = [names[id(p)] for g in groups if g.get("muon") for p in g["params"]]
+    assert muon and all("lora_A" in n or "lora_B" in n for n in muon)
+    mine = MuonAdamW(groups, lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))).mean().backward()
+    mine.step()
+    model.zero_grad()
+    model(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))).mean().backward()
+    mine.step()  # lora_A moves from the second step on (lora_B starts at zero)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {n for n, p in model.named_parameters() if p.requires_grad}
