@@ -2,10 +2,12 @@
 the same tokens, both scored by one evaluator.
 
     python bench/quality.py --nanogpt PATH [--steps 200] [--every 50] [--variants ...]
-        [--speed-rounds 3 [--speed-steps 30]] [--speed-only] [--json FILE]
+        [--speed-rounds 3 [--speed-steps 30]] [--speed-only] [--shape small|125m] [--json FILE]
 
 PATH is a checkout of https://github.com/karpathy/nanoGPT (its code is run there, not copied
-here). Shape: 6 layers x 384, 6 heads, context 256, batch 8 x 256 tokens, the bundled corpus
+here). Shape (--shape small): 6 layers x 384, 6 heads, context 256, batch 8 x 256 tokens (or
+--shape 125m: `model=gpt_neo_125m` against nanoGPT's GPT-2 124M, context 1024, batch 4 x 1024,
+the recipe's second shape; slow on a CPU: use --steps 50 --every 25), the bundled corpus
 as prepared by `neo prep` (data/pile_sample, prepared on first use); learning rate 1e-3, warmup
 10 steps, decay to 1e-4 over the run; AdamW betas (0.9, 0.95), weight decay 0.1, clipping 1.0;
 fp32, one process each (each trainer has both cores to itself: they run one after the other).
@@ -16,11 +18,12 @@ fp32, one process each (each trainer has both cores to itself: they run one afte
   its architecture: GPT-2's (biases on, global attention, 1/sqrt(d) scaled), vocabulary padded
   to 50,304.
 - neo trains its default recipe and each variant (--variants), saving every --every steps, with
-  no validation of its own during training; model: GPT-Neo's layout with every layer global.
+  no validation of its own during training; model: GPT-Neo's layout (at --shape small with every
+  layer global).
 
 Every checkpoint of both is then scored by `validation_loss` on the whole validation split cut
-into disjoint 256-token windows (every position once; the mean cross entropy over the full
-softmax each model defines). Time is training time: the sum of the step times each trainer
+into disjoint windows of the context length (every position once; the mean cross entropy over
+the full softmax each model defines). Time is training time: the sum of the step times each trainer
 logs, where a step that saved a checkpoint, and the one after, count as the median step (the
 two save different amounts, and nanoGPT's save step also evaluates). Loss at equal time is
 interpolated linearly between checkpoints (at step 0: ln(vocabulary), the uniform guess).
@@ -52,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,28 +72,71 @@ from train.distributed import machine as hw
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 DATA = ROOT / "data" / "pile_sample"
-SEQ, BATCH, LR, MIN_LR, WARMUP = 256, 8, 1e-3, 1e-4, 10
-LAYERS, HIDDEN, HEADS = 6, 384, 6
+LR, MIN_LR, WARMUP = 1e-3, 1e-4, 10
 
-NEO = [
-    f"model.num_layers={LAYERS}",
-    f"model.hidden_size={HIDDEN}",
-    f"model.num_heads={HEADS}",
-    f"model.attention_types=[[[global],{LAYERS}]]",
-    f"model.max_position_embeddings={SEQ}",
-    f"data.seq_len={SEQ}",
-    f"micro_batch_size={BATCH}",
-    f"global_batch_size={BATCH}",
-    "precision=fp32",
-    "deepspeed=zero0",
-    f"optim.lr={LR}",
-    f"optim.warmup={WARMUP}",
-    f"optim.min_lr_ratio={MIN_LR / LR}",
-    "logger.log_every=1",
-    "logger.wandb.mode=disabled",
-    "export_hf=false",
-    "keep_last=1000",
-]
+
+@dataclass(frozen=True)
+class Shape:
+    """The model and batch both trainers train; `neo_model`: the overrides that make neo's."""
+
+    layers: int
+    hidden: int
+    heads: int
+    seq: int
+    batch: int
+    neo_model: tuple[str, ...]
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    def summary(self) -> str:
+        return (
+            f"{self.layers} x {self.hidden} model, {self.heads} heads, context {self.seq}, "
+            f"batch {self.batch} x {self.seq}"
+        )
+
+
+SHAPES = {
+    # every layer global, as nanoGPT's
+    "small": Shape(
+        6,
+        384,
+        6,
+        256,
+        8,
+        (
+            "model.num_layers=6",
+            "model.hidden_size=384",
+            "model.num_heads=6",
+            "model.attention_types=[[[global],6]]",
+            "model.max_position_embeddings=256",
+        ),
+    ),
+    # GPT-Neo 125M as configs/model/gpt_neo_125m.yaml has it (global and local layers in turn)
+    # against nanoGPT's GPT-2 124M
+    "125m": Shape(12, 768, 12, 1024, 4, ("model=gpt_neo_125m",)),
+}
+
+
+def neo_overrides(shape: Shape) -> list[str]:
+    return [
+        *shape.neo_model,
+        f"data.seq_len={shape.seq}",
+        f"micro_batch_size={shape.batch}",
+        f"global_batch_size={shape.batch}",
+        "precision=fp32",
+        "deepspeed=zero0",
+        f"optim.lr={LR}",
+        f"optim.warmup={WARMUP}",
+        f"optim.min_lr_ratio={MIN_LR / LR}",
+        "logger.log_every=1",
+        "logger.wandb.mode=disabled",
+        "export_hf=false",
+        "keep_last=1000",
+    ]
+
+
 # name -> the overrides that make it (each recipe change alone; `muon` is neo train's default)
 VARIANTS = {
     "adamw": ["optim.name=adamw"],
@@ -121,7 +168,9 @@ def nanogpt_data(out: Path) -> Path:
     return out
 
 
-def run_nanogpt(checkout: Path, data: Path, out: Path, steps: int, every: int) -> list[float]:
+def run_nanogpt(
+    checkout: Path, data: Path, out: Path, shape: Shape, steps: int, every: int
+) -> list[float]:
     """nanoGPT's train.py for `steps` steps; returns each step's seconds, and leaves its
     checkpoints as out/ckpt_STEP.pt."""
     args = {
@@ -130,11 +179,11 @@ def run_nanogpt(checkout: Path, data: Path, out: Path, steps: int, every: int) -
         "device": "cpu",
         "dtype": "float32",
         "compile": False,
-        "n_layer": LAYERS,
-        "n_head": HEADS,
-        "n_embd": HIDDEN,
-        "block_size": SEQ,
-        "batch_size": BATCH,
+        "n_layer": shape.layers,
+        "n_head": shape.heads,
+        "n_embd": shape.hidden,
+        "block_size": shape.seq,
+        "batch_size": shape.batch,
         "gradient_accumulation_steps": 1,
         "bias": True,
         "dropout": 0.0,
@@ -168,14 +217,16 @@ def run_nanogpt(checkout: Path, data: Path, out: Path, steps: int, every: int) -
     return times
 
 
-def run_neo(run_dir: Path, overrides: list[str], steps: int, every: int) -> list[float]:
+def run_neo(
+    run_dir: Path, shape: Shape, overrides: list[str], steps: int, every: int
+) -> list[float]:
     """`neo train` for `steps` steps; returns each step's seconds."""
     command = [
         str(BIN / "neo"),
         "train",
         f"run_dir={run_dir}",
         f"data.path={DATA}",
-        *NEO,
+        *neo_overrides(shape),
         f"max_steps={steps}",
         f"save_every={every}",
         f"eval_every={steps * 10}",
@@ -189,7 +240,7 @@ def run_neo(run_dir: Path, overrides: list[str], steps: int, every: int) -> list
     for r in records:
         if "loss" in r:
             rate = r.get("tokens_per_s")
-            times[r["step"]] = BATCH * SEQ / rate if rate else r["warmup_s"]
+            times[r["step"]] = shape.tokens / rate if rate else r["warmup_s"]
     return [times[s] for s in sorted(times)]
 
 
@@ -197,22 +248,22 @@ def run_neo(run_dir: Path, overrides: list[str], steps: int, every: int) -> list
 # one evaluator
 
 
-def validation_windows() -> torch.Tensor:
-    """The validation split as (N, SEQ + 1) windows overlapping by one token: every position is
+def validation_windows(seq: int) -> torch.Tensor:
+    """The validation split as (N, seq + 1) windows overlapping by one token: every position is
     a target once (the split's last partial window is left out)."""
     _, shards = open_prepared(DATA)
     tokens = np.concatenate(
         [np.asarray(s.get(i)) for s in shards["validation"] for i in range(len(s))]
     )
-    n = (len(tokens) - 1) // SEQ
-    idx = np.arange(n)[:, None] * SEQ + np.arange(SEQ + 1)[None, :]
+    n = (len(tokens) - 1) // seq
+    idx = np.arange(n)[:, None] * seq + np.arange(seq + 1)[None, :]
     return torch.from_numpy(tokens[idx].astype(np.int64))
 
 
 @torch.no_grad()
 def validation_loss(logits_of, windows: torch.Tensor, batch: int = 16) -> float:
     """Mean next-token cross entropy over every position of every window; `logits_of` maps
-    (B, SEQ) ids to (B, SEQ, V) logits."""
+    (B, T) ids to (B, T, V) logits."""
     total, count = 0.0, 0
     for i in range(0, len(windows), batch):
         w = windows[i : i + batch]
@@ -262,6 +313,7 @@ def loss_at(curve: list[tuple[float, float]], x: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nanogpt", type=Path, required=True, help="a karpathy/nanoGPT checkout")
+    parser.add_argument("--shape", default="small", choices=list(SHAPES))
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -291,7 +343,8 @@ def main() -> None:
     acc = accel.select("cpu")
     machine = hw.describe(acc)
     checkpoints = list(range(args.every, args.steps + 1, args.every))
-    windows = validation_windows()[: args.windows] if not args.speed_only else None
+    shape = args.shape = SHAPES[args.shape]
+    windows = validation_windows(shape.seq)[: args.windows] if not args.speed_only else None
     results = {}  # name -> {"clock": [...], "losses": {step: loss}}
     speeds = {}  # name -> tokens/s in each speed round
     with tempfile.TemporaryDirectory() as tmp:
@@ -301,11 +354,11 @@ def main() -> None:
             results = quality_runs(args, data, tmp, checkpoints, windows)
         if args.speed_rounds:
             speeds = speed_rounds(args, data, tmp)
-    summary = {"machine": machine.summary(), "steps": args.steps}
+    summary = {"machine": machine.summary(), "shape": shape.summary(), "steps": args.steps}
     if results:
         summary["results"] = report(results, args, machine, 50304, len(windows))
     if speeds:
-        print(f"machine: {machine.summary()}")
+        print(f"machine: {machine.summary()}; {shape.summary()}, fp32")
         summary["speed_rounds"] = report_speeds(speeds, results, args)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))
@@ -315,7 +368,7 @@ def quality_runs(args, data: Path, tmp: Path, checkpoints: list[int], windows) -
     """nanoGPT, then each neo variant, for --steps steps, every checkpoint scored."""
     results = {}
     started = time.time()
-    times = run_nanogpt(args.nanogpt, data, tmp / "nano", args.steps, args.every)
+    times = run_nanogpt(args.nanogpt, data, tmp / "nano", args.shape, args.steps, args.every)
     print(f"nanoGPT: {args.steps} steps in {time.time() - started:.0f}s", flush=True)
     losses = {
         s: validation_loss(nanogpt_model(args.nanogpt, tmp / "nano" / f"ckpt_{s}.pt"), windows)
@@ -326,7 +379,7 @@ def quality_runs(args, data: Path, tmp: Path, checkpoints: list[int], windows) -
     for name in args.variants:
         run = tmp / name
         started = time.time()
-        times = run_neo(run, VARIANTS[name], args.steps, args.every)
+        times = run_neo(run, args.shape, VARIANTS[name], args.steps, args.every)
         print(f"neo {name}: {args.steps} steps in {time.time() - started:.0f}s", flush=True)
         losses = {
             s: validation_loss(neo_model(run / "checkpoints" / f"step_{s:08d}"), windows)
@@ -348,17 +401,18 @@ def speed_rounds(args, data: Path, tmp: Path) -> dict[str, list[float]]:
         for name in names[r % len(names) :] + names[: r % len(names)]:
             out = tmp / f"speed-{r}-{name.replace(' ', '-')}"
             if name == "nanoGPT":
-                times = run_nanogpt(args.nanogpt, data, out, steps, steps * 10)
+                times = run_nanogpt(args.nanogpt, data, out, args.shape, steps, steps * 10)
             else:
-                times = run_neo(out, VARIANTS[name.removeprefix("neo ")], steps, steps * 10)
-            rates[name].append(BATCH * SEQ / statistics.median(times[5 : steps - 1]))
+                variant = VARIANTS[name.removeprefix("neo ")]
+                times = run_neo(out, args.shape, variant, steps, steps * 10)
+            rates[name].append(args.shape.tokens / statistics.median(times[5 : steps - 1]))
             shutil.rmtree(out, ignore_errors=True)
             print(f"speed round {r + 1}: {name} {rates[name][-1]:,.0f} tokens/s", flush=True)
     return rates
 
 
 def report(results: dict, args, machine, vocab: int, windows: int) -> dict:
-    tokens = BATCH * SEQ
+    tokens = args.shape.tokens
     rows = {}
     for name, r in results.items():
         curve = [(0.0, math.log(vocab))] + [
@@ -370,8 +424,8 @@ def report(results: dict, args, machine, vocab: int, windows: int) -> dict:
     console = Console(width=140)
     console.print(
         f"machine: {machine.summary()}\n"
-        f"{LAYERS} x {HIDDEN} model, {HEADS} heads, context {SEQ}, batch {BATCH} x {SEQ}, fp32, "
-        f"{args.steps} steps; validation: {windows} windows of {SEQ} (every position); time = "
+        f"{args.shape.summary()}, fp32, {args.steps} steps; validation: {windows} windows of "
+        f"{args.shape.seq} (every position); time = "
         "training time (see the module docstring); equal time = when the first of the two "
         "finished"
     )
@@ -431,7 +485,7 @@ def report_speeds(speeds: dict[str, list[float]], results: dict, args) -> dict:
     columns += ["loss at equal time", "nanoGPT's there", "difference"] if results else []
     for c in columns:
         table.add_column(c, justify="right")
-    nano_step = BATCH * SEQ / statistics.median(nano)
+    nano_step = args.shape.tokens / statistics.median(nano)
     out = {}
     for name, rates in speeds.items():
         ratios = [a / b for a, b in zip(rates, nano, strict=True)]
@@ -443,8 +497,8 @@ def report_speeds(speeds: dict[str, list[float]], results: dict, args) -> dict:
             "-" if name == "nanoGPT" else f"{statistics.median(ratios):.2f}x",
         ]
         if results:
-            step = BATCH * SEQ / statistics.median(rates)
-            t_equal = args.steps * max(step, nano_step)  # when the slower one finished
+            step = args.shape.tokens / statistics.median(rates)
+            t_equal = args.steps * min(step, nano_step)  # when the first one finished
             mine = loss_by_step(results[name]["losses"], t_equal / step)
             theirs = loss_by_step(results["nanoGPT"]["losses"], t_equal / nano_step)
             row += [
