@@ -163,6 +163,11 @@ def chat_pieces(record: Record, fields: SftFieldsConfig, template: str) -> list[
     return [(t, trained) for t, trained in pieces if t]
 
 
+def chat_renderer(template: str):
+    """`render(messages=..., add_generation_prompt=...)` of a chat template (Jinja text)."""
+    return _compiled(template)
+
+
 @cache
 def _compiled(template: str):
     """A chat template compiled as transformers compiles them (sandboxed Jinja, trim_blocks,
