@@ -46,6 +46,10 @@ VERBS = {
         "train.verbs.sft",
         "fine-tune a checkpoint on instruction, completion or chat data (base= sft.path=)",
     ),
+    "dpo": Verb(
+        "train.verbs.dpo",
+        "preference-tune a checkpoint with DPO on chosen/rejected pairs (base= dpo.path=)",
+    ),
     "plot": Verb("train.verbs.plot", "draw the loss curve of a run into <run_dir>/loss.png"),
     "info": Verb(
         "train.verbs.info",

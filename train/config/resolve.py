@@ -123,6 +123,8 @@ def resolve_dpo(cfg: DpoConfig, world: World, sources: SftSources | None) -> Res
     accumulation, reason = _training(cfg, world)  # before the base and the data are read
     if sources is not None:
         _adopt_base(cfg, sources, grow=False)
+        if sources.used_base is not None:  # the demo's SFT model missing: the one read instead
+            cfg.base = sources.used_base
     cfg.model.validate()
     _steps(cfg, sources)
     return Resolved(cfg.frozen(), world, accumulation, reason)

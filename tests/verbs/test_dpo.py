@@ -1,0 +1,210 @@
+"""`neo dpo` for real (DeepSpeed over gloo on CPU), its config rules, its batches and the
+stored reference log-probabilities."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import NEO
+
+from data_prep.tokenizers import load_tokenizer
+from train.config import compose
+from train.config.dpo import DpoConfig
+from train.config.resolve import World, resolve_dpo
+from train.data.dpo import BUNDLED, PairBatches
+from train.data.preference import read_pairs
+from train.errors import CheckpointError, ConfigError
+from train.loop import reference
+from train.loop.metrics import read_metrics
+from train.model.preference import METRICS
+
+SMALL = [
+    "model.hidden_size=64",
+    "model.num_layers=2",
+    "model.attention_types=[[[global,local],1]]",
+    "logger.log_every=1",
+    "logger.wandb.mode=disabled",
+    "samples=1",
+    "sample_max_new_tokens=8",
+]
+
+
+def dpo(cwd: Path, *overrides: str, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cwd.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        [NEO, "dpo", *SMALL, *overrides], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"neo dpo failed\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.mark.slow
+def test_no_arguments_tunes_on_the_bundled_pairs_with_trls_metric_names(tmp_path):
+    """In a directory without the demo's models: a fresh tiny model, its own reference, on the
+    bundled pairs; TRL's metric names on training steps and (as val/...) on the held-out pairs,
+    whose reward accuracy rises well above chance."""
+    proc = dpo(tmp_path, "max_steps=24", "eval_every=8", "optim.lr=1e-4")
+    output = proc.stdout + proc.stderr
+    assert "base=runs/demo-sft does not exist (`make demo` makes it), nor runs/demo" in output
+    assert "360 training and 40 validation pairs (0 skipped, 0 cut to the context)" in output
+    run = tmp_path / "runs" / "dpo-tiny"
+    assert (run / reference.REFERENCE_FILE).is_file()
+    assert (run / "model").is_dir() and (run / "hf").is_dir()
+    records = read_metrics(run)
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 25))
+    for r in steps:
+        assert set(METRICS) <= set(r)
+    # the reference is the policy's start, in the same precision: rewards start at exactly 0
+    assert steps[0]["rewards/chosen"] == steps[0]["rewards/rejected"] == 0.0
+    assert steps[0]["rewards/accuracies"] == 0.0  # no pair has chosen > rejected yet
+    validations = [r for r in records if "val/rewards/accuracies" in r]
+    assert [r["step"] for r in validations] == [8, 16, 24]
+    for r in validations:
+        assert {"val/loss", *(f"val/{m}" for m in METRICS)} <= set(r)
+    assert validations[-1]["val/rewards/accuracies"] >= 0.65
+    assert validations[-1]["val/rewards/margins"] > validations[0]["val/rewards/margins"] > 0
+    assert validations[-1]["val/loss"] < validations[0]["val/loss"] < np.log(2)
+
+
+@pytest.mark.slow
+def test_resume_reads_the_reference_and_continues_exactly(tmp_path):
+    """Stopped at step 2 and run again to 4: the same losses and rewards as 4 steps at once,
+    and the reference log-probabilities are read back, the file untouched, never recomputed."""
+    common = ["save_every=2", "eval_every=100", "optim.lr=1e-4"]
+    dpo(tmp_path / "straight", "max_steps=4", *common)
+    dpo(tmp_path / "resumed", "max_steps=2", *common)
+    stored = tmp_path / "resumed" / "runs" / "dpo-tiny" / reference.REFERENCE_FILE
+    before = (stored.stat().st_mtime_ns, stored.stat().st_ino, stored.read_bytes())
+    proc = dpo(tmp_path / "resumed", "max_steps=4", *common)
+    output = proc.stdout + proc.stderr
+    assert f"reference log-probabilities: read from {stored}" in output
+    assert "computed from the base" not in output
+    assert (stored.stat().st_mtime_ns, stored.stat().st_ino, stored.read_bytes()) == before
+
+    def steps(cwd):
+        return {
+            r["step"]: {k: r[k] for k in ("loss", *METRICS)}
+            for r in read_metrics(cwd / "runs" / "dpo-tiny")
+            if "loss" in r
+        }
+
+    straight, resumed = steps(tmp_path / "straight"), steps(tmp_path / "resumed")
+    assert resumed == straight and sorted(straight) == [1, 2, 3, 4]
+
+
+def test_a_resume_without_the_stored_reference_or_with_other_pairs_stops(tmp_path):
+    tokenizer = load_tokenizer("gpt2")
+    pairs = read_pairs(str(BUNDLED), tokenizer, 256).pairs[:6]
+    splits = {"train": pairs[:4], "validation": pairs[4:]}
+    with pytest.raises(CheckpointError, match="reference_logps.safetensors is missing"):
+        reference.load(tmp_path, splits)
+    logps = {"train": torch.randn(4, 2), "validation": torch.randn(2, 2)}
+    reference.save(tmp_path, splits, logps)
+    loaded = reference.load(tmp_path, splits)
+    assert all(torch.equal(loaded[k], logps[k]) for k in logps)
+    other = {"train": pairs[1:5], "validation": pairs[4:]}
+    with pytest.raises(CheckpointError, match="computed for other train pairs"):
+        reference.load(tmp_path, other)
+    assert [p.name for p in tmp_path.iterdir()] == [reference.REFERENCE_FILE]  # no temp left
+
+
+class Sources:
+    def __init__(self, pairs=100):
+        self.pairs, self.used_base = pairs, None
+
+    def base_model(self):
+        return None
+
+    def tokenizer_size(self):
+        return 50257
+
+    def training_rows(self, cfg):
+        return self.pairs
+
+
+def test_config_rules():
+    cpu = World()
+    assert resolve_dpo(DpoConfig(), cpu, Sources(100)).cfg.max_steps == 13  # one epoch of 8
+    cases = [
+        (dict(beta=0.0), "dpo.beta=0.0 must be > 0"),
+        (dict(loss_type="kto"), "dpo.loss_type='kto' is not one of sigmoid, ipo, hinge, robust"),
+        (
+            dict(label_smoothing=0.1),
+            "dpo.label_smoothing=0.1 is not read: dpo.loss_type=sigmoid has no label smoothing",
+        ),
+        (
+            dict(loss_type="robust", label_smoothing=0.5),
+            "dpo.label_smoothing=0.5 must be in [0, 0.5) for dpo.loss_type=robust",
+        ),
+        (dict(validation_fraction=1.0), "dpo.validation_fraction=1.0 must be in [0, 1)"),
+    ]
+    for values, message in cases:
+        cfg = DpoConfig()
+        for k, v in values.items():
+            setattr(cfg.dpo, k, v)
+        with pytest.raises(ConfigError) as e:
+            resolve_dpo(cfg, cpu, Sources())
+        assert str(e.value).startswith(message)
+    robust = DpoConfig()
+    robust.dpo.loss_type, robust.dpo.label_smoothing = "robust", 0.1
+    assert resolve_dpo(robust, cpu, Sources()).cfg.dpo.label_smoothing == 0.1
+    with pytest.raises(ConfigError, match="run_dir=runs/x holds base=runs/x/sft"):
+        resolve_dpo(DpoConfig(base="runs/x/sft", run_dir="runs/x"), cpu, Sources())
+
+
+@pytest.mark.parametrize(
+    "key, message",
+    [
+        ("lora.r=8", "lora.r is not a key of neo dpo: neo dpo trains every weight; LoRA"),
+        ("sft.path=x", "sft.path is not a key of neo dpo: neo dpo reads preference pairs"),
+        ("dpo.betta=0.2", "dpo.betta is not a key of neo dpo: did you mean dpo.beta?"),
+        ("head=classification", "head is not a key of neo dpo"),
+    ],
+)
+def test_keys_neo_dpo_does_not_read_are_refused(key, message):
+    with pytest.raises(ConfigError, match=message.replace("?", r"\?")):
+        compose.compose("dpo", [key])
+
+
+def test_unknown_key_on_the_command_line_is_one_line_exit_2(tmp_path):
+    proc = subprocess.run(
+        [NEO, "dpo", "dpo.beta=0.1", "dpo.label_smoothing=0.2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "neo dpo: error: dpo.label_smoothing=0.2 is not read: dpo.loss_type=sigmoid has no "
+        "label smoothing (TRL 1.16: only its robust loss reads it; dpo.loss_type=robust)"
+    ]
+    assert not (tmp_path / "runs").exists()  # nothing left behind
+
+
+def test_a_steps_pairs_do_not_depend_on_the_world_size():
+    tokenizer = load_tokenizer("gpt2")
+    pairs = read_pairs(str(BUNDLED), tokenizer, 256).pairs[:40]
+    one = PairBatches(pairs, 7, 0, 1, 2, 4, tokenizer.eod_id)
+    two = [PairBatches(pairs, 7, r, 2, 2, 2, tokenizer.eod_id) for r in range(2)]
+    for step in range(3):
+        seen_one = [p.where for m in range(4) for p in one.items(step, m)]
+        seen_two = [p.where for m in range(2) for b in two for p in b.items(step, m)]
+        assert sorted(seen_one) == sorted(seen_two) and len(set(seen_one)) == 8
+        assert one.targets_in_step(step) == 8  # pairs: the loss is their mean
+        batch = one.micro_batch(step, 0)
+        first = one.items(step, 0)
+        assert batch["input_ids"].shape[0] == 4  # 2 chosen rows, then 2 rejected
+        assert list(batch["input_ids"][0][: len(first[0].chosen)]) == first[0].chosen
+        assert list(batch["input_ids"][2][: len(first[0].rejected)]) == first[0].rejected
+        lengths = [max(len(p.chosen), len(p.rejected)) for p in first]
+        assert batch["input_ids"].shape[1] == max(lengths)
+    assert json.dumps(one.tokens_in_step(0)) == json.dumps(
+        sum(2 * 2 * max(max(len(p.chosen), len(p.rejected)) for p in g) for g in one.step_groups(0))
+    )
