@@ -4,6 +4,7 @@ stored reference log-probabilities."""
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +34,15 @@ SMALL = [
 ]
 
 
-def dpo(cwd: Path, *overrides: str, check=True):
+def dpo(cwd: Path, *overrides: str, check=True, ranks=1):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cwd.mkdir(parents=True, exist_ok=True)
+    command = [NEO, "dpo"]
+    if ranks > 1:
+        torchrun = str(Path(sys.executable).with_name("torchrun"))
+        command = [torchrun, "--standalone", f"--nproc_per_node={ranks}", "-m", "train.cli", "dpo"]
     proc = subprocess.run(
-        [NEO, "dpo", *SMALL, *overrides], cwd=cwd, env=env, capture_output=True, text=True
+        [*command, *SMALL, *overrides], cwd=cwd, env=env, capture_output=True, text=True
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"neo dpo failed\n{proc.stdout}\n{proc.stderr}")
@@ -97,6 +102,40 @@ def test_resume_reads_the_reference_and_continues_exactly(tmp_path):
 
     straight, resumed = steps(tmp_path / "straight"), steps(tmp_path / "resumed")
     assert resumed == straight and sorted(straight) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_one_and_two_ranks_and_zero3_give_the_same_run(tmp_path):
+    """ZeRO-0 on one rank, ZeRO-2 and ZeRO-3 on two: the same losses, rewards and validation
+    metrics (within fp32 reduction order). Rank 0 alone scores the reference; the other rank
+    reads its file."""
+    common = ["max_steps=4", "eval_every=2", "optim.lr=1e-4", "export_hf=false"]
+    runs = {
+        "one": dpo(tmp_path / "one", *common),
+        "zero2": dpo(tmp_path / "zero2", *common, "deepspeed=zero2", ranks=2),
+        "zero3": dpo(tmp_path / "zero3", *common, "deepspeed=zero3", ranks=2),
+    }
+    assert (runs["zero3"].stdout + runs["zero3"].stderr).count("computed from the base") == 1
+
+    def values(name):
+        return [
+            r
+            for r in read_metrics(tmp_path / name / "runs" / "dpo-tiny")
+            if "step" in r and ("loss" in r or "val/loss" in r)
+        ]
+
+    one = values("one")
+    assert [r["step"] for r in one] == [1, 2, 2, 3, 4, 4]
+    for name in ("zero2", "zero3"):
+        other = values(name)
+        assert [r["step"] for r in other] == [r["step"] for r in one]
+        for a, b in zip(one, other, strict=True):
+            for key in ("loss", "val/loss", "rewards/accuracies", "val/rewards/accuracies"):
+                if key in a:
+                    assert b[key] == pytest.approx(a[key], rel=1e-5), (name, key, a, b)
+            for key in ("rewards/margins", "val/rewards/margins", "rewards/chosen"):
+                if key in a:
+                    assert b[key] == pytest.approx(a[key], abs=1e-5), (name, key, a, b)
 
 
 def test_a_resume_without_the_stored_reference_or_with_other_pairs_stops(tmp_path):
