@@ -201,7 +201,6 @@ def test_config_rules():
 @pytest.mark.parametrize(
     "key, message",
     [
-        ("lora.r=8", "lora.r is not a key of neo dpo: neo dpo trains every weight; LoRA"),
         ("sft.path=x", "sft.path is not a key of neo dpo: neo dpo reads preference pairs"),
         ("dpo.betta=0.2", "dpo.betta is not a key of neo dpo: did you mean dpo.beta?"),
         ("head=classification", "head is not a key of neo dpo"),
@@ -210,6 +209,12 @@ def test_config_rules():
 def test_keys_neo_dpo_does_not_read_are_refused(key, message):
     with pytest.raises(ConfigError, match=message.replace("?", r"\?")):
         compose.compose("dpo", [key])
+
+
+def test_lora_keys_without_lora_are_refused():
+    cfg = compose.to_schema(compose.compose("dpo", ["lora.alpha=32", "run_dir=r"]))
+    with pytest.raises(ConfigError, match="lora.alpha=32.0 is not read: LoRA is off"):
+        resolve_dpo(cfg, World(), Sources())
 
 
 def test_unknown_key_on_the_command_line_is_one_line_exit_2(tmp_path):
@@ -247,3 +252,38 @@ def test_a_steps_pairs_do_not_depend_on_the_world_size():
     assert json.dumps(one.tokens_in_step(0)) == json.dumps(
         sum(2 * 2 * max(max(len(p.chosen), len(p.rejected)) for p in g) for g in one.step_groups(0))
     )
+
+
+@pytest.mark.slow
+def test_lora_trains_adapters_against_the_base_as_reference(tmp_path):
+    """lora.r=4: the reference is the base (the model with its adapters off), so the rewards
+    of step 1 are exactly 0; only the adapters train, the base's files are untouched, and the
+    run ends with peft's adapters and the merged model."""
+    from train.checkpoints.model_format import save_checkpoint
+    from train.model.gpt import GPT
+
+    tokenizer = load_tokenizer("gpt2")
+    config = DpoConfig().model
+    config.hidden_size, config.num_layers = 64, 2
+    config.attention_types = [[["global", "local"], 1]]
+    base = tmp_path / "base"
+    model = GPT(config.validate()).init_weights(torch.Generator().manual_seed(3))
+    save_checkpoint(base, config, model.state_dict(), tokenizer)
+    before = {f.name: f.read_bytes() for f in base.iterdir() if f.is_file()}
+    proc = dpo(
+        tmp_path / "work",
+        f"base={base}",
+        "lora.r=4",
+        "max_steps=3",
+        "optim.lr=1e-3",
+        "eval_every=3",
+    )
+    output = proc.stdout + proc.stderr
+    assert "LoRA r=4 on q_proj/v_proj" in output and "trainable" in output
+    run = tmp_path / "work" / "runs" / "dpo-tiny"
+    steps = [r for r in read_metrics(run) if "loss" in r]
+    assert steps[0]["rewards/chosen"] == steps[0]["rewards/rejected"] == 0.0
+    assert steps[-1]["rewards/margins"] != 0.0  # the adapters moved the policy
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "model").is_dir() and (run / "hf").is_dir()
+    assert {f.name: f.read_bytes() for f in base.iterdir() if f.is_file()} == before

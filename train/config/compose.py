@@ -40,7 +40,6 @@ HINTS: dict[str, dict[str, str]] = {
     "dpo": {
         "sft": "neo dpo reads preference pairs from dpo.path (dpo.validation_path)",
         "data": "neo dpo reads preference pairs from dpo.path (dpo.validation_path)",
-        "lora": "neo dpo trains every weight; LoRA under neo dpo is not built yet",
         "head": "neo dpo tunes the language model; a reward model is not built yet",
         "task": "neo dpo tunes the language model; a reward model is not built yet",
         "eval": "neo dpo runs no benchmarks while it trains: run neo eval checkpoint=RUN_DIR "

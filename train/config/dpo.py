@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from train.config.rules import Schema, require_choice, require_fraction, require_unread
 from train.config.run import RunConfig
-from train.config.sft import check_fine_tuning
+from train.config.sft import LoraConfig, check_fine_tuning
 from train.errors import ConfigError
 
 # TRL's DPOTrainer loss types neo dpo computes, as TRL 1.16 defines them.
@@ -61,6 +61,9 @@ class DpoConfig(RunConfig):
     # fresh `model` (said so).
     base: str = "runs/demo-sft"
     dpo: DpoDataConfig = field(default_factory=DpoDataConfig)
+    # Low-rank adapters (neo sft's keys): only they train; the reference is the base, which is
+    # the model with its adapters off.
+    lora: LoraConfig = field(default_factory=LoraConfig)
     # Passes over the training pairs, or a number of optimizer steps: one of the two (neither:
     # one epoch). A resolved config holds the steps.
     epochs: float | None = None
@@ -101,4 +104,5 @@ class DpoConfig(RunConfig):
                 "loss reads it; dpo.loss_type=robust)",
                 keys=("label_smoothing",),
             )
+        self.lora.validate()
         check_fine_tuning(self)

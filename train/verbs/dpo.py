@@ -49,10 +49,12 @@ from train.loop.finish import standard_hooks, train_and_finish
 from train.loop.fit import Trainer
 from train.loop.optim import Schedule
 from train.loop.run import RunStart, build_or_resume, checkpoint_meta, start_run, write_config
+from train.model import lora
 from train.model.factory import ModelFactory
 from train.model.gpt import GPT
 from train.model.preference import METRICS, DpoLoss
 from train.model.sizes import count_parameters
+from train.verbs.sft import lora_hook
 
 log = logging.getLogger("neo.dpo")
 DEMO_SFT, DEMO = "runs/demo-sft", "runs/demo"
@@ -63,7 +65,10 @@ def main(cfg: DpoConfig) -> None:
     sources = Sources(cfg)
     resolved = resolve_dpo(cfg, where.world, sources)
     trainer = setup(resolved, where, sources)
-    train_and_finish(trainer, standard_hooks(resolved.cfg.export_hf))
+    hooks = standard_hooks(resolved.cfg.export_hf)
+    if resolved.cfg.lora.enabled:
+        hooks.insert(0, lora_hook(resolved.cfg))
+    train_and_finish(trainer, hooks)
 
 
 class Sources:
@@ -137,11 +142,14 @@ def setup(resolved: Resolved[DpoConfig], where: Host, sources: Sources) -> Train
         cfg.dpo.loss_type,
         cfg.dpo.beta,
     )
-    reference_logps(cfg, run, data, weights, tokenizer.eod_id)
+    reference_logps(cfg, run, data, weights, tokenizer.eod_id)  # the base: adapters off
+    if cfg.lora.enabled:
+        weights = lora.base_names(weights, cfg.lora)
     identity = {
         "model": model_identity(cfg.model),
         "base": {"name": sources.base.name} if sources.base else None,
         "loss": asdict(DpoLoss(cfg.dpo.beta, cfg.dpo.loss_type, cfg.dpo.label_smoothing)),
+        "lora": asdict(cfg.lora) if cfg.lora.enabled else None,
         "data": {
             **data_identity(cfg, tokenizer),
             "global_batch_size": cfg.global_batch_size,
@@ -149,16 +157,20 @@ def setup(resolved: Resolved[DpoConfig], where: Host, sources: Sources) -> Train
         },
     }
     loss = DpoLoss(cfg.dpo.beta, cfg.dpo.loss_type, cfg.dpo.label_smoothing)
-    factory = ModelFactory(cfg.model, dpo=loss)
+    factory = ModelFactory(cfg.model, lora=cfg.lora if cfg.lora.enabled else None, dpo=loss)
     engine, state, resume = build_or_resume(cfg, run, identity, factory, weights)
     del weights
     if ranks.is_main:
         write_config("dpo", resolved, run, resume)
     log.info(
-        "preference-tuning %s (%s parameters) from %s on %d x %s, ZeRO-%d, %s, accumulation "
+        "preference-tuning %s (%s parameters%s) from %s on %d x %s, ZeRO-%d, %s, accumulation "
         "%d; run dir %s%s",
         cfg.model.name,
         f"{count_parameters(cfg.model).total:,}",
+        f"; LoRA r={cfg.lora.r} on {'/'.join(cfg.lora.target_modules)}: "
+        f"{engine.trainable_parameters():,} trainable"
+        if cfg.lora.enabled
+        else "",
         sources.used_base or "fresh weights",
         ranks.world_size,
         run.acc.kind,
@@ -180,7 +192,7 @@ def setup(resolved: Resolved[DpoConfig], where: Host, sources: Sources) -> Train
         pad,
     )
     meta = checkpoint_meta(engine.spec.layout, identity, cfg.model, tokenizer)
-    meta |= {"lora": None, "head": None}
+    meta |= {"lora": identity["lora"], "head": None}
     evaluators = []
     if data.validation:
         examples = answer_examples(data.validation[: cfg.samples])
