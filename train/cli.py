@@ -77,7 +77,9 @@ VERBS = {
         "check an exported directory: checksums, loading, probe logits, usage (neo verify DIR)",
     ),
 }
-LAUNCH_HELP = "run train/sft/eval/generate here, on SLURM, over a hostfile or multi-node torchrun"
+LAUNCH_HELP = (
+    "run train/sft/dpo/eval/generate here, on SLURM, over a hostfile or multi-node torchrun"
+)
 
 # Hydra's own flags, and those of them that take a value (`--cfg job`, `-p model`).
 FLAGS_WITH_VALUE = {

@@ -5,12 +5,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import NEO
+from runs import kill
 
 from data_prep.tokenizers import load_tokenizer
 from train.config import compose
@@ -34,13 +36,23 @@ SMALL = [
 ]
 
 
-def dpo(cwd: Path, *overrides: str, check=True, ranks=1):
+def dpo(cwd: Path, *overrides: str, check=True, ranks=1, wait=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cwd.mkdir(parents=True, exist_ok=True)
     command = [NEO, "dpo"]
     if ranks > 1:
         torchrun = str(Path(sys.executable).with_name("torchrun"))
         command = [torchrun, "--standalone", f"--nproc_per_node={ranks}", "-m", "train.cli", "dpo"]
+    if not wait:
+        return subprocess.Popen(
+            [*command, *SMALL, *overrides],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
     proc = subprocess.run(
         [*command, *SMALL, *overrides], cwd=cwd, env=env, capture_output=True, text=True
     )
@@ -79,29 +91,44 @@ def test_no_arguments_tunes_on_the_bundled_pairs_with_trls_metric_names(tmp_path
 
 
 @pytest.mark.slow
-def test_resume_reads_the_reference_and_continues_exactly(tmp_path):
-    """Stopped at step 2 and run again to 4: the same losses and rewards as 4 steps at once,
-    and the reference log-probabilities are read back, the file untouched, never recomputed."""
-    common = ["save_every=2", "eval_every=100", "optim.lr=1e-4"]
-    dpo(tmp_path / "straight", "max_steps=4", *common)
-    dpo(tmp_path / "resumed", "max_steps=2", *common)
-    stored = tmp_path / "resumed" / "runs" / "dpo-tiny" / reference.REFERENCE_FILE
+def test_kill_and_resume_is_exact_and_reads_the_reference(tmp_path):
+    """SIGKILLed after step 4 (last checkpoint: step 3) and run again: the same losses, rewards
+    and validation metrics as 6 steps at once, bit for bit; the reference log-probabilities
+    are read back, the file untouched, never computed again."""
+    common = ["max_steps=6", "save_every=3", "eval_every=3", "optim.lr=1e-4"]
+    dpo(tmp_path / "straight", *common)
+    proc = dpo(tmp_path / "killed", *common, wait=False)
+    run = tmp_path / "killed" / "runs" / "dpo-tiny"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        file = run / "metrics.jsonl"
+        lines = file.read_text().splitlines() if file.exists() else []
+        if max((json.loads(x).get("step", 0) for x in lines if x.endswith("}")), default=0) >= 4:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read()
+    kill(proc)
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    stored = run / reference.REFERENCE_FILE
     before = (stored.stat().st_mtime_ns, stored.stat().st_ino, stored.read_bytes())
-    proc = dpo(tmp_path / "resumed", "max_steps=4", *common)
-    output = proc.stdout + proc.stderr
+    again = dpo(tmp_path / "killed", *common)
+    output = again.stdout + again.stderr
     assert f"reference log-probabilities: read from {stored}" in output
     assert "computed from the base" not in output
     assert (stored.stat().st_mtime_ns, stored.stat().st_ino, stored.read_bytes()) == before
 
     def steps(cwd):
-        return {
-            r["step"]: {k: r[k] for k in ("loss", *METRICS)}
-            for r in read_metrics(cwd / "runs" / "dpo-tiny")
-            if "loss" in r
-        }
+        keys = ("loss", *METRICS, "val/loss", *(f"val/{m}" for m in METRICS))
+        out = {}
+        for r in read_metrics(cwd / "runs" / "dpo-tiny"):
+            values = {k: r[k] for k in keys if k in r}
+            if values:
+                out.setdefault(r["step"], {}).update(values)
+        return out
 
-    straight, resumed = steps(tmp_path / "straight"), steps(tmp_path / "resumed")
-    assert resumed == straight and sorted(straight) == [1, 2, 3, 4]
+    straight, resumed = steps(tmp_path / "straight"), steps(tmp_path / "killed")
+    assert sorted(straight) == [1, 2, 3, 4, 5, 6]
+    assert resumed == straight  # bit for bit (step 4, logged before the kill, logged again)
 
 
 @pytest.mark.slow
