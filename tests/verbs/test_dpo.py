@@ -182,8 +182,8 @@ def test_a_resume_without_the_stored_reference_or_with_other_pairs_stops(tmp_pat
 
 
 class Sources:
-    def __init__(self, pairs=100):
-        self.pairs, self.used_base = pairs, None
+    def __init__(self, pairs=100, used_base=None):
+        self.pairs, self.used_base = pairs, used_base
 
     def base_model(self):
         return None
@@ -223,6 +223,16 @@ def test_config_rules():
     assert resolve_dpo(robust, cpu, Sources()).cfg.dpo.label_smoothing == 0.1
     with pytest.raises(ConfigError, match="run_dir=runs/x holds base=runs/x/sft"):
         resolve_dpo(DpoConfig(base="runs/x/sft", run_dir="runs/x"), cpu, Sources())
+
+
+def test_the_demo_model_read_instead_of_the_missing_sft_one_is_not_overwritten():
+    """Without runs/demo-sft, neo dpo tunes runs/demo: a run_dir holding runs/demo is refused
+    as it would be had base=runs/demo been given."""
+    sources = Sources(used_base="runs/demo")
+    assert resolve_dpo(DpoConfig(run_dir="runs/dpo"), World(), sources).cfg.base == "runs/demo"
+    for run_dir in ("runs", "runs/demo"):
+        with pytest.raises(ConfigError, match=f"run_dir={run_dir} holds base=runs/demo"):
+            resolve_dpo(DpoConfig(run_dir=run_dir), World(), sources)
 
 
 @pytest.mark.parametrize(
