@@ -167,3 +167,21 @@ def test_build_script_runs_without_train_on_the_path(tmp_path):
         text=True,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_chat_template_that_is_no_jinja_or_fails_on_a_record_is_a_user_mistake(tmp_path):
+    from train.errors import ConfigError
+
+    user = {"role": "user", "content": "Hi"}
+    record = {
+        "prompt": [user],
+        "chosen": [{"role": "assistant", "content": "Yo"}],
+        "rejected": [{"role": "assistant", "content": "No"}],
+    }
+    path = write(tmp_path, [record, record])
+    with pytest.raises(ConfigError, match=r"^dpo.chat_template: not a Jinja template \("):
+        read_pairs(path, TOKENIZER, 64, chat_template="{% for %}")
+    failing = "{% for m in messages %}{{ raise_exception('no ' + m['role']) }}{% endfor %}"
+    read = read_pairs(path, TOKENIZER, 64, chat_template=failing)
+    assert read.pairs == [] and read.skipped.count == 2
+    assert read.skipped.examples[0].startswith(f"{path}:1: the chat template failed: ")

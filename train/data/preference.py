@@ -119,10 +119,10 @@ def texts(record: Record, fields: DpoFieldsConfig, template_or_tokenizer) -> tup
             raise BadItem(f"{where}: empty response ({name!r})")
     if not conversational:
         return prompt, chosen, rejected
-    template = template_or_tokenizer
+    template, key = template_or_tokenizer, "dpo.chat_template"
     if not isinstance(template, str):
-        template = default_template(template)
-    return rendered(where, prompt, chosen, rejected, template)
+        template, key = default_template(template), "the tokenizer's chat_template"
+    return rendered(where, prompt, chosen, rejected, template, key)
 
 
 def is_messages(value) -> bool:
@@ -153,7 +153,7 @@ def extract_prompt(where: str, chosen, rejected):
     return chosen[:i], chosen[i:], rejected[i:]
 
 
-def rendered(where: str, prompt: list, chosen: list, rejected: list, template: str):
+def rendered(where: str, prompt: list, chosen: list, rejected: list, template: str, key: str):
     """A conversation's text: the prompt's messages with the assistant's turn opened (the
     generation prompt), and each response as the rest of prompt + its messages."""
     for i, m in enumerate([*prompt, *chosen, *rejected]):
@@ -163,7 +163,7 @@ def rendered(where: str, prompt: list, chosen: list, rejected: list, template: s
             and isinstance(m.get("content"), str)
         ):
             raise BadItem(f"{where}: message {i} needs string 'role' and 'content'")
-    render = chat_renderer(template)
+    render = chat_renderer(template, key, where)
     opened = render(messages=prompt, add_generation_prompt=True)
     responses = []
     for messages in (chosen, rejected):
