@@ -4,14 +4,15 @@ tokenization, collator and loss code driven one pair at a time (its loss is a me
 batch, so one pair per batch gives each pair's loss)."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
 import torch
+import trl  # the dev dependency itself; its trainer is imported where it is used (below)
 from conftest import tiny_config
 from datasets import Dataset
 from transformers import AutoTokenizer, GPTNeoForCausalLM
-from trl import DPOConfig, DPOTrainer
 
 from data_prep.tokenizers import load_tokenizer
 from train.checkpoints.export import export_hf
@@ -42,6 +43,22 @@ RECORDS = [
         "rejected": " 5 or so, I think, though it could be more",
     },
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def wandb_logger_as_found():
+    """Importing TRL's trainers imports wandb, which makes its "wandb" logger keep every record
+    (level DEBUG, its own handlers): a later test's wandb run would then hand wandb's records to
+    pytest's log capture (tests/loop/test_metrics.py). Left as this module found it."""
+    logger = logging.getLogger("wandb")
+    found = logger.level, logger.propagate, list(logger.handlers)
+    yield
+    logger.setLevel(found[0])
+    logger.propagate = found[1]
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    for handler in found[2]:
+        logger.addHandler(handler)
 
 
 def ulp(x: float) -> float:
@@ -78,6 +95,9 @@ def trl_per_pair(root, loss_type: str, beta: float, label_smoothing: float = 0.0
     """For each pair alone: TRL's ids (prompt, chosen, rejected), its loss and metrics, and
     the log-probabilities its loss code read: (chosen, rejected) of the policy and of the
     reference, caught at the models' outputs and summed as TRL sums them."""
+    from trl import DPOConfig, DPOTrainer  # here: it imports wandb (see wandb_logger_as_found)
+
+    assert trl.__version__ == "1.16.0"  # the version pyproject.toml's dev extra pins
     policy = GPTNeoForCausalLM.from_pretrained(root / "policy-hf").eval()
     reference = GPTNeoForCausalLM.from_pretrained(root / "reference-hf").eval()
     tokenizer = AutoTokenizer.from_pretrained(root / "policy-hf")
