@@ -324,3 +324,26 @@ def test_lora_trains_adapters_against_the_base_as_reference(tmp_path):
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert (run / "model").is_dir() and (run / "hf").is_dir()
     assert {f.name: f.read_bytes() for f in base.iterdir() if f.is_file()} == before
+
+
+def test_pairs_without_a_prompt_are_not_asked_for_greedy_answers(tmp_path):
+    """An implicit prompt can be empty (the responses differ from their first character; TRL
+    takes such pairs): the validation's greedy answers skip them instead of failing the run
+    ("every prompt needs at least one token") at its first validation."""
+    from conftest import tiny_config
+
+    from train.data.dpo import answer_examples
+    from train.loop.evaluators import Answers, EvalContext
+    from train.model.gpt import GPT
+
+    tokenizer = load_tokenizer("gpt2")
+    records = [{"chosen": f"Yes {i}", "rejected": f"No {i}"} for i in range(3)]
+    records.insert(1, {"prompt": "Q:", "chosen": " yes", "rejected": " no"})
+    file = tmp_path / "pairs.jsonl"
+    file.write_text("".join(json.dumps(r) + "\n" for r in records))
+    pairs = read_pairs(str(file), tokenizer, 64).pairs
+    assert [p.prompt_length for p in pairs] == [0, 2, 0, 0]
+    model = GPT(tiny_config(vocab_size=tokenizer.vocab_size)).init_weights().eval()
+    ctx = EvalContext(model, torch.device("cpu"), 0, 1, True, False)
+    report = Answers(answer_examples(pairs, 3), tokenizer, 4)(ctx)
+    assert [s["prompt"] for s in report.samples] == ["Q:"]

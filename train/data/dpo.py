@@ -114,11 +114,12 @@ def pairs_digest(pairs: list[Pair]) -> str:
     return h.hexdigest()
 
 
-def answer_examples(pairs: list[Pair]) -> list[Example]:
-    """The pairs as `neo sft`'s examples (prompt, chosen response): what the Answers evaluator
-    shows greedy answers beside."""
+def answer_examples(pairs: list[Pair], n: int) -> list[Example]:
+    """The first `n` pairs with a prompt as `neo sft`'s examples (prompt, chosen response): what
+    the Answers evaluator shows greedy answers beside. (An implicit prompt can be empty: there
+    is nothing to answer.)"""
     out = []
-    for p in pairs:
+    for p in [p for p in pairs if p.prompt_length > 0][:n]:
         labels = [-100] * p.prompt_length + p.chosen[p.prompt_length :]
         out.append(Example(p.chosen, labels, p.where, p.prompt_length))
     return out

@@ -195,7 +195,7 @@ def setup(resolved: Resolved[DpoConfig], where: Host, sources: Sources) -> Train
     meta |= {"lora": identity["lora"], "head": None}
     evaluators = []
     if data.validation:
-        examples = answer_examples(data.validation[: cfg.samples])
+        examples = answer_examples(data.validation, cfg.samples)
         evaluators = [
             PreferenceMetrics(data.validation, cfg.micro_batch_size, pad),
             Answers(examples, tokenizer, cfg.sample_max_new_tokens),
