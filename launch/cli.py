@@ -1,6 +1,6 @@
 """`neo launch VERB [launcher=NAME] [launch.KEY=VALUE ...] [VERB's overrides ...]`
 
-Runs a verb that runs a model (train, sft, eval, generate) here, on SLURM, through the
+Runs a verb that runs a model (train, sft, dpo, eval, generate) here, on SLURM, through the
 deepspeed launcher over a hostfile, or as a multi-node torchrun, with every other override
 passed to the verb unchanged. The verb's config is composed and resolved here first, as the verb
 will, so a bad override or a world size that does not fit the batch fails before anything is
@@ -30,6 +30,7 @@ from train.config import compose
 from train.config.compose import TEXT_KEYS, error_line, override_key, quote_text
 from train.config.resolve import (
     World,
+    resolve_dpo,
     resolve_eval,
     resolve_generate,
     resolve_sft,
@@ -38,8 +39,8 @@ from train.config.resolve import (
 from train.config.shell import hydra_quoted
 from train.errors import ConfigError, NeoError, NotFound
 
-LAUNCHABLE = ("train", "sft", "eval", "generate")
-RESUMABLE = ("train", "sft")
+LAUNCHABLE = ("train", "sft", "dpo", "eval", "generate")
+RESUMABLE = ("train", "sft", "dpo")
 
 
 def main(argv: list[str]) -> None:
@@ -226,6 +227,8 @@ def resolve_for(verb: str, config, world: World):
         return resolve_train(config, world)
     if verb == "sft":
         return resolve_sft(config, world, None)
+    if verb == "dpo":
+        return resolve_dpo(config, world, None)
     if verb == "eval":
         return resolve_eval(config, world)
     return resolve_generate(config, world)

@@ -70,7 +70,7 @@ class Job:
     overrides: list[str]  # as the verb takes them, run_dir=<the absolute run dir> last
     run_dir: str  # absolute: where the trainer writes, whatever directory the job starts in
     accelerator: str  # cuda | npu | cpu (auto resolved by the launch config)
-    # train and sft save on USR1 and resume: the job requeues itself until this file (the
+    # train, sft and dpo save on USR1 and resume: the job requeues itself until this file (the
     # run's final output, absolute) exists. None: the verb does not resume.
     final: str | None
     workdir: str  # absolute

@@ -46,6 +46,10 @@ VERBS = {
         "train.verbs.sft",
         "fine-tune a checkpoint on instruction, completion or chat data (base= sft.path=)",
     ),
+    "dpo": Verb(
+        "train.verbs.dpo",
+        "preference-tune a checkpoint with DPO on chosen/rejected pairs (base= dpo.path=)",
+    ),
     "plot": Verb("train.verbs.plot", "draw the loss curve of a run into <run_dir>/loss.png"),
     "info": Verb(
         "train.verbs.info",
@@ -73,7 +77,9 @@ VERBS = {
         "check an exported directory: checksums, loading, probe logits, usage (neo verify DIR)",
     ),
 }
-LAUNCH_HELP = "run train/sft/eval/generate here, on SLURM, over a hostfile or multi-node torchrun"
+LAUNCH_HELP = (
+    "run train/sft/dpo/eval/generate here, on SLURM, over a hostfile or multi-node torchrun"
+)
 
 # Hydra's own flags, and those of them that take a value (`--cfg job`, `-p model`).
 FLAGS_WITH_VALUE = {

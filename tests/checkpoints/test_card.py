@@ -49,3 +49,27 @@ def test_a_base_from_the_hub_cache_is_its_hub_id():
 )
 def test_hub_ids_come_only_from_the_hub_cache_layout(path, expected):
     assert hub_id(path) == expected
+
+
+def test_a_dpo_card_names_its_base_data_loss_and_held_out_reward_accuracy():
+    config = {
+        "base": CACHED,
+        "dpo": {"path": "pairs.jsonl", "loss_type": "robust", "beta": 0.2, "label_smoothing": 0.1},
+        "lora": {"r": 0},
+    }
+    final = {
+        "step": 40,
+        "val/loss": 0.61,
+        "val/rewards/accuracies": 0.75,
+        "val/rewards/margins": 0.3,
+    }
+    records = RunRecords(run_dir=Path("runs/dpo"), verb="dpo", config=config, final=final)
+    card = model_card(tiny_config(), load_tokenizer("gpt2"), torch.float32, None, records)
+    _, front, text = card.split("---\n", 2)
+    assert yaml.safe_load(front)["base_model"] == "EleutherAI/gpt-neo-125M"
+    assert (
+        f"- preference-tuned (`neo dpo`, DPO) from `{CACHED}` (Hugging Face Hub: "
+        "EleutherAI/gpt-neo-125M), which is also the reference"
+    ) in text
+    assert "- data: `pairs.jsonl` (chosen and rejected responses); robust loss, beta 0.2, " in text
+    assert "- held-out pairs (step 40): reward accuracy 0.7500, reward margin 0.3000" in text

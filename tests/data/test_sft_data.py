@@ -296,3 +296,19 @@ def test_a_hugging_face_directory_brings_its_chat_template(tmp_path, trained_gpt
     (example,) = read_examples(path, "chat", tokenizer, 64).examples
     assert tokenizer.decode(example.input_ids) == "[user] hi\n[assistant] hello\n<|endoftext|>"
     assert trained_text(example) == "[assistant] hello\n<|endoftext|>"
+
+
+def test_a_chat_template_that_is_no_jinja_or_fails_on_a_record_is_a_user_mistake(tmp_path):
+    """A template that does not compile is one line naming the key (it was a traceback); one
+    that fails on a record (transformers' templates call raise_exception on roles they do not
+    take) names the record, which is skipped like any bad record."""
+    from train.errors import ConfigError
+
+    chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}
+    path = write_jsonl(tmp_path / "chat.jsonl", [chat, chat])
+    with pytest.raises(ConfigError, match=r"^sft.chat_template: not a Jinja template \("):
+        read_examples(path, "chat", TOKENIZER, 64, chat_template="{% for %}")
+    failing = "{% for m in messages %}{{ raise_exception('no ' + m['role']) }}{% endfor %}"
+    read = read_examples(path, "chat", TOKENIZER, 64, chat_template=failing)
+    assert read.examples == [] and read.skipped.count == 2
+    assert read.skipped.examples[0].startswith(f"{path}:1: the chat template failed: ")

@@ -370,3 +370,24 @@ def test_sft_without_a_merged_model_is_done_when_its_adapters_are(tmp_path):
         f"run_dir={tmp_path}/run",
     ).stdout
     assert f"[ ! -e {tmp_path}/run/adapter/adapter_config.json ]" in out
+
+
+def test_dpo_launches_and_requeues_like_sft(tmp_path):
+    """neo dpo saves on USR1 and resumes: its job requeues until run_dir/model exists; a bad
+    dpo override fails before anything is written."""
+    out = launch(
+        "dpo",
+        "accelerator=cpu",
+        "launcher=slurm",
+        "launch.dry_run=true",
+        "dpo.beta=0.2",
+        f"run_dir={tmp_path}/run",
+    ).stdout
+    assert f"-m train.cli dpo accelerator=cpu dpo.beta=0.2 run_dir={tmp_path}/run" in out
+    assert f"[ ! -e {tmp_path}/run/model/neotrain.json ]" in out
+    proc = launch("dpo", "launcher=slurm", "launch.dry_run=true", "dpo.beta=0", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "neo launch: error: with launch.nodes=1 x launch.gpus_per_node=1 = 1 ranks: "
+        "dpo.beta=0.0 must be > 0"
+    ]

@@ -28,6 +28,13 @@ def test_the_demo_trains_both_models_as_two_processes_and_prints_pasteable_comma
     ]
     records[0]["machine"] = machine
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    dpo_run = tmp_path / "runs" / "demo-dpo"
+    dpo_run.mkdir(parents=True)
+    held_out = [
+        {"step": 15, "val/rewards/accuracies": 0.6},
+        {"step": 30, "val/rewards/accuracies": 0.8},
+    ]
+    (dpo_run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held_out))
     fake = types.ModuleType("transformers")
     fake.pipeline = lambda *a, **k: lambda prompt, **kw: [{"generated_text": prompt + " ..."}]
     monkeypatch.setitem(sys.modules, "transformers", fake)
@@ -41,4 +48,7 @@ def test_the_demo_trains_both_models_as_two_processes_and_prints_pasteable_comma
     echoed = [line[2:] for line in out.splitlines() if line.startswith("$ ")]
     assert [shlex.split(line) for line in echoed] == ran  # pasted, each is the command run
     assert "prompt=It is a truth universally acknowledged" in verbs["generate"]
+    # the demo ends with a short DPO of the fine-tuned model, and its held-out reward accuracy
+    assert ran[-1][1] == "dpo" and "base=runs/demo-sft" in verbs["dpo"]
+    assert "DPO reward accuracy on held-out pairs: 0.60 -> 0.80 (0.5 is chance)" in out
     assert out.count("\n[0m0") == len(ran) and "The demo took 0m0" in out

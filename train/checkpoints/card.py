@@ -5,94 +5,19 @@ Nothing here is typed in by hand: a fact the records do not hold is left out."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
 from data_prep.tokenizers import GPT2_EOD
+from train.checkpoints.run_records import RunRecords, hub_id
 from train.config.model import ModelConfig
 from train.model.heads import TaskHead
 from train.model.sizes import count_parameters
 
 GPT_NEO = ("gpt_neo_125m", "gpt_neo_1.3b", "gpt_neo_2.7b")
 HF_CLASS = {True: "GPTNeoForCausalLM", False: "GPTNeoForSequenceClassification"}
-
-
-@dataclass
-class RunRecords:
-    """What a run left behind, read by `read_records`; every field may be missing."""
-
-    run_dir: Path | None = None
-    verb: str | None = None  # train | sft
-    config: dict[str, Any] = field(default_factory=dict)  # the run's config.yaml
-    state: dict[str, Any] = field(default_factory=dict)  # its last trainer_state.json
-    final: dict[str, Any] = field(default_factory=dict)  # its last validation record
-    manifest: dict[str, Any] | None = None  # the prep manifest of its data (neo train)
-    evaluation: dict[str, Any] | None = None  # neo eval's results.json
-    evaluation_file: Path | None = None
-
-    def base(self) -> str | None:
-        """A fine-tuning's base (None when it started from fresh weights, or is no SFT)."""
-        if self.verb != "sft":
-            return None
-        identity = self.state.get("identity") or {}
-        if "base" in identity and identity["base"] is None:
-            return None
-        return str(self.config.get("base")) if self.config.get("base") else None
-
-
-def read_records(source: str | Path, eval_results: str | Path | None = None) -> RunRecords:
-    """The records of the run `source` (a run dir, its model/, its checkpoints or one of
-    them) belongs to; eval_results, else a results.json inside the run."""
-    records = RunRecords()
-    path = Path(source).absolute()
-    for candidate in (path, *list(path.parents)[:3]):
-        if (candidate / "config.yaml").is_file() and (candidate / "metrics.jsonl").is_file():
-            records.run_dir = candidate
-            break
-    run = records.run_dir
-    if run is not None:
-        text = (run / "config.yaml").read_text()
-        first = text.splitlines()[0] if text else ""
-        records.verb = first.split()[2] if first.startswith("# neo ") else None
-        records.config = yaml.safe_load(text) or {}
-        latest = run / "checkpoints" / "latest"
-        if latest.is_file():
-            state = run / "checkpoints" / latest.read_text().strip() / "trainer_state.json"
-            if state.is_file():
-                records.state = json.loads(state.read_text())
-        for line in (run / "metrics.jsonl").read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if any(k.startswith("val") for k in entry):
-                records.final = entry
-        data = (records.config.get("data") or {}).get("path")
-        if records.verb == "train" and data and (Path(data) / "manifest.json").is_file():
-            records.manifest = json.loads((Path(data) / "manifest.json").read_text())
-    found = Path(eval_results) if eval_results else None
-    if found is None and run is not None:
-        found = next(iter(sorted(run.rglob("results.json"))), None)
-    if found is not None:
-        records.evaluation = json.loads(found.read_text())
-        records.evaluation_file = found
-    return records
-
-
-def hub_id(base: str | None) -> str | None:
-    """The Hugging Face Hub id of a base model, where its path says it: a snapshot in the hub's
-    cache (.../models--OWNER--NAME/snapshots/REVISION). Any other path is local, known to no
-    one else, so it is no `base_model` for the card's metadata."""
-    parts = Path(base).parts if base else ()
-    for part, below in zip(parts, parts[1:], strict=False):
-        if part.startswith("models--") and part != "models--" and below == "snapshots":
-            return part.removeprefix("models--").replace("--", "/", 1)
-    return None
 
 
 def model_card(
@@ -289,6 +214,8 @@ def _training(records: RunRecords, config: ModelConfig) -> list[str]:
                 f"- LoRA r={lora['r']}, alpha {lora.get('alpha')} on "
                 f"{', '.join(lora.get('target_modules', []))}, merged"
             )
+    if records.verb == "dpo":
+        lines += _preference(records)
     if records.manifest:
         m = records.manifest
         tok = m.get("tokenizer", {})
@@ -324,6 +251,40 @@ def _training(records: RunRecords, config: ModelConfig) -> list[str]:
             if "/" not in k or k.startswith("val/") and k.count("/") == 1
         )
         lines.append(f"- final validation (step {records.final.get('step')}): {shown}")
+    return lines
+
+
+def _preference(records: RunRecords) -> list[str]:
+    """A `neo dpo` run: its base (the reference too), pairs, loss, and the reward accuracy and
+    margin on its held-out pairs at the last validation."""
+    dpo, lora, base = (
+        records.config.get("dpo") or {},
+        records.config.get("lora") or {},
+        records.base(),
+    )
+    hub = f" (Hugging Face Hub: {hub_id(base)})" if hub_id(base) else ""
+    data = f"`{dpo['path']}`" if dpo.get("path") else "the bundled preference sample"
+    loss = f"{dpo.get('loss_type')} loss, beta {dpo.get('beta')}"
+    if dpo.get("loss_type") == "robust":
+        loss += f", label smoothing {dpo.get('label_smoothing')}"
+    lines = [
+        f"- preference-tuned (`neo dpo`, DPO) from `{base}`{hub}, which is also the reference"
+        if base
+        else "- preference-tuned by `neo dpo` from fresh weights (its own reference)",
+        f"- data: {data} (chosen and rejected responses); {loss}",
+    ]
+    if lora.get("r"):
+        lines.append(
+            f"- LoRA r={lora['r']}, alpha {lora.get('alpha')} on "
+            f"{', '.join(lora.get('target_modules', []))}, merged"
+        )
+    final = records.final
+    if "val/rewards/accuracies" in final:
+        lines.append(
+            f"- held-out pairs (step {final.get('step')}): reward accuracy "
+            f"{final['val/rewards/accuracies']:.4f}, reward margin "
+            f"{final.get('val/rewards/margins', float('nan')):.4f}"
+        )
     return lines
 
 

@@ -20,10 +20,11 @@ from data_prep.files import (
 )
 from data_prep.tokenizers import load_tokenizer, save_hf_tokenizer
 from train.checkpoints import verify as bundle
-from train.checkpoints.card import onnx_card, read_records
+from train.checkpoints.card import onnx_card
 from train.checkpoints.checksums import write_checksums
 from train.checkpoints.hf import EXPORT_KIND, read_hf_dir, write_hf_dir
 from train.checkpoints.load import model_from_state, read_any, read_head
+from train.checkpoints.run_records import read_records
 from train.config.model import ModelConfig
 from train.errors import CheckpointError, ConfigError
 from train.model.sizes import count_parameters

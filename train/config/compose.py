@@ -37,6 +37,14 @@ HINTS: dict[str, dict[str, str]] = {
         "sft.validation_fraction of sft.path",
         "task": "the task head is head= now (head=classification, head.lm_coef=0.5)",
     },
+    "dpo": {
+        "sft": "neo dpo reads preference pairs from dpo.path (dpo.validation_path)",
+        "data": "neo dpo reads preference pairs from dpo.path (dpo.validation_path)",
+        "head": "neo dpo tunes the language model; a reward model is not built yet",
+        "task": "neo dpo tunes the language model; a reward model is not built yet",
+        "eval": "neo dpo runs no benchmarks while it trains: run neo eval checkpoint=RUN_DIR "
+        "tasks=[...] on its model",
+    },
     "train": {
         "base": "fine-tuning a checkpoint is neo sft base=PATH",
         "sft": "fine-tuning data is neo sft's (neo sft sft.path=...)",

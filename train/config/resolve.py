@@ -12,11 +12,12 @@ import math
 from dataclasses import dataclass, replace
 from typing import Generic, Protocol, TypeVar
 
+from train.config.dpo import DpoConfig
 from train.config.evaluation import EvalConfig, GenerateConfig
 from train.config.model import ModelConfig
 from train.config.rules import Schema, batch_layout
 from train.config.run import RunConfig
-from train.config.sft import SftConfig
+from train.config.sft import SftConfig, check_fine_tuning
 from train.config.train import TrainConfig
 from train.errors import ConfigError
 
@@ -89,8 +90,8 @@ def resolve_train(cfg: TrainConfig, world: World) -> Resolved[TrainConfig]:
 
 
 class SftSources(Protocol):
-    """What `neo sft` reads from disk to resolve (the verb provides it; `neo launch`, which
-    does not read the base or the data, passes None and checks the rest)."""
+    """What `neo sft` and `neo dpo` read from disk to resolve (the verb provides it; `neo
+    launch`, which does not read the base or the data, passes None and checks the rest)."""
 
     def base_model(self) -> ModelConfig | None:
         """The base checkpoint's model config; None: fresh weights of cfg.model."""
@@ -98,9 +99,9 @@ class SftSources(Protocol):
     def tokenizer_size(self) -> int:
         """The tokenizer's vocabulary, with the task head's added tokens."""
 
-    def training_rows(self, cfg: SftConfig) -> int:
-        """How many rows (packed, padded, or task examples) the training data makes for
-        `cfg` (its model final)."""
+    def training_rows(self, cfg: SftConfig | DpoConfig) -> int:
+        """How many rows (packed, padded, task examples; dpo: pairs) the training data makes
+        for `cfg` (its model final)."""
 
 
 def resolve_sft(cfg: SftConfig, world: World, sources: SftSources | None) -> Resolved[SftConfig]:
@@ -109,23 +110,49 @@ def resolve_sft(cfg: SftConfig, world: World, sources: SftSources | None) -> Res
     cfg.check_sft()
     accumulation, reason = _training(cfg, world)  # before the base and the data are read
     if sources is not None:
-        base = sources.base_model()
-        if base is not None:  # the base decides the architecture; how attention is computed
-            cfg.model = replace(base, attention_backend=cfg.model.attention_backend)
-        size = sources.tokenizer_size()
-        if size > cfg.model.vocab_size:
-            if not (cfg.head.enabled and cfg.head.special_tokens == "add"):
-                raise ConfigError(
-                    f"{cfg.base}: the tokenizer has {size} tokens, more than the model's "
-                    f"vocab_size={cfg.model.vocab_size}"
-                )
-            cfg.model = replace(cfg.model, vocab_size=size)  # room for the head's new tokens
+        _adopt_base(cfg, sources, grow=cfg.head.enabled and cfg.head.special_tokens == "add")
     cfg.model.validate()
+    _steps(cfg, sources)
+    return Resolved(cfg.frozen(), world, accumulation, reason)
+
+
+def resolve_dpo(cfg: DpoConfig, world: World, sources: SftSources | None) -> Resolved[DpoConfig]:
+    cfg = copy.deepcopy(cfg)
+    cfg.check_run()
+    cfg.check_dpo()
+    accumulation, reason = _training(cfg, world)  # before the base and the data are read
+    if sources is not None:
+        _adopt_base(cfg, sources, grow=False)
+        if sources.used_base is not None:  # the demo's SFT model missing: the one read instead
+            cfg.base = sources.used_base
+            check_fine_tuning(cfg)  # that one must not be under run_dir either
+    cfg.model.validate()
+    _steps(cfg, sources)
+    return Resolved(cfg.frozen(), world, accumulation, reason)
+
+
+def _adopt_base(cfg: SftConfig | DpoConfig, sources: SftSources, grow: bool) -> None:
+    """The base's model config in cfg.model (how attention is computed stays cfg's), and a
+    vocabulary the tokenizer fits in (`grow`: made larger for a task head's new tokens)."""
+    base = sources.base_model()
+    if base is not None:  # the base decides the architecture; how attention is computed
+        cfg.model = replace(base, attention_backend=cfg.model.attention_backend)
+    size = sources.tokenizer_size()
+    if size > cfg.model.vocab_size:
+        if not grow:
+            raise ConfigError(
+                f"{cfg.base}: the tokenizer has {size} tokens, more than the model's "
+                f"vocab_size={cfg.model.vocab_size}"
+            )
+        cfg.model = replace(cfg.model, vocab_size=size)  # room for the head's new tokens
+
+
+def _steps(cfg: SftConfig | DpoConfig, sources: SftSources | None) -> None:
+    """epochs (1 if neither is given) as max_steps, once the data is known."""
     if cfg.max_steps is None and sources is not None:
         cfg.epochs = 1.0 if cfg.epochs is None else cfg.epochs
         rows = sources.training_rows(cfg)
         cfg.max_steps = max(1, math.ceil(cfg.epochs * rows / cfg.global_batch_size))
-    return Resolved(cfg.frozen(), world, accumulation, reason)
 
 
 def resolve_eval(cfg: EvalConfig, world: World) -> Resolved[EvalConfig]:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from data_prep.config import PrepConfig
+from train.config.dpo import DpoConfig
 from train.config.evaluation import EvalConfig, GenerateConfig
 from train.config.sft import SftConfig
 from train.config.tools import ExportConfig, ImportConfig, InfoConfig, PlotConfig, VerifyConfig
@@ -13,6 +14,7 @@ SCHEMAS: dict[str, type] = {
     "prep": PrepConfig,
     "train": TrainConfig,
     "sft": SftConfig,
+    "dpo": DpoConfig,
     "eval": EvalConfig,
     "generate": GenerateConfig,
     "info": InfoConfig,

@@ -195,21 +195,25 @@ class SftConfig(RunConfig):
             raise ConfigError(
                 f"sft.chat_template is not read: sft.format={s.format} (templates render chats)"
             )
-        if self.base:
-            run_dir, base = Path(self.run_dir).resolve(), Path(self.base).resolve()
-            if run_dir == base or run_dir in base.parents:
-                raise ConfigError(
-                    f"run_dir={self.run_dir} holds base={self.base}: the fine-tuned model and "
-                    "checkpoints would be written over the model it starts from; choose another "
-                    "run_dir"
-                )
-        if self.epochs is not None and self.max_steps is not None:
+        check_fine_tuning(self)
+
+
+def check_fine_tuning(cfg) -> None:
+    """The rules neo sft and neo dpo share: the run directory is not the base's, epochs or
+    steps (one of them), samples."""
+    if cfg.base:
+        run_dir, base = Path(cfg.run_dir).resolve(), Path(cfg.base).resolve()
+        if run_dir == base or run_dir in base.parents:
             raise ConfigError(
-                f"epochs={self.epochs} and max_steps={self.max_steps}: give one of them"
+                f"run_dir={cfg.run_dir} holds base={cfg.base}: the fine-tuned model and "
+                "checkpoints would be written over the model it starts from; choose another "
+                "run_dir"
             )
-        if self.epochs is not None and self.epochs <= 0:
-            raise ConfigError(f"epochs={self.epochs} must be > 0")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"max_steps={self.max_steps} must be >= 1")
-        if self.samples < 0:
-            raise ConfigError(f"samples={self.samples} must be >= 0")
+    if cfg.epochs is not None and cfg.max_steps is not None:
+        raise ConfigError(f"epochs={cfg.epochs} and max_steps={cfg.max_steps}: give one of them")
+    if cfg.epochs is not None and cfg.epochs <= 0:
+        raise ConfigError(f"epochs={cfg.epochs} must be > 0")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ConfigError(f"max_steps={cfg.max_steps} must be >= 1")
+    if cfg.samples < 0:
+        raise ConfigError(f"samples={cfg.samples} must be >= 0")

@@ -22,6 +22,7 @@ from functools import cache
 
 from train.config.sft import SftFieldsConfig
 from train.data.records import BadItem, Record, Skipped, read_records, require
+from train.errors import ConfigError
 
 IGNORE = -100
 FORMATS = ("alpaca", "prompt_completion", "chat")
@@ -92,7 +93,9 @@ def read_examples(
     for record in read_records(path, out.skipped, strict, split):
         try:
             if format == "chat":
-                pieces = chat_pieces(record, fields, chat_template or default_template(tokenizer))
+                template = chat_template or default_template(tokenizer)
+                key = "sft.chat_template" if chat_template else "the tokenizer's chat_template"
+                pieces = chat_pieces(record, fields, template, key)
             else:
                 pieces = prompt_response(record, format, fields)
             example = encode(record.where, pieces, tokenizer, train_on_prompt)
@@ -130,9 +133,12 @@ def prompt_response(record: Record, format: str, fields: SftFieldsConfig) -> lis
     return [(prompt, False), (response, True)]
 
 
-def chat_pieces(record: Record, fields: SftFieldsConfig, template: str) -> list[tuple[str, bool]]:
+def chat_pieces(
+    record: Record, fields: SftFieldsConfig, template: str, key: str = "sft.chat_template"
+) -> list[tuple[str, bool]]:
     """The rendered conversation cut at message boundaries: each piece is what rendering one
-    more message adds, trained if that message is the assistant's."""
+    more message adds, trained if that message is the assistant's. `key`: where the template
+    came from, for the error when it is no Jinja."""
     messages = require(record, fields.messages, list, "a list of {role, content}")
     for i, m in enumerate(messages):
         if not (
@@ -143,7 +149,7 @@ def chat_pieces(record: Record, fields: SftFieldsConfig, template: str) -> list[
             raise BadItem(f"{record.where}: message {i} needs string 'role' and 'content'")
     if not any(m["role"] == "assistant" for m in messages):
         raise BadItem(f"{record.where}: no assistant turn to learn from")
-    render = _compiled(template)
+    render = chat_renderer(template, key, record.where)
     pieces, before = [], ""
     for i, m in enumerate(messages):
         text = render(messages=messages[: i + 1], add_generation_prompt=False)
@@ -163,13 +169,39 @@ def chat_pieces(record: Record, fields: SftFieldsConfig, template: str) -> list[
     return [(t, trained) for t, trained in pieces if t]
 
 
+def chat_renderer(template: str, key: str, where: str):
+    """`render(messages=..., add_generation_prompt=...)` of a chat template (Jinja text). A
+    template that does not compile is a ConfigError naming `key`; one that fails on the record
+    at `where` (transformers' templates call raise_exception on what they do not take) a
+    BadItem naming the record."""
+    from jinja2 import TemplateError, TemplateSyntaxError
+
+    try:
+        compiled = _compiled(template)
+    except TemplateSyntaxError as e:
+        raise ConfigError(f"{key}: not a Jinja template ({e.message}, line {e.lineno})") from None
+
+    def render(**values) -> str:
+        try:
+            return compiled(**values)
+        except TemplateError as e:
+            raise BadItem(f"{where}: the chat template failed: {e}") from None
+
+    return render
+
+
 @cache
 def _compiled(template: str):
     """A chat template compiled as transformers compiles them (sandboxed Jinja, trim_blocks,
-    lstrip_blocks)."""
+    lstrip_blocks, raise_exception)."""
+    from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    def raise_exception(message):
+        raise TemplateError(message)
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
     return env.from_string(template).render
 
 

@@ -20,11 +20,13 @@ from torch import nn
 
 from train.config.evaluation import GenerationConfig
 from train.data.packing import collate
+from train.data.preference import Pair, collate_pairs
 from train.data.sft import IGNORE, Example
 from train.data.tasks import TaskExample, collate_examples
 from train.distributed.collectives import all_sum, merged
 from train.model.decoding import generate_ids
 from train.model.heads import TaskHead
+from train.model.preference import METRICS
 
 VAL = "val"  # the name of a run's own validation data in metric names
 
@@ -81,6 +83,26 @@ class ResponseLoss:
         total, count = ctx.all_sum(sums).tolist()
         mean = total / count
         return Report({f"{VAL}/loss": mean, f"{VAL}/perplexity": math.exp(min(mean, 50.0))})
+
+
+class PreferenceMetrics:
+    """neo dpo's validation: the DPO loss and TRL's metrics over the validation pairs (their
+    reference log-probabilities attached), as `val/loss`, `val/rewards/accuracies`, ..."""
+
+    def __init__(self, pairs: list[Pair], micro_batch: int, pad_id: int):
+        self.pairs, self.micro_batch, self.pad_id = pairs, micro_batch, pad_id
+
+    def __call__(self, ctx: EvalContext) -> Report:
+        sums = torch.zeros(1 + len(METRICS), dtype=torch.float64, device=ctx.device)
+        chunks = list(range(0, len(self.pairs), self.micro_batch))
+        for first in ctx.shard(chunks):
+            arrays = collate_pairs(self.pairs[first : first + self.micro_batch], self.pad_id)
+            batch = {k: torch.from_numpy(v).to(ctx.device) for k, v in arrays.items()}
+            loss = ctx.model(**batch)
+            sums += torch.cat([loss.total.double()[None], loss.sums.double()])
+        values = (ctx.all_sum(sums) / len(self.pairs)).tolist()
+        names = [f"{VAL}/loss"] + [f"{VAL}/{name}" for name in METRICS]
+        return Report(dict(zip(names, values, strict=True)))
 
 
 class Answers:

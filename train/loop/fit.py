@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from data_prep.tokenizers import LoadedTokenizer
+from train.config.dpo import DpoConfig
 from train.config.sft import SftConfig
 from train.config.train import TrainConfig
 from train.distributed import machine as hw
@@ -53,7 +54,7 @@ class Batches(Protocol):
 class Trainer:
     """Everything one rank's run needs, built once by the verb."""
 
-    cfg: TrainConfig | SftConfig  # resolved: read-only
+    cfg: TrainConfig | SftConfig | DpoConfig  # resolved: read-only
     run: RunStart  # ranks, device, machine, precision, checkpoints, the MFU peak
     tokenizer: LoadedTokenizer
     batches: Batches
@@ -63,6 +64,9 @@ class Trainer:
     state: TrainState
     # What every validation measures (the validation data, benchmarks, answers), in order.
     evaluators: list[Evaluator] = field(default_factory=list)
+    # Names of the sums the model returns beside its loss (`.sums`, one per name, over the same
+    # items the loss counts): logged as their means over the step (neo dpo: TRL's rewards).
+    step_metrics: tuple[str, ...] = ()
 
 
 def fit(t: Trainer) -> bool:
@@ -78,7 +82,7 @@ def fit(t: Trainer) -> bool:
             # Model-state memory, once: on the step after warm-up, when every buffer exists.
             probe = MemoryProbe(run.device) if state.step == meter.first + 1 else None
             tokens = t.batches.tokens_in_step(state.step)
-            loss, applied = train_step(t, probe)
+            loss, applied, means = train_step(t, probe)
             state.advance(cfg.global_batch_size, tokens, applied)
             step, done = state.step, state.step == cfg.max_steps
 
@@ -92,6 +96,7 @@ def fit(t: Trainer) -> bool:
                     skipped=state.skipped_steps,
                     **meter.measure(step, state.tokens),
                     **(probe.record if probe else {}),
+                    **means,
                 )
             if t.evaluators and (step % cfg.eval_every == 0 or done):
                 values, samples = validate(t)
@@ -127,10 +132,12 @@ def fit(t: Trainer) -> bool:
     return True
 
 
-def train_step(t: Trainer, probe: MemoryProbe | None = None) -> tuple[float, bool]:
+def train_step(
+    t: Trainer, probe: MemoryProbe | None = None
+) -> tuple[float, bool, dict[str, float]]:
     """One optimizer step of `accumulation` micro-batches: the loss (mean over every target of
-    the global batch) and whether the optimizer step was applied (not skipped for non-finite
-    gradients).
+    the global batch), whether the optimizer step was applied (not skipped for non-finite
+    gradients), and the means of t.step_metrics over the same targets.
 
     The model returns each micro-batch's summed loss and its count. DeepSpeed divides the
     gradient by the accumulation steps and averages it over ranks; scaling each sum by
@@ -140,6 +147,7 @@ def train_step(t: Trainer, probe: MemoryProbe | None = None) -> tuple[float, boo
     in_step = t.batches.targets_in_step(step)
     scale = accumulation * t.run.ranks.world_size / in_step
     total = torch.zeros((), dtype=torch.float32, device=t.run.device)
+    sums = torch.zeros(len(t.step_metrics), dtype=torch.float64, device=t.run.device)
     for micro in range(accumulation):
         arrays = t.batches.micro_batch(step, micro)
         batch = {
@@ -151,13 +159,18 @@ def train_step(t: Trainer, probe: MemoryProbe | None = None) -> tuple[float, boo
             probe()  # gradients and optimizer state are live now
         t.engine.step()
         total += loss.total.detach().float()
+        if t.step_metrics:
+            sums += loss.sums.detach().double()
     mean_loss = (all_sum(total) / in_step).item()
+    means = {}
+    if t.step_metrics:
+        means = dict(zip(t.step_metrics, (all_sum(sums) / in_step).tolist(), strict=True))
     applied = t.engine.step_was_applied()
     if math.isfinite(mean_loss) and not applied:
         log.warning("step %d: the optimizer step was skipped (non-finite gradients)", step + 1)
     if not math.isfinite(mean_loss) and applied:
         raise RuntimeError(f"step {step + 1}: the loss is not finite but the step was applied")
-    return mean_loss, applied
+    return mean_loss, applied, means
 
 
 def validate(t: Trainer) -> tuple[dict[str, float], list[dict]]:

@@ -68,13 +68,15 @@ class MetricsLogger:
             if values.get("mfu") is not None:
                 speed += f" | MFU {100 * values['mfu']:.1f}%"
             speed += f" | ETA {_duration(values['eta_s'])}"
+        named = "".join(f" | {k} {v:.4g}" for k, v in values.items() if "/" in k)  # dpo's
         log.info(
-            "step %d/%d | loss %.4f | lr %.3g | grad norm %.3f | %s",
+            "step %d/%d | loss %.4f | lr %.3g | grad norm %.3f%s | %s",
             step,
             self.max_steps,
             values["loss"],
             values["lr"],
             values["grad_norm"],
+            named,
             speed,
         )
 

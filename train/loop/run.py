@@ -1,6 +1,6 @@
-"""Starting a run, shared by the verbs that train (neo train, neo sft): the process group, the
-run's checkpoints, the MFU peak, the config it records, and the engine built fresh, from given
-weights, or resumed."""
+"""Starting a run, shared by the verbs that train (neo train, neo sft, neo dpo): the process
+group, the run's checkpoints, the MFU peak, the config it records, and the engine built fresh,
+from given weights, or resumed."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from data_prep.files import atomic_write_text
 from train.checkpoints.lock import RunInUse, RunLock
+from train.config.dpo import DpoConfig
 from train.config.resolve import AS_ASKED, Resolved
 from train.config.sft import SftConfig
 from train.config.train import TrainConfig
@@ -58,7 +59,7 @@ class RunStart:
 
 
 def start_run(
-    resolved: Resolved[TrainConfig] | Resolved[SftConfig],
+    resolved: Resolved[TrainConfig] | Resolved[SftConfig] | Resolved[DpoConfig],
     host: Host,
     on_main: Callable[[], None] | None = None,
 ) -> RunStart:
@@ -105,7 +106,7 @@ def lock_run_dir(run_dir: Path, is_main: bool, device: torch.device) -> None:
         raise refused or RunInUse(f"{run_dir} is in use by another run (rank 0 says which)")
 
 
-def engine_spec(cfg: TrainConfig | SftConfig, run: RunStart) -> EngineSpec:
+def engine_spec(cfg: TrainConfig | SftConfig | DpoConfig, run: RunStart) -> EngineSpec:
     return EngineSpec(
         cfg.deepspeed,
         cfg.optim,
@@ -118,7 +119,7 @@ def engine_spec(cfg: TrainConfig | SftConfig, run: RunStart) -> EngineSpec:
 
 
 def build_or_resume(
-    cfg: TrainConfig | SftConfig,
+    cfg: TrainConfig | SftConfig | DpoConfig,
     run: RunStart,
     identity: dict,
     factory: ModelFactory,

@@ -1,6 +1,7 @@
 """How a training engine builds the model it trains, without knowing what the model is: a
-plain GPT, GPT-1's task head on it, or either with LoRA adapters (neo sft decides; the engine
-in train/loop/engine.py only calls `build` and `initialize`)."""
+plain GPT, GPT-1's task head on it, or either with LoRA adapters (neo sft decides), or GPT on
+preference pairs (neo dpo); the engine in train/loop/engine.py only calls `build` and
+`initialize`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from train.config.sft import LoraConfig
 from train.model import lora as adapters
 from train.model.gpt import GPT
 from train.model.heads import TaskGPT, TaskHead
+from train.model.preference import DpoLoss, PreferenceGPT
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,7 @@ class ModelFactory:
     head: TaskHead | None = None  # GPT-1's task head, trained with lm_coef x the LM loss
     lm_coef: float = 0.0
     lora: LoraConfig | None = None  # adapters on a frozen model; only they (and a head) train
+    dpo: DpoLoss | None = None  # trained on preference pairs (neo dpo)
 
     def prepare(self) -> None:
         """Imports that must not run while the engine builds (peft's, under ZeRO-3's
@@ -32,7 +35,9 @@ class ModelFactory:
     def build(self) -> GPT:
         """The module, with its parameters allocated as the caller's context says (the meta
         device, or ZeRO-3's partitions): filled afterwards from weights or `initialize`."""
-        if self.head is None:
+        if self.dpo is not None:
+            model = PreferenceGPT(self.config, self.dpo)
+        elif self.head is None:
             model = GPT(self.config)
         else:
             model = TaskGPT(self.config, self.head, self.lm_coef)

@@ -22,6 +22,7 @@ from pathlib import Path
 from data_prep.tokenizers import LoadedTokenizer, load_tokenizer
 from train.checkpoints.adapters import save_adapter
 from train.checkpoints.load import read_any
+from train.config.dpo import DpoConfig
 from train.config.model import ModelConfig
 from train.config.resolve import Resolved, resolve_sft
 from train.config.sft import SftConfig
@@ -209,7 +210,7 @@ def evaluators(cfg: SftConfig, data: FineTuneData, tokenizer) -> list[Evaluator]
     ]
 
 
-def lora_hook(cfg: SftConfig) -> Hook:
+def lora_hook(cfg: SftConfig | DpoConfig) -> Hook:
     """At the end of a LoRA run: the adapters in peft's format (run_dir/adapter), and the
     merged model for the hooks after it (none with lora.merge=false)."""
     base = cfg.base if Path(cfg.base).exists() else None  # None: a fresh model's

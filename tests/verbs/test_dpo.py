@@ -1,0 +1,349 @@
+"""`neo dpo` for real (DeepSpeed over gloo on CPU), its config rules, its batches and the
+stored reference log-probabilities."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import NEO
+from runs import kill
+
+from data_prep.tokenizers import load_tokenizer
+from train.config import compose
+from train.config.dpo import DpoConfig
+from train.config.resolve import World, resolve_dpo
+from train.data.dpo import BUNDLED, PairBatches
+from train.data.preference import read_pairs
+from train.errors import CheckpointError, ConfigError
+from train.loop import reference
+from train.loop.metrics import read_metrics
+from train.model.preference import METRICS
+
+SMALL = [
+    "model.hidden_size=64",
+    "model.num_layers=2",
+    "model.attention_types=[[[global,local],1]]",
+    "logger.log_every=1",
+    "logger.wandb.mode=disabled",
+    "samples=1",
+    "sample_max_new_tokens=8",
+]
+
+
+def dpo(cwd: Path, *overrides: str, check=True, ranks=1, wait=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cwd.mkdir(parents=True, exist_ok=True)
+    command = [NEO, "dpo"]
+    if ranks > 1:
+        torchrun = str(Path(sys.executable).with_name("torchrun"))
+        command = [torchrun, "--standalone", f"--nproc_per_node={ranks}", "-m", "train.cli", "dpo"]
+    if not wait:
+        return subprocess.Popen(
+            [*command, *SMALL, *overrides],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+    proc = subprocess.run(
+        [*command, *SMALL, *overrides], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"neo dpo failed\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.mark.slow
+def test_no_arguments_tunes_on_the_bundled_pairs_with_trls_metric_names(tmp_path):
+    """In a directory without the demo's models: a fresh tiny model, its own reference, on the
+    bundled pairs; TRL's metric names on training steps and (as val/...) on the held-out pairs,
+    whose reward accuracy rises well above chance."""
+    proc = dpo(tmp_path, "max_steps=24", "eval_every=8", "optim.lr=1e-4")
+    output = proc.stdout + proc.stderr
+    assert "base=runs/demo-sft does not exist (`make demo` makes it), nor runs/demo" in output
+    assert "360 training and 40 validation pairs (0 skipped, 0 cut to the context)" in output
+    run = tmp_path / "runs" / "dpo-tiny"
+    assert (run / reference.REFERENCE_FILE).is_file()
+    assert (run / "model").is_dir() and (run / "hf").is_dir()
+    records = read_metrics(run)
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 25))
+    for r in steps:
+        assert set(METRICS) <= set(r)
+    # the reference is the policy's start, in the same precision: rewards start at exactly 0
+    assert steps[0]["rewards/chosen"] == steps[0]["rewards/rejected"] == 0.0
+    assert steps[0]["rewards/accuracies"] == 0.0  # no pair has chosen > rejected yet
+    validations = [r for r in records if "val/rewards/accuracies" in r]
+    assert [r["step"] for r in validations] == [8, 16, 24]
+    for r in validations:
+        assert {"val/loss", *(f"val/{m}" for m in METRICS)} <= set(r)
+    assert validations[-1]["val/rewards/accuracies"] >= 0.65
+    assert validations[-1]["val/rewards/margins"] > validations[0]["val/rewards/margins"] > 0
+    assert validations[-1]["val/loss"] < validations[0]["val/loss"] < np.log(2)
+
+
+@pytest.mark.slow
+def test_kill_and_resume_is_exact_and_reads_the_reference(tmp_path):
+    """SIGKILLed after step 4 (last checkpoint: step 3) and run again: the same losses, rewards
+    and validation metrics as 6 steps at once, bit for bit; the reference log-probabilities
+    are read back, the file untouched, never computed again."""
+    common = ["max_steps=6", "save_every=3", "eval_every=3", "optim.lr=1e-4"]
+    dpo(tmp_path / "straight", *common)
+    proc = dpo(tmp_path / "killed", *common, wait=False)
+    run = tmp_path / "killed" / "runs" / "dpo-tiny"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        file = run / "metrics.jsonl"
+        lines = file.read_text().splitlines() if file.exists() else []
+        if max((json.loads(x).get("step", 0) for x in lines if x.endswith("}")), default=0) >= 4:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read()
+    kill(proc)
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    stored = run / reference.REFERENCE_FILE
+    before = (stored.stat().st_mtime_ns, stored.stat().st_ino, stored.read_bytes())
+    again = dpo(tmp_path / "killed", *common)
+    output = again.stdout + again.stderr
+    assert f"reference log-probabilities: read from {stored}" in output
+    assert "computed from the base" not in output
+    assert (stored.stat().st_mtime_ns, stored.stat().st_ino, stored.read_bytes()) == before
+
+    def steps(cwd):
+        keys = ("loss", *METRICS, "val/loss", *(f"val/{m}" for m in METRICS))
+        out = {}
+        for r in read_metrics(cwd / "runs" / "dpo-tiny"):
+            values = {k: r[k] for k in keys if k in r}
+            if values:
+                out.setdefault(r["step"], {}).update(values)
+        return out
+
+    straight, resumed = steps(tmp_path / "straight"), steps(tmp_path / "killed")
+    assert sorted(straight) == [1, 2, 3, 4, 5, 6]
+    assert resumed == straight  # bit for bit (step 4, logged before the kill, logged again)
+
+
+@pytest.mark.slow
+def test_one_and_two_ranks_and_zero3_give_the_same_run(tmp_path):
+    """ZeRO-0 on one rank, ZeRO-2 and ZeRO-3 on two: the same losses, rewards and validation
+    metrics (within fp32 reduction order). Rank 0 alone scores the reference; the other rank
+    reads its file."""
+    common = ["max_steps=4", "eval_every=2", "optim.lr=1e-4", "export_hf=false"]
+    runs = {
+        "one": dpo(tmp_path / "one", *common),
+        "zero2": dpo(tmp_path / "zero2", *common, "deepspeed=zero2", ranks=2),
+        "zero3": dpo(tmp_path / "zero3", *common, "deepspeed=zero3", ranks=2),
+    }
+    assert (runs["zero3"].stdout + runs["zero3"].stderr).count("computed from the base") == 1
+
+    def values(name):
+        return [
+            r
+            for r in read_metrics(tmp_path / name / "runs" / "dpo-tiny")
+            if "step" in r and ("loss" in r or "val/loss" in r)
+        ]
+
+    one = values("one")
+    assert [r["step"] for r in one] == [1, 2, 2, 3, 4, 4]
+    for name in ("zero2", "zero3"):
+        other = values(name)
+        assert [r["step"] for r in other] == [r["step"] for r in one]
+        for a, b in zip(one, other, strict=True):
+            for key in ("loss", "val/loss", "rewards/accuracies", "val/rewards/accuracies"):
+                if key in a:
+                    assert b[key] == pytest.approx(a[key], rel=1e-5), (name, key, a, b)
+            for key in ("rewards/margins", "val/rewards/margins", "rewards/chosen"):
+                if key in a:
+                    assert b[key] == pytest.approx(a[key], abs=1e-5), (name, key, a, b)
+
+
+def test_a_resume_without_the_stored_reference_or_with_other_pairs_stops(tmp_path):
+    tokenizer = load_tokenizer("gpt2")
+    pairs = read_pairs(str(BUNDLED), tokenizer, 256).pairs[:6]
+    splits = {"train": pairs[:4], "validation": pairs[4:]}
+    with pytest.raises(CheckpointError, match="reference_logps.safetensors is missing"):
+        reference.load(tmp_path, splits)
+    logps = {"train": torch.randn(4, 2), "validation": torch.randn(2, 2)}
+    reference.save(tmp_path, splits, logps)
+    loaded = reference.load(tmp_path, splits)
+    assert all(torch.equal(loaded[k], logps[k]) for k in logps)
+    other = {"train": pairs[1:5], "validation": pairs[4:]}
+    with pytest.raises(CheckpointError, match="computed for other train pairs"):
+        reference.load(tmp_path, other)
+    assert [p.name for p in tmp_path.iterdir()] == [reference.REFERENCE_FILE]  # no temp left
+
+
+class Sources:
+    def __init__(self, pairs=100, used_base=None):
+        self.pairs, self.used_base = pairs, used_base
+
+    def base_model(self):
+        return None
+
+    def tokenizer_size(self):
+        return 50257
+
+    def training_rows(self, cfg):
+        return self.pairs
+
+
+def test_config_rules():
+    cpu = World()
+    assert resolve_dpo(DpoConfig(), cpu, Sources(100)).cfg.max_steps == 13  # one epoch of 8
+    cases = [
+        (dict(beta=0.0), "dpo.beta=0.0 must be > 0"),
+        (dict(loss_type="kto"), "dpo.loss_type='kto' is not one of sigmoid, ipo, hinge, robust"),
+        (
+            dict(label_smoothing=0.1),
+            "dpo.label_smoothing=0.1 is not read: dpo.loss_type=sigmoid has no label smoothing",
+        ),
+        (
+            dict(loss_type="robust", label_smoothing=0.5),
+            "dpo.label_smoothing=0.5 must be in [0, 0.5) for dpo.loss_type=robust",
+        ),
+        (dict(validation_fraction=1.0), "dpo.validation_fraction=1.0 must be in [0, 1)"),
+    ]
+    for values, message in cases:
+        cfg = DpoConfig()
+        for k, v in values.items():
+            setattr(cfg.dpo, k, v)
+        with pytest.raises(ConfigError) as e:
+            resolve_dpo(cfg, cpu, Sources())
+        assert str(e.value).startswith(message)
+    robust = DpoConfig()
+    robust.dpo.loss_type, robust.dpo.label_smoothing = "robust", 0.1
+    assert resolve_dpo(robust, cpu, Sources()).cfg.dpo.label_smoothing == 0.1
+    with pytest.raises(ConfigError, match="run_dir=runs/x holds base=runs/x/sft"):
+        resolve_dpo(DpoConfig(base="runs/x/sft", run_dir="runs/x"), cpu, Sources())
+
+
+def test_the_demo_model_read_instead_of_the_missing_sft_one_is_not_overwritten():
+    """Without runs/demo-sft, neo dpo tunes runs/demo: a run_dir holding runs/demo is refused
+    as it would be had base=runs/demo been given."""
+    sources = Sources(used_base="runs/demo")
+    assert resolve_dpo(DpoConfig(run_dir="runs/dpo"), World(), sources).cfg.base == "runs/demo"
+    for run_dir in ("runs", "runs/demo"):
+        with pytest.raises(ConfigError, match=f"run_dir={run_dir} holds base=runs/demo"):
+            resolve_dpo(DpoConfig(run_dir=run_dir), World(), sources)
+
+
+@pytest.mark.parametrize(
+    "key, message",
+    [
+        ("sft.path=x", "sft.path is not a key of neo dpo: neo dpo reads preference pairs"),
+        ("dpo.betta=0.2", "dpo.betta is not a key of neo dpo: did you mean dpo.beta?"),
+        ("head=classification", "head is not a key of neo dpo"),
+    ],
+)
+def test_keys_neo_dpo_does_not_read_are_refused(key, message):
+    with pytest.raises(ConfigError, match=message.replace("?", r"\?")):
+        compose.compose("dpo", [key])
+
+
+def test_lora_keys_without_lora_are_refused():
+    cfg = compose.to_schema(compose.compose("dpo", ["lora.alpha=32", "run_dir=r"]))
+    with pytest.raises(ConfigError, match="lora.alpha=32.0 is not read: LoRA is off"):
+        resolve_dpo(cfg, World(), Sources())
+
+
+def test_unknown_key_on_the_command_line_is_one_line_exit_2(tmp_path):
+    proc = subprocess.run(
+        [NEO, "dpo", "dpo.beta=0.1", "dpo.label_smoothing=0.2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "neo dpo: error: dpo.label_smoothing=0.2 is not read: dpo.loss_type=sigmoid has no "
+        "label smoothing (TRL 1.16: only its robust loss reads it; dpo.loss_type=robust)"
+    ]
+    assert not (tmp_path / "runs").exists()  # nothing left behind
+
+
+def test_a_steps_pairs_do_not_depend_on_the_world_size():
+    tokenizer = load_tokenizer("gpt2")
+    pairs = read_pairs(str(BUNDLED), tokenizer, 256).pairs[:40]
+    one = PairBatches(pairs, 7, 0, 1, 2, 4, tokenizer.eod_id)
+    two = [PairBatches(pairs, 7, r, 2, 2, 2, tokenizer.eod_id) for r in range(2)]
+    for step in range(3):
+        seen_one = [p.where for m in range(4) for p in one.items(step, m)]
+        seen_two = [p.where for m in range(2) for b in two for p in b.items(step, m)]
+        assert sorted(seen_one) == sorted(seen_two) and len(set(seen_one)) == 8
+        assert one.targets_in_step(step) == 8  # pairs: the loss is their mean
+        batch = one.micro_batch(step, 0)
+        first = one.items(step, 0)
+        assert batch["input_ids"].shape[0] == 4  # 2 chosen rows, then 2 rejected
+        assert list(batch["input_ids"][0][: len(first[0].chosen)]) == first[0].chosen
+        assert list(batch["input_ids"][2][: len(first[0].rejected)]) == first[0].rejected
+        lengths = [max(len(p.chosen), len(p.rejected)) for p in first]
+        assert batch["input_ids"].shape[1] == max(lengths)
+    assert json.dumps(one.tokens_in_step(0)) == json.dumps(
+        sum(2 * 2 * max(max(len(p.chosen), len(p.rejected)) for p in g) for g in one.step_groups(0))
+    )
+
+
+@pytest.mark.slow
+def test_lora_trains_adapters_against_the_base_as_reference(tmp_path):
+    """lora.r=4: the reference is the base (the model with its adapters off), so the rewards
+    of step 1 are exactly 0; only the adapters train, the base's files are untouched, and the
+    run ends with peft's adapters and the merged model."""
+    from train.checkpoints.model_format import save_checkpoint
+    from train.model.gpt import GPT
+
+    tokenizer = load_tokenizer("gpt2")
+    config = DpoConfig().model
+    config.hidden_size, config.num_layers = 64, 2
+    config.attention_types = [[["global", "local"], 1]]
+    base = tmp_path / "base"
+    model = GPT(config.validate()).init_weights(torch.Generator().manual_seed(3))
+    save_checkpoint(base, config, model.state_dict(), tokenizer)
+    before = {f.name: f.read_bytes() for f in base.iterdir() if f.is_file()}
+    proc = dpo(
+        tmp_path / "work",
+        f"base={base}",
+        "lora.r=4",
+        "max_steps=3",
+        "optim.lr=1e-3",
+        "eval_every=3",
+    )
+    output = proc.stdout + proc.stderr
+    assert "LoRA r=4 on q_proj/v_proj" in output and "trainable" in output
+    run = tmp_path / "work" / "runs" / "dpo-tiny"
+    steps = [r for r in read_metrics(run) if "loss" in r]
+    assert steps[0]["rewards/chosen"] == steps[0]["rewards/rejected"] == 0.0
+    assert steps[-1]["rewards/margins"] != 0.0  # the adapters moved the policy
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "model").is_dir() and (run / "hf").is_dir()
+    assert {f.name: f.read_bytes() for f in base.iterdir() if f.is_file()} == before
+
+
+def test_pairs_without_a_prompt_are_not_asked_for_greedy_answers(tmp_path):
+    """An implicit prompt can be empty (the responses differ from their first character; TRL
+    takes such pairs): the validation's greedy answers skip them instead of failing the run
+    ("every prompt needs at least one token") at its first validation."""
+    from conftest import tiny_config
+
+    from train.data.dpo import answer_examples
+    from train.loop.evaluators import Answers, EvalContext
+    from train.model.gpt import GPT
+
+    tokenizer = load_tokenizer("gpt2")
+    records = [{"chosen": f"Yes {i}", "rejected": f"No {i}"} for i in range(3)]
+    records.insert(1, {"prompt": "Q:", "chosen": " yes", "rejected": " no"})
+    file = tmp_path / "pairs.jsonl"
+    file.write_text("".join(json.dumps(r) + "\n" for r in records))
+    pairs = read_pairs(str(file), tokenizer, 64).pairs
+    assert [p.prompt_length for p in pairs] == [0, 2, 0, 0]
+    model = GPT(tiny_config(vocab_size=tokenizer.vocab_size)).init_weights().eval()
+    ctx = EvalContext(model, torch.device("cpu"), 0, 1, True, False)
+    report = Answers(answer_examples(pairs, 3), tokenizer, 4)(ctx)
+    assert [s["prompt"] for s in report.samples] == ["Q:"]

@@ -1,0 +1,108 @@
+"""`neo dpo`'s schema: the training keys (train/config/run.py), the base checkpoint, the
+preference data and the loss (TRL 1.16's names and defaults). torch-free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from train.config.rules import Schema, require_choice, require_fraction, require_unread
+from train.config.run import RunConfig
+from train.config.sft import LoraConfig, check_fine_tuning
+from train.errors import ConfigError
+
+# TRL's DPOTrainer loss types neo dpo computes, as TRL 1.16 defines them.
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+
+
+@dataclass
+class DpoFieldsConfig(Schema):
+    """Field names of the records, for data that names them otherwise."""
+
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+
+
+@dataclass
+class DpoDataConfig(Schema):
+    # JSON lines / JSON / hf:NAME of preference pairs, in any of TRL's three forms (each record
+    # by its own fields): {prompt, chosen, rejected} text; {chosen, rejected} text whose longest
+    # shared prefix is the prompt (Anthropic hh-rlhf); lists of {role, content} messages,
+    # rendered with the chat template. null: the bundled sample (data_prep/sample/dpo_pairs.jsonl).
+    path: str | None = None
+    fields: DpoFieldsConfig = field(default_factory=DpoFieldsConfig)
+    # A file of its own for validation; null: a seeded `validation_fraction` of `path`.
+    validation_path: str | None = None
+    validation_fraction: float = 0.1
+    seed: int = 1234
+    # Conversations: a Jinja template (or a name: neotrain); null: the tokenizer's own, else
+    # neotrain's (train/data/sft.py).
+    chat_template: str | None = None
+    # Stop at the first bad record or over-long pair instead of counting and skipping it.
+    strict: bool = False
+    # hf:NAME datasets: the split to read.
+    split: str | None = None
+    # How far the policy may move from the reference (TRL's beta; ipo: its tau).
+    beta: float = 0.1
+    # sigmoid (DPO) | ipo (squared, per-token normalised) | hinge (SLiC) | robust (rDPO).
+    loss_type: str = "sigmoid"
+    # robust only: the probability that a pair's preference is flipped, in [0, 0.5). TRL 1.16's
+    # sigmoid loss has no label smoothing; its robust loss is where label_smoothing acts.
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class DpoConfig(RunConfig):
+    """`neo dpo`: the training keys on preference pairs, starting from `base`, against the
+    base's own log-probabilities (computed once, before the first step)."""
+
+    # The model to tune and the reference: a neotrain checkpoint, run directory, DeepSpeed
+    # checkpoint or Hugging Face GPT-Neo directory. runs/demo-sft missing: runs/demo, else a
+    # fresh `model` (said so).
+    base: str = "runs/demo-sft"
+    dpo: DpoDataConfig = field(default_factory=DpoDataConfig)
+    # Low-rank adapters (neo sft's keys): only they train; the reference is the base, which is
+    # the model with its adapters off.
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    # Passes over the training pairs, or a number of optimizer steps: one of the two (neither:
+    # one epoch). A resolved config holds the steps.
+    epochs: float | None = None
+    max_steps: int | None = None
+    # Greedy answers to this many validation prompts, logged at every validation.
+    samples: int = 3
+    sample_max_new_tokens: int = 48
+
+    @property
+    def seq_len(self) -> int:
+        """Rows are at most the model's context long (TRL's max_length)."""
+        return self.model.max_position_embeddings
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of a step at most: a chosen and a rejected row per pair."""
+        return 2 * self.global_batch_size * self.seq_len
+
+    def check_dpo(self) -> None:
+        """The rules of the keys only neo dpo reads."""
+        d = self.dpo
+        require_fraction("dpo.validation_fraction", d.validation_fraction)
+        require_choice("dpo.loss_type", d.loss_type, LOSS_TYPES)
+        if d.beta <= 0:
+            raise ConfigError(f"dpo.beta={d.beta} must be > 0")
+        if d.loss_type == "robust":
+            if not 0.0 <= d.label_smoothing < 0.5:
+                raise ConfigError(
+                    f"dpo.label_smoothing={d.label_smoothing} must be in [0, 0.5) for "
+                    "dpo.loss_type=robust (the probability that a preference is flipped)"
+                )
+        else:
+            require_unread(
+                "dpo.",
+                d,
+                DpoDataConfig(),
+                f"dpo.loss_type={d.loss_type} has no label smoothing (TRL 1.16: only its robust "
+                "loss reads it; dpo.loss_type=robust)",
+                keys=("label_smoothing",),
+            )
+        self.lora.validate()
+        check_fine_tuning(self)
