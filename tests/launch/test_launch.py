@@ -172,7 +172,8 @@ def test_without_sbatch_it_says_so(tmp_path):
     )
     assert proc.returncode != 0 and "sbatch is not on PATH" in proc.stderr
     proc = launch("prep", check=False)
-    assert proc.returncode != 0 and "VERB must be one of train, sft, dpo, eval, generate" in proc.stderr
+    verbs = "VERB must be one of train, sft, dpo, eval, generate"
+    assert proc.returncode != 0 and verbs in proc.stderr
 
 
 def test_launching_needs_no_torch():
