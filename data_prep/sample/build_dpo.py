@@ -25,6 +25,8 @@ import json
 import random
 from pathlib import Path
 
+from data_prep.sample.build_sft import write
+
 HERE = Path(__file__).parent
 SOURCE = HERE / "sft_instructions.jsonl"
 OUTPUT = HERE / "dpo_pairs.jsonl"
@@ -75,13 +77,6 @@ def pairs() -> list[dict]:
             }
         )
     return out
-
-
-def write(path: Path, records: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    tmp.replace(path)
-    print(f"wrote {path}: {len(records)} records")
 
 
 if __name__ == "__main__":

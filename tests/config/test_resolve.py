@@ -96,7 +96,8 @@ from dataclasses import asdict
 from train.config import resolve
 from train.config.model import ModelConfig
 from train.config.run import RunConfig
-from train.config.sft import HeadConfig, LoraConfig, SftConfig
+from train.config.finetune import LoraConfig
+from train.config.sft import HeadConfig, SftConfig
 from train.config.train import TrainConfig
 from train.cli import main
 

@@ -182,8 +182,8 @@ def test_schedules(schedule):
 def test_with_lora_muon_takes_the_adapters_and_nothing_frozen():
     """`neo sft optim.name=muon lora.r=8`: the frozen base matrices are in no group; Muon
     takes the adapters' matrices (lora_A, lora_B) inside the blocks; AdamW what else trains."""
+    from train.config.finetune import LoraConfig
     from train.config.model import ModelConfig
-    from train.config.sft import LoraConfig
     from train.model import lora
     from train.model.gpt import GPT
 

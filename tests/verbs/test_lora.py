@@ -12,7 +12,7 @@ from transformers import GPTNeoForCausalLM
 from data_prep.tokenizers import load_tokenizer
 from train.checkpoints.load import load_model, model_from_state
 from train.checkpoints.zero import consolidated_state_dict
-from train.config.sft import LoraConfig
+from train.config.finetune import LoraConfig
 from train.errors import ConfigError
 from train.model import lora
 from train.model.gpt import GPT

@@ -9,8 +9,8 @@ import torch
 
 from data_prep.files import OutputKind, atomic_dir, marked_by
 from train.checkpoints.model_format import save_tensors
+from train.config.finetune import LoraConfig
 from train.config.model import ModelConfig
-from train.config.sft import LoraConfig
 from train.model.lora import peft_config, split
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -27,8 +27,8 @@ from train.checkpoints.model_format import (
 )
 from train.checkpoints.zero import consolidated_state_dict
 from train.config.evaluation import CheckpointSource
+from train.config.finetune import LoraConfig
 from train.config.model import ModelConfig
-from train.config.sft import LoraConfig
 from train.errors import CheckpointError, ConfigError, NotFound
 from train.model import lora
 from train.model.gpt import GPT, TIED

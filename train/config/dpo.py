@@ -1,13 +1,12 @@
-"""`neo dpo`'s schema: the training keys (train/config/run.py), the base checkpoint, the
-preference data and the loss (TRL 1.16's names and defaults). torch-free."""
+"""`neo dpo`'s schema: the fine-tuning keys (train/config/finetune.py), the preference data and
+the loss (TRL 1.16's names and defaults). torch-free."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from train.config.finetune import FineTuneConfig
 from train.config.rules import Schema, require_choice, require_fraction, require_unread
-from train.config.run import RunConfig
-from train.config.sft import LoraConfig, check_fine_tuning
 from train.errors import ConfigError
 
 # TRL's DPOTrainer loss types neo dpo computes, as TRL 1.16 defines them.
@@ -52,30 +51,15 @@ class DpoDataConfig(Schema):
 
 
 @dataclass
-class DpoConfig(RunConfig):
+class DpoConfig(FineTuneConfig):
     """`neo dpo`: the training keys on preference pairs, starting from `base`, against the
-    base's own log-probabilities (computed once, before the first step)."""
+    base's own log-probabilities (computed once, before the first step). With LoRA only the
+    adapters train, and the reference is the base: the model with its adapters off."""
 
-    # The model to tune and the reference: a neotrain checkpoint, run directory, DeepSpeed
-    # checkpoint or Hugging Face GPT-Neo directory. runs/demo-sft missing: runs/demo, else a
-    # fresh `model` (said so).
+    # The model to tune and the reference. runs/demo-sft missing: runs/demo, else a fresh
+    # `model` (said so).
     base: str = "runs/demo-sft"
     dpo: DpoDataConfig = field(default_factory=DpoDataConfig)
-    # Low-rank adapters (neo sft's keys): only they train; the reference is the base, which is
-    # the model with its adapters off.
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    # Passes over the training pairs, or a number of optimizer steps: one of the two (neither:
-    # one epoch). A resolved config holds the steps.
-    epochs: float | None = None
-    max_steps: int | None = None
-    # Greedy answers to this many validation prompts, logged at every validation.
-    samples: int = 3
-    sample_max_new_tokens: int = 48
-
-    @property
-    def seq_len(self) -> int:
-        """Rows are at most the model's context long (TRL's max_length)."""
-        return self.model.max_position_embeddings
 
     @property
     def tokens_per_step(self) -> int:
@@ -104,5 +88,4 @@ class DpoConfig(RunConfig):
                 "loss reads it; dpo.loss_type=robust)",
                 keys=("label_smoothing",),
             )
-        self.lora.validate()
-        check_fine_tuning(self)
+        self.check_fine_tuning()

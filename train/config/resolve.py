@@ -14,10 +14,11 @@ from typing import Generic, Protocol, TypeVar
 
 from train.config.dpo import DpoConfig
 from train.config.evaluation import EvalConfig, GenerateConfig
+from train.config.finetune import check_base
 from train.config.model import ModelConfig
 from train.config.rules import Schema, batch_layout
 from train.config.run import RunConfig
-from train.config.sft import SftConfig, check_fine_tuning
+from train.config.sft import SftConfig
 from train.config.train import TrainConfig
 from train.errors import ConfigError
 
@@ -125,7 +126,7 @@ def resolve_dpo(cfg: DpoConfig, world: World, sources: SftSources | None) -> Res
         _adopt_base(cfg, sources, grow=False)
         if sources.used_base is not None:  # the demo's SFT model missing: the one read instead
             cfg.base = sources.used_base
-            check_fine_tuning(cfg)  # that one must not be under run_dir either
+            check_base(cfg)  # that one must not be under run_dir either
     cfg.model.validate()
     _steps(cfg, sources)
     return Resolved(cfg.frozen(), world, accumulation, reason)

@@ -1,17 +1,15 @@
-"""`neo sft`'s schema: the training keys (train/config/run.py), the base checkpoint, the
-fine-tuning data, LoRA and GPT-1's task head. torch-free."""
+"""`neo sft`'s schema: the fine-tuning keys (train/config/finetune.py), the fine-tuning data and
+GPT-1's task head. torch-free."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from train.config.finetune import FineTuneConfig
 from train.config.rules import Schema, require_choice, require_fraction, require_unread
-from train.config.run import RunConfig
 from train.errors import ConfigError
 
 SFT_FORMATS = ("alpaca", "prompt_completion", "chat")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj")
 HEAD_TYPES = ("lm", "classification", "entailment", "similarity", "multiple_choice")
 
 
@@ -51,44 +49,6 @@ class SftDataConfig(Schema):
     strict: bool = False
     # hf:NAME datasets: the split to read.
     split: str | None = None
-
-
-@dataclass
-class LoraConfig(Schema):
-    """Low-rank adapters (peft's LoRA): the base weights stay frozen and only the adapters
-    train. LoRA usually wants a larger learning rate than full fine-tuning (optim.lr=2e-4)."""
-
-    # Rank of the adapters; 0: full fine-tuning.
-    r: int = 0
-    alpha: float = 16.0  # the update is scaled by alpha / r
-    dropout: float = 0.05
-    # Linear layers to adapt, by name: q_proj k_proj v_proj out_proj (attention), c_fc c_proj
-    # (MLP). GPT-Neo's usual choice (peft's default for gpt_neo) is the query and value.
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    # At the end: the base with the adapters folded in as run_dir/model (and its HF export);
-    # false: only the adapters (run_dir/adapter, peft's format).
-    merge: bool = True
-
-    @property
-    def enabled(self) -> bool:
-        return self.r > 0
-
-    def validate(self) -> LoraConfig:
-        if self.r < 0:
-            raise ConfigError(f"lora.r={self.r} must be >= 0 (0 disables LoRA)")
-        if not self.enabled:
-            require_unread("lora.", self, LoraConfig(), "LoRA is off (set lora.r=8, say)")
-            return self
-        if self.alpha <= 0:
-            raise ConfigError(f"lora.alpha={self.alpha} must be > 0")
-        require_fraction("lora.dropout", self.dropout)
-        unknown = sorted(set(self.target_modules) - set(LORA_TARGETS))
-        if unknown or not self.target_modules:
-            raise ConfigError(
-                f"lora.target_modules={list(self.target_modules)}: expected names among "
-                f"{', '.join(LORA_TARGETS)}"
-            )
-        return self
 
 
 @dataclass
@@ -144,27 +104,12 @@ class HeadConfig(Schema):
 
 
 @dataclass
-class SftConfig(RunConfig):
-    """`neo sft`: the training keys on fine-tuning data, starting from `base`."""
+class SftConfig(FineTuneConfig):
+    """`neo sft`: the training keys on fine-tuning data, starting from `base` (runs/demo
+    missing: a fresh `model`, said so)."""
 
-    # A neotrain checkpoint, run directory, DeepSpeed checkpoint or Hugging Face GPT-Neo
-    # directory; its model config replaces `model`. runs/demo missing: a fresh `model`.
-    base: str = "runs/demo"
     sft: SftDataConfig = field(default_factory=SftDataConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
-    # Passes over the training rows, or a number of optimizer steps: one of the two (neither:
-    # one epoch). A resolved config holds the steps.
-    epochs: float | None = None
-    max_steps: int | None = None
-    # Greedy answers to this many validation prompts, logged at every validation.
-    samples: int = 3
-    sample_max_new_tokens: int = 48
-
-    @property
-    def seq_len(self) -> int:
-        """Rows are the model's context long."""
-        return self.model.max_position_embeddings
 
     @property
     def tokens_per_step(self) -> int:
@@ -175,7 +120,6 @@ class SftConfig(RunConfig):
         s = self.sft
         require_choice("sft.format", s.format, SFT_FORMATS)
         require_fraction("sft.validation_fraction", s.validation_fraction)
-        self.lora.validate()
         self.head.validate()
         if self.head.enabled:
             require_unread(
@@ -195,25 +139,4 @@ class SftConfig(RunConfig):
             raise ConfigError(
                 f"sft.chat_template is not read: sft.format={s.format} (templates render chats)"
             )
-        check_fine_tuning(self)
-
-
-def check_fine_tuning(cfg) -> None:
-    """The rules neo sft and neo dpo share: the run directory is not the base's, epochs or
-    steps (one of them), samples."""
-    if cfg.base:
-        run_dir, base = Path(cfg.run_dir).resolve(), Path(cfg.base).resolve()
-        if run_dir == base or run_dir in base.parents:
-            raise ConfigError(
-                f"run_dir={cfg.run_dir} holds base={cfg.base}: the fine-tuned model and "
-                "checkpoints would be written over the model it starts from; choose another "
-                "run_dir"
-            )
-    if cfg.epochs is not None and cfg.max_steps is not None:
-        raise ConfigError(f"epochs={cfg.epochs} and max_steps={cfg.max_steps}: give one of them")
-    if cfg.epochs is not None and cfg.epochs <= 0:
-        raise ConfigError(f"epochs={cfg.epochs} must be > 0")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise ConfigError(f"max_steps={cfg.max_steps} must be >= 1")
-    if cfg.samples < 0:
-        raise ConfigError(f"samples={cfg.samples} must be >= 0")
+        self.check_fine_tuning()

@@ -48,13 +48,7 @@ def read_preference(cfg: DpoConfig, tokenizer: LoadedTokenizer) -> PreferenceDat
             strict=d.strict,
             split=d.split,
         )
-        if out.skipped.count:
-            log.warning(
-                "%s: %d bad records skipped, first: %s",
-                path,
-                out.skipped.count,
-                out.skipped.examples[0],
-            )
+        out.skipped.warn(log, path)
         if out.truncated:
             log.warning(
                 "%s: %d pairs longer than the %d-token context were cut at the end (TRL's "

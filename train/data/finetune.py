@@ -133,13 +133,7 @@ def default_path(cfg: SftConfig) -> str:
 
 def _reported(path: str, read):
     """`read` (examples of `path`), its skipped and truncated records logged."""
-    if read.skipped.count:
-        log.warning(
-            "%s: %d bad records skipped, first: %s",
-            path,
-            read.skipped.count,
-            read.skipped.examples[0],
-        )
+    read.skipped.warn(log, path)
     if read.truncated:  # prompts lose tokens from the left; task texts from their end
         log.warning(
             "%s: %d examples longer than the context were truncated to fit", path, read.truncated

@@ -4,6 +4,7 @@ record named by file and line, counted, and skipped (or, with strict=true, fatal
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,11 @@ class Skipped:
         self.count += 1
         if len(self.examples) < 5:
             self.examples.append(message)
+
+    def warn(self, log: logging.Logger, path: str) -> None:
+        """One warning naming `path`, how many records were skipped and the first, if any."""
+        if self.count:
+            log.warning("%s: %d bad records skipped, first: %s", path, self.count, self.examples[0])
 
 
 @dataclass

@@ -30,6 +30,7 @@ from train.loop.checkpointing import Resume, RunCheckpoints
 from train.loop.engine import Engine, EngineSpec, Layout
 from train.loop.state import TrainState
 from train.model.factory import ModelFactory
+from train.model.sizes import count_parameters
 
 log = logging.getLogger("neo.train")
 
@@ -141,6 +142,55 @@ def build_or_resume(
     universal = bool(resume and resume.mode == "universal")
     engine = Engine.build(spec, factory, run.acc, run.device, cfg.seed, weights, universal)
     state = run.checkpoints.resume(engine, resume, run.ranks.rank) if resume else TrainState()
+    return engine, state, resume
+
+
+def open_engine(
+    verb: str,
+    resolved: Resolved,
+    run: RunStart,
+    identity: dict,
+    factory: ModelFactory,
+    weights: dict | None = None,
+    *,
+    doing: str,
+    details: str = "",
+    origin: str = "",
+) -> tuple[Engine, TrainState, Resume | None]:
+    """build_or_resume, then the resolved config written (rank 0) and one line saying what
+    trains where: `doing` (training, fine-tuning, ...) the model, `details` after its size
+    (LoRA is added here), `origin` where its weights come from."""
+    cfg = resolved.cfg
+    engine, state, resume = build_or_resume(cfg, run, identity, factory, weights)
+    if run.ranks.is_main:
+        write_config(verb, resolved, run, resume)
+    lora = getattr(cfg, "lora", None)
+    if lora is not None and lora.enabled:
+        details = (
+            f"; LoRA r={lora.r} on {'/'.join(lora.target_modules)}: "
+            f"{engine.trainable_parameters():,} trainable{details}"
+        )
+    rows = "pairs of 2 rows of up to" if isinstance(cfg, DpoConfig) else "x"
+    log.info(
+        "%s %s (%s parameters%s)%s on %d x %s, ZeRO-%d, %s, global batch %d %s %d tokens, "
+        "accumulation %d; run dir %s%s",
+        doing,
+        cfg.model.name,
+        f"{count_parameters(cfg.model).total:,}",
+        details,
+        f" from {origin}" if origin else "",
+        run.ranks.world_size,
+        run.acc.kind,
+        cfg.deepspeed.zero_stage,
+        cfg.precision,
+        cfg.global_batch_size,
+        rows,
+        cfg.seq_len,
+        run.accumulation,
+        cfg.run_dir,
+        f"; resumed at step {state.step}" if resume else "",
+    )
+    engine.train()
     return engine, state, resume
 
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from train.config.finetune import LoraConfig
 from train.config.model import ModelConfig
-from train.config.sft import LoraConfig
 from train.model import lora as adapters
 from train.model.gpt import GPT
 from train.model.heads import TaskGPT, TaskHead

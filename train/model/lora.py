@@ -17,7 +17,7 @@ import re
 import torch
 from torch import nn
 
-from train.config.sft import LoraConfig
+from train.config.finetune import LoraConfig
 from train.errors import ConfigError
 
 ADAPTER = "default"  # peft's adapter name in module paths

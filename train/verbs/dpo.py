@@ -48,12 +48,11 @@ from train.loop.evaluators import Answers, PreferenceMetrics
 from train.loop.finish import standard_hooks, train_and_finish
 from train.loop.fit import Trainer
 from train.loop.optim import Schedule
-from train.loop.run import RunStart, build_or_resume, checkpoint_meta, start_run, write_config
+from train.loop.run import RunStart, checkpoint_meta, open_engine, start_run
 from train.model import lora
 from train.model.factory import ModelFactory
 from train.model.gpt import GPT
 from train.model.preference import METRICS, DpoLoss
-from train.model.sizes import count_parameters
 from train.verbs.sft import lora_hook
 
 log = logging.getLogger("neo.dpo")
@@ -158,29 +157,17 @@ def setup(resolved: Resolved[DpoConfig], where: Host, sources: Sources) -> Train
     }
     loss = DpoLoss(cfg.dpo.beta, cfg.dpo.loss_type, cfg.dpo.label_smoothing)
     factory = ModelFactory(cfg.model, lora=cfg.lora if cfg.lora.enabled else None, dpo=loss)
-    engine, state, resume = build_or_resume(cfg, run, identity, factory, weights)
-    del weights
-    if ranks.is_main:
-        write_config("dpo", resolved, run, resume)
-    log.info(
-        "preference-tuning %s (%s parameters%s) from %s on %d x %s, ZeRO-%d, %s, accumulation "
-        "%d; run dir %s%s",
-        cfg.model.name,
-        f"{count_parameters(cfg.model).total:,}",
-        f"; LoRA r={cfg.lora.r} on {'/'.join(cfg.lora.target_modules)}: "
-        f"{engine.trainable_parameters():,} trainable"
-        if cfg.lora.enabled
-        else "",
-        sources.used_base or "fresh weights",
-        ranks.world_size,
-        run.acc.kind,
-        cfg.deepspeed.zero_stage,
-        cfg.precision,
-        run.accumulation,
-        cfg.run_dir,
-        f"; resumed at step {state.step}" if resume else "",
+    engine, state, _ = open_engine(
+        "dpo",
+        resolved,
+        run,
+        identity,
+        factory,
+        weights,
+        doing="preference-tuning",
+        origin=sources.used_base or "fresh weights",
     )
-    engine.train()
+    del weights
     pad = tokenizer.eod_id
     batches = PairBatches(
         data.train,

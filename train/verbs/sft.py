@@ -36,11 +36,10 @@ from train.loop.evaluators import Answers, Evaluator, ResponseLoss, TaskMetrics
 from train.loop.finish import Finished, Hook, standard_hooks, train_and_finish
 from train.loop.fit import Trainer
 from train.loop.optim import Schedule
-from train.loop.run import build_or_resume, checkpoint_meta, start_run, write_config
+from train.loop.run import checkpoint_meta, open_engine, start_run
 from train.model import lora
 from train.model.factory import ModelFactory
 from train.model.heads import with_new_rows
-from train.model.sizes import count_parameters
 
 log = logging.getLogger("neo.sft")
 DEMO = "runs/demo"
@@ -148,30 +147,18 @@ def setup(resolved: Resolved[SftConfig], where: Host, sources: Sources) -> Train
         lm_coef=cfg.head.lm_coef,
         lora=cfg.lora if cfg.lora.enabled else None,
     )
-    engine, state, resume = build_or_resume(cfg, run, identity, factory, weights)
-    del weights
-    if ranks.is_main:
-        write_config("sft", resolved, run, resume)
-    log.info(
-        "fine-tuning %s (%s parameters%s%s) from %s on %d x %s, ZeRO-%d, %s, accumulation %d; "
-        "run dir %s%s",
-        cfg.model.name,
-        f"{count_parameters(cfg.model).total:,}",
-        f"; LoRA r={cfg.lora.r} on {'/'.join(cfg.lora.target_modules)}: "
-        f"{engine.trainable_parameters():,} trainable"
-        if cfg.lora.enabled
-        else "",
-        f"; {cfg.head.type} head, lm_coef {cfg.head.lm_coef}" if data.head else "",
-        cfg.base if sources.base else "fresh weights",
-        ranks.world_size,
-        run.acc.kind,
-        cfg.deepspeed.zero_stage,
-        cfg.precision,
-        run.accumulation,
-        cfg.run_dir,
-        f"; resumed at step {state.step}" if resume else "",
+    engine, state, _ = open_engine(
+        "sft",
+        resolved,
+        run,
+        identity,
+        factory,
+        weights,
+        doing="fine-tuning",
+        details=f"; {cfg.head.type} head, lm_coef {cfg.head.lm_coef}" if data.head else "",
+        origin=cfg.base if sources.base else "fresh weights",
     )
-    engine.train()
+    del weights
     stream = RowStream(data.items, cfg.sft.seed)
     batches = data.batches(
         stream,

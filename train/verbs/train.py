@@ -30,9 +30,8 @@ from train.loop.checkpointing import model_identity
 from train.loop.finish import standard_hooks, train_and_finish
 from train.loop.fit import Trainer
 from train.loop.optim import Schedule
-from train.loop.run import build_or_resume, checkpoint_meta, start_run, write_config
+from train.loop.run import checkpoint_meta, open_engine, start_run
 from train.model.factory import ModelFactory
-from train.model.sizes import count_parameters
 
 log = logging.getLogger("neo.train")
 
@@ -70,25 +69,7 @@ def setup(resolved: Resolved[TrainConfig], where: Host) -> Trainer:
     ]
     identity = run_identity(cfg, data.identity)
     factory = ModelFactory(cfg.model)
-    engine, state, resume = build_or_resume(cfg, run, identity, factory)
-    if ranks.is_main:
-        write_config("train", resolved, run, resume)
-    log.info(
-        "training %s (%s parameters) on %d x %s, ZeRO-%d, %s, global batch %d x %d tokens, "
-        "accumulation %d; run dir %s%s",
-        cfg.model.name,
-        f"{count_parameters(cfg.model).total:,}",
-        ranks.world_size,
-        run.acc.kind,
-        cfg.deepspeed.zero_stage,
-        cfg.precision,
-        cfg.global_batch_size,
-        cfg.seq_len,
-        run.accumulation,
-        cfg.run_dir,
-        f"; resumed at step {state.step}" if resume else "",
-    )
-    engine.train()
+    engine, state, _ = open_engine("train", resolved, run, identity, factory, doing="training")
     batches = PretrainBatches(
         data.train,
         ranks.rank,
