@@ -131,8 +131,10 @@ class Planned:
                 f"{len(files)} others; give every stage the same input="
             )
         for f in files:
-            size = os.path.getsize(f.path) if os.path.exists(f.path) else None
-            if f.bytes is not None and size != f.bytes:
+            if f.format.startswith("hf_"):  # a folder or the hub: its identity is the plan's
+                continue
+            size = os.path.getsize(f.path) if os.path.exists(f.path) else 0
+            if size != f.bytes:
                 raise PrepError(
                     f"{f.path}: {size} bytes, {f.bytes} when planned: the input changed; "
                     "rerun from stage=plan with overwrite=true"

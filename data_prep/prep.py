@@ -248,11 +248,16 @@ def _run(
     }
 
 
-def out_of_memory_message(e: OutOfMemory | WorkerDied, files: list[InputFile]) -> str:
-    """One line naming the document (the largest in flight, if a worker was killed)."""
+def out_of_memory_message(
+    e: OutOfMemory | WorkerDied, files: list[InputFile], where: str | None = None
+) -> str:
+    """One line naming the document (the largest in flight, if a worker was killed), at
+    `where` if given (a staged run's slice), else at its file and line."""
     assert e.batch is not None
     file = files[e.batch.file]
-    where = file.path if file.format == "txt" else f"{file.path}:{e.batch.first + e.item + 1}"
+    if where is None:
+        line = e.batch.first + e.item + 1
+        where = file.path if file.format == "txt" else f"{file.path}:{line}"
     advice = "rerun with more memory, fewer workers=, or that document split or removed"
     if isinstance(e, OutOfMemory):
         return f"{where}: out of memory tokenizing this document ({e.size:,} bytes); {advice}"

@@ -9,12 +9,14 @@ that ends it), and reads lines while they start before the range's end (the last
 newline, past the end if need be). So each line belongs to exactly one slice, and the slices in
 order hold the file's lines in order: reading them one after another is reading the file.
 
-Any other input is one slice, whatever its size. A `.jsonl.zst` or `.jsonl.gz` stream decodes
+Any other input file is read whole, whatever its size; consecutive such files smaller than
+`slice_bytes` are packed into one slice (a folder of a million `.txt` files makes about
+total / slice_bytes slices, not a million). A `.jsonl.zst` or `.jsonl.gz` stream decodes
 only from the start of a frame (a gzip member), and where frames start is not known without
 walking the file (zstd records no index unless written in its seekable format); a corpus of a
 few huge compressed files (the Pile: 30 files) therefore has at most that many slices, and is
-best recompressed into more files (or left uncompressed) for wider arrays. Parquet files,
-`.txt` files and Hugging Face datasets are one slice each too.
+best recompressed into more files (or left uncompressed) for wider arrays. Parquet files
+and Hugging Face datasets are read whole too.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from data_prep.readers import CHUNK, Batch, Problem, default_source, read_file, 
 class Slice:
     file: int  # index into the input files
     start: int  # first byte of the range (0 for a whole file)
-    end: int | None  # end of the range; None: the whole file
+    end: int | None  # end of the range; None: whole files
     bytes: int  # input bytes it covers, for balancing tasks
+    files: int = 1  # whole files (end None): this many, from `file` on
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -45,11 +48,15 @@ class Slice:
 
 def plan_slices(files: list[InputFile], slice_bytes: int) -> list[Slice]:
     """Every input's slices, in input order."""
-    slices = []
+    slices: list[Slice] = []
     for index, file in enumerate(files):
         size = file.bytes or 0
         if file.format != "jsonl" or size <= slice_bytes:
-            slices.append(Slice(index, 0, None, size))
+            last = slices[-1] if slices else None
+            if last and last.end is None and last.bytes + size <= slice_bytes:
+                slices[-1] = Slice(last.file, 0, None, last.bytes + size, last.files + 1)
+            else:
+                slices.append(Slice(index, 0, None, size))
             continue
         for start in range(0, size, slice_bytes):
             end = min(start + slice_bytes, size)
@@ -99,7 +106,8 @@ def read_slice(
     and a Problem where its file cannot be read."""
     file = files[piece.file]
     if piece.end is None:
-        yield from read_file(piece.file, file, corpus, 0, batch_bytes)
+        for index in range(piece.file, piece.file + piece.files):
+            yield from read_file(index, files[index], corpus, 0, batch_bytes)
         return
     default = default_source(file, corpus)
     lines: list[bytes] = []

@@ -27,6 +27,7 @@ import logging
 import resource
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -60,6 +61,7 @@ from data_prep.progress import (
     clean_partial,
     require_documents,
 )
+from data_prep.readers import Batch, Problem
 from data_prep.report import print_summary
 from data_prep.shards import token_dtype
 from data_prep.slices import read_slice, where
@@ -111,11 +113,13 @@ def hash_task(state: Planned, task: int, batch_bytes: int) -> None:
         return  # nothing to deduplicate: the tokenize stage needs no digests
     (state.state / "hash").mkdir(exist_ok=True)
     todo = [n for n in state.task_range(task) if not _hash_path(state, n).is_file()]
+    if not todo:
+        return
     with state.encoder(hash_only=True) as encoder:
         for number in todo:
             parts = [np.zeros(0, np.uint64)]
             stream = read_slice(state.files, state.slices[number], state.cfg.data, batch_bytes)
-            for _, encoded in _encoded(encoder, stream, state.files):
+            for _, encoded in _encoded(encoder, stream, state, number):
                 if encoded is not None:
                     parts.append(encoded.digests)
             save_array(_hash_path(state, number), np.concatenate(parts))
@@ -124,8 +128,8 @@ def hash_task(state: Planned, task: int, batch_bytes: int) -> None:
 
 def reduce(state: Planned) -> None:
     """Which copy of each text survives: the first in input order (slice, then position).
-    Peak memory about 25 bytes per document (the digests, their sort order and sorted copy):
-    5 GB for the Pile's 210M documents."""
+    Peak memory about 26 bytes per document (the digests sorted, their order, two flags)
+    plus 8 per distinct text: 5-7 GB for the Pile's 210M documents."""
     if not state.cfg.dedup or (state.state / REDUCE_FILE).is_file():
         return
     state.require("hash", [_hash_path(state, n).is_file() for n in range(len(state.slices))])
@@ -134,10 +138,14 @@ def reduce(state: Planned) -> None:
     counts = [len(p) for p in parts]
     digests = np.concatenate([np.zeros(0, np.uint64), *parts])
     del parts
-    keep = np.zeros(len(digests), dtype=bool)
-    if len(digests):
-        _, first = np.unique(digests, return_index=True)  # a stable sort: the first copy
-        keep[first] = True
+    order = np.argsort(digests, kind="stable")  # copies of a text: in input order
+    digests = digests[order]
+    first = np.ones(len(digests), dtype=bool)  # the first of each run of equal digests
+    np.not_equal(digests[1:], digests[:-1], out=first[1:])
+    del digests
+    keep = np.zeros(len(first), dtype=bool)
+    keep[order[first]] = True
+    del order, first
     save_array(state.state / KEEP_FILE, np.packbits(keep))
     summary = {
         "counts": counts,
@@ -216,6 +224,8 @@ def tokenize_task(state: Planned, task: int, batch_bytes: int) -> None:
     keep = _keep(state)
     (state.state / "slices").mkdir(exist_ok=True)
     todo = [n for n in state.task_range(task) if not _slice_path(state, n).is_file()]
+    if not todo:
+        return
     with state.encoder(hash_only=False) as encoder:
         for number in todo:
             _remove_partial(state.directory, number)
@@ -223,7 +233,7 @@ def tokenize_task(state: Planned, task: int, batch_bytes: int) -> None:
             router = SliceRouter(state, number, mine)
             stream = read_slice(state.files, state.slices[number], state.cfg.data, batch_bytes)
             try:
-                for item, encoded in _encoded(encoder, stream, state.files):
+                for item, encoded in _encoded(encoder, stream, state, number):
                     if encoded is None:
                         router.problem(item)
                     else:
@@ -235,16 +245,19 @@ def tokenize_task(state: Planned, task: int, batch_bytes: int) -> None:
             if mine is not None and router.seen != len(mine):
                 raise _changed(state.files[state.slices[number].file])
             shards = {p: asdict(s) for p, s in router.shards.items()}
-            record = {"shards": shards, "stats": router.stats.to_dict(), "tokens": router.tokens}
+            record = {"shards": shards, "stats": router.stats.to_dict()}
             write_json(_slice_path(state, number), record)
     log.info("task %d: stage tokenize done (%d slice(s) tokenized now)", task, len(todo))
 
 
-def _encoded(encoder: Encoder, stream, files: list[InputFile]):
+def _encoded(encoder: Encoder, stream: Iterator[Batch | Problem], state: Planned, number: int):
     try:
         yield from encoder.map(stream)
     except (OutOfMemory, WorkerDied) as e:
-        raise PrepError(out_of_memory_message(e, files)) from None
+        assert e.batch is not None
+        file = state.files[e.batch.file]
+        at = where(file, state.slices[number], e.batch.first + e.item)
+        raise PrepError(out_of_memory_message(e, state.files, at)) from None
 
 
 def _remove_partial(directory: Path, number: int) -> None:

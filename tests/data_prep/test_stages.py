@@ -42,11 +42,13 @@ def content(manifest):
 
 @pytest.fixture
 def corpus(tmp_path):
-    """An uncompressed file many slices long, a compressed one (one slice) and a small one,
-    with exact copies planted within and across files, and two bad lines."""
+    """An uncompressed file many slices long (one line longer than a slice: a slice where no
+    line starts), a compressed one (one slice) and a small one, with exact copies planted
+    within and across files, and two bad lines."""
     (tmp_path / "in").mkdir()
     a, b, c = documents(120, seed=1), documents(60, seed=2), documents(20, seed=3)
-    big = write_jsonl(tmp_path / "in" / "a.jsonl", a + b[:5] + a[:3])
+    long = {"text": " ".join(["a long document"] * 1200), "meta": {"pile_set_name": "Long"}}
+    big = write_jsonl(tmp_path / "in" / "a.jsonl", a[:60] + [long] + a[60:] + b[:5] + a[:3])
     with open(big, "ab") as f:
         f.write(b"not json\n\n")
         f.write(json.dumps(a[7]).encode() + b"\n")
@@ -97,6 +99,10 @@ def test_slices_do_not_depend_on_the_task_count(tmp_path):
         Slice(1, 0, None, 100),
         Slice(2, 0, None, 10),
     ]
+    small = [InputFile(f"{name}.txt", "txt", 3, "t") for name in "abc"]
+    small += [InputFile("d.jsonl.zst", "jsonl.zst", 20, "d"), InputFile("e.txt", "txt", 2, "t")]
+    packed = [Slice(0, 0, None, 9, files=3), Slice(3, 0, None, 20), Slice(4, 0, None, 2)]
+    assert plan_slices(small, 10) == packed, "small whole files share a slice"
     for tasks in (1, 2, 3, 7):
         owners = slice_owners(slices, tasks)
         assert owners == sorted(owners) and owners[-1] <= tasks - 1
@@ -117,7 +123,12 @@ def test_the_output_is_the_same_for_1_2_and_3_tasks_and_matches_one_machine(corp
     assert (
         shard_bytes(corpus / "one") == shard_bytes(corpus / "two") == shard_bytes(corpus / "three")
     )
-    assert [t["slices"] for t in three.run["per_task"]] == [[0, 3], [3, 6], [6, 10]]
+    spans = [t["slices"] for t in three.run["per_task"]]
+    assert spans[0][0] == 0 and spans[-1][1] == three.run["slices"] == 13
+    assert all(a[1] == b[0] < b[1] for a, b in zip(spans, spans[1:], strict=False))
+    with_shards = {name.split("-")[1] for name in one.shards}
+    # No line starts in slices 3-5 (inside the long line); slice 12 holds only copies.
+    assert with_shards == {f"{n:05d}" for n in range(13)} - {"00003", "00004", "00005", "00012"}
     # The one-machine run keeps the same documents, in the same order per split and source.
     cfg = dict(input=str(corpus / "in"), output=str(corpus / "classic"), workers=1)
     classic = prepare(
@@ -137,7 +148,7 @@ def test_the_output_is_the_same_for_1_2_and_3_tasks_and_matches_one_machine(corp
 
 def test_dedup_false_keeps_every_copy_without_a_hash_stage(corpus):
     manifest = staged(corpus, "out", dedup=False)
-    assert manifest.totals["duplicates"] == 0 and manifest.totals["documents"] == 215
+    assert manifest.totals["duplicates"] == 0 and manifest.totals["documents"] == 216
 
 
 def test_stages_one_by_one_refuse_while_a_task_is_missing_and_name_it(corpus):
@@ -203,10 +214,14 @@ def test_a_task_killed_midway_leaves_no_shard_and_its_rerun_redoes_only_its_slic
     with pytest.raises(KeyboardInterrupt):
         staged(corpus, "out", stage="tokenize", task=1)
     monkeypatch.undo()
-    done = sorted(p.name for p in (corpus / "out" / ".prep" / "slices").iterdir())
-    assert done == ["00004.json", "00005.json", "00006.json"], "task 1: slices 4 to 9"
-    assert (corpus / "out" / "train-00007-000.bin").is_file(), "a group of the killed slice"
-    with pytest.raises(PrepError, match=r"task\(s\) 0, 1 of tasks=2 \(7 of 10 slices"):
+    plan = json.loads((corpus / "out" / ".prep" / "plan.json").read_text())
+    mine = task_slices([Slice.from_dict(d) for d in plan["slices"]], 1, 2)
+    done = sorted(int(p.stem) for p in (corpus / "out" / ".prep" / "slices").iterdir())
+    killed_at = done[-1] + 1 if done else mine.start
+    assert done == list(range(mine.start, killed_at)) and killed_at in mine
+    assert (corpus / "out" / f"train-{killed_at:05d}-000.bin").is_file(), "a killed group"
+    missing = len(plan["slices"]) - len(done)
+    with pytest.raises(PrepError, match=rf"task\(s\) 0, 1 of tasks=2 \({missing} of 13 slices"):
         staged(corpus, "out", stage="merge")
     staged(corpus, "out", stage="tokenize", task=0)
     staged(corpus, "out", stage="tokenize", task=1)
@@ -269,7 +284,7 @@ def test_neo_prep_tasks_from_the_command_line(corpus):
     command = [NEO, "prep", f"input={corpus / 'in'}", f"output={out}", "workers=1", "tasks=2"]
     done = subprocess.run([*command, "slice_bytes=6000"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "2 task(s) over 10 slice(s)" in done.stdout
+    assert "2 task(s) over 13 slice(s)" in done.stdout
     assert len(list(out.glob("train-*.bin"))) > 1
     bad = subprocess.run([*command, "stage=hash", "task=5"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr
