@@ -289,3 +289,15 @@ def test_neo_prep_tasks_from_the_command_line(corpus):
     bad = subprocess.run([*command, "stage=hash", "task=5"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr
     assert "task=5 must be in [0, 2)" in bad.stderr
+
+
+def test_training_reads_a_staged_output_and_blends_its_sources(corpus):
+    from train.config.train import BlendComponent, DataConfig
+    from train.data.pretrain import load
+
+    manifest = staged(corpus, "out")
+    data = load(DataConfig(path=str(corpus / "out")), seq_len=32)
+    assert data.vocab_size == 50257 and data.validation is not None
+    source = next(iter(manifest.sources))
+    blend = [BlendComponent(path=str(corpus / "out"), weight=1.0, source=source)]
+    assert load(DataConfig(blend=blend), seq_len=32).train is not None
