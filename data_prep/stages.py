@@ -128,8 +128,8 @@ def hash_task(state: Planned, task: int, batch_bytes: int) -> None:
 
 def reduce(state: Planned) -> None:
     """Which copy of each text survives: the first in input order (slice, then position).
-    Peak memory about 26 bytes per document (the digests sorted, their order, two flags)
-    plus 8 per distinct text: 5-7 GB for the Pile's 210M documents."""
+    Peak memory about 26 bytes per document (the digests, their sort order, a sorted copy,
+    two flags) plus 8 per distinct text: 5-7 GB for 210M documents (the Pile's count)."""
     if not state.cfg.dedup or (state.state / REDUCE_FILE).is_file():
         return
     state.require("hash", [_hash_path(state, n).is_file() for n in range(len(state.slices))])
@@ -138,14 +138,8 @@ def reduce(state: Planned) -> None:
     counts = [len(p) for p in parts]
     digests = np.concatenate([np.zeros(0, np.uint64), *parts])
     del parts
-    order = np.argsort(digests, kind="stable")  # copies of a text: in input order
-    digests = digests[order]
-    first = np.ones(len(digests), dtype=bool)  # the first of each run of equal digests
-    np.not_equal(digests[1:], digests[:-1], out=first[1:])
+    keep = first_copies(digests)
     del digests
-    keep = np.zeros(len(first), dtype=bool)
-    keep[order[first]] = True
-    del order, first
     save_array(state.state / KEEP_FILE, np.packbits(keep))
     summary = {
         "counts": counts,
@@ -156,6 +150,19 @@ def reduce(state: Planned) -> None:
     }
     write_json(state.state / REDUCE_FILE, summary)
     log.info("stage reduce: %d documents, %d kept", summary["documents"], summary["kept"])
+
+
+def first_copies(digests: np.ndarray) -> np.ndarray:
+    """True at the first occurrence of each digest. The caller's array plus about 18 bytes
+    per document (the sort order, the sorted copy, two flags) and 8 per distinct digest."""
+    order = np.argsort(digests, kind="stable")  # copies of a text stay in input order
+    ordered = digests[order]
+    first = np.ones(len(ordered), dtype=bool)  # the first of each run of equal digests
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    del ordered
+    keep = np.zeros(len(first), dtype=bool)
+    keep[order[first]] = True
+    return keep
 
 
 def _keep(state: Planned) -> tuple[np.ndarray, list[int]] | None:
