@@ -64,7 +64,7 @@ from data_prep.progress import (
 from data_prep.readers import Batch, Problem
 from data_prep.report import print_summary
 from data_prep.shards import token_dtype
-from data_prep.slices import read_slice, where
+from data_prep.slices import read_slice, slice_owners, where
 
 log = logging.getLogger("neo.prep")
 
@@ -97,6 +97,25 @@ def run_stages(
         else:
             manifest = merge(state, console)
     return manifest
+
+
+def unfinished(state: Planned) -> dict[str, list[int]]:
+    """Per stage, the tasks that still owe a slice (`[0]` for a stage that runs once): what
+    a scheduler resubmits (`neo launch status`, next)."""
+    slices = range(len(state.slices))
+    owners = slice_owners(state.slices, state.cfg.tasks)
+    done = {
+        "hash": [not state.cfg.dedup or _hash_path(state, n).is_file() for n in slices],
+        "tokenize": [_slice_path(state, n).is_file() for n in slices],
+    }
+    reduced = not state.cfg.dedup or (state.state / REDUCE_FILE).is_file()
+    return {
+        "plan": [],
+        "hash": sorted({owners[n] for n in slices if not done["hash"][n]}),
+        "reduce": [] if reduced else [0],
+        "tokenize": sorted({owners[n] for n in slices if not done["tokenize"][n]}),
+        "merge": [0],  # merged: no plan left to load
+    }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,25 +12,29 @@ import pytest
 from rich.console import Console
 from test_prep import documents, shard_bytes, write_jsonl
 
-from data_prep.config import PrepConfig, PrepConfigError
+from data_prep.config import STAGES, PrepConfig, PrepConfigError
 from data_prep.files import OutputExistsError
 from data_prep.groups import Router
 from data_prep.inputs import InputFile
 from data_prep.manifest import open_prepared
+from data_prep.plan import Planned
 from data_prep.prep import PrepError, prepare
 from data_prep.readers import split_lines
 from data_prep.slices import Slice, _range_lines, plan_slices, slice_owners, task_slices
-from data_prep.stages import run_stages
+from data_prep.stages import run_stages, unfinished
 
 NEO = str(Path(sys.executable).with_name("neo"))
 
 
-def staged(tmp_path, name, **overrides):
+def config(tmp_path, name, **overrides):
     values = dict(input=str(tmp_path / "in"), output=str(tmp_path / name), workers=1)
     values |= dict(tasks=2, slice_bytes=6000, validation_fraction=0.2, shard_tokens=4000)
-    values.update(overrides)
+    return PrepConfig(**(values | overrides))
+
+
+def staged(tmp_path, name, **overrides):
     out = io.StringIO()
-    cfg = PrepConfig(**values)
+    cfg = config(tmp_path, name, **overrides)
     return run_stages(cfg, batch_bytes=2000, console=Console(file=out, width=200))
 
 
@@ -160,13 +164,18 @@ def test_stages_one_by_one_refuse_while_a_task_is_missing_and_name_it(corpus):
     with pytest.raises(PrepError, match="no .prep/plan.json; run `neo prep stage=plan`"):
         run("hash", 0)
     run("plan")
+    state = Planned.load(config(corpus, "steps", tasks=3))
+    everything = {"hash": [0, 1, 2], "reduce": [0], "tokenize": [0, 1, 2], "merge": [0]}
+    assert unfinished(state) == {"plan": []} | everything
     run("hash", 0)
     run("hash", 2)
+    assert unfinished(state)["hash"] == [1]
     with pytest.raises(PrepError, match=r"stage=hash has not finished for task\(s\) 1 of tasks=3"):
         run("reduce")
     run("hash", 1)
     run("reduce")
     run("tokenize", 1)
+    assert unfinished(state) | {"merge": []} == dict.fromkeys(STAGES, []) | {"tokenize": [0, 2]}
     with pytest.raises(PrepError, match=r"stage=tokenize has not finished for task\(s\) 0, 2 of"):
         run("merge")
     run("tokenize", 0)
