@@ -137,10 +137,18 @@ def hash_task(state: Planned, task: int, batch_bytes: int) -> None:
     with state.encoder(hash_only=True) as encoder:
         for number in todo:
             parts = [np.zeros(0, np.uint64)]
+            # strict=true stops at the first bad record here, not after the whole corpus
+            router = SliceRouter(state, number, None)
             stream = read_slice(state.files, state.slices[number], state.cfg.data, batch_bytes)
-            for _, encoded in _encoded(encoder, stream, state, number):
-                if encoded is not None:
-                    parts.append(encoded.digests)
+            for item, encoded in _encoded(encoder, stream, state, number):
+                if encoded is None:
+                    if state.cfg.strict:
+                        router.problem(item)
+                    continue
+                if state.cfg.strict:
+                    for bad in encoded.skipped:
+                        router._skip_record(item, *bad)
+                parts.append(encoded.digests)
             save_array(_hash_path(state, number), np.concatenate(parts))
     log.info("task %d: stage hash done (%d slice(s) hashed now)", task, len(todo))
 

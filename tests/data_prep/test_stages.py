@@ -269,6 +269,12 @@ def test_config_errors_name_the_key(overrides, message):
         PrepConfig(**overrides).validate()
 
 
+def test_strict_stops_at_the_hash_stage_naming_the_line(corpus):
+    with pytest.raises(PrepError, match=r"a.jsonl \(the slice from byte \d+\): line \d+: the line"):
+        staged(corpus, "out", strict=True)
+    assert not (corpus / "out" / ".prep" / "reduce.json").exists()
+
+
 def test_nothing_kept_leaves_nothing_behind(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.jsonl").write_bytes(b"not json\n" * 50)
