@@ -316,3 +316,15 @@ def test_training_reads_a_staged_output_and_blends_its_sources(corpus):
     source = next(iter(manifest.sources))
     blend = [BlendComponent(path=str(corpus / "out"), weight=1.0, source=source)]
     assert load(DataConfig(blend=blend), seq_len=32).train is not None
+
+
+def test_overwrite_keeps_the_old_output_aside_until_the_merge(corpus):
+    old = staged(corpus, "out")
+    staged(corpus, "out", stage="plan", seed=7, overwrite=True)
+    aside = list(corpus.glob(".out.old-*"))
+    assert len(aside) == 1 and (aside[0] / "manifest.json").is_file()
+    with pytest.raises(PrepError, match="seed: 7 before, 1234 now"):
+        staged(corpus, "out", stage="hash", task=0)
+    new = staged(corpus, "out", seed=7)
+    assert new.settings["seed"] == 7 and new.totals["documents"] == old.totals["documents"]
+    assert not list(corpus.glob(".out.*")), "the old output is removed once the new one is done"
