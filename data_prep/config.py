@@ -10,6 +10,10 @@ from dataclasses import dataclass, field, fields
 from train.errors import NeoError
 
 MODEL_TYPES = ("bpe", "unigram")
+# `tasks>=1`: the stages a SLURM array runs (data_prep/stages.py), in this order; `all` runs
+# every stage for every task here, one task after another.
+STAGES = ("plan", "hash", "reduce", "tokenize", "merge")
+TASK_STAGES = ("hash", "tokenize")  # the stages that run once per task (array elements)
 
 
 class PrepConfigError(NeoError, ValueError):
@@ -68,6 +72,16 @@ class PrepConfig:
     strict: bool = False
     # Replace an existing output directory instead of refusing (or resuming).
     overwrite: bool = False
+    # 0: the one-machine pipeline. N >= 1: the staged pipeline a cluster runs (plan, hash,
+    # reduce, tokenize, merge), its per-task stages split into N tasks; the output does not
+    # depend on N (data_prep/stages.py).
+    tasks: int = 0
+    # With tasks >= 1: `all`, or one of STAGES; `hash` and `tokenize` run one task (`task=`).
+    stage: str = "all"
+    task: int | None = None
+    # With tasks >= 1: an uncompressed .jsonl is cut into slices of this many bytes (a slice
+    # owns the lines that start in it); any other input file is one slice.
+    slice_bytes: int = 1 << 30
 
     def validate(self) -> PrepConfig:
         """Raise PrepConfigError for the first rule this config breaks; return self otherwise."""
@@ -84,6 +98,7 @@ class PrepConfig:
             raise PrepConfigError(f"shard_tokens={self.shard_tokens} must be >= 1")
         if self.workers < 0:
             raise PrepConfigError(f"workers={self.workers} must be >= 0 (0: one per core)")
+        self._validate_tasks()
         sp = self.sentencepiece
         if sp.model_type not in MODEL_TYPES:
             raise PrepConfigError(
@@ -106,3 +121,26 @@ class PrepConfig:
                         f"tokenizer={self.tokenizer} (tokenizer=sentencepiece trains one)"
                     )
         return self
+
+    def _validate_tasks(self) -> None:
+        if self.tasks < 0:
+            raise PrepConfigError(f"tasks={self.tasks} must be >= 0 (0: one machine, no stages)")
+        if self.slice_bytes < 1:
+            raise PrepConfigError(f"slice_bytes={self.slice_bytes} must be >= 1")
+        if self.stage != "all" and self.stage not in STAGES:
+            raise PrepConfigError(f"stage={self.stage!r} is not one of all, {', '.join(STAGES)}")
+        if self.tasks == 0 and (self.stage != "all" or self.task is not None):
+            raise PrepConfigError(
+                f"stage={self.stage} task={self.task} needs tasks= (the number of tasks, >= 1)"
+            )
+        if self.stage in TASK_STAGES:
+            if self.task is None or not 0 <= self.task < self.tasks:
+                raise PrepConfigError(
+                    f"task={self.task} must be in [0, {self.tasks}) for stage={self.stage} "
+                    f"with tasks={self.tasks}"
+                )
+        elif self.task is not None:
+            raise PrepConfigError(
+                f"task={self.task} is not read by stage={self.stage} "
+                f"(only by {', '.join(TASK_STAGES)})"
+            )

@@ -46,6 +46,8 @@ class EncodeSettings:
     dtype: str
     text_field: str
     source_field: str | None
+    # Decode and hash only, no tokens (the hash stage of tasks>=1: data_prep/stages.py).
+    hash_only: bool = False
 
 
 @dataclass
@@ -93,6 +95,7 @@ class _Worker:
         # A literal "<|endoftext|>" inside a document is text (see LoadedTokenizer).
         self.tokenizer.encode_special_tokens = True
         self.eod = settings.eod_id
+        self.hash_only = settings.hash_only
         self.dtype = np.dtype(settings.dtype)
         self.text_field = settings.text_field.split(".")
         self.source_field = settings.source_field.split(".") if settings.source_field else None
@@ -121,6 +124,8 @@ class _Worker:
             sources.append(source)
             digests.append(digest)
             sizes.append(size)
+        if self.hash_only:
+            texts = []  # the digests are all the hash stage needs
         short = [t for t in texts if len(t) <= PIECE_CHARS]
         encoded = iter(self.tokenizer.encode_batch_fast(short, add_special_tokens=False))
         parts: list[np.ndarray] = []  # every document's tokens then its EOD, in pieces

@@ -17,7 +17,7 @@ from data_prep.dedup import DigestSet, validation_mask
 from data_prep.encode import Encoded
 from data_prep.inputs import InputFile
 from data_prep.manifest import ShardInfo, SourceRange
-from data_prep.progress import STATE_DIR, PrepError, Progress
+from data_prep.progress import STATE_DIR, PrepError, Progress, Stats
 from data_prep.readers import SKIP_KINDS, Batch, Problem
 from data_prep.shards import IndexedDatasetWriter
 
@@ -41,9 +41,12 @@ class _Part:
 
 
 class ShardGroup:
-    def __init__(self, directory: Path, index: int, dtype: np.dtype):
-        self.directory, self.index, self.dtype = directory, index, dtype
-        self.work = directory / STATE_DIR / f"group-{index:05d}"
+    """Shards `{split}-{name}`: `name` is the group's number (`00003`), or with tasks>=1 its
+    slice's and its number within the slice (`00003-001`)."""
+
+    def __init__(self, directory: Path, name: str, dtype: np.dtype):
+        self.directory, self.name, self.dtype = directory, name, dtype
+        self.work = directory / STATE_DIR / f"group-{name}"
         shutil.rmtree(self.work, ignore_errors=True)
         self.work.mkdir(parents=True)
         self.parts: dict[tuple[str, str], _Part] = {}
@@ -69,9 +72,8 @@ class ShardGroup:
         for split in SPLITS:
             names = sorted(source for s, source in self.parts if s == split)
             if names:
-                prefix = f"{split}-{self.index:05d}"
+                prefix = f"{split}-{self.name}"
                 shards[prefix] = self._write_shard(prefix, split, names)
-        np.save(self.directory / STATE_DIR / f"digests-{self.index:05d}.npy", self.digests)
         shutil.rmtree(self.work)
         return shards
 
@@ -108,7 +110,11 @@ class ShardGroup:
 
 
 class Router:
-    """Takes encoded batches in input order: skips, dedup, split, shard groups, commits."""
+    """Takes encoded batches in input order: skips, dedup, split, shard groups, commits.
+
+    This one serves the one-machine run (groups recorded in progress.json, dedup as it goes);
+    data_prep/stages.py's SliceRouter overrides the hooks (_first, _group_name, _where,
+    _record) for one slice of a staged run."""
 
     def __init__(
         self,
@@ -118,26 +124,57 @@ class Router:
         dtype: np.dtype,
         progress: Progress,
     ):
-        self.cfg, self.directory, self.files, self.dtype = cfg, directory, files, dtype
+        self._start(cfg, directory, files, dtype, progress.stats)
         self.progress = progress
-        self.stats = progress.stats
         self.seen = DigestSet()
         for index in range(len(progress.groups)):
             self.seen.add(np.load(directory / STATE_DIR / f"digests-{index:05d}.npy"))
+
+    def _start(
+        self,
+        cfg: PrepConfig,
+        directory: Path,
+        files: list[InputFile],
+        dtype: np.dtype,
+        stats: Stats,
+    ) -> None:
+        self.cfg, self.directory, self.files, self.dtype = cfg, directory, files, dtype
+        self.stats = stats
         self.group: ShardGroup | None = None
         self.tokens = 0  # written by this run
         self.documents = 0
 
+    def _first(self, digests: np.ndarray) -> np.ndarray:
+        """True for each document that is kept: not a copy of an earlier one."""
+        return self.seen.add(digests) if self.cfg.dedup else np.ones(len(digests), dtype=bool)
+
+    def _group_name(self) -> str:
+        return f"{len(self.progress.groups):05d}"
+
+    def _where(self, file: InputFile, record: int) -> str:
+        """`path:line` of record number `record` (0-based) of an input file."""
+        return file.path if file.format == "txt" else f"{file.path}:{record + 1}"
+
+    def _record(
+        self, group: ShardGroup, shards: dict[str, ShardInfo], end: tuple[int, int]
+    ) -> int | str:
+        """A committed group counts once recorded (with its digests, for dedup on resume)."""
+        np.save(self.directory / STATE_DIR / f"digests-{group.name}.npy", group.digests)
+        self.progress.groups.append(
+            {"end": list(end), "shards": {p: asdict(s) for p, s in shards.items()}}
+        )
+        self.progress.save(self.directory)
+        return len(self.progress.groups) - 1
+
     def problem(self, p: Problem) -> None:
-        path = self.files[p.file].path
-        where = path if p.kind == "unreadable_file" else f"{path}:{p.record + 1}"
+        file = self.files[p.file]
+        where = file.path if p.kind == "unreadable_file" else self._where(file, p.record)
         self._skip(p.kind, where, p.detail)
 
     def batch(self, batch: Batch, encoded: Encoded) -> None:
         """Every record of the batch, in input order: a bad one is counted, a duplicate
         counted, any other document goes to its split in the open shard group."""
-        n = len(encoded.items)
-        first = self.seen.add(encoded.digests) if self.cfg.dedup else np.ones(n, dtype=bool)
+        first = self._first(encoded.digests)
         held_out = validation_mask(encoded.digests, self.cfg.seed, self.cfg.validation_fraction)
         ends = np.cumsum(encoded.lengths)
         bad = {item: (kind, detail) for item, kind, detail in encoded.skipped}
@@ -159,7 +196,7 @@ class Router:
 
     def _add(self, source: str, held_out: bool, tokens: np.ndarray, digest: int, size: int) -> None:
         if self.group is None:
-            self.group = ShardGroup(self.directory, len(self.progress.groups), self.dtype)
+            self.group = ShardGroup(self.directory, self._group_name(), self.dtype)
         split = "validation" if held_out else "train"
         self.group.add(split, source, tokens, digest)
         self.stats.document(source, held_out, len(tokens), size)
@@ -167,10 +204,7 @@ class Router:
         self.documents += 1
 
     def _skip_record(self, batch: Batch, item: int, kind: str, detail: str) -> None:
-        file = self.files[batch.file]
-        record = batch.first + item + 1
-        where = file.path if file.format == "txt" else f"{file.path}:{record}"
-        self._skip(kind, where, detail)
+        self._skip(kind, self._where(self.files[batch.file], batch.first + item), detail)
 
     def _skip(self, kind: str, where: str, detail: str) -> None:
         if self.cfg.strict:
@@ -186,16 +220,13 @@ class Router:
     def commit(self, end: tuple[int, int]) -> None:
         if self.group is None:
             return
-        shards = self.group.commit()
-        self.group = None
-        self.progress.groups.append(
-            {"end": list(end), "shards": {p: asdict(s) for p, s in shards.items()}}
-        )
-        self.progress.save(self.directory)
+        group, self.group = self.group, None
+        shards = group.commit()
+        number = self._record(group, shards, end)
         written = ", ".join(
             f"{p} ({s.documents:,} documents, {s.tokens:,} tokens)" for p, s in shards.items()
         )
-        log.info("shard group %d written: %s", len(self.progress.groups) - 1, written)
+        log.info("shard group %s written: %s", number, written)
 
     def abandon(self) -> None:
         if self.group is not None:

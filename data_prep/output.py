@@ -19,7 +19,7 @@ from pathlib import Path
 from data_prep.files import OutputKind, check_output_free, move_aside, remove_stale
 from data_prep.inputs import HUB_PREFIX, SAMPLE, SAMPLE_NAME, InputFile
 from data_prep.manifest import MANIFEST_FILE, MANIFEST_FORMAT
-from data_prep.progress import PROGRESS_FILE, STATE_DIR
+from data_prep.progress import PLAN_FILE, PROGRESS_FILE, STATE_DIR
 from data_prep.tokenizers import SP_MODEL
 
 log = logging.getLogger("neo.prep")
@@ -30,8 +30,9 @@ TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", SP_MODEL}
 
 
 def is_prep_output(path: Path) -> bool:
-    """A finished prep (manifest.json of our format) or one under way (.prep/progress.json)."""
-    if (path / STATE_DIR / PROGRESS_FILE).is_file():
+    """A finished prep (manifest.json of our format) or one under way (.prep/progress.json,
+    or a staged run's .prep/plan.json)."""
+    if any((path / STATE_DIR / name).is_file() for name in (PROGRESS_FILE, PLAN_FILE)):
         return True
     try:
         return json.loads((path / MANIFEST_FILE).read_text()).get("format") == MANIFEST_FORMAT
@@ -54,8 +55,8 @@ def input_paths(spec: str, files: list[InputFile]) -> list[Path]:
 def _only_leftovers(path: Path) -> bool:
     """What a run that stopped before its first progress record leaves: its tokenizer (and a
     state folder without progress) — nothing a user made."""
-    if not path.is_dir():
-        return False
+    if not path.is_dir() or (path / STATE_DIR / PLAN_FILE).is_file():
+        return False  # a staged run's plan: its tasks may be under way elsewhere
     names = {p.name for p in path.iterdir()}
     if not names or not names <= {TOKENIZER_DIR, STATE_DIR}:
         return False

@@ -81,7 +81,7 @@ def prepare(
 ) -> Manifest:
     """Run `neo prep` with this config; returns the manifest of the finished directory."""
     started = time.perf_counter()
-    console = console or _default_console()
+    console = console or default_console()
     cfg.validate()
     files = resolve_inputs(cfg.input)
     check_apart(cfg.output, input_paths(cfg.input, files))
@@ -107,7 +107,7 @@ def prepare(
             meter.start(progress, token_dtype(tokenizer.vocab_size).itemsize)
             run = _run(cfg, directory, files, tokenizer, progress, batch_bytes, console, meter)
             require_documents(progress.stats, cfg.input, cfg.data.text_field)
-            manifest = _manifest(directory, inputs, tokenizer, progress)
+            manifest = build_manifest(directory, inputs, tokenizer, progress)
             seconds = time.perf_counter() - started
             manifest.run = {
                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -148,7 +148,7 @@ class _Meter:
         return max(int(so_far * self.input_bytes / self.read) - self.on_disk, 0) or None
 
 
-def _default_console() -> Console:
+def default_console() -> Console:
     console = Console()
     # Logs and pipes get room for the summary table rather than 80 columns.
     return console if console.is_terminal else Console(width=120)
@@ -165,7 +165,9 @@ def _open_output(
     if cfg.overwrite or (not finished and progress is None):
         output.start_empty(cfg.overwrite)
         finished, progress = False, None
-    tokenizer = _tokenizer(cfg, files, directory, reuse=finished or progress is not None)
+    tokenizer = load_or_train_tokenizer(
+        cfg, files, directory, reuse=finished or progress is not None
+    )
     identity = run_identity(cfg, inputs, tokenizer)
     if finished:
         manifest = Manifest.load(directory)
@@ -233,7 +235,7 @@ def _run(
             router.commit((len(files), 0))
     except (OutOfMemory, WorkerDied) as e:
         router.abandon()
-        raise PrepError(_out_of_memory(e, files)) from None
+        raise PrepError(out_of_memory_message(e, files)) from None
     except BaseException:
         router.abandon()
         raise
@@ -246,11 +248,16 @@ def _run(
     }
 
 
-def _out_of_memory(e: OutOfMemory | WorkerDied, files: list[InputFile]) -> str:
-    """One line naming the document (the largest in flight, if a worker was killed)."""
+def out_of_memory_message(
+    e: OutOfMemory | WorkerDied, files: list[InputFile], where: str | None = None
+) -> str:
+    """One line naming the document (the largest in flight, if a worker was killed), at
+    `where` if given (a staged run's slice), else at its file and line."""
     assert e.batch is not None
     file = files[e.batch.file]
-    where = file.path if file.format == "txt" else f"{file.path}:{e.batch.first + e.item + 1}"
+    if where is None:
+        line = e.batch.first + e.item + 1
+        where = file.path if file.format == "txt" else f"{file.path}:{line}"
     advice = "rerun with more memory, fewer workers=, or that document split or removed"
     if isinstance(e, OutOfMemory):
         return f"{where}: out of memory tokenizing this document ({e.size:,} bytes); {advice}"
@@ -279,7 +286,7 @@ def _load_libc():
 _libc = _load_libc()
 
 
-def _tokenizer(
+def load_or_train_tokenizer(
     cfg: PrepConfig, files: list[InputFile], directory: Path, reuse: bool
 ) -> LoadedTokenizer:
     """The configured tokenizer; `sentencepiece` trains one into the output directory, or,
@@ -310,7 +317,7 @@ def _tokenizer(
 # The manifest
 
 
-def _manifest(
+def build_manifest(
     directory: Path, inputs: list[dict[str, Any]], tok: LoadedTokenizer, progress: Progress
 ) -> Manifest:
     shards = progress.shards()

@@ -21,6 +21,7 @@ log = logging.getLogger("neo.prep")
 
 STATE_DIR = ".prep"
 PROGRESS_FILE = "progress.json"
+PLAN_FILE = "plan.json"  # a staged run's (tasks>=1; data_prep/stages.py)
 SENTENCEPIECE = "sentencepiece"
 EXAMPLES_PER_KIND = 5
 
@@ -71,6 +72,18 @@ class Stats:
         if len(entry["examples"]) < EXAMPLES_PER_KIND:
             entry["examples"].append({"where": where, "reason": reason})
         return entry["count"] == 1
+
+    def add(self, other: Stats) -> None:
+        """Add another part's counts (a slice of a staged run), keeping the first examples."""
+        for name, counts in other.sources.items():
+            mine = self._source(name)
+            for f in fields(SourceCounts):
+                setattr(mine, f.name, getattr(mine, f.name) + getattr(counts, f.name))
+        for kind, entry in other.skipped.items():
+            total = self.skipped.setdefault(kind, {"count": 0, "examples": []})
+            total["count"] += entry["count"]
+            room = EXAMPLES_PER_KIND - len(total["examples"])
+            total["examples"] += entry["examples"][: max(room, 0)]
 
     def _source(self, name: str) -> SourceCounts:
         if name not in self.sources:
@@ -176,6 +189,8 @@ def run_identity(
         settings |= {"hf_split": cfg.data.hf_split, "hf_config": cfg.data.hf_config}
     if cfg.tokenizer == SENTENCEPIECE:
         settings["sentencepiece"] = asdict(cfg.sentencepiece)
+    if cfg.tasks:  # staged: shard groups end at slice ends (the tasks' count does not matter)
+        settings["slice_bytes"] = cfg.slice_bytes
     return {
         "inputs": [{k: i[k] for k in ("path", "bytes", "sha256")} for i in inputs],
         "tokenizer": _tokenizer_identity(tok),

@@ -93,19 +93,36 @@ def read_batches(
     counter = counter or ReadCounter()
     counter.bytes = sum(f.bytes or 0 for f in files[: start[0]])
     for index in range(start[0], len(files)):
-        file = files[index]
         skip = start[1] if index == start[0] else 0
-        before = counter.bytes
-        default = file.name if not corpus.source_field else UNKNOWN_SOURCE
-        if file.format in ("hf_disk", "hf_hub"):
-            yield from _dataset_batches(index, file, corpus, skip, default, counter)
-        elif file.format == "parquet":
-            yield from _parquet_batches(index, file, corpus, skip, default, counter)
-        elif file.format == "txt":
-            yield from _text_batches(index, file, skip, default, counter)
-        else:
-            yield from _json_batches(index, file, skip, default, batch_bytes, counter)
-        counter.bytes = before + (file.bytes or 0)
+        yield from read_file(index, files[index], corpus, skip, batch_bytes, counter)
+
+
+def read_file(
+    index: int,
+    file: InputFile,
+    corpus: CorpusConfig,
+    skip: int = 0,
+    batch_bytes: int = CHUNK,
+    counter: ReadCounter | None = None,
+) -> Iterator[Batch | Problem]:
+    """Batches of the records of one input file (number `index`), after the first `skip`."""
+    counter = counter or ReadCounter()
+    before = counter.bytes
+    default = default_source(file, corpus)
+    if file.format in ("hf_disk", "hf_hub"):
+        yield from _dataset_batches(index, file, corpus, skip, default, counter)
+    elif file.format == "parquet":
+        yield from _parquet_batches(index, file, corpus, skip, default, counter)
+    elif file.format == "txt":
+        yield from _text_batches(index, file, skip, default, counter)
+    else:
+        yield from _json_batches(index, file, skip, default, batch_bytes, counter)
+    counter.bytes = before + (file.bytes or 0)
+
+
+def default_source(file: InputFile, corpus: CorpusConfig) -> str:
+    """The source of a record without one: its file's name when no source field is read."""
+    return file.name if not corpus.source_field else UNKNOWN_SOURCE
 
 
 def _json_batches(
@@ -116,7 +133,7 @@ def _json_batches(
     number = 0  # records (lines) seen in this file
     first = skip
     try:
-        for line in _lines(_decompressed(file, counter)):
+        for line in split_lines(_decompressed(file, counter)):
             number += 1
             if number <= skip:
                 continue
@@ -193,7 +210,7 @@ def _frames(raw: Iterator[bytes], new: Callable[[], Any], what: str) -> Iterator
         )
 
 
-def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+def split_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
     """Split a byte stream at b"\\n". A last line without a newline counts, unless the stream
     raises first (a truncated stream's partial line is dropped with it)."""
     rest: list[bytes] = []  # pieces of a line longer than a chunk, joined once it ends

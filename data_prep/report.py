@@ -103,7 +103,9 @@ def _skipped_table(m: Manifest) -> Table:
 def _summary_lines(m: Manifest) -> list[str]:
     lines = []
     run = m.run
-    if run:
+    if run.get("per_task"):  # a staged run (tasks>=1): its tasks ran apart, timed by the job
+        lines.append(f"{run['tasks']} task(s) over {run['slices']} slice(s) of the input")
+    elif run:
         peak = run.get("peak_rss_bytes", {})
         memory = f"peak memory {peak.get('main', 0) / 2**20:,.0f} MiB (main process)"
         if peak.get("worker"):

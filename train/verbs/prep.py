@@ -7,11 +7,15 @@ import sys
 
 from data_prep.config import PrepConfig
 from data_prep.prep import prepare
+from data_prep.stages import run_stages
 
 
 def main(cfg: PrepConfig) -> None:
     try:
-        prepare(cfg)
+        if cfg.tasks:
+            run_stages(cfg)  # the stages a cluster runs (tasks=N, stage=, task=)
+        else:
+            prepare(cfg)
     except KeyboardInterrupt:
         again = "the same command" if not cfg.overwrite else "it without overwrite=true"
         print(

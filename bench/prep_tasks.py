@@ -1,0 +1,152 @@
+"""`neo prep tasks=N` on this machine: what the cluster form costs and how it scales (issue 27;
+bench/prep.py measures the one-machine form).
+
+    python bench/prep_tasks.py [--input corpus.jsonl] [--slice-mb 4] [--reduce-millions 10]
+
+(d) the staged pipeline with 1 task and with 2, every task its own `neo prep stage=S task=I`
+    process with workers=1, the 2 tasks of a stage running at once: two nodes of one core, the
+    scaling a node count gives. Wall seconds of each stage (process start included; the best
+    of --rounds alternating rounds), and whether both wrote the same shards and manifest;
+(e) the reduce alone, in this process, on random digests (10% copies): seconds and peak
+    memory per million documents;
+then the Pile (825 GB, 30 files, about 210M documents) projected from the measured rates.
+The default input is the bundled sample, decompressed (30 MB of JSON lines, so that it slices).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import zstandard
+from prep import NEO, TreeMonitor
+
+from data_prep.inputs import SAMPLE
+from data_prep.stages import first_copies
+
+STAGES = ("plan", "hash", "reduce", "tokenize", "merge")
+PILE_BYTES, PILE_FILES, PILE_DOCUMENTS = 825e9, 30, 210e6
+
+
+def staged(input_path: Path, out: Path, tasks: int, slice_bytes: int) -> dict[str, float]:
+    """Wall seconds of each stage, the tasks of a stage run side by side."""
+    common = [f"input={input_path}", f"output={out}", f"tasks={tasks}", "workers=1"]
+    common.append(f"slice_bytes={slice_bytes}")
+    seconds = {}
+    for stage in STAGES:
+        tasks_here = [f"task={t}" for t in range(tasks)] if stage in ("hash", "tokenize") else [""]
+        start = time.perf_counter()
+        procs = [
+            subprocess.Popen(
+                [NEO, "prep", *common, f"stage={stage}", *([task] if task else [])],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for task in tasks_here
+        ]
+        for proc in procs:
+            _, err = proc.communicate()
+            if proc.returncode:
+                raise SystemExit(f"neo prep stage={stage} failed:\n{err}")
+        seconds[stage] = time.perf_counter() - start
+    return seconds
+
+
+def reduce_cost(millions: float) -> tuple[float, float]:
+    """(seconds, peak bytes above the start) of first_copies on random digests."""
+    n = int(millions * 1e6)
+    rng = np.random.default_rng(0)
+    digests = rng.integers(0, 2**63, n, dtype=np.uint64)
+    digests[rng.integers(0, n, n // 10)] = digests[rng.integers(0, n, n // 10)]
+    base = psutil.Process().memory_info().rss - digests.nbytes
+    with TreeMonitor(os.getpid()) as monitor:
+        start = time.perf_counter()
+        first_copies(digests)
+        seconds = time.perf_counter() - start
+    return seconds, monitor.peak - base
+
+
+def content(out: Path) -> tuple[dict, dict]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["run"]
+    files = {p.name: p.read_bytes() for p in sorted(out.glob("*-*.*"))}
+    return manifest, files
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--input", help="an uncompressed .jsonl (default: the sample)")
+    parser.add_argument("--slice-mb", type=float, default=4)
+    parser.add_argument("--reduce-millions", type=float, default=10)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        corpus = Path(args.input) if args.input else scratch / "in" / "sample.jsonl"
+        if not args.input:
+            corpus.parent.mkdir()
+            with open(SAMPLE, "rb") as f, open(corpus, "wb") as out:
+                zstandard.ZstdDecompressor().copy_stream(f, out)
+        size = corpus.stat().st_size
+        slice_bytes = int(args.slice_mb * 2**20)
+        one: dict[str, float] = {}
+        two: dict[str, float] = {}
+        same = True
+        for round in range(args.rounds):  # alternating; the best time of each stage counts
+            for tasks, best in ((1, one), (2, two)):
+                times = staged(corpus, scratch / f"{tasks}-{round}", tasks, slice_bytes)
+                best |= {s: min(t, best.get(s, t)) for s, t in times.items()}
+            same &= content(scratch / f"1-{round}") == content(scratch / f"2-{round}")
+        documents = json.loads((scratch / "1-0" / "manifest.json").read_text())["totals"]
+    reduce_seconds, reduce_peak = reduce_cost(args.reduce_millions)
+    report(
+        corpus, size, one, two, same, documents, args.reduce_millions, reduce_seconds, reduce_peak
+    )
+
+
+def report(corpus, size, one, two, same, totals, millions, r_seconds, r_peak) -> None:
+    mb = size / 1e6
+    print(
+        f"{corpus}: {mb:.1f} MB, {totals['documents']:,} documents kept, {os.cpu_count()} "
+        f"cores, load average {os.getloadavg()[0]:.1f} (other work on the machine stretches times)"
+    )
+    print(f"{'stage':<10}{'1 task (s)':>12}{'2 tasks (s)':>13}{'speedup':>9}{'MB/s per task':>15}")
+    for stage in STAGES:
+        rate = f"{mb / one[stage]:.2f}" if stage in ("hash", "tokenize") else ""
+        print(
+            f"{stage:<10}{one[stage]:>12.1f}{two[stage]:>13.1f}"
+            f"{one[stage] / two[stage]:>8.2f}x{rate:>15}"
+        )
+    total1, total2 = sum(one.values()), sum(two.values())
+    print(f"{'all':<10}{total1:>12.1f}{total2:>13.1f}{total1 / total2:>8.2f}x")
+    print(f"same shards and manifest for 1 and 2 tasks: {same}")
+    per_m = r_seconds / millions
+    per_doc = r_peak / (millions * 1e6)
+    print(
+        f"reduce: {per_m:.2f} s and {per_doc:.1f} bytes per document "
+        f"({per_doc * 1e6 / 2**20:.0f} MiB) per million documents"
+    )
+    # The Pile, from the per-core rates of the 1-task run (process starts included).
+    core_hours = {s: one[s] / size * PILE_BYTES / 3600 for s in ("hash", "tokenize")}
+    cores = PILE_FILES * 32
+    print(
+        f"Pile projection: hash {core_hours['hash']:,.0f} and tokenize "
+        f"{core_hours['tokenize']:,.0f} core-hours; on {PILE_FILES} tasks (one per .zst file, "
+        f"the most whole-file slices allow) of 32 cores: "
+        f"{(core_hours['hash'] + core_hours['tokenize']) / cores:.1f} h; reduce "
+        f"{per_m * PILE_DOCUMENTS / 1e6 / 60:.0f} min and {per_doc * PILE_DOCUMENTS / 2**30:.1f} "
+        "GiB on one node"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Slices: the units of work of a staged `neo prep` (tasks>=1). They depend on the inputs and
+`slice_bytes` alone, never on the number of tasks, so any number of tasks does the same work
+and writes the same files; a task is only a run of consecutive slices.
+
+An uncompressed `.jsonl` larger than `slice_bytes` is cut into byte ranges [k * slice_bytes,
+(k + 1) * slice_bytes). A range owns the lines that *start* in it: its reader steps back one
+byte, skips to the end of the line holding that byte (an earlier slice's line, or the newline
+that ends it), and reads lines while they start before the range's end (the last one to its
+newline, past the end if need be). So each line belongs to exactly one slice, and the slices in
+order hold the file's lines in order: reading them one after another is reading the file.
+
+Any other input file is read whole, whatever its size; consecutive such files smaller than
+`slice_bytes` are packed into one slice (a folder of a million `.txt` files makes about
+total / slice_bytes slices, not a million). A `.jsonl.zst` or `.jsonl.gz` stream decodes
+only from the start of a frame (a gzip member), and where frames start is not known without
+walking the file (zstd records no index unless written in its seekable format); a corpus of a
+few huge compressed files (the Pile: 30 files) therefore has at most that many slices, and is
+best recompressed into more files (or left uncompressed) for wider arrays. Parquet files
+and Hugging Face datasets are read whole too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from data_prep.config import CorpusConfig
+from data_prep.inputs import InputFile
+from data_prep.readers import CHUNK, Batch, Problem, default_source, read_file, split_lines
+
+
+@dataclass(frozen=True)
+class Slice:
+    file: int  # index into the input files
+    start: int  # first byte of the range (0 for a whole file)
+    end: int | None  # end of the range; None: whole files
+    bytes: int  # input bytes it covers, for balancing tasks
+    files: int = 1  # whole files (end None): this many, from `file` on
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Slice:
+        return cls(**data)
+
+
+def plan_slices(files: list[InputFile], slice_bytes: int) -> list[Slice]:
+    """Every input's slices, in input order."""
+    slices: list[Slice] = []
+    for index, file in enumerate(files):
+        size = file.bytes or 0
+        if file.format != "jsonl" or size <= slice_bytes:
+            last = slices[-1] if slices else None
+            if last and last.end is None and last.bytes + size <= slice_bytes:
+                slices[-1] = Slice(last.file, 0, None, last.bytes + size, last.files + 1)
+            else:
+                slices.append(Slice(index, 0, None, size))
+            continue
+        for start in range(0, size, slice_bytes):
+            end = min(start + slice_bytes, size)
+            slices.append(Slice(index, start, end, end - start))
+    return slices
+
+
+def slice_owners(slices: list[Slice], tasks: int) -> list[int]:
+    """The task of each slice: consecutive slices, about 1/tasks of the input bytes each. A
+    slice goes to the task whose share of the bytes holds its middle byte; with no sizes known
+    (streamed input), the slices are shared out by count."""
+    total = sum(s.bytes for s in slices)
+    owners, before = [], 0
+    for number, s in enumerate(slices):
+        if total:
+            owners.append(min(tasks * (2 * before + s.bytes) // (2 * total), tasks - 1))
+        else:
+            owners.append(number * tasks // len(slices))
+        before += s.bytes
+    return owners
+
+
+def task_slices(slices: list[Slice], task: int, tasks: int) -> range:
+    """The slices of task `task` of `tasks` (possibly none)."""
+    mine = [number for number, owner in enumerate(slice_owners(slices, tasks)) if owner == task]
+    return range(mine[0], mine[-1] + 1) if mine else range(0)
+
+
+def where(file: InputFile, piece: Slice, record: int) -> str:
+    """How a message names record number `record` (0-based) of a slice: `path:line` where the
+    line number is known (a whole file, or a file's first slice)."""
+    if file.format == "txt":
+        return file.path
+    if piece.start == 0:
+        return f"{file.path}:{record + 1}"
+    return f"{file.path} (the slice from byte {piece.start}): line {record + 1}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_slice(
+    files: list[InputFile], piece: Slice, corpus: CorpusConfig, batch_bytes: int = CHUNK
+) -> Iterator[Batch | Problem]:
+    """The slice's records as batches (Batch.first counts records from the slice's start),
+    and a Problem where its file cannot be read."""
+    file = files[piece.file]
+    if piece.end is None:
+        for index in range(piece.file, piece.file + piece.files):
+            yield from read_file(index, files[index], corpus, 0, batch_bytes)
+        return
+    default = default_source(file, corpus)
+    lines: list[bytes] = []
+    size = number = first = 0
+    try:
+        for line in _range_lines(file.path, piece.start, piece.end):
+            number += 1
+            lines.append(line)
+            size += len(line)
+            if size >= batch_bytes:
+                yield Batch(piece.file, first, "json", lines, default, 0)
+                first, lines, size = number, [], 0
+    except OSError as e:
+        if lines:
+            yield Batch(piece.file, first, "json", lines, default, 0)
+        yield Problem(piece.file, number, "unreadable_file", f"{type(e).__name__}: {e}")
+        return
+    if lines:
+        yield Batch(piece.file, first, "json", lines, default, 0)
+
+
+def _range_lines(path: str, start: int, end: int) -> Iterator[bytes]:
+    """The lines of an uncompressed file that start in [start, end), without their newline."""
+    at = max(start - 1, 0)
+    with open(path, "rb") as f:
+        f.seek(at)
+        lines = split_lines(iter(lambda: f.read(CHUNK), b""))
+        if start > 0:
+            # The line holding byte start - 1 started in an earlier slice (when that byte is
+            # the newline ending a line, what is skipped is the empty rest after it).
+            skipped = next(lines, None)
+            if skipped is None:
+                return
+            at += len(skipped) + 1
+        for line in lines:
+            if at >= end:
+                return
+            yield line
+            at += len(line) + 1
