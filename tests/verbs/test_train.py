@@ -648,9 +648,11 @@ def test_muon_under_zero_on_two_ranks_trains_the_model_of_one(tmp_path, corpus):
     """Muon on every layout: ZeRO-0 (our MuonAdamW; DeepSpeed all-reduces the gradients) and
     ZeRO-2/3 (DeepSpeed's Muon, which gathers each matrix from its partitions) on two ranks
     give one rank's losses; and DeepSpeed's Muon (Newton-Schulz in its "gram" form) trains as
-    ours does (no clipping on either side: under ZeRO DeepSpeed's norm covers Muon's updates)."""
-    common = ("optim.name=muon", "optim.grad_clip=0", "precision=fp32", "max_steps=6")
-    common += ("eval_every=100", "save_every=100", "export_hf=false")
+    ours does (no clipping on either side: under ZeRO DeepSpeed's norm covers Muon's updates).
+    Under ZeRO-3 a run stopped at step 3 resumes to the straight run's losses, bit for bit (its
+    Muon momenta are partitioned like its weights)."""
+    common = ("optim.name=muon", "optim.grad_clip=0", "precision=fp32", "optim.decay=40")
+    common += ("eval_every=100", "save_every=3", "export_hf=false")
     runs = {
         ("zero0", 1): None,
         ("zero0", 2): None,
@@ -659,8 +661,14 @@ def test_muon_under_zero_on_two_ranks_trains_the_model_of_one(tmp_path, corpus):
         ("zero3", 2): None,
     }
     for stage, ranks in runs:
-        train(tmp_path / f"{stage}-{ranks}", corpus, *common, f"deepspeed={stage}", ranks=ranks)
-        runs[stage, ranks] = losses(tmp_path / f"{stage}-{ranks}")
+        run = tmp_path / f"{stage}-{ranks}"
+        train(run, corpus, *common, f"deepspeed={stage}", "max_steps=6", ranks=ranks)
+        runs[stage, ranks] = losses(run)
+    resumed = tmp_path / "zero3-resumed"
+    for steps in (3, 6):
+        proc = train(resumed, corpus, *common, "deepspeed=zero3", f"max_steps={steps}", ranks=2)
+    assert "resumed from" in proc.stdout + proc.stderr
+    assert losses(resumed) == runs["zero3", 2]
     ours, deepspeed = runs["zero0", 1], runs["zero2", 1]
     for step in ours:
         assert runs["zero0", 2][step] == pytest.approx(ours[step], rel=1e-5), step
