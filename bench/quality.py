@@ -143,6 +143,7 @@ VARIANTS = {
     "adamw-wsd": ["optim.name=adamw", "optim.schedule=wsd"],
     "muon": ["optim.name=muon"],
     "muon-wsd": ["optim.name=muon", "optim.schedule=wsd"],
+    "muon-zero": ["optim.name=muon", "model.residual_init=zero"],
 }
 
 

@@ -108,6 +108,36 @@ def test_initialisation_statistics():
     assert torch.equal(block.ln_1.weight, torch.ones(256))
 
 
+def test_zero_residual_init_starts_every_block_as_the_identity():
+    """model.residual_init=zero: out_proj and c_proj start at zero, so each block adds nothing
+    and the logits are the embeddings' alone; every other weight is drawn as with the scaled
+    init (the same generator draws), and the first step's gradients reach the zeroed
+    projections."""
+    zero = GPT(tiny_config(residual_init="zero")).init_weights(torch.Generator().manual_seed(3))
+    scaled = GPT(tiny_config()).init_weights(torch.Generator().manual_seed(3))
+    residual = {"attn.attention.out_proj.weight", "mlp.c_proj.weight"}
+    for (name, z), s in zip(zero.state_dict().items(), scaled.state_dict().values(), strict=True):
+        if name.split(".", 3)[-1] in residual:
+            assert z.abs().max() == 0 and s.abs().max() > 0, name
+        else:
+            assert torch.equal(z, s), name
+    ids = torch.randint(0, 1000, (2, 16))
+    hidden = zero.transformer.wte(ids) + zero.transformer.wpe(torch.arange(16))
+    alone = zero.transformer.ln_f(hidden) @ zero.transformer.wte.weight.T
+    torch.testing.assert_close(zero(ids), alone)
+    zero(ids, targets=ids).mean().backward()
+    assert zero.transformer.h[0].mlp.c_proj.weight.grad.abs().max() > 0
+
+
+def test_residual_init_is_checked_and_not_part_of_the_models_identity():
+    from train.errors import ConfigError
+    from train.loop.checkpointing import model_identity
+
+    with pytest.raises(ConfigError, match="model.residual_init='small' is not one of scaled, zero"):
+        tiny_config(residual_init="small")
+    assert model_identity(tiny_config(residual_init="zero")) == model_identity(tiny_config())
+
+
 def test_init_is_deterministic_for_a_seed():
     a = GPT(tiny_config()).init_weights(torch.Generator().manual_seed(3))
     b = GPT(tiny_config()).init_weights(torch.Generator().manual_seed(3))

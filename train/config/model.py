@@ -13,6 +13,7 @@ from train.errors import ConfigError
 ATTENTION_KINDS = ("global", "local", "strided")
 ATTENTION_BACKENDS = ("auto", "dense", "blockwise", "flex", "npu")
 ACTIVATIONS = ("gelu_new", "gelu", "relu")
+RESIDUAL_INITS = ("scaled", "zero")
 
 
 @dataclass
@@ -39,6 +40,10 @@ class ModelConfig(Schema):
     resid_dropout: float = 0.0
     attention_dropout: float = 0.0
     initializer_range: float = 0.02
+    # How a fresh model's residual projections (attention's out_proj, the MLP's c_proj) start:
+    # scaled (normal, std initializer_range / sqrt(2 * num_layers), GPT-2's) or zero (each
+    # block starts as the identity). Not part of the model: a checkpoint's weights replace it.
+    residual_init: str = "scaled"
     # How attention is computed, not what it computes: see train/model/attention.py.
     attention_backend: str = "auto"
 
@@ -90,6 +95,11 @@ class ModelConfig(Schema):
             raise ConfigError(
                 f"model.attention_backend={self.attention_backend!r} is not one of "
                 f"{', '.join(ATTENTION_BACKENDS)}"
+            )
+        if self.residual_init not in RESIDUAL_INITS:
+            raise ConfigError(
+                f"model.residual_init={self.residual_init!r} is not one of "
+                f"{', '.join(RESIDUAL_INITS)}"
             )
         for key in ("embed_dropout", "resid_dropout", "attention_dropout"):
             p = getattr(self, key)

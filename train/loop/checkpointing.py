@@ -41,9 +41,11 @@ log = logging.getLogger("neo.train")
 
 
 def model_identity(model: ModelConfig) -> dict:
-    """The model as a checkpoint must match it: its config, not how its attention is computed."""
+    """The model as a checkpoint must match it: its config, not how its attention is computed
+    nor how its weights were initialised."""
     identity = asdict(model)
     identity.pop("attention_backend")
+    identity.pop("residual_init")
     return identity
 
 

@@ -187,7 +187,8 @@ class GPT(nn.Module):
     def init_weights(self, generator: torch.Generator | None = None) -> GPT:
         """normal(0, initializer_range) for weights, zeros for biases, LayerNorm at identity;
         the projections that write into the residual stream (out_proj, c_proj) scaled by
-        1/sqrt(2 * num_layers), so the residual's variance does not grow with depth."""
+        1/sqrt(2 * num_layers), so the residual's variance does not grow with depth, or zero
+        (model.residual_init=zero: every block starts as the identity)."""
         self.tie_weights()
         for module in self.modules():
             self.init_module(module, generator)
@@ -203,6 +204,8 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear | nn.Embedding):
             if isinstance(module, nn.Linear) and module in self._residual_projections():
                 std = std / math.sqrt(2 * self.config.num_layers)
+                if self.config.residual_init == "zero":
+                    std = 0.0
             module.weight.normal_(0.0, std, generator=generator)
             if getattr(module, "bias", None) is not None:
                 module.bias.zero_()
