@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import NEO
+from conftest import NEO, tiny_config
 from runs import kill
+from safetensors.torch import load_file
 
 from data_prep.tokenizers import load_tokenizer
 from train.config import compose
@@ -134,15 +135,20 @@ def test_kill_and_resume_is_exact_and_reads_the_reference(tmp_path):
 @pytest.mark.slow
 def test_one_and_two_ranks_and_zero3_give_the_same_run(tmp_path):
     """ZeRO-0 on one rank, ZeRO-2 and ZeRO-3 on two: the same losses, rewards and validation
-    metrics (within fp32 reduction order). Rank 0 alone scores the reference; the other rank
-    reads its file."""
+    metrics (within fp32 reduction order). On two ranks each scores half the reference, and
+    the stored log-probabilities equal one rank's bit for bit."""
     common = ["max_steps=4", "eval_every=2", "optim.lr=1e-4", "export_hf=false"]
     runs = {
         "one": dpo(tmp_path / "one", *common),
         "zero2": dpo(tmp_path / "zero2", *common, "deepspeed=zero2", ranks=2),
         "zero3": dpo(tmp_path / "zero3", *common, "deepspeed=zero3", ranks=2),
     }
-    assert (runs["zero3"].stdout + runs["zero3"].stderr).count("computed from the base") == 1
+    assert (runs["zero3"].stdout + runs["zero3"].stderr).count("from the base on 2 ranks") == 1
+    stored = {name: read_reference(tmp_path / name / "runs" / "dpo-tiny") for name in runs}
+    for name in ("zero2", "zero3"):
+        assert stored[name].keys() == stored["one"].keys() == {"train", "validation"}
+        for split, logps in stored["one"].items():
+            assert torch.equal(stored[name][split], logps), (name, split)
 
     def values(name):
         return [
@@ -163,6 +169,33 @@ def test_one_and_two_ranks_and_zero3_give_the_same_run(tmp_path):
             for key in ("rewards/margins", "val/rewards/margins", "rewards/chosen"):
                 if key in a:
                     assert b[key] == pytest.approx(a[key], abs=1e-5), (name, key, a, b)
+
+
+def read_reference(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / reference.REFERENCE_FILE)
+
+
+def test_the_ranks_shares_of_the_reference_add_up_to_one_ranks_scores():
+    """reference.score on rank r of n scores micro-batches r, r + n, ... and leaves zeros
+    elsewhere: the shares sum to the one-rank scores bit for bit (each pair is scored in the
+    same micro-batch on any world size), for a share count that divides the batches or not."""
+    from train.model.gpt import GPT
+
+    tokenizer = load_tokenizer("gpt2")
+    pairs = read_pairs(str(BUNDLED), tokenizer, 64).pairs[:11]
+    config = tiny_config(vocab_size=tokenizer.vocab_size, max_position_embeddings=64)
+    weights = GPT(config).init_weights(torch.Generator().manual_seed(0)).state_dict()
+
+    def scores(rank, world):
+        cpu = torch.device("cpu")
+        return reference.score(config, weights, pairs, cpu, torch.float32, 2, 50256, rank, world)
+
+    whole = scores(0, 1)
+    assert whole.shape == (11, 2) and (whole < 0).all()
+    for world in (2, 3):
+        shares = [scores(rank, world) for rank in range(world)]
+        assert all((share == 0).any(dim=1).sum() > 0 for share in shares)  # each a part only
+        assert torch.equal(sum(shares), whole), world
 
 
 def test_a_resume_without_the_stored_reference_or_with_other_pairs_stops(tmp_path):

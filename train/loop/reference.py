@@ -38,10 +38,15 @@ def score(
     dtype: torch.dtype,
     micro_batch: int,
     pad_id: int,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> torch.Tensor:
     """(len(pairs), 2) fp32 summed log-probabilities of each pair's chosen and rejected
     response under the model of `weights`, computed in `dtype` (the run's precision, so that
-    the policy starts with rewards of zero). The model is freed when this returns."""
+    the policy starts with rewards of zero); this rank's share only: micro-batches rank,
+    rank + world_size, ..., zeros elsewhere, so the ranks' outputs sum to the whole, and each
+    pair is scored in the same micro-batch on any world size. The model is freed when this
+    returns."""
     with torch.device("meta"):
         model = PreferenceGPT(config, DpoLoss())
     model.to_empty(device=device)
@@ -50,7 +55,7 @@ def score(
         param.copy_(weights[name])
     model.to(dtype).eval()
     out = torch.zeros(len(pairs), 2, dtype=torch.float32)
-    for first in range(0, len(pairs), micro_batch):
+    for first in range(rank * micro_batch, len(pairs), world_size * micro_batch):
         group = pairs[first : first + micro_batch]
         arrays = collate_pairs(group, pad_id)
         ids = torch.from_numpy(arrays["input_ids"]).to(device)

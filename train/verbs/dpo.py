@@ -39,7 +39,7 @@ from train.data.dpo import (
     read_preference,
 )
 from train.distributed import machine as hw
-from train.distributed.collectives import barrier
+from train.distributed.collectives import all_sum, barrier
 from train.distributed.machine import Host, host
 from train.errors import NotFound
 from train.loop import reference
@@ -213,34 +213,37 @@ def reference_logps(
 ) -> None:
     """Attach the reference's log-probabilities to every pair: those stored with the run when
     it resumes from a checkpoint (never computed again), else computed now from the base
-    weights (rank 0; the others read what it wrote)."""
+    weights, each rank scoring its share (reference.score), and stored by rank 0."""
     run_dir = Path(cfg.run_dir)
     splits = {"train": data.train, "validation": data.validation}
     if latest_tag(run.checkpoints.directory) is not None:
         logps = reference.load(run_dir, splits)
         log.info("reference log-probabilities: read from %s", run_dir / reference.REFERENCE_FILE)
     else:
-        if run.ranks.is_main:
-            logps = {
-                name: reference.score(
-                    cfg.model,
-                    weights,
-                    pairs,
-                    run.device,
-                    hw.DTYPES[cfg.precision],
-                    cfg.micro_batch_size,
-                    pad_id,
-                )
-                for name, pairs in splits.items()
-            }
+        ranks = run.ranks
+        logps = {}
+        for name, pairs in splits.items():
+            share = reference.score(
+                cfg.model,
+                weights,
+                pairs,
+                run.device,
+                hw.DTYPES[cfg.precision],
+                cfg.micro_batch_size,
+                pad_id,
+                ranks.rank,
+                ranks.world_size,
+            )
+            logps[name] = all_sum(share.to(run.device)).cpu() if ranks.world_size > 1 else share
+        if ranks.is_main:
             file = reference.save(run_dir, splits, logps)
             log.info(
-                "reference log-probabilities of %d pairs computed from the base, stored in %s; "
-                "the reference model is freed",
+                "reference log-probabilities of %d pairs computed from the base on %d rank%s, "
+                "stored in %s; the reference model is freed",
                 sum(map(len, splits.values())),
+                ranks.world_size,
+                "s" if ranks.world_size > 1 else "",
                 file,
             )
-        barrier()
-        if not run.ranks.is_main:
-            logps = reference.load(run_dir, splits)
+        barrier()  # the file is in place before any rank can save a checkpoint that needs it
     reference.attach(splits, logps)
