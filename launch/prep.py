@@ -74,6 +74,7 @@ def prepare_prep(overrides: list[str], launch: LaunchConfig, typed: str) -> Prep
         )
     for arg in overrides:
         key = override_key(arg).lstrip("+~")
+        one_line(key, arg.partition("=")[2])  # each is written into the job scripts
         if key in OWN_KEYS:
             raise ConfigError(f"{arg}: {OWN_KEYS[key]}")
     tasks = launch.array or 1
@@ -93,8 +94,6 @@ def prepare_prep(overrides: list[str], launch: LaunchConfig, typed: str) -> Prep
     given = [a for a in overrides if override_key(a).lstrip("+") == "output"]
     overrides = [a for a in overrides if a not in given]
     overrides += [f"output={hydra_path(output)}", f"tasks={tasks}"]
-    for arg in overrides:
-        one_line(override_key(arg), arg)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
     launch_dir = workdir / "runs" / "launch" / f"prep-{stamp}"
     if "\\" in str(launch_dir):
