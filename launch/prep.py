@@ -210,6 +210,14 @@ def run_prep(job: PrepJob, launch: LaunchConfig) -> None:
             after = f"<{stage} job id>"
         return
     _sbatch()
+    busy = queued_for(Path(job.workdir), job.output)
+    if busy:
+        raise ConfigError(
+            f"output={job.output}: launch {busy[0]} of this workdir still has jobs queued for it "
+            f"({busy[1]}); two launches of one output would delete each other's unfinished "
+            f"shards: follow that one (neo launch status launch_dir={shell_word(busy[0])}), or "
+            "scancel its jobs first"
+        )
     Path(job.launch_dir).mkdir(parents=True)
     for stage in job.stages:
         atomic_write_text(Path(job.launch_dir) / f"{stage}.sbatch", prep_script(job, launch, stage))
@@ -225,6 +233,35 @@ def run_prep(job: PrepJob, launch: LaunchConfig) -> None:
     submit(job, record, [(s, None) for s in job.stages])
     print(f"launch dir {job.launch_dir}")
     print(f"follow it: neo launch status launch_dir={shell_word(job.launch_dir)}")
+
+
+def in_queue() -> dict[str, str]:
+    """SLURM's queue, array elements one by one: {'123' or '123_4': PENDING, RUNNING, ...}
+    (empty without squeue)."""
+    squeue = shutil.which("squeue")
+    if squeue is None:
+        return {}
+    done = subprocess.run([squeue, "-h", "-r", "-o", "%i %T"], capture_output=True, text=True)
+    return dict(line.split() for line in done.stdout.splitlines() if len(line.split()) == 2)
+
+
+def queued_for(workdir: Path, output: str) -> tuple[str, str] | None:
+    """(launch dir, a job) of an earlier `neo launch prep` of `output` from `workdir` whose
+    jobs are still queued; None when there is none."""
+    records = sorted((workdir / "runs" / "launch").glob("prep-*/" + RECORD))
+    if not records:
+        return None
+    queue = in_queue()
+    for path in records:
+        record = json.loads(path.read_text())
+        if record["output"] != output:
+            continue
+        for entry in record["jobs"]:
+            ids = [entry["job"]] + [f"{entry['job']}_{t}" for t in entry["tasks"] or []]
+            for job in ids:
+                if job in queue:
+                    return str(path.parent), f"job {job} ({entry['stage']}) {queue[job]}"
+    return None
 
 
 def _sbatch() -> str:

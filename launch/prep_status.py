@@ -7,12 +7,10 @@ depending on the one before. Torch-free."""
 from __future__ import annotations
 
 import contextlib
-import shutil
-import subprocess
 from pathlib import Path
 
 from data_prep.config import TASK_STAGES
-from launch.prep import PrepJob, array_spec, load_record, submit
+from launch.prep import PrepJob, array_spec, in_queue, load_record, submit
 from train.config import compose
 from train.errors import ConfigError, NeoError
 
@@ -44,19 +42,14 @@ def queued(record: dict) -> dict[str, dict[int, str]]:
     """Per stage, the tasks of this launch's jobs still in SLURM's queue and their state
     (PENDING, RUNNING, ...); a stage run once is task 0."""
     out: dict[str, dict[int, str]] = {s: {} for s in record["stages"]}
-    squeue = shutil.which("squeue")
-    if squeue is None:
-        return out
-    done = subprocess.run([squeue, "-h", "-r", "-o", "%i %T"], capture_output=True, text=True)
-    states = dict(line.split() for line in done.stdout.splitlines() if len(line.split()) == 2)
+    states = in_queue()
     for entry in record["jobs"]:
         stage, job = entry["stage"], entry["job"]
-        for task in entry["tasks"] if stage in TASK_STAGES else [0]:
-            state = states.get(f"{job}_{task}" if stage in TASK_STAGES else job)
-            if state is not None:
-                out[stage][task] = (
-                    f"{state} (job {job}{f'_{task}' if stage in TASK_STAGES else ''})"
-                )
+        array = stage in TASK_STAGES
+        for task in entry["tasks"] if array else [0]:
+            element = f"{job}_{task}" if array else job
+            if element in states:
+                out[stage][task] = f"{states[element]} (job {element})"
     return out
 
 

@@ -45,10 +45,11 @@ def corpus(tmp_path):
         "reduce",
     ]
     docs = [" ".join(rng.choices(words, k=rng.randint(20, 60))) + f" {i}" for i in range(60)]
-    (tmp_path / "in").mkdir()
-    write_jsonl(tmp_path / "in" / "a.jsonl", docs[:35] + docs[3:6], "A")
-    write_jsonl(tmp_path / "in" / "b.jsonl", docs[35:] + docs[10:14] + docs[40:41], "B")
-    return tmp_path
+    work = tmp_path / "work dir"
+    (work / "in").mkdir(parents=True)
+    write_jsonl(work / "in" / "a.jsonl", docs[:35] + docs[3:6], "A")
+    write_jsonl(work / "in" / "b.jsonl", docs[35:] + docs[10:14] + docs[40:41], "B")
+    return work
 
 
 def test_array_spec():
@@ -163,12 +164,16 @@ def test_slurm_arrays_with_a_cancelled_element_resubmitted_equal_one_machine(slu
     """Two tasks, held at submission so that hash element 1 is cancelled before it starts:
     the stages after it are cancelled, status names task 1, a resubmit runs hash for task 1
     only, and the merged dataset holds the tokens `neo prep` writes on one machine."""
-    held = ["launch.sbatch_args=[--hold]", f"launch.workdir={corpus}"]
-    args = ["prep", "launcher=slurm", "launch.array=2", "input=in", "output=out", *PREP, *held]
-    out = launch(*args, cwd=corpus).stdout
+    held = ["launch.sbatch_args=[--hold]", f"launch.workdir='{corpus}'"]
+    output = corpus / "it's 100% #1"  # in a workdir with a space: every stage finds both
+    args = ["prep", "launcher=slurm", "launch.array=2", "input=in", *PREP, *held]
+    args.append("output='it\\'s 100% #1'")
+    out = launch(*args, cwd=corpus.parent).stdout
     jobs = _submitted(out)
     assert list(jobs) == ["plan", "hash", "reduce", "tokenize", "merge"]
     launch_dir = Path(out.split("launch dir ")[1].splitlines()[0])
+    twice = launch(*args, cwd=corpus.parent, check=False)
+    assert twice.returncode == 2 and f"launch {launch_dir} of this workdir" in twice.stderr
     subprocess.run(["scancel", f"{jobs['hash']}_1"], check=True)
     subprocess.run(["scontrol", "release", *jobs.values()], capture_output=True)
     _wait_gone(list(jobs.values()))
@@ -177,7 +182,7 @@ def test_slurm_arrays_with_a_cancelled_element_resubmitted_equal_one_machine(slu
     assert "| hash | 0 | - | 1 |" in status, status
     assert "| reduce | - | - | yes |" in status and "| tokenize | - | - | 0-1 |" in status
     assert "resubmit=true" in status
-    assert not (corpus / "out" / "manifest.json").exists()
+    assert not (output / "manifest.json").exists()
 
     again = launch("status", f"launch_dir={launch_dir}", "resubmit=true").stdout
     resubmitted = _submitted(again)
@@ -186,7 +191,7 @@ def test_slurm_arrays_with_a_cancelled_element_resubmitted_equal_one_machine(slu
     subprocess.run(["scontrol", "release", *resubmitted.values()], capture_output=True)
     _wait_gone(list(resubmitted.values()))
     logs = "".join(p.read_text() for p in launch_dir.glob("*.err"))
-    assert (corpus / "out" / "manifest.json").is_file(), logs
+    assert (output / "manifest.json").is_file(), logs
     assert "done: " in launch("status", f"launch_dir={launch_dir}").stdout
     record = json.loads((launch_dir / "launch.json").read_text())
     assert [j["stage"] for j in record["jobs"]][5:] == ["hash", "reduce", "tokenize", "merge"]
@@ -200,8 +205,8 @@ def test_slurm_arrays_with_a_cancelled_element_resubmitted_equal_one_machine(slu
         text=True,
     )
     assert done.returncode == 0, done.stderr
-    merged, classic = Manifest.load(corpus / "out"), Manifest.load(corpus / "classic")
-    assert streams(corpus / "out") == streams(corpus / "classic")
+    merged, classic = Manifest.load(output), Manifest.load(corpus / "classic")
+    assert streams(output) == streams(corpus / "classic")
     assert merged.sources == classic.sources and merged.totals == classic.totals
     assert merged.totals["duplicates"] == 3 + 4 + 1
     assert merged.run["tasks"] == 2 and merged.run["slices"] >= 4
