@@ -210,6 +210,12 @@ def run_prep(job: PrepJob, launch: LaunchConfig) -> None:
             after = f"<{stage} job id>"
         return
     _sbatch()
+    largest = max_array_size()
+    if largest is not None and job.tasks > largest:
+        raise ConfigError(
+            f"launch.array={job.tasks}: this cluster's MaxArraySize is {largest} (element "
+            "numbers up to MaxArraySize - 1); use fewer tasks"
+        )
     busy = queued_for(Path(job.workdir), job.output)
     if busy:
         raise ConfigError(
@@ -242,6 +248,9 @@ def in_queue() -> dict[str, str]:
     if squeue is None:
         return {}
     done = subprocess.run([squeue, "-h", "-r", "-o", "%i %T"], capture_output=True, text=True)
+    if done.returncode != 0:  # not "nothing queued": what is missing cannot be told apart
+        said = "; ".join((done.stderr or done.stdout).split("\n")).strip("; ")
+        raise ConfigError(f"squeue failed ({said}); queued tasks cannot be told from missing ones")
     return dict(line.split() for line in done.stdout.splitlines() if len(line.split()) == 2)
 
 
@@ -261,6 +270,19 @@ def queued_for(workdir: Path, output: str) -> tuple[str, str] | None:
             for job in ids:
                 if job in queue:
                     return str(path.parent), f"job {job} ({entry['stage']}) {queue[job]}"
+    return None
+
+
+def max_array_size() -> int | None:
+    """SLURM's MaxArraySize (`scontrol show config`); None when it cannot be read."""
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        return None
+    done = subprocess.run([scontrol, "show", "config"], capture_output=True, text=True)
+    for line in done.stdout.splitlines():
+        name, _, value = line.partition("=")
+        if name.strip() == "MaxArraySize" and value.strip().isdigit():
+            return int(value.strip())
     return None
 
 
@@ -284,9 +306,11 @@ def submit(job: PrepJob, record: dict, todo: list[tuple[str, list[int] | None]])
         done = subprocess.run([_sbatch(), *words[1:]], capture_output=True, text=True)
         if done.returncode != 0:
             submitted = ", ".join(f"{j['job']} ({j['stage']})" for j in record["jobs"][-4:])
+            said = "; ".join((done.stderr or done.stdout).strip().splitlines())
+            again = f"neo launch status launch_dir={shell_word(job.launch_dir)} resubmit=true"
             raise ConfigError(
-                f"sbatch {words[-1]} failed: {(done.stderr or done.stdout).strip()}"
-                + (f"; submitted before it: {submitted}" if submitted else "")
+                f"sbatch {words[-1]} failed: {said}"
+                + (f"; submitted before it: {submitted} (the rest: {again})" if submitted else "")
             )
         after = done.stdout.strip().split(";")[0]
         ids = list(range(job.tasks)) if tasks is None and stage in TASK_STAGES else tasks

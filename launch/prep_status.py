@@ -11,6 +11,7 @@ from pathlib import Path
 
 from data_prep.config import TASK_STAGES
 from launch.prep import PrepJob, array_spec, in_queue, load_record, submit
+from launch.quoting import shell_word
 from train.config import compose
 from train.errors import ConfigError, NeoError
 
@@ -84,8 +85,8 @@ def prep_status(launch_dir: Path, resubmit: bool) -> None:
     if not resubmit:
         if not any(waiting.values()):
             print(
-                "nothing of it is queued: submit what is missing with "
-                f"neo launch status launch_dir={launch_dir} resubmit=true"
+                "nothing of it is queued: submit what is missing with neo launch status "
+                f"launch_dir={shell_word(job.launch_dir)} resubmit=true"
             )
         return
     still = [s for stage in job.stages for s in waiting[stage].values()]

@@ -211,3 +211,46 @@ def test_slurm_arrays_with_a_cancelled_element_resubmitted_equal_one_machine(slu
     assert merged.totals["duplicates"] == 3 + 4 + 1
     assert merged.run["tasks"] == 2 and merged.run["slices"] >= 4
     assert all(t["documents"] > 0 for t in merged.run["per_task"]), "both tasks had work"
+
+
+def _fake_slurm(tmp_path, **commands: str) -> dict[str, str]:
+    """A PATH holding only these commands (bash scripts), for SLURM answering as told."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in commands.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    return {"PATH": str(bin_dir)}
+
+
+def test_an_array_larger_than_slurm_allows_is_refused_before_submitting(corpus):
+    env = _fake_slurm(
+        corpus.parent,
+        sbatch='echo submitted >> "$0.calls"; echo 1',
+        scontrol='echo "MaxArraySize            = 4"',
+        squeue="exit 0",
+    )
+    args = ["prep", "launcher=slurm", "input=in", "output=out", *PREP]
+    proc = launch(*args, "launch.array=5", check=False, cwd=corpus, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "launch.array=5: this cluster's MaxArraySize is 4" in proc.stderr, proc.stderr
+    assert not (corpus.parent / "bin" / "sbatch.calls").exists()
+    assert sorted(p.name for p in corpus.iterdir()) == ["in"]
+    launch(*args, "launch.array=4", cwd=corpus, env=env)  # the largest allowed
+    assert (corpus.parent / "bin" / "sbatch.calls").read_text().count("submitted") == 5
+
+
+def test_status_refuses_to_guess_when_squeue_fails(corpus):
+    env = _fake_slurm(
+        corpus.parent,
+        sbatch="echo 7",
+        scontrol="exit 1",
+        squeue='echo "squeue: error: Unable to contact slurm controller" >&2; exit 1',
+    )
+    out = launch("prep", "launcher=slurm", "input=in", "output=out", *PREP, cwd=corpus, env=env)
+    launch_dir = out.stdout.split("launch dir ")[1].splitlines()[0]
+    for extra in ([], ["resubmit=true"]):
+        proc = launch("status", f"launch_dir={launch_dir}", *extra, check=False, env=env)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "squeue failed" in proc.stderr and "Unable to contact" in proc.stderr
+        assert proc.stderr.strip().count("\n") == 0
