@@ -6,6 +6,7 @@ whose result equals `neo prep` on one machine."""
 import json
 import random
 import subprocess
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -254,3 +255,25 @@ def test_status_refuses_to_guess_when_squeue_fails(corpus):
         assert proc.returncode == 2, proc.stdout + proc.stderr
         assert "squeue failed" in proc.stderr and "Unable to contact" in proc.stderr
         assert proc.stderr.strip().count("\n") == 0
+
+
+def test_launching_prep_needs_no_torch(corpus):
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from train.cli import main\n"
+        "main(['launch', 'prep', 'launcher=slurm', 'launch.array=2', 'input=in', "
+        "'launch.dry_run=true'])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=corpus)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("#!/bin/bash") == 5
+
+
+@pytest.mark.slow
+def test_local_launcher_runs_every_stage_here(corpus):
+    out = launch(
+        "prep", "launcher=local", "launch.array=2", "input=in", "output=out", *PREP, cwd=corpus
+    )
+    manifest = Manifest.load(corpus / "out")
+    assert manifest.run["tasks"] == 2 and manifest.totals["duplicates"] == 8, out.stdout
+    assert not (corpus / "runs").exists()
