@@ -30,6 +30,7 @@ from pathlib import Path
 from data_prep.config import STAGES, TASK_STAGES
 from data_prep.files import atomic_write_text, check_apart
 from data_prep.inputs import HUB_PREFIX, SAMPLE_NAME, resolve_inputs
+from data_prep.output import check_output_usable
 from launch.config import LaunchConfig
 from launch.quoting import hydra_path, one_line, sbatch_option, shell_join, shell_word
 from launch.scripts import python
@@ -90,7 +91,7 @@ def prepare_prep(overrides: list[str], launch: LaunchConfig, typed: str) -> Prep
     one_line("output", str(output))
     if workdir.is_dir():  # the input as the jobs will find it, from their directory
         with contextlib.chdir(workdir):
-            check_input(cfg.input, output)
+            check_input(cfg.input, output, cfg.overwrite)
     given = [a for a in overrides if override_key(a).lstrip("+") == "output"]
     overrides = [a for a in overrides if a not in given]
     overrides += [f"output={hydra_path(output)}", f"tasks={tasks}"]
@@ -105,13 +106,14 @@ def prepare_prep(overrides: list[str], launch: LaunchConfig, typed: str) -> Prep
     return PrepJob(overrides, tasks, stages, str(output), str(workdir), str(launch_dir), typed)
 
 
-def check_input(spec: str, output: Path) -> None:
-    """The input names files, and the output is neither one of them nor holds or lies in one."""
+def check_input(spec: str, output: Path, overwrite: bool) -> None:
+    """The input names files, the output is neither one of them nor holds or lies in one, and
+    it holds nothing but a `neo prep` output (what the plan job would refuse)."""
     files = resolve_inputs(spec)
-    if spec.startswith(HUB_PREFIX) or spec == SAMPLE_NAME:
-        return
-    given = Path(spec).expanduser()
-    check_apart(output, ([given] if given.exists() else []) + [Path(f.path) for f in files])
+    if not spec.startswith(HUB_PREFIX) and spec != SAMPLE_NAME:
+        given = Path(spec).expanduser()
+        check_apart(output, ([given] if given.exists() else []) + [Path(f.path) for f in files])
+    check_output_usable(str(output), overwrite)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -277,3 +277,14 @@ def test_local_launcher_runs_every_stage_here(corpus):
     manifest = Manifest.load(corpus / "out")
     assert manifest.run["tasks"] == 2 and manifest.totals["duplicates"] == 8, out.stdout
     assert not (corpus / "runs").exists()
+
+
+def test_an_output_holding_other_files_is_refused_before_submitting(corpus):
+    (corpus / "out").mkdir()
+    (corpus / "out" / "notes.txt").write_text("mine")
+    for extra in ([], ["overwrite=true"]):
+        args = ["prep", "launcher=slurm", "input=in", "output=out", *extra, "launch.dry_run=true"]
+        proc = launch(*args, check=False, cwd=corpus)
+        assert proc.returncode == 2, proc.stdout
+        assert "1 entry: notes.txt" in proc.stderr and "not a `neo prep` output" in proc.stderr
+    assert (corpus / "out" / "notes.txt").read_text() == "mine"
