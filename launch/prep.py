@@ -326,14 +326,23 @@ def load_record(launch_dir: Path) -> tuple[PrepJob, dict]:
     record_file = launch_dir / RECORD
     if not record_file.is_file():
         raise NotFound(f"launch_dir={launch_dir}: no {RECORD} (written by neo launch prep)")
-    record = json.loads(record_file.read_text())
-    job = PrepJob(
-        record["overrides"],
-        record["tasks"],
-        record["stages"],
-        record["output"],
-        record["workdir"],
-        str(launch_dir.absolute()),
-        record["command_line"],
-    )
+    try:
+        record = json.loads(record_file.read_text())
+        job = PrepJob(
+            record["overrides"],
+            record["tasks"],
+            record["stages"],
+            record["output"],
+            record["workdir"],
+            str(launch_dir.absolute()),
+            record["command_line"],
+        )
+        if not all({"stage", "job", "tasks"} <= set(entry) for entry in record["jobs"]):
+            raise KeyError("jobs[].stage, job, tasks")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(
+            f"{record_file}: {RECORD} is not a neo launch prep record ({type(e).__name__}: {e})"
+        ) from None
+    if not Path(job.workdir).is_dir():
+        raise NotFound(f"{record_file}: its workdir {job.workdir} is gone (the jobs ran there)")
     return job, record

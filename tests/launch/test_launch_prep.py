@@ -288,3 +288,16 @@ def test_an_output_holding_other_files_is_refused_before_submitting(corpus):
         assert proc.returncode == 2, proc.stdout
         assert "1 entry: notes.txt" in proc.stderr and "not a `neo prep` output" in proc.stderr
     assert (corpus / "out" / "notes.txt").read_text() == "mine"
+
+
+def test_status_of_a_broken_launch_record_is_one_line(corpus):
+    broken = corpus / "runs" / "launch" / "prep-x"
+    broken.mkdir(parents=True)
+    for text, message in [
+        ("{", "launch.json is not a neo launch prep record"),
+        ('{"tasks": 2}', "launch.json is not a neo launch prep record"),
+    ]:
+        (broken / "launch.json").write_text(text)
+        proc = launch("status", f"launch_dir={broken}", check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert proc.stderr.strip().count("\n") == 0
