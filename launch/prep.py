@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import getpass
 import json
 import os
 import shutil
@@ -249,7 +250,8 @@ def in_queue() -> dict[str, str]:
     squeue = shutil.which("squeue")
     if squeue is None:
         return {}
-    done = subprocess.run([squeue, "-h", "-r", "-o", "%i %T"], capture_output=True, text=True)
+    words = [squeue, "-h", "-r", "-o", "%i %T", "-u", getpass.getuser()]  # the user's jobs
+    done = subprocess.run(words, capture_output=True, text=True)
     if done.returncode != 0:  # not "nothing queued": what is missing cannot be told apart
         said = "; ".join((done.stderr or done.stdout).split("\n")).strip("; ")
         raise ConfigError(f"squeue failed ({said}); queued tasks cannot be told from missing ones")
