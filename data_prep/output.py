@@ -67,6 +67,17 @@ def _only_leftovers(path: Path) -> bool:
     )
 
 
+def check_output_usable(output: str, overwrite: bool) -> None:
+    """Refuse, as the plan of a staged run will, an output holding something that is neither a
+    `neo prep` output nor what a stopped run left: checked before a cluster job is submitted
+    (`neo launch prep`), so that the mistake is one line here, not a failed plan job."""
+    path = Path(output).expanduser()
+    if path.is_symlink() and path.is_dir():
+        path = path.resolve()
+    if not is_prep_output(path) and not _only_leftovers(path):
+        check_output_free(path, overwrite, PREP_OUTPUT)
+
+
 @dataclass
 class OutputDir:
     path: Path

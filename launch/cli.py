@@ -25,7 +25,7 @@ from pathlib import Path
 from data_prep.files import atomic_write_text
 from launch import scripts
 from launch.config import LAUNCHERS, LaunchConfig, LaunchEntry
-from launch.quoting import one_line, shell_join, shell_word
+from launch.quoting import hydra_path, one_line, shell_join, shell_word
 from train.config import compose
 from train.config.compose import TEXT_KEYS, error_line, override_key, quote_text
 from train.config.resolve import (
@@ -36,7 +36,6 @@ from train.config.resolve import (
     resolve_sft,
     resolve_train,
 )
-from train.config.shell import hydra_quoted
 from train.errors import ConfigError, NeoError, NotFound
 
 LAUNCHABLE = ("train", "sft", "dpo", "eval", "generate")
@@ -58,7 +57,8 @@ def usage() -> str:
         if f.name != "launcher"
     )
     return f"""usage: neo launch VERB launcher=NAME [launch.KEY=VALUE ...] [VERB's overrides ...]
-       neo launch status sweep_dir=DIR
+       neo launch prep launcher=slurm launch.array=N input=... output=... [neo prep's overrides]
+       neo launch status sweep_dir=DIR | launch_dir=DIR [resubmit=true]
 
 Runs neo VERB ({", ".join(LAUNCHABLE)}) on SLURM, over a DeepSpeed hostfile, as a multi-node
 torchrun, or here; every override that is not launcher= or launch.* goes to the verb as typed
@@ -87,10 +87,10 @@ def run(argv: list[str]) -> None:
 
         status(argv[1:])
         return
-    if not argv or argv[0] not in LAUNCHABLE:
+    if not argv or argv[0] not in (*LAUNCHABLE, "prep"):
         got = f"{argv[0]!r}" if argv else "nothing"
         raise ConfigError(
-            f"neo launch VERB ...: VERB must be one of {', '.join(LAUNCHABLE)} (got {got}); "
+            f"neo launch VERB ...: VERB must be one of prep, {', '.join(LAUNCHABLE)} (got {got}); "
             "neo launch --help says more"
         )
     verb, rest = argv[0], argv[1:]
@@ -105,6 +105,13 @@ def run(argv: list[str]) -> None:
     ]
     overrides = [a for a in rest if a not in mine]
     launch = launch_config(mine)
+    if verb == "prep":
+        from launch.prep import prepare_prep, run_prep
+
+        run_prep(prepare_prep(overrides, launch, shell_join(["neo", "launch", *argv])), launch)
+        return
+    if launch.array is not None:
+        raise ConfigError(f"launch.array={launch.array} is read by neo launch prep only")
     job = prepare_job(verb, overrides, launch, shell_join(["neo", "launch", *argv]))
     {"local": run_local, "slurm": run_slurm, "hostfile": run_hostfile, "torchrun": run_torchrun}[
         launch.launcher
@@ -167,7 +174,9 @@ def prepare_job(verb: str, overrides: list[str], launch: LaunchConfig, typed: st
             run_dir, final = workdir / "runs" / "launch" / f"{verb}-{stamp}", None
         one_line("run_dir", str(run_dir))
         if verb in RESUMABLE:
-            overrides = [a for a in overrides if a not in given] + [f"run_dir={_hydra(run_dir)}"]
+            overrides = [a for a in overrides if a not in given] + [
+                f"run_dir={hydra_path(run_dir)}"
+            ]
         config = compose.to_schema(
             compose.compose(verb, [quote_text(a, text_keys) for a in overrides])
         )
@@ -211,13 +220,6 @@ def _composed_run_dir(full) -> str:
         return str(full.hydra.run.dir if raw == "${hydra:runtime.output_dir}" else full.run_dir)
     except OmegaConfBaseException as e:
         raise ConfigError(f"run_dir={raw}: {error_line(e)}") from None
-
-
-def _hydra(path: Path) -> str:
-    """A path as an override value Hydra reads back unchanged."""
-    text = str(path)
-    plain = all(c.isalnum() or c in "/._-+@%" for c in text) and text.isascii()
-    return text if plain else hydra_quoted(text)
 
 
 def resolve_for(verb: str, config, world: World):

@@ -81,6 +81,9 @@ class LaunchConfig:
     requeue: bool = True
     signal_seconds: int = 120  # --signal=USR1@<seconds> before the time limit
     sbatch_args: list[str] = field(default_factory=list)  # more #SBATCH lines, e.g. --gres=npu:8
+    # neo launch prep only: the number of tasks of its hash and tokenize stages (each a SLURM
+    # job array of this many elements); it is `neo prep tasks=`. null: 1.
+    array: int | None = None
 
     # torchrun (multi-node without a scheduler)
     node_rank: int | None = None  # null: print every node's command
@@ -109,6 +112,10 @@ class LaunchConfig:
         for key in ("nodes", "gpus_per_node"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"launch.{key}={getattr(self, key)} must be >= 1")
+        if self.array is not None and self.array < 1:
+            raise ConfigError(
+                f"launch.array={self.array} must be >= 1 (the number of tasks of neo launch prep)"
+            )
         for key in self.require:
             if not hasattr(self, key):
                 raise ConfigError(f"launch.require names {key!r}, which is no launch setting")

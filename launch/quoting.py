@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shlex
 
+from train.config.shell import hydra_quoted
 from train.errors import ConfigError
 
 # C0 and C1 control characters and DEL: a newline ends a script's line (and with it a comment
@@ -111,3 +112,10 @@ def pdsh_word(key: str, value: str, hosts: int, quoted_if_spaced: bool = True) -
         f"{', double-quoted only when it holds a space' if quoted_if_spaced else ' unquoted'}; "
         f"{shown} would be read as shell syntax there ({advice})"
     )
+
+
+def hydra_path(path) -> str:
+    """A path as an override value Hydra reads back unchanged."""
+    text = str(path)
+    plain = all(c.isalnum() or c in "/._-+@%" for c in text) and text.isascii()
+    return text if plain else hydra_quoted(text)

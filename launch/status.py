@@ -70,12 +70,28 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def status(argv: list[str]) -> None:
-    """`neo launch status sweep_dir=DIR`."""
+    """`neo launch status sweep_dir=DIR`, or `launch_dir=DIR [resubmit=true]` for a `neo launch
+    prep` (launch/prep_status.py)."""
     from train.errors import ConfigError, NotFound
 
     given = dict(a.split("=", 1) for a in argv if "=" in a)
+    if "launch_dir" in given:
+        from launch.prep_status import prep_status
+
+        resubmit = given.get("resubmit", "false").lower()
+        if set(given) - {"launch_dir", "resubmit"} or len(given) != len(argv):
+            raise ConfigError(
+                "usage: neo launch status launch_dir=DIR [resubmit=true] (a neo launch prep)"
+            )
+        if resubmit not in ("true", "false"):
+            raise ConfigError(f"resubmit={given['resubmit']}: expected true or false")
+        prep_status(Path(given["launch_dir"]), resubmit == "true")
+        return
     if "sweep_dir" not in given or len(given) != len(argv):
-        raise ConfigError("usage: neo launch status sweep_dir=DIR (a Hydra multirun directory)")
+        raise ConfigError(
+            "usage: neo launch status sweep_dir=DIR (a Hydra multirun directory), or "
+            "launch_dir=DIR [resubmit=true] (a neo launch prep)"
+        )
     sweep = Path(given["sweep_dir"])
     if not sweep.is_dir():
         raise NotFound(f"sweep_dir={sweep}: no such directory")

@@ -171,8 +171,10 @@ def test_without_sbatch_it_says_so(tmp_path):
         env={"PATH": str(bin_dir)},
     )
     assert proc.returncode != 0 and "sbatch is not on PATH" in proc.stderr
-    proc = launch("prep", check=False)
-    verbs = "VERB must be one of train, sft, dpo, eval, generate"
+    proc = launch("prep", "launcher=slurm", check=False, env={"PATH": str(bin_dir)})
+    assert proc.returncode == 2 and "sbatch is not on PATH" in proc.stderr
+    proc = launch("pretrain", check=False)
+    verbs = "VERB must be one of prep, train, sft, dpo, eval, generate"
     assert proc.returncode != 0 and verbs in proc.stderr
 
 
