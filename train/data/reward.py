@@ -75,11 +75,14 @@ def read_reward_pairs(
 
 
 def _ids(tokenizer, text: str, close: bool) -> list[int]:
-    """The text's ids; `close`: ending with the end-of-text token (once, as TRL's add_eos)."""
-    ids = tokenizer.encode(text)
-    if close and (not ids or ids[-1] != tokenizer.eod_id):
-        ids.append(tokenizer.eod_id)
-    return ids
+    """The text's ids; `close`: ending with the end-of-text token, once: TRL's add_eos leaves a
+    text that already ends with its spelling alone, and transformers' tokenizer reads that
+    spelling as the token (ours reads a data file's text as text: it is cut off here)."""
+    if not close:
+        return tokenizer.encode(text)
+    return tokenizer.encode(text.removesuffix(tokenizer.decode([tokenizer.eod_id]))) + [
+        tokenizer.eod_id
+    ]
 
 
 def _margin(record: Record, key: str) -> float:
