@@ -1,6 +1,7 @@
 """`neo sft`: supervised fine-tuning of a causal LM on instruction, completion or chat data (or
-GPT-1's task head on task records), with `neo train`'s machinery (DeepSpeed ZeRO 0-3,
-precision, accumulation, schedule, exact resume, SIGTERM/SIGUSR1 save, metrics, export).
+GPT-1's task head on task records, or a reward model on preference pairs: head=reward), with
+`neo train`'s machinery (DeepSpeed ZeRO 0-3, precision, accumulation, schedule, exact resume,
+SIGTERM/SIGUSR1 save, metrics, export).
 
     neo sft                                   # the demo model on the bundled instruction sample
     neo sft base=runs/demo sft.path=train.jsonl sft.format=alpaca epochs=3
