@@ -217,7 +217,8 @@ def test_trains_on_the_bundled_pairs_exports_and_verifies(tmp_path):
     assert verified.returncode == 0, verified.stdout + verified.stderr
     card = (run / "hf" / "README.md").read_text()
     assert "A GPT-Neo style reward model" in card and "## Reward model" in card
-    assert "task reward: preference pairs, Bradley-Terry loss" in card
+    assert "- data: the bundled sample of preference pairs (task reward: chosen and" in card
+    assert "- trained by `neo sft` from fresh weights" in card
     assert f"val/accuracy {last['val/accuracy']:.4f}" in card
 
 

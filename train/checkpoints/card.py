@@ -202,7 +202,8 @@ def _training(records: RunRecords, config: ModelConfig) -> list[str]:
         base = records.base()
         data = f"`{sft['path']}`" if sft.get("path") else "the bundled sample"
         if task == "reward":
-            task = "reward: preference pairs, Bradley-Terry loss"
+            data += " of preference pairs" if not sft.get("path") else ""
+            task = "reward: chosen and rejected responses, Bradley-Terry loss"
         hub = f" (Hugging Face Hub: {hub_id(base)})" if hub_id(base) else ""
         lines += [
             f"- fine-tuned (`neo sft`) from `{base}`{hub}"
