@@ -182,6 +182,23 @@ def test_a_file_without_preference_pairs_is_one_line_exit_2(tmp_path):
     assert not (tmp_path / "runs").exists()  # nothing left behind
 
 
+def test_a_validation_file_without_a_usable_pair_is_one_line_exit_2(tmp_path):
+    """It ran without any validation before, saying only that every record was skipped."""
+    proc = subprocess.run(
+        [NEO, "sft", "head=reward", f"sft.validation_path={BUNDLED_CLASSIFICATION}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(
+        f"neo sft: error: sft.validation_path={BUNDLED_CLASSIFICATION}: no usable validation "
+        f"example (1200 skipped, the first: {BUNDLED_CLASSIFICATION}:1: 'chosen' and"
+    ), line
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.slow
 def test_trains_on_the_bundled_pairs_exports_and_verifies(tmp_path):
     """A fresh tiny model (no base) on the bundled pairs, 80 held out: TRL's metric names on

@@ -134,16 +134,21 @@ def read_split(cfg: SftConfig, read) -> tuple[list, list]:
     s = cfg.sft
     path = default_path(cfg)
     found = _reported(path, read(path))
-    if s.validation_path:
-        validation = _reported(s.validation_path, read(s.validation_path)).examples
-        train = found.examples
-    else:
-        train, validation = split(found.examples, s.validation_fraction, s.seed)
-    if not train:
-        bad = found.skipped
-        why = f" ({bad.count} skipped, the first: {bad.examples[0]})" if bad.count else ""
-        raise ConfigError(f"{path}: no usable training example{why}")
-    return train, validation
+    if not found.examples:
+        raise ConfigError(f"{path}: no usable training example{_first_skipped(found.skipped)}")
+    if not s.validation_path:
+        return split(found.examples, s.validation_fraction, s.seed)
+    held = _reported(s.validation_path, read(s.validation_path))
+    if not held.examples:  # a file given for validation that gives none is a mistake
+        raise ConfigError(
+            f"sft.validation_path={s.validation_path}: no usable validation example"
+            f"{_first_skipped(held.skipped)}"
+        )
+    return found.examples, held.examples
+
+
+def _first_skipped(skipped) -> str:
+    return f" ({skipped.count} skipped, the first: {skipped.examples[0]})" if skipped.count else ""
 
 
 def split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
