@@ -5,8 +5,9 @@ The model and the data (their identity) must stay what the checkpoint was traine
 hyperparameters, the seed, a task head's type and tokens and LoRA's shape: changing them would
 not continue the same run. The rest may change on resume, and every change is said and kept:
 the learning rate and its schedule, max_steps, evaluation, logging and checkpointing settings,
-loss weights, and the layout (world size, ZeRO, precision: the engine resumes across them). `config.yaml` always holds the settings in force;
-the ones it replaced are kept in `config_history/`, named by the step where they ended."""
+loss weights, and the layout (world size, ZeRO, precision: the engine resumes across them).
+`config.yaml` always holds the settings in force; the ones it replaced are kept in
+`config_history/`, named by the step where they ended."""
 
 from __future__ import annotations
 
