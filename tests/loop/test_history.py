@@ -59,3 +59,40 @@ def test_a_key_added_since_the_run_started_is_its_default_then(tmp_path):
     muon = replace(TrainConfig(), optim=OptimConfig(name="muon"))
     with pytest.raises(ConfigError, match="optim.name: adamw -> muon"):
         changes(muon, tmp_path, 10)
+
+
+@pytest.mark.parametrize(
+    "before, now, shown",
+    [
+        ({"type": "reward"}, {"type": "classification"}, "head.type: reward -> classification"),
+        ({"type": "entailment"}, {"type": "entailment", "special_tokens": "map"}, "special_tok"),
+        ("lora", None, "lora.r: 4 -> 0"),
+    ],
+)
+def test_a_resume_with_another_head_or_other_adapters_is_refused(tmp_path, before, now, shown):
+    """The head and the adapters are the model being trained: another head type, tokens or
+    LoRA shape cannot continue the run (it failed with a traceback loading the checkpoint's
+    tensors into the other model)."""
+    from dataclasses import asdict
+
+    from omegaconf import OmegaConf
+
+    from train.config.finetune import LoraConfig
+    from train.config.sft import HeadConfig, SftConfig
+    from train.errors import ConfigError
+    from train.loop.history import changes
+
+    if before == "lora":
+        old, new = SftConfig(lora=LoraConfig(r=4)), SftConfig()
+    else:
+        old, new = SftConfig(head=HeadConfig(**before)), SftConfig(head=HeadConfig(**now))
+    OmegaConf.save(OmegaConf.create(asdict(old)), tmp_path / "config.yaml")
+    with pytest.raises(ConfigError, match=shown):
+        changes(new, tmp_path, 3)
+    # lm_coef and the reward centering are loss weights: changed, said, allowed like the lr
+    weights = SftConfig(head=HeadConfig(type="reward", center_rewards_coefficient=0.01))
+    OmegaConf.save(
+        OmegaConf.create(asdict(SftConfig(head=HeadConfig(type="reward")))),
+        tmp_path / "config.yaml",
+    )
+    assert changes(weights, tmp_path, 3) == ["head.center_rewards_coefficient: None -> 0.01"]

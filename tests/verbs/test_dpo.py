@@ -380,3 +380,19 @@ def test_pairs_without_a_prompt_are_not_asked_for_greedy_answers(tmp_path):
     ctx = EvalContext(model, torch.device("cpu"), 0, 1, True, False)
     report = Answers(answer_examples(pairs, 3), tokenizer, 4)(ctx)
     assert [s["prompt"] for s in report.samples] == ["Q:"]
+
+
+def test_a_validation_file_without_a_usable_pair_is_refused(tmp_path):
+    """It trained without any validation before, saying only that every record was skipped."""
+    from train.data.dpo import read_preference
+    from train.data.finetune import BUNDLED_CLASSIFICATION
+
+    cfg = compose.to_schema(
+        compose.compose("dpo", ["run_dir=r", f"dpo.validation_path={BUNDLED_CLASSIFICATION}"])
+    )
+    with pytest.raises(ConfigError) as e:
+        read_preference(cfg, load_tokenizer("gpt2"))
+    assert str(e.value).startswith(
+        f"dpo.validation_path={BUNDLED_CLASSIFICATION}: no usable validation pair (1200 "
+        f"skipped, the first: {BUNDLED_CLASSIFICATION}:1: 'chosen' and 'rejected' must"
+    ), str(e.value)

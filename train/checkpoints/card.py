@@ -43,8 +43,7 @@ def model_card(
         "",
         f"# {config.name}",
         "",
-        f"A GPT-Neo style {'causal language model' if causal else 'classifier'} trained with "
-        f"neotrain, saved as `{HF_CLASS[causal]}`.",
+        f"A GPT-Neo style {_kind(head)} trained with neotrain, saved as `{HF_CLASS[causal]}`.",
         "",
         "## How to use",
         "",
@@ -202,6 +201,9 @@ def _training(records: RunRecords, config: ModelConfig) -> list[str]:
         lora = c.get("lora") or {}
         base = records.base()
         data = f"`{sft['path']}`" if sft.get("path") else "the bundled sample"
+        if task == "reward":
+            data += " of preference pairs" if not sft.get("path") else ""
+            task = "reward: chosen and rejected responses, Bradley-Terry loss"
         hub = f" (Hugging Face Hub: {hub_id(base)})" if hub_id(base) else ""
         lines += [
             f"- fine-tuned (`neo sft`) from `{base}`{hub}"
@@ -331,9 +333,31 @@ def _limitations(config: ModelConfig) -> list[str]:
     return lines
 
 
+def _kind(head: TaskHead | None) -> str:
+    if head is None:
+        return "causal language model"
+    return "reward model" if head.type == "reward" else "classifier"
+
+
+def reward_card() -> list[str]:
+    """How to score with a reward model (neo sft head=reward)."""
+    return [
+        "## Reward model",
+        "",
+        "Saved as `GPTNeoForSequenceClassification` with `num_labels=1` (`score`, no bias): the",
+        "logit is the reward of the whole text, prompt and response together, trained on",
+        "preference pairs with the pairwise Bradley-Terry loss (TRL's RewardTrainer). It reads",
+        "the final hidden state at the last token that is not padding (`pad_token_id`, the",
+        "end-of-text token): end a text with the end-of-text token or not (it was trained",
+        "with one, as TRL adds it), and right-pad batches with it.",
+    ]
+
+
 def task_card(head: TaskHead) -> list[str]:
     """How to feed a task model: GPT-1's input transformation, and what differs from
     GPTNeoForSequenceClassification's usual use."""
+    if head.type == "reward":
+        return reward_card()
     t = head.tokens
     build = {
         "classification": f"{t['start']}TEXT{t['classify']}",

@@ -105,14 +105,15 @@ def config_to_hf(
         fields["task_specific_params"] = {"text-generation": {"do_sample": True, "max_length": 50}}
     else:
         # GPTNeoForSequenceClassification reads the last token that is not padding: the
-        # classify token, when inputs are built as neo sft builds them.
+        # classify token, when inputs are built as neo sft builds them (a reward model: the
+        # last token before the closing end-of-text, where it was trained to read it).
         fields |= dict(
             num_labels=head.num_outputs,
             pad_token_id=eod,
             architectures=["GPTNeoForSequenceClassification"],
             task_specific_params={"neotrain_task": asdict(head)},
         )
-        if head.type != "multiple_choice":
+        if head.type not in ("multiple_choice", "reward"):  # one score, not classes
             fields |= dict(
                 id2label=dict(enumerate(head.labels)),
                 label2id={name: i for i, name in enumerate(head.labels)},

@@ -30,7 +30,7 @@ TOLERANCE = {"float32": 1e-3, "float16": 5e-2, "bfloat16": 2.5e-1}
 
 def probe_ids(tokenizer, head: TaskHead | None, vocab_size: int) -> list[int]:
     ids = tokenizer.encode(PROMPT) if tokenizer is not None else list(range(min(8, vocab_size)))
-    if head is not None:
+    if head is not None and head.token_ids:  # GPT-1's tokens (a reward model has none)
         ids = [head.token_ids["start"], *ids, head.token_ids["classify"]]
     return ids
 

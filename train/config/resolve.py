@@ -111,7 +111,7 @@ def resolve_sft(cfg: SftConfig, world: World, sources: SftSources | None) -> Res
     cfg.check_sft()
     accumulation, reason = _training(cfg, world)  # before the base and the data are read
     if sources is not None:
-        _adopt_base(cfg, sources, grow=cfg.head.enabled and cfg.head.special_tokens == "add")
+        _adopt_base(cfg, sources, grow=cfg.head.gpt1 and cfg.head.special_tokens == "add")
     cfg.model.validate()
     _steps(cfg, sources)
     return Resolved(cfg.frozen(), world, accumulation, reason)

@@ -10,7 +10,11 @@ from train.config.rules import Schema, require_choice, require_fraction, require
 from train.errors import ConfigError
 
 SFT_FORMATS = ("alpaca", "prompt_completion", "chat")
-HEAD_TYPES = ("lm", "classification", "entailment", "similarity", "multiple_choice")
+HEAD_TYPES = ("lm", "classification", "entailment", "similarity", "multiple_choice", "reward")
+# The GPT-1 task heads' keys, which a reward model (trained on preference pairs) does not read.
+GPT1_KEYS = ("lm_coef", "special_tokens", "tokens")
+GPT1_FIELDS = ("text", "text_pair", "label", "choices", "gold")
+REWARD_FIELDS = ("prompt", "chosen", "rejected", "margin")
 
 
 @dataclass
@@ -70,36 +74,70 @@ class HeadFieldsConfig(Schema):
     label: str = "label"  # a name or a number; the label names come from the training data
     choices: str = "choices"  # multiple_choice: the candidate answers
     gold: str = "gold"  # multiple_choice: the index of the right one
+    # reward: preference pairs, in any of TRL's three forms (as neo dpo reads them)
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    margin: str = "margin"  # optional: how much better chosen is (TRL's margin column)
 
 
 @dataclass
 class HeadConfig(Schema):
-    """`neo sft head=...`: lm fine-tunes the language model itself; the others put GPT-1's
-    linear head (Radford et al. 2018) over the final hidden state at the classify token and
-    train task loss + lm_coef * LM loss on the task's text."""
+    """`neo sft head=...`: lm fine-tunes the language model itself; reward trains a scalar
+    score on preference pairs (the Bradley-Terry loss, as TRL's RewardTrainer); the others put
+    GPT-1's linear head (Radford et al. 2018) over the final hidden state at the classify
+    token and train task loss + lm_coef * LM loss on the task's text."""
 
-    type: str = "lm"  # lm | classification | entailment | similarity | multiple_choice
+    type: str = "lm"  # lm | classification | entailment | similarity | multiple_choice | reward
     lm_coef: float = 0.5  # GPT-1's weight of the auxiliary LM loss; 0 disables it
     special_tokens: str = "add"  # add: new embedding rows, N(0, initializer_range); map
     tokens: HeadTokensConfig = field(default_factory=HeadTokensConfig)
     fields: HeadFieldsConfig = field(default_factory=HeadFieldsConfig)
+    # reward: TRL's center_rewards_coefficient, the weight of mean((chosen + rejected)^2) in
+    # the loss, which pulls the rewards towards mean zero (TRL recommends 0.01); null: none.
+    center_rewards_coefficient: float | None = None
 
     @property
     def enabled(self) -> bool:
         """A task head on the model (any type but lm)."""
         return self.type != "lm"
 
+    @property
+    def gpt1(self) -> bool:
+        """GPT-1's input transformation: special tokens around the task's text."""
+        return self.enabled and self.type != "reward"
+
     def validate(self) -> HeadConfig:
         require_choice("head.type", self.type, HEAD_TYPES)
         if not self.enabled:
             require_unread("head.", self, HeadConfig(), "head=lm has no task head")
             return self
+        if self.type == "reward":
+            return self._validate_reward()
+        why = f"head={self.type} is a GPT-1 task head (head=reward reads it)"
+        require_unread("head.", self, HeadConfig(), why, keys=("center_rewards_coefficient",))
+        require_unread("head.fields.", self.fields, HeadFieldsConfig(), why, keys=REWARD_FIELDS)
         require_choice("head.special_tokens", self.special_tokens, ("add", "map"))
         if self.lm_coef < 0:
             raise ConfigError(f"head.lm_coef={self.lm_coef} must be >= 0")
         names = [self.tokens.start, self.tokens.delim, self.tokens.classify]
         if len(set(names)) != 3 or not all(names):
             raise ConfigError(f"head.tokens {names}: three different, non-empty tokens expected")
+        return self
+
+    def _validate_reward(self) -> HeadConfig:
+        why = "head=reward scores preference pairs as they are (GPT-1's task heads read it)"
+        require_unread("head.", self, HeadConfig(), why, keys=GPT1_KEYS)
+        require_unread("head.fields.", self.fields, HeadFieldsConfig(), why, keys=GPT1_FIELDS)
+        names = [self.fields.prompt, self.fields.chosen, self.fields.rejected]
+        if len(set(names)) != 3 or not all(names):
+            raise ConfigError(
+                f"head.fields prompt, chosen, rejected = {names}: three different, non-empty "
+                "field names expected"
+            )
+        c = self.center_rewards_coefficient
+        if c is not None and not c >= 0:  # not >=: NaN too
+            raise ConfigError(f"head.center_rewards_coefficient={c} must be >= 0 (or null)")
         return self
 
 
@@ -121,7 +159,15 @@ class SftConfig(FineTuneConfig):
         require_choice("sft.format", s.format, SFT_FORMATS)
         require_fraction("sft.validation_fraction", s.validation_fraction)
         self.head.validate()
-        if self.head.enabled:
+        if self.head.type == "reward":
+            require_unread(
+                "sft.",
+                s,
+                SftDataConfig(),
+                "head=reward reads preference pairs (head.fields), not packed",
+                keys=("format", "fields", "packing", "train_on_prompt"),
+            )
+        elif self.head.enabled:
             require_unread(
                 "sft.",
                 s,
@@ -130,12 +176,12 @@ class SftConfig(FineTuneConfig):
                 "(head.fields), neither packed nor templated",
                 keys=("format", "fields", "packing", "train_on_prompt", "chat_template"),
             )
-            if self.lora.enabled and not self.lora.merge:
-                raise ConfigError(
-                    f"lora.merge=false with head={self.head.type}: the head is trained whole, "
-                    "not as an adapter; keep lora.merge=true"
-                )
-        elif s.chat_template is not None and s.format != "chat":
+        if self.head.enabled and self.lora.enabled and not self.lora.merge:
+            raise ConfigError(
+                f"lora.merge=false with head={self.head.type}: the head is trained whole, "
+                "not as an adapter; keep lora.merge=true"
+            )
+        if not self.head.enabled and s.chat_template is not None and s.format != "chat":
             raise ConfigError(
                 f"sft.chat_template is not read: sft.format={s.format} (templates render chats)"
             )

@@ -36,6 +36,7 @@ def read_preference(cfg: DpoConfig, tokenizer: LoadedTokenizer) -> PreferenceDat
     d = cfg.dpo
     template = CHAT_TEMPLATES.get(d.chat_template, d.chat_template)
     skipped = truncated = 0
+    first: dict[str, str] = {}  # each file's first skipped record
 
     def read(path: str) -> list[Pair]:
         nonlocal skipped, truncated
@@ -48,6 +49,8 @@ def read_preference(cfg: DpoConfig, tokenizer: LoadedTokenizer) -> PreferenceDat
             strict=d.strict,
             split=d.split,
         )
+        if out.skipped.count:
+            first[path] = f" ({out.skipped.count} skipped, the first: {out.skipped.examples[0]})"
         out.skipped.warn(log, path)
         if out.truncated:
             log.warning(
@@ -62,12 +65,17 @@ def read_preference(cfg: DpoConfig, tokenizer: LoadedTokenizer) -> PreferenceDat
 
     path = default_path(cfg)
     pairs = read(path)
+    if not pairs:
+        raise ConfigError(f"{path}: no usable preference pair{first.get(path, '')}")
     if d.validation_path:
         train, validation = pairs, read(d.validation_path)
+        if not validation:  # a file given for validation that gives none is a mistake
+            raise ConfigError(
+                f"dpo.validation_path={d.validation_path}: no usable validation pair"
+                f"{first.get(d.validation_path, '')}"
+            )
     else:
         train, validation = split(pairs, d.validation_fraction, d.seed)
-    if not train:
-        raise ConfigError(f"{path}: no usable preference pair")
     summary = (
         f"{len(train)} training and {len(validation)} validation pairs "
         f"({skipped} skipped, {truncated} cut to the context)"

@@ -14,6 +14,7 @@ import numpy as np
 from data_prep.tokenizers import LoadedTokenizer
 from train.config.sft import SftConfig
 from train.data.packing import SftBatches, pack, pack_bins, padded_rows, padding_share
+from train.data.reward import RewardBatches, read_reward_pairs
 from train.data.sft import CHAT_TEMPLATES, read_examples
 from train.data.tasks import TaskBatches, head_of, read_task_examples
 from train.errors import ConfigError
@@ -23,16 +24,17 @@ log = logging.getLogger("neo.sft")
 SAMPLES = Path(__file__).parents[2] / "data_prep" / "sample"
 BUNDLED = SAMPLES / "sft_instructions.jsonl"
 BUNDLED_CLASSIFICATION = SAMPLES / "sft_classification.jsonl"  # a task head's default
+BUNDLED_PAIRS = SAMPLES / "dpo_pairs.jsonl"  # a reward model's default (neo dpo's too)
 
 
 @dataclass
 class FineTuneData:
     """The training data of a run, in the form the loop takes, and its validation."""
 
-    items: list  # packed or padded rows (lm), or task examples
-    batches: type  # SftBatches or TaskBatches
+    items: list  # packed or padded rows (lm), task examples, or reward pairs
+    batches: type  # SftBatches, TaskBatches or RewardBatches
     summary: str  # for the log
-    validation: list  # validation examples (Example or TaskExample)
+    validation: list  # validation examples (Example, TaskExample or RewardPair)
     validation_rows: list | None = None  # lm: the validation examples' rows
     head: TaskHead | None = None
     layout: str | None = None  # digest of the packing: a resume must find the same rows
@@ -103,19 +105,50 @@ def read_task(cfg: SftConfig, tokenizer: LoadedTokenizer, ids: dict[str, int]) -
     return FineTuneData(train, TaskBatches, summary, validation, head=head_of(head, labels, ids))
 
 
+def read_reward(cfg: SftConfig, tokenizer: LoadedTokenizer) -> FineTuneData:
+    """Preference pairs for a reward model (train/data/reward.py), as TRL's RewardTrainer reads
+    them."""
+    s = cfg.sft
+    template = CHAT_TEMPLATES.get(s.chat_template, s.chat_template)
+
+    def read(path: str):
+        return read_reward_pairs(
+            path,
+            tokenizer,
+            cfg.seq_len,
+            fields=cfg.head.fields,
+            chat_template=template,
+            strict=s.strict,
+            split=s.split,
+        )
+
+    train, validation = read_split(cfg, read)
+    summary = f"{len(train)} training and {len(validation)} validation preference pairs (reward)"
+    head = TaskHead("reward", [], {}, {})
+    return FineTuneData(train, RewardBatches, summary, validation, head=head)
+
+
 def read_split(cfg: SftConfig, read) -> tuple[list, list]:
     """Training and validation examples: `read(path)` of sft.path and of sft.validation_path,
     or a seeded sft.validation_fraction of sft.path held out."""
     s = cfg.sft
     path = default_path(cfg)
-    examples = _reported(path, read(path)).examples
-    if s.validation_path:
-        train, validation = examples, _reported(s.validation_path, read(s.validation_path)).examples
-    else:
-        train, validation = split(examples, s.validation_fraction, s.seed)
-    if not train:
-        raise ConfigError(f"{path}: no usable training example")
-    return train, validation
+    found = _reported(path, read(path))
+    if not found.examples:
+        raise ConfigError(f"{path}: no usable training example{_first_skipped(found.skipped)}")
+    if not s.validation_path:
+        return split(found.examples, s.validation_fraction, s.seed)
+    held = _reported(s.validation_path, read(s.validation_path))
+    if not held.examples:  # a file given for validation that gives none is a mistake
+        raise ConfigError(
+            f"sft.validation_path={s.validation_path}: no usable validation example"
+            f"{_first_skipped(held.skipped)}"
+        )
+    return found.examples, held.examples
+
+
+def _first_skipped(skipped) -> str:
+    return f" ({skipped.count} skipped, the first: {skipped.examples[0]})" if skipped.count else ""
 
 
 def split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -128,7 +161,11 @@ def split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
 
 def default_path(cfg: SftConfig) -> str:
     """sft.path, or the bundled sample for the kind of fine-tuning."""
-    return cfg.sft.path or str(BUNDLED_CLASSIFICATION if cfg.head.enabled else BUNDLED)
+    if cfg.sft.path:
+        return cfg.sft.path
+    if cfg.head.type == "reward":
+        return str(BUNDLED_PAIRS)
+    return str(BUNDLED_CLASSIFICATION if cfg.head.enabled else BUNDLED)
 
 
 def _reported(path: str, read):

@@ -21,9 +21,11 @@ from torch import nn
 from train.config.evaluation import GenerationConfig
 from train.data.packing import collate
 from train.data.preference import Pair, collate_pairs
+from train.data.reward import RewardPair, collate_rewards
 from train.data.sft import IGNORE, Example
 from train.data.tasks import TaskExample, collate_examples
 from train.distributed.collectives import all_sum, merged
+from train.model import reward
 from train.model.decoding import generate_ids
 from train.model.heads import TaskHead
 from train.model.preference import METRICS
@@ -102,6 +104,26 @@ class PreferenceMetrics:
             sums += torch.cat([loss.total.double()[None], loss.sums.double()])
         values = (ctx.all_sum(sums) / len(self.pairs)).tolist()
         names = [f"{VAL}/loss"] + [f"{VAL}/{name}" for name in METRICS]
+        return Report(dict(zip(names, values, strict=True)))
+
+
+class RewardMetrics:
+    """A reward model's validation: the Bradley-Terry loss and TRL's RewardTrainer metrics over
+    the validation pairs, as `val/loss`, `val/accuracy`, `val/margin`, `val/mean_reward`."""
+
+    def __init__(self, pairs: list[RewardPair], micro_batch: int, pad_id: int):
+        self.pairs, self.micro_batch, self.pad_id = pairs, micro_batch, pad_id
+
+    def __call__(self, ctx: EvalContext) -> Report:
+        sums = torch.zeros(1 + len(reward.METRICS), dtype=torch.float64, device=ctx.device)
+        chunks = list(range(0, len(self.pairs), self.micro_batch))
+        for first in ctx.shard(chunks):
+            arrays = collate_rewards(self.pairs[first : first + self.micro_batch], self.pad_id)
+            batch = {k: torch.from_numpy(v).to(ctx.device) for k, v in arrays.items()}
+            loss = ctx.model(**batch)
+            sums += torch.cat([loss.total.double()[None], loss.sums.double()])
+        values = (ctx.all_sum(sums) / len(self.pairs)).tolist()
+        names = [f"{VAL}/loss"] + [f"{VAL}/{name}" for name in reward.METRICS]
         return Report(dict(zip(names, values, strict=True)))
 
 

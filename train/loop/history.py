@@ -2,11 +2,12 @@
 
 The model and the data (their identity) must stay what the checkpoint was trained with
 (train/loop/checkpointing.py refuses otherwise), and so must the optimizer's own
-hyperparameters and the seed: changing them would not continue the same run. The rest may
-change on resume, and every change is said and kept: the learning rate and its schedule,
-max_steps, evaluation, logging and checkpointing settings, and the layout (world size, ZeRO,
-precision: the engine resumes across them). `config.yaml` always holds the settings in force;
-the ones it replaced are kept in `config_history/`, named by the step where they ended."""
+hyperparameters, the seed, a task head's type and tokens and LoRA's shape: changing them would
+not continue the same run. The rest may change on resume, and every change is said and kept:
+the learning rate and its schedule, max_steps, evaluation, logging and checkpointing settings,
+loss weights, and the layout (world size, ZeRO, precision: the engine resumes across them).
+`config.yaml` always holds the settings in force; the ones it replaced are kept in
+`config_history/`, named by the step where they ended."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ HISTORY_DIR = "config_history"
 # Changing these would make a different run, not a continued one.
 FIXED = ("seed", "optim.beta1", "optim.beta2", "optim.eps", "optim.weight_decay")
 FIXED += ("optim.grad_clip", "optim.unit", "optim.name")
+# The head and the adapters are part of the model trained (neo sft, neo dpo).
+FIXED += ("head.type", "head.special_tokens", "lora.r", "lora.alpha", "lora.target_modules")
 # Checked by the checkpoint's identity (model, data), with their own messages.
 IDENTITY = ("model.",)
 
@@ -70,7 +73,8 @@ def changes(cfg, run_dir: Path, step: int) -> list[str]:
         shown = "; ".join(f"{k}: {before.get(k, defaults.get(k))} -> {now.get(k)}" for k in fixed)
         raise ConfigError(
             f"{run_dir / CONFIG_FILE}: resuming at step {step} with {shown}: a run continues "
-            "with the optimizer and seed it started with; set them back, or use another run_dir "
+            "with the optimizer, seed, head and adapters it started with; set them back, or use "
+            "another run_dir "
             "(the learning rate, its schedule, max_steps, evaluation, logging and the layout may "
             "change)"
         )

@@ -1,7 +1,7 @@
 """How a training engine builds the model it trains, without knowing what the model is: a
-plain GPT, GPT-1's task head on it, or either with LoRA adapters (neo sft decides), or GPT on
-preference pairs (neo dpo); the engine in train/loop/engine.py only calls `build` and
-`initialize`."""
+plain GPT, GPT-1's task head or a reward head on it, or either with LoRA adapters (neo sft
+decides), or GPT on preference pairs (neo dpo); the engine in train/loop/engine.py only calls
+`build` and `initialize`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from train.model import lora as adapters
 from train.model.gpt import GPT
 from train.model.heads import TaskGPT, TaskHead
 from train.model.preference import DpoLoss, PreferenceGPT
+from train.model.reward import RewardGPT
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class ModelFactory:
     lm_coef: float = 0.0
     lora: LoraConfig | None = None  # adapters on a frozen model; only they (and a head) train
     dpo: DpoLoss | None = None  # trained on preference pairs (neo dpo)
+    center_rewards: float | None = None  # a reward head's centering coefficient (TRL's)
 
     def prepare(self) -> None:
         """Imports that must not run while the engine builds (peft's, under ZeRO-3's
@@ -39,6 +41,8 @@ class ModelFactory:
             model = PreferenceGPT(self.config, self.dpo)
         elif self.head is None:
             model = GPT(self.config)
+        elif self.head.type == "reward":
+            model = RewardGPT(self.config, self.head, self.center_rewards)
         else:
             model = TaskGPT(self.config, self.head, self.lm_coef)
         if self.lora is not None:

@@ -19,13 +19,13 @@ class TaskHead:
     and how inputs are built."""
 
     type: str
-    labels: list[str]  # classes in score's row order (multiple_choice: none, one score row)
-    token_ids: dict[str, int]  # start, delim, classify
+    labels: list[str]  # classes in score's row order (multiple_choice, reward: none, one row)
+    token_ids: dict[str, int]  # start, delim, classify (reward: none)
     tokens: dict[str, str]
 
     @property
     def num_outputs(self) -> int:
-        return 1 if self.type == "multiple_choice" else len(self.labels)
+        return 1 if self.type in ("multiple_choice", "reward") else len(self.labels)
 
 
 class TaskGPT(GPT):

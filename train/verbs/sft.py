@@ -1,6 +1,7 @@
 """`neo sft`: supervised fine-tuning of a causal LM on instruction, completion or chat data (or
-GPT-1's task head on task records), with `neo train`'s machinery (DeepSpeed ZeRO 0-3,
-precision, accumulation, schedule, exact resume, SIGTERM/SIGUSR1 save, metrics, export).
+GPT-1's task head on task records, or a reward model on preference pairs: head=reward), with
+`neo train`'s machinery (DeepSpeed ZeRO 0-3, precision, accumulation, schedule, exact resume,
+SIGTERM/SIGUSR1 save, metrics, export).
 
     neo sft                                   # the demo model on the bundled instruction sample
     neo sft base=runs/demo sft.path=train.jsonl sft.format=alpaca epochs=3
@@ -26,18 +27,18 @@ from train.config.dpo import DpoConfig
 from train.config.model import ModelConfig
 from train.config.resolve import Resolved, resolve_sft
 from train.config.sft import SftConfig
-from train.data.finetune import FineTuneData, data_identity, read_lm, read_task
+from train.data.finetune import FineTuneData, data_identity, read_lm, read_reward, read_task
 from train.data.packing import RowStream
 from train.data.tasks import special_tokens
 from train.distributed.machine import Host, host
 from train.errors import NotFound
 from train.loop.checkpointing import model_identity
-from train.loop.evaluators import Answers, Evaluator, ResponseLoss, TaskMetrics
+from train.loop.evaluators import Answers, Evaluator, ResponseLoss, RewardMetrics, TaskMetrics
 from train.loop.finish import Finished, Hook, standard_hooks, train_and_finish
 from train.loop.fit import Trainer
 from train.loop.optim import Schedule
 from train.loop.run import checkpoint_meta, open_engine, start_run
-from train.model import lora
+from train.model import lora, reward
 from train.model.factory import ModelFactory
 from train.model.heads import with_new_rows
 
@@ -71,7 +72,7 @@ class Sources:
 
     def base_model(self) -> ModelConfig | None:
         self.weights, self.tokenizer, self.base = read_base(self.cfg)
-        if self.cfg.head.enabled:
+        if self.cfg.head.gpt1:
             self.ids = special_tokens(self.cfg.head, self.tokenizer)
         return self.base
 
@@ -84,7 +85,9 @@ class Sources:
     def read_data(self, cfg: SftConfig) -> FineTuneData:
         """The data made for cfg's model (its context), read once."""
         if self.data is None:
-            if cfg.head.enabled:
+            if cfg.head.type == "reward":
+                self.data = read_reward(cfg, self.tokenizer)
+            elif cfg.head.enabled:
                 self.data = read_task(cfg, self.tokenizer, self.ids)
             else:
                 self.data = read_lm(cfg, self.tokenizer)
@@ -114,7 +117,7 @@ def setup(resolved: Resolved[SftConfig], where: Host, sources: Sources) -> Train
     cfg = resolved.cfg
     data = sources.read_data(cfg)
     weights, tokenizer = sources.weights, sources.tokenizer
-    if weights is not None and data.head is not None and cfg.head.special_tokens == "add":
+    if weights is not None and cfg.head.gpt1 and cfg.head.special_tokens == "add":
         weights = with_new_rows(weights, cfg.model, list(sources.ids.values()), cfg.seed)
     if weights is not None and cfg.lora.enabled:
         weights = lora.base_names(weights, cfg.lora)
@@ -146,6 +149,7 @@ def setup(resolved: Resolved[SftConfig], where: Host, sources: Sources) -> Train
         head=data.head,
         lm_coef=cfg.head.lm_coef,
         lora=cfg.lora if cfg.lora.enabled else None,
+        center_rewards=cfg.head.center_rewards_coefficient,
     )
     engine, state, _ = open_engine(
         "sft",
@@ -155,7 +159,7 @@ def setup(resolved: Resolved[SftConfig], where: Host, sources: Sources) -> Train
         factory,
         weights,
         doing="fine-tuning",
-        details=f"; {cfg.head.type} head, lm_coef {cfg.head.lm_coef}" if data.head else "",
+        details=head_summary(cfg) if data.head else "",
         origin=cfg.base if sources.base else "fresh weights",
     )
     del weights
@@ -180,15 +184,26 @@ def setup(resolved: Resolved[SftConfig], where: Host, sources: Sources) -> Train
         meta=meta,
         state=state,
         evaluators=evaluators(cfg, data, tokenizer),
+        step_metrics=reward.METRICS if cfg.head.type == "reward" else (),
     )
 
 
+def head_summary(cfg: SftConfig) -> str:
+    h = cfg.head
+    if h.type != "reward":
+        return f"; {h.type} head, lm_coef {h.lm_coef}"
+    center = h.center_rewards_coefficient
+    return "; reward head, Bradley-Terry loss" + (f", centering {center}" if center else "")
+
+
 def evaluators(cfg: SftConfig, data: FineTuneData, tokenizer) -> list[Evaluator]:
-    """What every validation measures: the loss on responses and sample answers (lm), or the
-    task head's loss, accuracy and F1."""
+    """What every validation measures: the loss on responses and sample answers (lm), the
+    task head's loss, accuracy and F1, or a reward model's loss, accuracy and margin."""
     if not data.validation:
         return []
     pad = tokenizer.eod_id
+    if data.head is not None and data.head.type == "reward":
+        return [RewardMetrics(data.validation, cfg.micro_batch_size, pad)]
     if data.head is not None:
         return [TaskMetrics(data.validation, data.head, cfg.micro_batch_size, pad)]
     return [
