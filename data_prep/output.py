@@ -16,8 +16,15 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep.files import OutputKind, check_output_free, move_aside, remove_stale
-from data_prep.inputs import HUB_PREFIX, SAMPLE, SAMPLE_NAME, InputFile
+from data_prep.files import OutputKind, check_apart, check_output_free, move_aside, remove_stale
+from data_prep.inputs import (
+    HUB_PREFIX,
+    SAMPLE,
+    SAMPLE_NAME,
+    InputFile,
+    ignored_files,
+    resolve_inputs,
+)
 from data_prep.manifest import MANIFEST_FILE, MANIFEST_FORMAT
 from data_prep.progress import PLAN_FILE, PROGRESS_FILE, STATE_DIR
 from data_prep.tokenizers import SP_MODEL
@@ -41,6 +48,17 @@ def is_prep_output(path: Path) -> bool:
 
 
 PREP_OUTPUT = OutputKind(f"a `neo prep` output ({MANIFEST_FILE})", is_prep_output)
+
+
+def open_inputs(input_spec: str, output: str) -> tuple[list[InputFile], OutputDir]:
+    """The input files `input_spec` names (the files it skips warned about), and the output
+    directory, refused if it is, holds or lies inside an input."""
+    files = resolve_inputs(input_spec)
+    check_apart(output, input_paths(input_spec, files))
+    directory = OutputDir.at(output)
+    for path in ignored_files(input_spec):
+        log.warning("%s: ignored (not a .jsonl[.zst|.gz], .parquet or .txt file)", path)
+    return files, directory
 
 
 def input_paths(spec: str, files: list[InputFile]) -> list[Path]:

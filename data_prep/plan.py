@@ -16,10 +16,10 @@ import numpy as np
 
 from data_prep.config import PrepConfig
 from data_prep.encode import Encoder, EncodeSettings
-from data_prep.files import atomic_write_text, check_apart, owned_name
-from data_prep.inputs import InputFile, describe_input, ignored_files, resolve_inputs
+from data_prep.files import atomic_write_text, owned_name
+from data_prep.inputs import InputFile, describe_input, resolve_inputs
 from data_prep.manifest import MANIFEST_FILE, Manifest
-from data_prep.output import TOKENIZER_DIR, OutputDir, input_paths
+from data_prep.output import TOKENIZER_DIR, open_inputs
 from data_prep.prep import BATCH_BYTES, WINDOW_BATCHES, load_or_train_tokenizer
 from data_prep.progress import (
     PLAN_FILE,
@@ -48,12 +48,8 @@ def state_directory(cfg: PrepConfig) -> Path:
 def plan(cfg: PrepConfig) -> None:
     """Check the inputs and the output, set up the tokenizer and write the slices' plan. A
     rerun with the same inputs and settings does nothing; with others, it is refused."""
-    files = resolve_inputs(cfg.input)
-    check_apart(cfg.output, input_paths(cfg.input, files))
-    output = OutputDir.at(cfg.output)
+    files, output = open_inputs(cfg.input, cfg.output)
     directory = output.path
-    for path in ignored_files(cfg.input):
-        log.warning("%s: ignored (not a .jsonl[.zst|.gz], .parquet or .txt file)", path)
     inputs = [describe_input(f) for f in files]
     finished = (directory / MANIFEST_FILE).is_file()
     planned = read_json(directory / STATE_DIR / PLAN_FILE)

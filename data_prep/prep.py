@@ -36,11 +36,11 @@ from rich.console import Console
 
 from data_prep.config import PrepConfig
 from data_prep.encode import Encoder, EncodeSettings, OutOfMemory, WorkerDied
-from data_prep.files import check_apart, when_full
+from data_prep.files import when_full
 from data_prep.groups import SPLITS, Router
-from data_prep.inputs import InputFile, describe_input, ignored_files, resolve_inputs
+from data_prep.inputs import InputFile, describe_input
 from data_prep.manifest import MANIFEST_FILE, Manifest, TokenizerInfo
-from data_prep.output import TOKENIZER_DIR, OutputDir, input_paths
+from data_prep.output import TOKENIZER_DIR, OutputDir, open_inputs
 from data_prep.progress import (
     SENTENCEPIECE,
     NothingPrepared,
@@ -83,12 +83,8 @@ def prepare(
     started = time.perf_counter()
     console = console or default_console()
     cfg.validate()
-    files = resolve_inputs(cfg.input)
-    check_apart(cfg.output, input_paths(cfg.input, files))
-    output = OutputDir.at(cfg.output)
+    files, output = open_inputs(cfg.input, cfg.output)
     directory = output.path
-    for path in ignored_files(cfg.input):
-        log.warning("%s: ignored (not a .jsonl[.zst|.gz], .parquet or .txt file)", path)
     size = sum(f.bytes or 0 for f in files)
     log.info("hashing %d input file(s), %s bytes", len(files), f"{size:,}")
     inputs = [describe_input(f) for f in files]
