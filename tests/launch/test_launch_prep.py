@@ -15,6 +15,7 @@ import pytest
 from conftest import NEO
 from test_launch import launch, slurm  # noqa: F401
 
+from data_prep.config import STAGES
 from data_prep.manifest import Manifest, open_prepared
 from launch.prep import array_spec
 
@@ -89,7 +90,17 @@ def test_dry_run_prints_each_stage_and_its_dependencies(corpus):
         "prep", "launcher=slurm", "input=in", "dedup=false", "launch.dry_run=true", cwd=corpus
     )
     assert "stage=hash" not in plain.stdout and "stage=reduce" not in plain.stdout
+    none = launch(
+        "prep", "launcher=slurm", "input=in", "dedup=none", "launch.dry_run=true", cwd=corpus
+    ).stdout
+    assert "stage=hash" not in none and "stage=reduce" not in none and "stage=merge" in none
     assert " tasks=1 " in plain.stdout, "launch.array defaults to one task"
+    near = launch(
+        "prep", "launcher=slurm", "input=in", "dedup=near", "launch.dry_run=true", cwd=corpus
+    ).stdout
+    commands = near.split("# submitted in this order")[1].splitlines()[1:]
+    assert [c.split("/")[-1].strip("'") for c in commands] == [f"{s}.sbatch" for s in STAGES]
+    assert " dedup=near " in near and " stage=hash " in near and " stage=reduce" in near
 
 
 @pytest.mark.parametrize(
@@ -106,6 +117,8 @@ def test_dry_run_prints_each_stage_and_its_dependencies(corpus):
         (["launcher=hostfile", "launch.hostfile=h"], "neo launch prep runs on launcher=slurm"),
         (["launch.nodes=2"], "each prep task runs on one node"),
         (["slice_bytes=0"], "slice_bytes=0 must be >= 1"),
+        (["dedup=fuzzy"], "dedup='fuzzy' is not one of exact, near, none"),
+        (["dedup=near", "near.bands=7"], "near.bands=7 does not divide near.num_perm=128"),
         (["output=a\nb"], "control character"),
     ],
 )
