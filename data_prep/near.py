@@ -22,6 +22,9 @@ A document without a single word has no shingles and is never a near duplicate.
 from __future__ import annotations
 
 import re
+from collections import deque
+from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,9 @@ from datasketch import MinHash
 from data_prep.dedup import splitmix64
 
 WINDOW = 16  # earlier bucket members each document is compared with
+# Shingles hashed per datasketch call: its update_batch holds a (shingles, num_perm) uint64
+# matrix, so a 50 MB document at once would take ~8 GB; in chunks, ~8 MB (the same minimum).
+CHUNK_SHINGLES = 8192
 _WORD = re.compile(r"\w+")
 _EMPTY = np.uint32(0xFFFFFFFF)  # datasketch's initial value: what a signature of nothing holds
 
@@ -51,18 +57,23 @@ class Signer:
                 permutations=self.permutations,
                 scheme="affine32",
             )
-            m.update_batch(shingles(text, self.ngram))
+            stream = shingles(text, self.ngram)
+            while chunk := list(islice(stream, CHUNK_SHINGLES)):
+                m.update_batch(chunk)
             out[row] = m.hashvalues
         return out
 
 
-def shingles(text: str, ngram: int) -> list[bytes]:
-    """The text's word n-grams (lower case, words as `\\w+`), each once; a text shorter than
-    `ngram` words is one shingle of all its words."""
-    words = _WORD.findall(text.lower())
-    if len(words) <= ngram:
-        return [" ".join(words).encode()] if words else []
-    return list({" ".join(words[i : i + ngram]).encode() for i in range(len(words) - ngram + 1)})
+def shingles(text: str, ngram: int) -> Iterator[bytes]:
+    """The text's word n-grams (words as `\\w+`, lower-cased), one after another, never all
+    in memory at once; a text shorter than `ngram` words is one shingle of all its words."""
+    window: deque[str] = deque(maxlen=ngram)
+    for count, match in enumerate(_WORD.finditer(text), 1):
+        window.append(match.group().lower())
+        if count >= ngram:
+            yield " ".join(window).encode()
+    if 0 < len(window) < ngram:
+        yield " ".join(window).encode()
 
 
 class Signatures:
@@ -85,7 +96,7 @@ class Signatures:
         for number in np.unique(where):
             mine = where == number
             local = index[mine] - self.starts[number]
-            out[mine] = self.maps[number][local][:, columns]
+            out[mine] = self.maps[number][local, columns]  # only these columns are copied
         return out
 
 
@@ -93,9 +104,11 @@ def near_duplicates(
     signatures: Signatures, candidates: np.ndarray, bands: int, threshold: float
 ) -> np.ndarray:
     """True (over all documents) at each one that a cluster drops: `candidates` (ascending
-    global indices, the exact survivors) are the documents that take part. Peak memory: the
-    union-find parents (8 bytes per document) plus, per band, its keys, their order and the
-    sorted keys (24 bytes per candidate) and the pairs found."""
+    global indices, the exact survivors) are the documents that take part. Memory: the
+    union-find parents (8 bytes per document) plus, per band, its rows of the signatures, their
+    keys, order and sorted keys and the index arithmetic (measured with bench/prep_tasks.py:
+    about 160 bytes per document in all, plus the signature files' pages, 4 x num_perm bytes per
+    document, which are mapped, not copied)."""
     parent = np.arange(len(signatures), dtype=np.int64)
     num_perm = signatures.maps[0].shape[1] if signatures.maps else 0
     rows = num_perm // bands if bands else 0
