@@ -202,7 +202,12 @@ def reduce(state: Planned) -> None:
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     write_json(state.state / REDUCE_FILE, summary)
-    log.info("stage reduce: %d documents, %d kept", summary["documents"], summary["kept"])
+    log.info(
+        "stage reduce: %d documents, %d kept (%d near duplicates dropped)",
+        summary["documents"],
+        summary["kept"],
+        summary["near_duplicates"],
+    )
 
 
 def _keep(state: Planned) -> tuple[np.ndarray, np.ndarray, list[int]] | None:

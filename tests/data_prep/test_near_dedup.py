@@ -16,6 +16,7 @@ from data_prep.config import NearDedupConfig, PrepConfig, PrepConfigError
 from data_prep.near import Signatures, Signer, near_duplicates, shingles
 from data_prep.plan import Planned
 from data_prep.progress import PrepError
+from data_prep.report import print_summary
 from data_prep.stages import run_stages, unfinished
 
 
@@ -90,6 +91,12 @@ def test_near_duplicates_across_files_go_the_same_way_for_1_2_and_3_tasks(corpus
     assert exact.totals["documents"] == two.totals["documents"] + 3
     for name in ("Github", "Pile-CC", "Enron Emails"):  # the unrelated documents all survive
         assert exact.sources[name]["documents"] == two.sources[name]["documents"]
+    tables = []
+    for manifest in (two, exact):
+        out = io.StringIO()
+        print_summary(Console(file=out, width=200), manifest)
+        tables.append(out.getvalue())
+    assert "near dups" in tables[0] and "near dups" not in tables[1]
 
 
 def test_hash_stage_writes_signatures_and_a_changed_threshold_is_refused(corpus):
