@@ -28,7 +28,6 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
-from datasketch import MinHash
 
 from data_prep.dedup import splitmix64
 
@@ -44,6 +43,11 @@ class Signer:
     """MinHash signatures of texts, (n, num_perm) uint32, one row per text."""
 
     def __init__(self, ngram: int, num_perm: int, seed: int):
+        # Imported here: datasketch's package imports scipy (1.7 s), which every `neo prep` and
+        # its encode workers would pay whether or not they sign anything.
+        from datasketch import MinHash
+
+        self.MinHash = MinHash
         self.ngram, self.num_perm, self.seed = ngram, num_perm, seed
         # The permutations are drawn once from the seed, not once per document.
         self.permutations = MinHash(num_perm=num_perm, seed=seed).permutations
@@ -51,7 +55,7 @@ class Signer:
     def sign(self, texts: list[str]) -> np.ndarray:
         out = np.empty((len(texts), self.num_perm), np.uint32)
         for row, text in enumerate(texts):
-            m = MinHash(
+            m = self.MinHash(
                 num_perm=self.num_perm,
                 seed=self.seed,
                 permutations=self.permutations,

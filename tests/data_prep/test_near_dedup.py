@@ -3,8 +3,11 @@ reduce; near duplicates planted across files are removed, unrelated documents ke
 decisions (and shards) are the same for any number of tasks."""
 
 import io
+import os
 import random
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,3 +199,15 @@ def test_the_cli_refuses_a_bad_dedup_in_one_line(tmp_path):
         assert proc.stderr.strip().startswith("neo prep: error: ") and message in proc.stderr
         assert proc.stderr.strip().count("\n") == 0, proc.stderr
         assert not (tmp_path / "out").exists()
+
+
+def test_prep_does_not_import_datasketch_until_it_signs():
+    """datasketch imports scipy (1.7 s): every `neo prep` and each encode worker (the
+    forkserver preloads data_prep.encode) paid it, and the slower worker start made
+    test_a_killed_worker_is_an_error_not_a_hang fail."""
+    code = "import sys, data_prep.stages, data_prep.encode; print('datasketch' in sys.modules)"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]))
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
