@@ -227,6 +227,41 @@ def test_slurm_arrays_with_a_cancelled_element_resubmitted_equal_one_machine(slu
     assert all(t["documents"] > 0 for t in merged.run["per_task"]), "both tasks had work"
 
 
+@pytest.mark.slow
+def test_slurm_near_dedup_across_files_equals_one_task_here(slurm, corpus):  # noqa: F811
+    """dedup=near as SLURM arrays of 2 tasks: near copies planted across the two files (a few
+    words changed, another ending) are dropped, and the tokens equal `neo prep tasks=1` here."""
+    rng = random.Random(3)
+    words = [f"w{i}" for i in range(400)]
+    x, y = rng.choices(words, k=200), rng.choices(words, k=200)
+    x2 = list(x)
+    x2[50], x2[150] = "changed", "words"
+    y2 = y[:190] + ["another", "ending"] * 5
+    with open(corpus / "in" / "a.jsonl", "a") as f:
+        f.write(json.dumps({"text": " ".join(x), "meta": {"pile_set_name": "A"}}) + "\n")
+        f.write(json.dumps({"text": " ".join(y2), "meta": {"pile_set_name": "A"}}) + "\n")
+    with open(corpus / "in" / "b.jsonl", "a") as f:
+        f.write(json.dumps({"text": " ".join(y), "meta": {"pile_set_name": "B"}}) + "\n")
+        f.write(json.dumps({"text": " ".join(x2), "meta": {"pile_set_name": "B"}}) + "\n")
+    args = ["prep", "launcher=slurm", "launch.array=2", "input=in", "output=near", "dedup=near"]
+    out = launch(*args, *PREP, f"launch.workdir={corpus}", cwd=corpus).stdout
+    jobs = _submitted(out)
+    assert list(jobs) == ["plan", "hash", "reduce", "tokenize", "merge"]
+    _wait_gone(list(jobs.values()))
+    launch_dir = Path(out.split("launch dir ")[1].splitlines()[0])
+    logs = "".join(p.read_text() for p in launch_dir.glob("*.err"))
+    assert (corpus / "near" / "manifest.json").is_file(), logs
+    here = [NEO, "prep", "input=in", "output=here", "dedup=near", "tasks=1", *PREP]
+    done = subprocess.run(here, cwd=corpus, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    merged, one = Manifest.load(corpus / "near"), Manifest.load(corpus / "here")
+    assert streams(corpus / "near") == streams(corpus / "here")
+    assert merged.sources == one.sources and merged.totals["near_duplicates"] == 2
+    # x and y2 (a.jsonl) come first in input order: y and x2 (b.jsonl) go
+    assert [merged.sources[s]["near_duplicates"] for s in "AB"] == [0, 2]
+    assert merged.totals["duplicates"] == 3 + 4 + 1
+
+
 def _fake_slurm(tmp_path, **commands: str) -> dict[str, str]:
     """A PATH holding only these commands (bash scripts), for SLURM answering as told."""
     bin_dir = tmp_path / "bin"
