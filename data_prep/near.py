@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.dedup import splitmix64
+from data_prep.progress import PrepError
 
 WINDOW = 16  # earlier bucket members each document is compared with
 # Shingles hashed per datasketch call: its update_batch holds a (shingles, num_perm) uint64
@@ -84,8 +85,20 @@ class Signatures:
     """Every slice's signatures (.npy files, memory-mapped), addressed by global document
     index: the reduce reads the rows and columns it needs, not the whole corpus at once."""
 
-    def __init__(self, paths: list[Path]):
-        self.maps = [np.load(p, mmap_mode="r") for p in paths]
+    def __init__(self, paths: list[Path], counts: list[int] | None = None, width: int = 0):
+        """With `counts` and `width`: each file must hold counts[i] signatures of `width`
+        entries, one per digest of its slice (else the rows would name other documents)."""
+        self.maps = []
+        for number, path in enumerate(paths):
+            shape = np.load(path, mmap_mode="r").shape if path.is_file() else None
+            if counts is not None and shape != (counts[number], width):
+                found = "is missing" if shape is None else f"holds signatures of shape {shape}"
+                raise PrepError(
+                    f"{path}: {found}, not ({counts[number]}, {width}) (one per document of the "
+                    f"slice); delete {path.parent.parent}/hash/{path.name} and rerun stage=hash "
+                    "for the slice's task"
+                )
+            self.maps.append(np.load(path, mmap_mode="r"))
         sizes = [len(m) for m in self.maps]
         self.starts = np.array([0, *np.cumsum(sizes)], np.int64)
 

@@ -188,8 +188,8 @@ def reduce(state: Planned) -> None:
     del digests
     near = np.zeros(len(keep), dtype=bool)
     if state.cfg.dedup_mode == "near":
-        signatures = Signatures([_minhash_path(state, n) for n in range(len(state.slices))])
-        options = state.cfg.near
+        options, paths = state.cfg.near, [_minhash_path(state, n) for n in range(len(counts))]
+        signatures = Signatures(paths, counts, options.num_perm)
         near = near_duplicates(signatures, np.flatnonzero(keep), options.bands, options.threshold)
     save_array(state.state / NEAR_FILE, np.packbits(near))
     save_array(state.state / KEEP_FILE, np.packbits(keep & ~near))

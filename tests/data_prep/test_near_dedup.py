@@ -118,6 +118,29 @@ def test_hash_stage_writes_signatures_and_a_changed_threshold_is_refused(corpus)
         staged(corpus, "out", stage="hash", task=0, near={"threshold": 0.9})
 
 
+def test_a_hash_rerun_redoes_a_slice_killed_between_its_files_and_bad_signatures_are_named(
+    corpus,
+):
+    whole = staged(corpus, "whole")
+    staged(corpus, "out", stage="plan")
+    staged(corpus, "out", stage="hash", task=0)
+    staged(corpus, "out", stage="hash", task=1)
+    prep = corpus / "out" / ".prep"
+    (prep / "minhash" / "00002.npy").unlink()
+    with pytest.raises(PrepError, match=r"minhash/00002.npy: is missing, not \(\d+, 128\)"):
+        staged(corpus, "out", stage="reduce")
+    np.save(prep / "minhash" / "00001.npy", np.zeros((3, 128), np.uint32))
+    with pytest.raises(PrepError, match=r"00001.npy: holds signatures of shape \(3, 128\), not"):
+        staged(corpus, "out", stage="reduce")
+    # As a task killed after its signatures, before its digests (the slice's marker):
+    (prep / "hash" / "00001.npy").unlink()
+    (prep / "hash" / "00002.npy").unlink()
+    staged(corpus, "out", stage="hash", task=0)
+    staged(corpus, "out", stage="hash", task=1)
+    assert content(staged(corpus, "out")) == content(whole)
+    assert shard_bytes(corpus / "out") == shard_bytes(corpus / "whole")
+
+
 def test_signatures_depend_on_the_text_alone():
     texts = ["one two three four five six", "", "Six five four three two one", "word"]
     signer = Signer(5, 64, 1)
