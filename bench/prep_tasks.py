@@ -2,6 +2,7 @@
 bench/prep.py measures the one-machine form).
 
     python bench/prep_tasks.py [--input corpus.jsonl] [--slice-mb 4] [--reduce-millions 10]
+                               [--near-millions 1]
 
 (d) the staged pipeline with 1 task and with 2, every task its own `neo prep stage=S task=I`
     process with workers=1, the 2 tasks of a stage running at once: two nodes of one core, the
@@ -9,6 +10,9 @@ bench/prep.py measures the one-machine form).
     of --rounds alternating rounds), and whether both wrote the same shards and manifest;
 (e) the reduce alone, in this process, on random digests (10% copies): seconds and peak
     memory per million documents;
+(f) dedup=near: the signature step's documents/s on the input's first 2000 documents (one
+    core, datasketch, 5-grams, 128 permutations), and the near-duplicate reduce on random
+    signatures (10% near copies) in .npy files: seconds and peak memory per million documents;
 then the Pile (825 GB, 30 files, about 210M documents) projected from the measured rates.
 The default input is the bundled sample, decompressed (30 MB of JSON lines, so that it slices).
 """
@@ -30,6 +34,7 @@ import zstandard
 from prep import NEO, TreeMonitor
 
 from data_prep.inputs import SAMPLE
+from data_prep.near import Signatures, Signer, near_duplicates
 from data_prep.stages import first_copies
 
 STAGES = ("plan", "hash", "reduce", "tokenize", "merge")
@@ -75,6 +80,36 @@ def reduce_cost(millions: float) -> tuple[float, float]:
     return seconds, monitor.peak - base
 
 
+def sign_rate(corpus: Path, documents: int = 2000) -> float:
+    """Documents per second of the MinHash signature step, one core."""
+    with open(corpus, "rb") as f:
+        texts = [json.loads(line)["text"] for line, _ in zip(f, range(documents), strict=False)]
+    start = time.perf_counter()
+    Signer(5, 128, 1).sign(texts)
+    return len(texts) / (time.perf_counter() - start)
+
+
+def near_reduce_cost(millions: float, scratch: Path) -> tuple[float, float, int]:
+    """(seconds, peak bytes above the start, clusters' dropped documents) of near_duplicates
+    over random signatures in 4 slice files, 10% of them near copies (2 of 128 entries off)."""
+    n = int(millions * 1e6)
+    rng = np.random.default_rng(0)
+    signatures = rng.integers(0, 2**32, (n, 128), dtype=np.uint32)
+    copies, of = rng.integers(0, n, n // 10), rng.integers(0, n, n // 10)
+    signatures[copies] = signatures[of]
+    signatures[copies, :2] = rng.integers(0, 2**32, (len(copies), 2), dtype=np.uint32)
+    paths = [scratch / f"minhash-{i}.npy" for i in range(4)]
+    for path, part in zip(paths, np.array_split(signatures, 4), strict=True):
+        np.save(path, part)
+    del signatures, part
+    base = psutil.Process().memory_info().rss
+    with TreeMonitor(os.getpid()) as monitor:
+        start = time.perf_counter()
+        dropped = near_duplicates(Signatures(paths), np.arange(n), bands=16, threshold=0.8)
+        seconds = time.perf_counter() - start
+    return seconds, monitor.peak - base, int(dropped.sum())
+
+
 def content(out: Path) -> tuple[dict, dict]:
     manifest = json.loads((out / "manifest.json").read_text())
     del manifest["run"]
@@ -88,6 +123,7 @@ def main() -> None:
     parser.add_argument("--slice-mb", type=float, default=4)
     parser.add_argument("--reduce-millions", type=float, default=10)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--near-millions", type=float, default=1)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
@@ -107,9 +143,28 @@ def main() -> None:
                 best |= {s: min(t, best.get(s, t)) for s, t in times.items()}
             same &= content(scratch / f"1-{round}") == content(scratch / f"2-{round}")
         documents = json.loads((scratch / "1-0" / "manifest.json").read_text())["totals"]
+        signing = sign_rate(corpus)
+        near = near_reduce_cost(args.near_millions, scratch)
     reduce_seconds, reduce_peak = reduce_cost(args.reduce_millions)
     report(
         corpus, size, one, two, same, documents, args.reduce_millions, reduce_seconds, reduce_peak
+    )
+    report_near(signing, args.near_millions, *near)
+
+
+def report_near(signing: float, millions: float, seconds: float, peak: float, dropped: int):
+    per_doc = peak / (millions * 1e6)
+    print(
+        f"dedup=near: signatures {signing:,.0f} documents/s per core; reduce over "
+        f"{millions:g}M documents ({dropped:,} dropped): {seconds / millions:.1f} s and "
+        f"{per_doc:.0f} bytes per document ({per_doc * 1e6 / 2**20:.0f} MiB) per million "
+        "(mapped signature pages included)"
+    )
+    print(
+        f"Pile projection, dedup=near: signatures {PILE_DOCUMENTS / signing / 3600:,.0f} "
+        f"core-hours (spread over the hash tasks); near reduce "
+        f"{seconds / millions * PILE_DOCUMENTS / 1e6 / 3600:.1f} h and "
+        f"{per_doc * PILE_DOCUMENTS / 2**30:.0f} GiB on one node"
     )
 
 

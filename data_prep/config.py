@@ -14,6 +14,10 @@ MODEL_TYPES = ("bpe", "unigram")
 # every stage for every task here, one task after another.
 STAGES = ("plan", "hash", "reduce", "tokenize", "merge")
 TASK_STAGES = ("hash", "tokenize")  # the stages that run once per task (array elements)
+# `dedup=`: exact copies, exact copies then near duplicates (tasks>=1), or none; the booleans
+# of earlier versions still mean exact (true) and none (false).
+DEDUP_MODES = ("exact", "near", "none")
+_DEDUP_ALIASES = {"true": "exact", "false": "none"}
 
 
 class PrepConfigError(NeoError, ValueError):
@@ -49,6 +53,22 @@ class SentencePieceConfig:
 
 
 @dataclass
+class NearDedupConfig:
+    """`dedup=near`: MinHash signatures of word shingles, LSH bands to find candidate pairs,
+    each pair verified (data_prep/near.py). The defaults follow Lee et al. 2022 ("Deduplicating
+    Training Data Makes Language Models Better": 5-gram words, Jaccard 0.8) and datatrove's
+    MinhashConfig (5-grams, ~8 rows per band), with 128 permutations (datasketch's default)."""
+
+    ngram: int = 5  # words per shingle
+    num_perm: int = 128  # MinHash permutations (signature length)
+    # LSH bands (rows per band = num_perm / bands): 16 x 8 makes pairs at Jaccard 0.8 candidates
+    # with probability 1 - (1 - 0.8^8)^16 = 0.93, at 0.5 with probability 0.06.
+    bands: int = 16
+    threshold: float = 0.8  # estimated Jaccard at or above which a candidate pair is a duplicate
+    seed: int = 1  # of the permutations: fixed, so that signatures never depend on the task
+
+
+@dataclass
 class PrepConfig:
     data: CorpusConfig = field(default_factory=CorpusConfig)
     # A file, a folder, a glob, `sample` (the bundled Pile-like sample corpus), a Hugging Face
@@ -59,8 +79,11 @@ class PrepConfig:
     # `sentencepiece` to train one (see `sentencepiece`) and save it beside the shards.
     tokenizer: str = "gpt2"
     sentencepiece: SentencePieceConfig = field(default_factory=SentencePieceConfig)
-    # Drop exact duplicate documents (same text), keeping the first.
-    dedup: bool = True
+    # `exact`: drop exact duplicate documents (same text), keeping the first. `near` (tasks>=1):
+    # then also near duplicates (MinHash + LSH, settings in `near`), keeping the first of each
+    # cluster. `none`: keep every copy. true/false mean exact/none.
+    dedup: str = "exact"
+    near: NearDedupConfig = field(default_factory=NearDedupConfig)
     # Share of documents held out for validation, chosen by a seeded hash of the text.
     validation_fraction: float = 0.01
     seed: int = 1234
@@ -99,6 +122,7 @@ class PrepConfig:
         if self.workers < 0:
             raise PrepConfigError(f"workers={self.workers} must be >= 0 (0: one per core)")
         self._validate_tasks()
+        self._validate_dedup()
         sp = self.sentencepiece
         if sp.model_type not in MODEL_TYPES:
             raise PrepConfigError(
@@ -121,6 +145,56 @@ class PrepConfig:
                         f"tokenizer={self.tokenizer} (tokenizer=sentencepiece trains one)"
                     )
         return self
+
+    @property
+    def dedup_mode(self) -> str:
+        """`dedup=` as one of DEDUP_MODES (true/false read as exact/none)."""
+        value = str(self.dedup).strip().lower()
+        return _DEDUP_ALIASES.get(value, value)
+
+    @property
+    def deduplicates(self) -> bool:
+        """Whether the hash and reduce stages have work: any dedup at all."""
+        return self.dedup_mode != "none"
+
+    def _validate_dedup(self) -> None:
+        mode = self.dedup_mode
+        if mode not in DEDUP_MODES:
+            raise PrepConfigError(
+                f"dedup={self.dedup!r} is not one of {', '.join(DEDUP_MODES)} (true: exact, "
+                "false: none)"
+            )
+        near = self.near
+        if mode != "near":
+            for f in fields(near):
+                if getattr(near, f.name) != getattr(NearDedupConfig(), f.name):
+                    raise PrepConfigError(
+                        f"near.{f.name}={getattr(near, f.name)} is not read: dedup={self.dedup} "
+                        "(dedup=near removes near duplicates)"
+                    )
+            return
+        if self.tasks == 0:
+            # The one-machine run decides each document as it streams by; a near-duplicate
+            # cluster can be joined by a later document, so its survivor is only known once
+            # every signature is in: the staged reduce.
+            raise PrepConfigError(
+                "dedup=near needs the staged pipeline: add tasks=1 (or more); its reduce stage "
+                "sees every document's MinHash signature before deciding"
+            )
+        if near.ngram < 1 or near.num_perm < 1 or near.bands < 1:
+            raise PrepConfigError(
+                f"near.ngram={near.ngram}, near.num_perm={near.num_perm} and "
+                f"near.bands={near.bands} must be >= 1"
+            )
+        if near.num_perm % near.bands:
+            raise PrepConfigError(
+                f"near.bands={near.bands} does not divide near.num_perm={near.num_perm} "
+                "(each band is num_perm / bands rows of the signature)"
+            )
+        if not 0.0 < near.threshold <= 1.0:
+            raise PrepConfigError(f"near.threshold={near.threshold} must be in (0, 1]")
+        if not 0 <= near.seed < 2**32:
+            raise PrepConfigError(f"near.seed={near.seed} must be in [0, 2^32)")
 
     def _validate_tasks(self) -> None:
         if self.tasks < 0:

@@ -50,6 +50,19 @@ class DigestSet:
             self._runs.append(np.union1d(older, newer))
 
 
+def first_copies(digests: np.ndarray) -> np.ndarray:
+    """True at the first occurrence of each digest. The caller's array plus about 18 bytes
+    per document (the sort order, the sorted copy, two flags) and 8 per distinct digest."""
+    order = np.argsort(digests, kind="stable")  # copies of a text stay in input order
+    ordered = digests[order]
+    first = np.ones(len(ordered), dtype=bool)  # the first of each run of equal digests
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    del ordered
+    keep = np.zeros(len(first), dtype=bool)
+    keep[order[first]] = True
+    return keep
+
+
 def validation_mask(digests: np.ndarray, seed: int, fraction: float) -> np.ndarray:
     """True for documents held out for validation: a seeded hash of the digest below
     fraction * 2^64. It depends on the text alone, so copies of a text (dedup=false) land in
@@ -57,12 +70,12 @@ def validation_mask(digests: np.ndarray, seed: int, fraction: float) -> np.ndarr
     digests = np.asarray(digests, dtype=np.uint64)
     if fraction <= 0:
         return np.zeros(len(digests), dtype=bool)
-    key = _splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
+    key = splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
     threshold = np.uint64(min(int(fraction * 2.0**64), 2**64 - 1))
-    return _splitmix64(digests ^ key) < threshold
+    return splitmix64(digests ^ key) < threshold
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
     """SplitMix64's finalizer: a bijection on 64 bits that mixes every input bit."""
     x = x.copy()
     x ^= x >> np.uint64(30)

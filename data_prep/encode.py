@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Tokenizer
 
+from data_prep.near import Signer
 from data_prep.readers import BadRecord, Batch, Problem, decode_record
 
 # A document longer than this (characters) is tokenized in pieces of at most this size:
@@ -48,6 +49,8 @@ class EncodeSettings:
     source_field: str | None
     # Decode and hash only, no tokens (the hash stage of tasks>=1: data_prep/stages.py).
     hash_only: bool = False
+    # dedup=near's hash stage: (ngram, num_perm, seed) of each text's MinHash signature.
+    minhash: tuple[int, int, int] | None = None
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Encoded:
     lengths: np.ndarray  # int32: tokens, the EOD included
     tokens: np.ndarray  # every document's tokens then its EOD, back to back
     peak_rss: int  # the worker's peak resident memory so far, bytes
+    signatures: np.ndarray | None = None  # (documents, num_perm) uint32 MinHash, if asked
 
 
 class OutOfMemory(Exception):
@@ -96,6 +100,7 @@ class _Worker:
         self.tokenizer.encode_special_tokens = True
         self.eod = settings.eod_id
         self.hash_only = settings.hash_only
+        self.signer = Signer(*settings.minhash) if settings.minhash else None
         self.dtype = np.dtype(settings.dtype)
         self.text_field = settings.text_field.split(".")
         self.source_field = settings.source_field.split(".") if settings.source_field else None
@@ -124,8 +129,9 @@ class _Worker:
             sources.append(source)
             digests.append(digest)
             sizes.append(size)
+        signatures = self.signer.sign(texts) if self.signer else None
         if self.hash_only:
-            texts = []  # the digests are all the hash stage needs
+            texts = []  # the digests (and signatures) are all the hash stage needs
         short = [t for t in texts if len(t) <= PIECE_CHARS]
         encoded = iter(self.tokenizer.encode_batch_fast(short, add_special_tokens=False))
         parts: list[np.ndarray] = []  # every document's tokens then its EOD, in pieces
@@ -145,6 +151,7 @@ class _Worker:
             lengths=lengths,
             tokens=np.concatenate(parts) if parts else np.zeros(0, self.dtype),
             peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            signatures=signatures,
         )
 
     def _pieces(self, text: str) -> Iterator[np.ndarray]:

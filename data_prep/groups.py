@@ -146,7 +146,9 @@ class Router:
 
     def _first(self, digests: np.ndarray) -> np.ndarray:
         """True for each document that is kept: not a copy of an earlier one."""
-        return self.seen.add(digests) if self.cfg.dedup else np.ones(len(digests), dtype=bool)
+        if not self.cfg.deduplicates:
+            return np.ones(len(digests), dtype=bool)
+        return self.seen.add(digests)
 
     def _group_name(self) -> str:
         return f"{len(self.progress.groups):05d}"
@@ -191,8 +193,12 @@ class Router:
                 if self.group is not None and self.group.tokens >= self.cfg.shard_tokens:
                     self.commit((batch.file, batch.first + item + 1))
             else:
-                self.stats.duplicate(source)
+                self._drop(source, d)
             d += 1
+
+    def _drop(self, source: str, document: int) -> None:
+        """Count a dropped copy (document number `document` of the batch's good ones)."""
+        self.stats.duplicate(source)
 
     def _add(self, source: str, held_out: bool, tokens: np.ndarray, digest: int, size: int) -> None:
         if self.group is None:

@@ -159,6 +159,10 @@ class Planned:
             f"`neo prep stage={stage} task=I tasks={self.cfg.tasks}` for each, same settings"
         )
 
+    def _minhash(self) -> tuple[int, int, int] | None:
+        near = self.cfg.near
+        return (near.ngram, near.num_perm, near.seed) if self.cfg.dedup_mode == "near" else None
+
     def encoder(self, hash_only: bool) -> Encoder:
         workers = self.cfg.workers or len(os.sched_getaffinity(0))
         settings = EncodeSettings(
@@ -168,6 +172,7 @@ class Planned:
             self.cfg.data.text_field,
             self.cfg.data.source_field,
             hash_only,
+            minhash=self._minhash() if hash_only else None,
         )
         return Encoder(settings, workers, WINDOW_BATCHES * workers * BATCH_BYTES)
 

@@ -44,6 +44,7 @@ class SourceCounts:
     tokens: int = 0
     text_bytes: int = 0
     duplicates: int = 0  # dropped as exact copies of an earlier document
+    near_duplicates: int = 0  # dropped as near duplicates of an earlier one (dedup=near)
     validation_documents: int = 0
     validation_tokens: int = 0
 
@@ -62,8 +63,11 @@ class Stats:
             counts.validation_documents += 1
             counts.validation_tokens += tokens
 
-    def duplicate(self, source: str) -> None:
-        self._source(source).duplicates += 1
+    def duplicate(self, source: str, near: bool = False) -> None:
+        if near:
+            self._source(source).near_duplicates += 1
+        else:
+            self._source(source).duplicates += 1
 
     def skip(self, kind: str, where: str, reason: str) -> bool:
         """Count a bad record; True if it is the first of its kind."""
@@ -180,13 +184,15 @@ def run_identity(
     settings = {
         "text_field": cfg.data.text_field,
         "source_field": cfg.data.source_field,
-        "dedup": cfg.dedup,
+        "dedup": cfg.deduplicates,  # a bool, as recorded before dedup=near existed
         "validation_fraction": cfg.validation_fraction,
         "seed": cfg.seed,
         "shard_tokens": cfg.shard_tokens,
     }
     if any(i["format"].startswith("hf_") for i in inputs):
         settings |= {"hf_split": cfg.data.hf_split, "hf_config": cfg.data.hf_config}
+    if cfg.dedup_mode == "near":
+        settings["near_dedup"] = asdict(cfg.near)
     if cfg.tokenizer == SENTENCEPIECE:
         settings["sentencepiece"] = asdict(cfg.sentencepiece)
     if cfg.tasks:  # staged: shard groups end at slice ends (the tasks' count does not matter)

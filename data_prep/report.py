@@ -70,19 +70,23 @@ def print_summary(console: Console, manifest: Manifest) -> None:
 
 def _sources_table(m: Manifest) -> Table:
     table = Table(title=f"neo prep: {m.directory}", title_justify="left")
-    for name in ("source", "documents", "tokens", "text bytes", "duplicates", "validation docs"):
+    keys = ["documents", "tokens", "text_bytes", "duplicates", "validation_documents"]
+    names = ["source", "documents", "tokens", "text bytes", "duplicates", "validation docs"]
+    if "near_dedup" in m.settings:  # dedup=near: its own column
+        keys.insert(4, "near_duplicates")
+        names.insert(5, "near dups")
+    for name in names:
         table.add_column(name, justify="left" if name == "source" else "right")
     rows = sorted(m.sources.items(), key=lambda kv: -kv[1]["tokens"])
     for name, c in rows:
-        table.add_row(name, *_counts(c))
+        table.add_row(name, *_counts(c, keys))
     table.add_section()
-    table.add_row("total", *_counts(m.totals), style="bold")
+    table.add_row("total", *_counts(m.totals, keys), style="bold")
     return table
 
 
-def _counts(c: dict[str, int]) -> list[str]:
-    keys = ("documents", "tokens", "text_bytes", "duplicates", "validation_documents")
-    return [f"{c[k]:,}" for k in keys]
+def _counts(c: dict[str, int], keys: list[str]) -> list[str]:
+    return [f"{c.get(k, 0):,}" for k in keys]  # .get: manifests from before near_duplicates
 
 
 def _skipped_table(m: Manifest) -> Table:

@@ -4,7 +4,9 @@ one task after another):
 
     plan      (once)      inputs, tokenizer, slices -> .prep/plan.json
     hash      (task I)    each slice's document digests -> .prep/hash/SSSSS.npy
+                          (dedup=near: and MinHash signatures -> .prep/minhash/SSSSS.npy)
     reduce    (once)      the surviving copy of each text -> .prep/keep.npy, .prep/reduce.json
+                          (dedup=near: and of each near-duplicate cluster, data_prep/near.py)
     tokenize  (task I)    each slice's shards {split}-SSSSS-GGG.bin/.idx -> .prep/slices/SSSSS.json
     merge     (once)      every slice recorded -> manifest.json; .prep/ removed
 
@@ -37,10 +39,12 @@ import numpy as np
 from rich.console import Console
 
 from data_prep.config import STAGES, TASK_STAGES, PrepConfig
+from data_prep.dedup import first_copies
 from data_prep.encode import Encoder, OutOfMemory, WorkerDied
 from data_prep.groups import Router, ShardGroup
 from data_prep.inputs import InputFile
 from data_prep.manifest import Manifest, ShardInfo
+from data_prep.near import Signatures, near_duplicates
 from data_prep.output import OutputDir
 from data_prep.plan import (
     Planned,
@@ -68,7 +72,7 @@ from data_prep.slices import read_slice, slice_owners, where
 
 log = logging.getLogger("neo.prep")
 
-REDUCE_FILE, KEEP_FILE = "reduce.json", "keep.npy"
+REDUCE_FILE, KEEP_FILE, NEAR_FILE = "reduce.json", "keep.npy", "near.npy"
 
 
 def run_stages(
@@ -105,10 +109,10 @@ def unfinished(state: Planned) -> dict[str, list[int]]:
     slices = range(len(state.slices))
     owners = slice_owners(state.slices, state.cfg.tasks)
     done = {
-        "hash": [not state.cfg.dedup or _hash_path(state, n).is_file() for n in slices],
+        "hash": [not state.cfg.deduplicates or _hash_path(state, n).is_file() for n in slices],
         "tokenize": [_slice_path(state, n).is_file() for n in slices],
     }
-    reduced = not state.cfg.dedup or (state.state / REDUCE_FILE).is_file()
+    reduced = not state.cfg.deduplicates or (state.state / REDUCE_FILE).is_file()
     return {
         "plan": [],
         "hash": sorted({owners[n] for n in slices if not done["hash"][n]}),
@@ -126,17 +130,26 @@ def _hash_path(state: Planned, number: int) -> Path:
     return state.state / "hash" / f"{number:05d}.npy"
 
 
+def _minhash_path(state: Planned, number: int) -> Path:
+    return state.state / "minhash" / f"{number:05d}.npy"
+
+
 def hash_task(state: Planned, task: int, batch_bytes: int) -> None:
-    """The digests of each slice's documents (good records, in order)."""
-    if not state.cfg.dedup:
+    """The digests (dedup=near: and signatures) of each slice's documents (good records, in
+    order). The digests are written last: their file marks the slice as hashed."""
+    if not state.cfg.deduplicates:
         return  # nothing to deduplicate: the tokenize stage needs no digests
+    near = state.cfg.dedup_mode == "near"
     (state.state / "hash").mkdir(exist_ok=True)
+    if near:
+        (state.state / "minhash").mkdir(exist_ok=True)
     todo = [n for n in state.task_range(task) if not _hash_path(state, n).is_file()]
     if not todo:
         return
     with state.encoder(hash_only=True) as encoder:
         for number in todo:
             parts = [np.zeros(0, np.uint64)]
+            signed = [np.zeros((0, state.cfg.near.num_perm), np.uint32)]
             # strict=true stops at the first bad record here, not after the whole corpus
             router = SliceRouter(state, number, None)
             stream = read_slice(state.files, state.slices[number], state.cfg.data, batch_bytes)
@@ -149,6 +162,10 @@ def hash_task(state: Planned, task: int, batch_bytes: int) -> None:
                     for bad in encoded.skipped:
                         router._skip_record(item, *bad)
                 parts.append(encoded.digests)
+                if near:
+                    signed.append(encoded.signatures)
+            if near:
+                save_array(_minhash_path(state, number), np.concatenate(signed))
             save_array(_hash_path(state, number), np.concatenate(parts))
     log.info("task %d: stage hash done (%d slice(s) hashed now)", task, len(todo))
 
@@ -156,8 +173,10 @@ def hash_task(state: Planned, task: int, batch_bytes: int) -> None:
 def reduce(state: Planned) -> None:
     """Which copy of each text survives: the first in input order (slice, then position).
     Peak memory about 26 bytes per document (the digests, their sort order, a sorted copy,
-    two flags) plus 8 per distinct text: 5-7 GB for 210M documents (the Pile's count)."""
-    if not state.cfg.dedup or (state.state / REDUCE_FILE).is_file():
+    two flags) plus 8 per distinct text: 5-7 GB for 210M documents (the Pile's count).
+    dedup=near then drops all but the first of each near-duplicate cluster among the exact
+    survivors (data_prep/near.py; its memory is stated there and measured in the README)."""
+    if not state.cfg.deduplicates or (state.state / REDUCE_FILE).is_file():
         return
     state.require("hash", [_hash_path(state, n).is_file() for n in range(len(state.slices))])
     started = time.perf_counter()
@@ -167,34 +186,34 @@ def reduce(state: Planned) -> None:
     del parts
     keep = first_copies(digests)
     del digests
-    save_array(state.state / KEEP_FILE, np.packbits(keep))
+    near = np.zeros(len(keep), dtype=bool)
+    if state.cfg.dedup_mode == "near":
+        options, paths = state.cfg.near, [_minhash_path(state, n) for n in range(len(counts))]
+        signatures = Signatures(paths, counts, options.num_perm)
+        near = near_duplicates(signatures, np.flatnonzero(keep), options.bands, options.threshold)
+    save_array(state.state / NEAR_FILE, np.packbits(near))
+    save_array(state.state / KEEP_FILE, np.packbits(keep & ~near))
     summary = {
         "counts": counts,
         "documents": len(keep),
-        "kept": int(keep.sum()),
+        "kept": int(keep.sum() - near.sum()),
+        "near_duplicates": int(near.sum()),
         "seconds": round(time.perf_counter() - started, 3),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     write_json(state.state / REDUCE_FILE, summary)
-    log.info("stage reduce: %d documents, %d kept", summary["documents"], summary["kept"])
+    log.info(
+        "stage reduce: %d documents, %d kept (%d near duplicates dropped)",
+        summary["documents"],
+        summary["kept"],
+        summary["near_duplicates"],
+    )
 
 
-def first_copies(digests: np.ndarray) -> np.ndarray:
-    """True at the first occurrence of each digest. The caller's array plus about 18 bytes
-    per document (the sort order, the sorted copy, two flags) and 8 per distinct digest."""
-    order = np.argsort(digests, kind="stable")  # copies of a text stay in input order
-    ordered = digests[order]
-    first = np.ones(len(ordered), dtype=bool)  # the first of each run of equal digests
-    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
-    del ordered
-    keep = np.zeros(len(first), dtype=bool)
-    keep[order[first]] = True
-    return keep
-
-
-def _keep(state: Planned) -> tuple[np.ndarray, list[int]] | None:
-    """(keep flags of every document, the first document of each slice); None: no dedup."""
-    if not state.cfg.dedup:
+def _keep(state: Planned) -> tuple[np.ndarray, np.ndarray, list[int]] | None:
+    """(keep flags of every document, near-duplicate flags, the first document of each
+    slice); None: no dedup."""
+    if not state.cfg.deduplicates:
         return None
     summary = read_json(state.state / REDUCE_FILE)
     if summary is None:
@@ -202,8 +221,11 @@ def _keep(state: Planned) -> tuple[np.ndarray, list[int]] | None:
             f"stage=reduce has not finished in {state.directory}; run `neo prep stage=reduce` "
             "once every hash task is done"
         )
-    keep = np.unpackbits(np.load(state.state / KEEP_FILE), count=summary["documents"])
-    return keep.astype(bool), [0, *np.cumsum(summary["counts"]).tolist()]
+    flags = [
+        np.unpackbits(np.load(state.state / name), count=summary["documents"]).astype(bool)
+        for name in (KEEP_FILE, NEAR_FILE)
+    ]
+    return flags[0], flags[1], [0, *np.cumsum(summary["counts"]).tolist()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,10 +236,17 @@ class SliceRouter(Router):
     """The Router for one slice: its shard groups `{split}-SSSSS-GGG`, kept copies decided by
     the reduce, messages that name the slice's lines."""
 
-    def __init__(self, state: Planned, number: int, keep: np.ndarray | None):
+    def __init__(
+        self,
+        state: Planned,
+        number: int,
+        keep: np.ndarray | None,
+        near: np.ndarray | None = None,
+    ):
         dtype = token_dtype(state.tokenizer.vocab_size)
         self._start(state.cfg, state.directory, state.files, dtype, Stats())
-        self.number, self.piece, self.keep = number, state.slices[number], keep
+        self.number, self.piece, self.keep, self.near = number, state.slices[number], keep, near
+        self.near_batch: np.ndarray | None = None  # the near flags of the batch being routed
         self.shards: dict[str, ShardInfo] = {}
         self.groups = 0  # committed
         self.seen = 0  # documents of the slice so far
@@ -228,7 +257,13 @@ class SliceRouter(Router):
             return np.ones(n, dtype=bool)
         if self.seen > len(self.keep):
             raise _changed(self.files[self.piece.file])
+        if self.near is not None:
+            self.near_batch = self.near[self.seen - n : self.seen]
         return self.keep[self.seen - n : self.seen]
+
+    def _drop(self, source: str, document: int) -> None:
+        near = self.near_batch is not None and bool(self.near_batch[document])
+        self.stats.duplicate(source, near=near)
 
     def _group_name(self) -> str:
         return f"{self.number:05d}-{self.groups:03d}"
@@ -263,8 +298,11 @@ def tokenize_task(state: Planned, task: int, batch_bytes: int) -> None:
     with state.encoder(hash_only=False) as encoder:
         for number in todo:
             _remove_partial(state.directory, number)
-            mine = None if keep is None else keep[0][keep[1][number] : keep[1][number + 1]]
-            router = SliceRouter(state, number, mine)
+            mine = near = None
+            if keep is not None:
+                first, end = keep[2][number], keep[2][number + 1]
+                mine, near = keep[0][first:end], keep[1][first:end]
+            router = SliceRouter(state, number, mine, near)
             stream = read_slice(state.files, state.slices[number], state.cfg.data, batch_bytes)
             try:
                 for item, encoded in _encoded(encoder, stream, state, number):

@@ -103,7 +103,7 @@ def prepare_prep(overrides: list[str], launch: LaunchConfig, typed: str) -> Prep
             f"launch.workdir={workdir}: SLURM's --output reads a backslash as 'no patterns'; "
             "choose a directory without one"
         )
-    stages = [s for s in STAGES if cfg.dedup or s not in ("hash", "reduce")]
+    stages = [s for s in STAGES if cfg.deduplicates or s not in ("hash", "reduce")]
     return PrepJob(overrides, tasks, stages, str(output), str(workdir), str(launch_dir), typed)
 
 

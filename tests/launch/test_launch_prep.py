@@ -15,6 +15,7 @@ import pytest
 from conftest import NEO
 from test_launch import launch, slurm  # noqa: F401
 
+from data_prep.config import STAGES
 from data_prep.manifest import Manifest, open_prepared
 from launch.prep import array_spec
 
@@ -89,7 +90,17 @@ def test_dry_run_prints_each_stage_and_its_dependencies(corpus):
         "prep", "launcher=slurm", "input=in", "dedup=false", "launch.dry_run=true", cwd=corpus
     )
     assert "stage=hash" not in plain.stdout and "stage=reduce" not in plain.stdout
+    none = launch(
+        "prep", "launcher=slurm", "input=in", "dedup=none", "launch.dry_run=true", cwd=corpus
+    ).stdout
+    assert "stage=hash" not in none and "stage=reduce" not in none and "stage=merge" in none
     assert " tasks=1 " in plain.stdout, "launch.array defaults to one task"
+    near = launch(
+        "prep", "launcher=slurm", "input=in", "dedup=near", "launch.dry_run=true", cwd=corpus
+    ).stdout
+    commands = near.split("# submitted in this order")[1].splitlines()[1:]
+    assert [c.split("/")[-1].strip("'") for c in commands] == [f"{s}.sbatch" for s in STAGES]
+    assert " dedup=near " in near and " stage=hash " in near and " stage=reduce" in near
 
 
 @pytest.mark.parametrize(
@@ -106,6 +117,8 @@ def test_dry_run_prints_each_stage_and_its_dependencies(corpus):
         (["launcher=hostfile", "launch.hostfile=h"], "neo launch prep runs on launcher=slurm"),
         (["launch.nodes=2"], "each prep task runs on one node"),
         (["slice_bytes=0"], "slice_bytes=0 must be >= 1"),
+        (["dedup=fuzzy"], "dedup='fuzzy' is not one of exact, near, none"),
+        (["dedup=near", "near.bands=7"], "near.bands=7 does not divide near.num_perm=128"),
         (["output=a\nb"], "control character"),
     ],
 )
@@ -212,6 +225,41 @@ def test_slurm_arrays_with_a_cancelled_element_resubmitted_equal_one_machine(slu
     assert merged.totals["duplicates"] == 3 + 4 + 1
     assert merged.run["tasks"] == 2 and merged.run["slices"] >= 4
     assert all(t["documents"] > 0 for t in merged.run["per_task"]), "both tasks had work"
+
+
+@pytest.mark.slow
+def test_slurm_near_dedup_across_files_equals_one_task_here(slurm, corpus):  # noqa: F811
+    """dedup=near as SLURM arrays of 2 tasks: near copies planted across the two files (a few
+    words changed, another ending) are dropped, and the tokens equal `neo prep tasks=1` here."""
+    rng = random.Random(3)
+    words = [f"w{i}" for i in range(400)]
+    x, y = rng.choices(words, k=200), rng.choices(words, k=200)
+    x2 = list(x)
+    x2[50], x2[150] = "changed", "words"
+    y2 = y[:190] + ["another", "ending"] * 5
+    with open(corpus / "in" / "a.jsonl", "a") as f:
+        f.write(json.dumps({"text": " ".join(x), "meta": {"pile_set_name": "A"}}) + "\n")
+        f.write(json.dumps({"text": " ".join(y2), "meta": {"pile_set_name": "A"}}) + "\n")
+    with open(corpus / "in" / "b.jsonl", "a") as f:
+        f.write(json.dumps({"text": " ".join(y), "meta": {"pile_set_name": "B"}}) + "\n")
+        f.write(json.dumps({"text": " ".join(x2), "meta": {"pile_set_name": "B"}}) + "\n")
+    args = ["prep", "launcher=slurm", "launch.array=2", "input=in", "output=near", "dedup=near"]
+    out = launch(*args, *PREP, f"launch.workdir={corpus}", cwd=corpus).stdout
+    jobs = _submitted(out)
+    assert list(jobs) == ["plan", "hash", "reduce", "tokenize", "merge"]
+    _wait_gone(list(jobs.values()))
+    launch_dir = Path(out.split("launch dir ")[1].splitlines()[0])
+    logs = "".join(p.read_text() for p in launch_dir.glob("*.err"))
+    assert (corpus / "near" / "manifest.json").is_file(), logs
+    here = [NEO, "prep", "input=in", "output=here", "dedup=near", "tasks=1", *PREP]
+    done = subprocess.run(here, cwd=corpus, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    merged, one = Manifest.load(corpus / "near"), Manifest.load(corpus / "here")
+    assert streams(corpus / "near") == streams(corpus / "here")
+    assert merged.sources == one.sources and merged.totals["near_duplicates"] == 2
+    # x and y2 (a.jsonl) come first in input order: y and x2 (b.jsonl) go
+    assert [merged.sources[s]["near_duplicates"] for s in "AB"] == [0, 2]
+    assert merged.totals["duplicates"] == 3 + 4 + 1
 
 
 def _fake_slurm(tmp_path, **commands: str) -> dict[str, str]:
