@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 from dataclasses import asdict, dataclass, field, fields
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -192,7 +193,8 @@ def run_identity(
     if any(i["format"].startswith("hf_") for i in inputs):
         settings |= {"hf_split": cfg.data.hf_split, "hf_config": cfg.data.hf_config}
     if cfg.dedup_mode == "near":
-        settings["near_dedup"] = asdict(cfg.near)
+        # Signatures depend on datasketch's hashing: every task signs with the plan's version.
+        settings["near_dedup"] = asdict(cfg.near) | {"datasketch": metadata.version("datasketch")}
     if cfg.tokenizer == SENTENCEPIECE:
         settings["sentencepiece"] = asdict(cfg.sentencepiece)
     if cfg.tasks:  # staged: shard groups end at slice ends (the tasks' count does not matter)

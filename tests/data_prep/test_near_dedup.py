@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,18 @@ def test_hash_stage_writes_signatures_and_a_changed_threshold_is_refused(corpus)
         PrepError, match=r"prepared differently: near_dedup: .*0\.8.* before, .*0\.9.* now"
     ):
         staged(corpus, "out", stage="hash", task=0, near={"threshold": 0.9})
+
+
+def test_a_task_with_another_datasketch_version_is_refused(corpus, monkeypatch):
+    """Signatures depend on datasketch's hashing: a task signing with another installed
+    version than the plan's would disagree with the others without a word."""
+    staged(corpus, "out", stage="plan")
+    real = metadata.version
+    monkeypatch.setattr(
+        metadata, "version", lambda name: "9.9.9" if name == "datasketch" else real(name)
+    )
+    with pytest.raises(PrepError, match=r"prepared differently: near_dedup: .*9\.9\.9.* now"):
+        staged(corpus, "out", stage="hash", task=0)
 
 
 def test_a_hash_rerun_redoes_a_slice_killed_between_its_files_and_bad_signatures_are_named(
