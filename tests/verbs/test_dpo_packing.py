@@ -137,3 +137,19 @@ def test_packed_micro_batches_do_not_depend_on_the_world_size(pairs):
         assert one.tokens_in_step(step) == sum(
             one.micro_batch(step, m)["input_ids"].size for m in range(4)
         )
+
+
+def test_packing_an_empty_prompt_and_a_row_that_fills_the_context():
+    """An implicit prompt can be empty (no target at position 0, as padded) and a pair cut to
+    the context fills a row alone: packed, every sequence keeps the padded layout's targets."""
+    from train.data.preference import Pair
+
+    full = list(range(1, CONTEXT + 1))
+    group = [Pair("a", 0, [5, 6, 7], [5, 8]), Pair("b", 3, full, full[:4] + [9])]
+    padded, packed = collate_pairs(group, 0), collate_pairs(group, 0, CONTEXT)
+    assert packed["input_ids"].shape == (2, CONTEXT)
+    for s in range(4):
+        r, t = np.nonzero(packed["sequences"] == s)
+        assert list(packed["targets"][r, t]) == list(padded["targets"][s, : len(t)])
+        assert list(packed["positions"][r, t]) == list(range(len(t)))
+    assert list(packed["response_tokens"]) == [3, CONTEXT - 3, 2, 2]
