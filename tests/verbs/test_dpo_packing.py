@@ -67,10 +67,10 @@ def test_packed_rows_hold_each_sequence_once_with_restarting_positions(pairs):
 
 
 def test_packed_and_padded_give_each_pair_the_same_logps_and_losses_over_steps(pairs):
-    """The same model trained 3 steps (AdamW) of 6 pairs on padded and on packed micro-batches: the same
-    per-sequence log-probabilities, losses and metrics at each step, within fp32 reduction
-    order; the sequences of a micro-batch never see each other (a changed neighbour leaves a
-    sequence's log-probability alone)."""
+    """The same model trained 3 steps (AdamW) of 6 pairs on padded and on packed
+    micro-batches: the same per-sequence log-probabilities, losses and metrics at each step,
+    within fp32 reduction order; the sequences of a micro-batch never see each other (a
+    changed neighbour leaves a sequence's log-probability alone)."""
     runs = {}
     for packed_len in (None, CONTEXT):
         m = model()
