@@ -275,6 +275,11 @@ def layouts(args) -> None:
     )
     header = ["layout", "median step (s)", "rounds' medians", "pairs/s", "padding computed"]
     markdown(header, rows)
+    ratios = [
+        statistics.median(a) / statistics.median(b)
+        for a, b in zip(step_s[True], step_s[False], strict=True)
+    ]
+    print(f"\npacked / padded median step, round by round: {', '.join(f'{r:.2f}' for r in ratios)}")
 
 
 if __name__ == "__main__":
