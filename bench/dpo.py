@@ -22,6 +22,11 @@ step); pairs/s is the batch over it. Peak memory: the process's peak resident se
 Python, torch and the libraries included, the same for both sides give or take their imports).
 
 Goal (issue 25): neo dpo >= 1.5x TRL's throughput, one model's weights resident in training.
+
+    python bench/dpo.py --layouts 5 [--steps 20] [--pairs 96] [--batch 4]
+
+instead compares neo dpo's two layouts (dpo.packing: a micro-batch's sequences packed into rows
+of the context, or one per row padded to the longest), the runs alternated round by round.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import atexit
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -75,7 +81,7 @@ def prepare(root: Path, pairs: int) -> None:
     )
 
 
-def child_neo(root: Path, steps: int, batch: int, out: Path) -> None:
+def child_neo(root: Path, steps: int, batch: int, out: Path, *overrides: str) -> None:
     from train.cli import main
 
     atexit.register(write_rss, out, {})
@@ -99,6 +105,7 @@ def child_neo(root: Path, steps: int, batch: int, out: Path) -> None:
             "eval_every=100000",
             "save_every=100000",
             "export_hf=false",
+            *overrides,
         ]
     )
 
@@ -162,7 +169,7 @@ def run(mode: list[str], root: Path, args) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
     subprocess.run(command, check=True, env=env, cwd=root, stdout=subprocess.DEVNULL)
     result = json.loads(out.read_text())
-    if mode == ["neo"]:
+    if mode[0] == "neo":
         records = [json.loads(line) for line in (root / "neo" / "metrics.jsonl").open()]
         steps = [r for r in records if r.get("tokens_per_s")]
         tokens = {r["step"]: r["tokens"] for r in records if "tokens" in r}
@@ -179,14 +186,22 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=96)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--child", nargs="+")
+    parser.add_argument(
+        "--layouts",
+        type=int,
+        metavar="ROUNDS",
+        help="instead: neo dpo packed vs padded (dpo.packing), ROUNDS interleaved rounds",
+    )
     args, rest = parser.parse_known_args()
     if args.child:
         mode, root, out = args.child[0], Path(args.child[-2]), Path(args.child[-1])
         if mode == "neo":
-            child_neo(root, args.steps, args.batch, out)
+            child_neo(root, args.steps, args.batch, out, *args.child[1:-2])
         else:
             child_trl(root, args.steps, args.batch, args.child[1] == "precomputed", out)
         return
+    if args.layouts:
+        return layouts(args)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         prepare(root, args.pairs)
@@ -213,6 +228,58 @@ def main() -> None:
         f"{MODEL['hidden_size']}, GPT-2 vocabulary, fp32, {os.cpu_count()} cores\n"
     )
     markdown(["", "median step (s)", "pairs/s", "neo dpo's speed-up", "peak RSS (MiB)"], rows)
+
+
+def layouts(args) -> None:
+    """neo dpo with dpo.packing=true and false on the same model and pairs, alternated for
+    `args.layouts` rounds (the machine's noise falls on both alike): each layout's median step
+    over every round's steps after the first SKIP, the spread of the rounds' medians, and the
+    share of the computed tokens that are padding (over the steps run)."""
+    from data_prep.tokenizers import load_tokenizer
+    from train.data.dpo import PairBatches
+    from train.data.preference import read_pairs
+
+    step_s: dict[bool, list[list[float]]] = {True: [], False: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        prepare(root, args.pairs)
+        for _ in range(args.layouts):
+            for packing in (True, False):
+                shutil.rmtree(root / "neo", ignore_errors=True)
+                r = run(["neo", f"dpo.packing={str(packing).lower()}"], root, args)
+                step_s[packing].append(r["step_s"][SKIP:])
+        tokenizer = load_tokenizer("gpt2")
+        pairs = read_pairs(str(root / "pairs.jsonl"), tokenizer, SEQ).pairs
+    rows = []
+    for packing in (True, False):
+        batches = PairBatches(pairs, 1234, 0, 1, args.batch, 1, 0, SEQ if packing else None)
+        steps = range(len(pairs) // args.batch)
+        computed = sum(batches.tokens_in_step(s) for s in steps)
+        real = sum(len(p.chosen) + len(p.rejected) for s in steps for p in batches.items(s, 0))
+        padding = 1 - real / computed
+        medians = [statistics.median(r) for r in step_s[packing]]
+        step = statistics.median(s for r in step_s[packing] for s in r)
+        rows.append(
+            [
+                "packed (dpo.packing=true)" if packing else "padded (dpo.packing=false)",
+                f"{step:.3f}",
+                f"{min(medians):.3f} - {max(medians):.3f}",
+                f"{args.batch / step:.1f}",
+                f"{100 * padding:.1f}%",
+            ]
+        )
+    print(
+        f"\n{args.layouts} interleaved rounds of {args.steps} steps of {args.batch} pairs (one "
+        f"micro-batch), model {MODEL['num_layers']}x{MODEL['hidden_size']}, context {SEQ}, "
+        f"fp32, {os.cpu_count()} cores\n"
+    )
+    header = ["layout", "median step (s)", "rounds' medians", "pairs/s", "padding computed"]
+    markdown(header, rows)
+    ratios = [
+        statistics.median(a) / statistics.median(b)
+        for a, b in zip(step_s[True], step_s[False], strict=True)
+    ]
+    print(f"\npacked / padded median step, round by round: {', '.join(f'{r:.2f}' for r in ratios)}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,11 @@ class DpoDataConfig(Schema):
     strict: bool = False
     # hf:NAME datasets: the split to read.
     split: str | None = None
+    # Each micro-batch's chosen and rejected sequences packed into rows of seq_len tokens
+    # (positions restart and attention is blocked per sequence, as `neo sft` packs; TRL's
+    # padding_free); false: one sequence per row, padded to the micro-batch's longest: the
+    # default, measured faster (bench/dpo.py --layouts, README `neo dpo`; CPU only so far).
+    packing: bool = False
     # How far the policy may move from the reference (TRL's beta; ipo: its tau).
     beta: float = 0.1
     # sigmoid (DPO) | ipo (squared, per-token normalised) | hinge (SLiC) | robust (rDPO).

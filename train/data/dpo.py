@@ -130,20 +130,32 @@ def answer_examples(pairs: list[Pair], n: int) -> list[Example]:
 class PairBatches(SftBatches):
     """The loop's view of preference pairs: `neo sft`'s global-batch layout over pairs (step s
     takes pairs [s * G, (s + 1) * G), so a step's pairs do not depend on the world size), each
-    micro-batch as its pairs' chosen rows then their rejected rows. A step's "targets" are its
-    pairs: the loss is the mean over them, as TRL's."""
+    micro-batch as its pairs' chosen sequences then their rejected ones, one per row or packed
+    into rows of `packed_len` tokens (collate_pairs). A step's "targets" are its pairs: the loss
+    is the mean over them, as TRL's."""
 
-    def __init__(self, pairs: list[Pair], seed: int, rank, world_size, micro, accumulation, pad):
+    def __init__(
+        self,
+        pairs: list[Pair],
+        seed: int,
+        rank,
+        world_size,
+        micro,
+        accumulation,
+        pad,
+        packed_len: int | None = None,
+    ):
         super().__init__(RowStream(pairs, seed), rank, world_size, micro, accumulation, pad)
+        self.packed_len = packed_len
 
     def micro_batch(self, step: int, micro: int) -> dict[str, np.ndarray]:
-        return collate_pairs(self.items(step, micro), self.pad_id)
+        return collate_pairs(self.items(step, micro), self.pad_id, self.packed_len)
 
     def tokens_in_step(self, step: int) -> int:
-        """Tokens computed in step `step` over all ranks: each micro-batch pads its 2B rows to
-        its longest."""
+        """Tokens computed in step `step` over all ranks: each micro-batch's rows padded to its
+        longest."""
         return sum(
-            2 * len(group) * max(max(len(p.chosen), len(p.rejected)) for p in group)
+            collate_pairs(group, self.pad_id, self.packed_len)["input_ids"].size
             for group in self.step_groups(step)
         )
 

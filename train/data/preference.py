@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from train.config.dpo import DpoFieldsConfig
+from train.data.packing import build_row, collate, first_fit_decreasing
 from train.data.records import BadItem, Record, Skipped, read_records
-from train.data.sft import IGNORE, chat_renderer, default_template
+from train.data.sft import IGNORE, Example, chat_renderer, default_template
 
 
 @dataclass
@@ -177,15 +178,41 @@ def rendered(where: str, prompt: list, chosen: list, rejected: list, template: s
     return opened, *responses
 
 
-def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, np.ndarray]:
-    """B pairs as 2B rows, the chosen ones first (TRL's layout), padded at the end to the
-    longest:
-        input_ids        (2B, T)
-        targets          (2B, T) the next token where it is a response token, else -100
-        response_tokens  (2B,)   response tokens in each row (the ipo loss averages by them)
-        reference        (2B,)   the reference log-probabilities (0 where not known yet)"""
+def collate_pairs(
+    pairs: list[Pair], pad_id: int, packed_len: int | None = None
+) -> dict[str, np.ndarray]:
+    """B pairs as their 2B sequences, the chosen ones first (TRL's layout), each prompt +
+    response with the next token as its target where that is a response token (-100 else):
+
+    padded (packed_len None): one sequence per row, padded at the end to the longest
+        input_ids, targets  (2B, T)
+    packed (packed_len, dpo.packing): the sequences packed first-fit decreasing into rows of
+        at most packed_len tokens, the rows padded to the longest (TRL's `padding_free`)
+        input_ids, targets  (R, T)
+        positions           (R, T) restart at 0 at each sequence
+        documents           (R, T) the sequence's index within its row, -1 on padding:
+                            attention stays within a sequence (train/model/attention.py)
+        sequences           (R, T) the sequence's index among the 2B, -1 on padding: what
+                            sums each one's log-probabilities (PreferenceGPT.sequence_logps)
+    and in both
+        response_tokens     (2B,) response tokens of each sequence (the ipo loss averages by them)
+        reference           (2B,) the reference log-probabilities (0 where not known yet)"""
     rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     prompts = [p.prompt_length for p in pairs] * 2
+    reference = [p.reference[0] if p.reference else 0.0 for p in pairs]
+    reference += [p.reference[1] if p.reference else 0.0 for p in pairs]
+    out = (
+        padded(rows, prompts, pad_id)
+        if packed_len is None
+        else packed(rows, prompts, pad_id, packed_len)
+    )
+    return out | {
+        "response_tokens": np.array([len(r) - p for r, p in zip(rows, prompts, strict=True)]),
+        "reference": np.array(reference, dtype=np.float64),
+    }
+
+
+def padded(rows: list[list[int]], prompts: list[int], pad_id: int) -> dict[str, np.ndarray]:
     length = max(map(len, rows))
     ids = np.full((len(rows), length), pad_id, dtype=np.int64)
     targets = np.full((len(rows), length), IGNORE, dtype=np.int64)
@@ -195,11 +222,27 @@ def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, np.ndarray]:
         # sits at the prompt's last position (none when the prompt is empty, as in TRL)
         first = max(prompt, 1)
         targets[i, first - 1 : len(row) - 1] = row[first:]
-    reference = [p.reference[0] if p.reference else 0.0 for p in pairs]
-    reference += [p.reference[1] if p.reference else 0.0 for p in pairs]
-    return {
-        "input_ids": ids,
-        "targets": targets,
-        "response_tokens": np.array([len(r) - p for r, p in zip(rows, prompts, strict=True)]),
-        "reference": np.array(reference, dtype=np.float64),
-    }
+    return {"input_ids": ids, "targets": targets}
+
+
+def packed(
+    rows: list[list[int]], prompts: list[int], pad_id: int, packed_len: int
+) -> dict[str, np.ndarray]:
+    """`neo sft`'s packed rows (train/data/packing.py build_row) of the sequences, each an
+    example whose labels are its response tokens (the same targets as `padded`'s). The bins
+    depend only on these pairs' lengths: every rank and every resume packs them alike."""
+    examples = [
+        Example(row, [IGNORE] * prompt + row[prompt:], "", prompt)
+        for row, prompt in zip(rows, prompts, strict=True)
+    ]
+    bins = first_fit_decreasing([len(r) for r in rows], packed_len)
+    out = collate(
+        [build_row([examples[i] for i in b], sum(len(rows[i]) for i in b), pad_id) for b in bins],
+        pad_id,
+    )
+    documents = out["documents"]
+    out["sequences"] = np.full_like(documents, -1)
+    for r, b in enumerate(bins):
+        used = documents[r] >= 0
+        out["sequences"][r, used] = np.asarray(b)[documents[r, used]]
+    return out

@@ -91,14 +91,18 @@ class PreferenceMetrics:
     """neo dpo's validation: the DPO loss and TRL's metrics over the validation pairs (their
     reference log-probabilities attached), as `val/loss`, `val/rewards/accuracies`, ..."""
 
-    def __init__(self, pairs: list[Pair], micro_batch: int, pad_id: int):
+    def __init__(
+        self, pairs: list[Pair], micro_batch: int, pad_id: int, packed_len: int | None = None
+    ):
         self.pairs, self.micro_batch, self.pad_id = pairs, micro_batch, pad_id
+        self.packed_len = packed_len  # the layout the reference scored them in
 
     def __call__(self, ctx: EvalContext) -> Report:
         sums = torch.zeros(1 + len(METRICS), dtype=torch.float64, device=ctx.device)
         chunks = list(range(0, len(self.pairs), self.micro_batch))
         for first in ctx.shard(chunks):
-            arrays = collate_pairs(self.pairs[first : first + self.micro_batch], self.pad_id)
+            group = self.pairs[first : first + self.micro_batch]
+            arrays = collate_pairs(group, self.pad_id, self.packed_len)
             batch = {k: torch.from_numpy(v).to(ctx.device) for k, v in arrays.items()}
             loss = ctx.model(**batch)
             sums += torch.cat([loss.total.double()[None], loss.sums.double()])

@@ -40,13 +40,15 @@ def score(
     pad_id: int,
     rank: int = 0,
     world_size: int = 1,
+    packed_len: int | None = None,
 ) -> torch.Tensor:
     """(len(pairs), 2) fp32 summed log-probabilities of each pair's chosen and rejected
     response under the model of `weights`, computed in `dtype` (the run's precision, so that
     the policy starts with rewards of zero); this rank's share only: micro-batches rank,
     rank + world_size, ..., zeros elsewhere, so the ranks' outputs sum to the whole, and each
-    pair is scored in the same micro-batch on any world size. The model is freed when this
-    returns."""
+    pair is scored in the same micro-batch on any world size, in the layout training uses
+    (`packed_len`: collate_pairs), so that the policy's first log-probabilities are these bit
+    for bit. The model is freed when this returns."""
     with torch.device("meta"):
         model = PreferenceGPT(config, DpoLoss())
     model.to_empty(device=device)
@@ -57,10 +59,13 @@ def score(
     out = torch.zeros(len(pairs), 2, dtype=torch.float32)
     for first in range(rank * micro_batch, len(pairs), world_size * micro_batch):
         group = pairs[first : first + micro_batch]
-        arrays = collate_pairs(group, pad_id)
-        ids = torch.from_numpy(arrays["input_ids"]).to(device)
-        targets = torch.from_numpy(arrays["targets"]).to(device)
-        logps = model.sequence_logps(ids, targets).float().cpu()
+        arrays = collate_pairs(group, pad_id, packed_len)
+        rows = {
+            k: torch.from_numpy(arrays[k]).to(device)
+            for k in ("input_ids", "targets", "positions", "documents", "sequences")
+            if k in arrays
+        }
+        logps = model.sequence_logps(**rows, count=2 * len(group)).float().cpu()
         out[first : first + len(group)] = torch.stack(logps.chunk(2), dim=1)
     del model
     return out

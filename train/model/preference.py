@@ -107,25 +107,36 @@ class PreferenceLoss(NamedTuple):
 
 
 class PreferenceGPT(GPT):
-    """GPT trained on preference pairs: the forward takes a micro-batch of chosen rows then
-    rejected rows (train/data/preference.py collate_pairs) with the reference's
-    log-probabilities and returns the pairs' summed DPO loss."""
+    """GPT trained on preference pairs: the forward takes a micro-batch of chosen sequences then
+    rejected ones, one per row or packed (train/data/preference.py collate_pairs), with the
+    reference's log-probabilities and returns the pairs' summed DPO loss."""
 
     def __init__(self, config, loss: DpoLoss):
         super().__init__(config)
         self.loss = loss
 
-    def sequence_logps(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """(R, T) rows -> (R,) fp32 sums of log p(target) over the positions whose target is
-        not -100. Only those positions are projected onto the vocabulary (the prompt's and the
-        padding's logits are never made)."""
-        h = self.hidden_states(input_ids)
+    def sequence_logps(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        documents: torch.Tensor | None = None,
+        sequences: torch.Tensor | None = None,
+        count: int | None = None,
+    ) -> torch.Tensor:
+        """(R, T) rows -> fp32 sums of log p(target) over the positions whose target is not
+        -100: (R,), one per row, or with packed rows (collate_pairs: positions, documents and
+        `sequences`, each position's sequence) (count,), one per sequence. Only those positions
+        are projected onto the vocabulary (the prompt's and the padding's logits are never
+        made)."""
+        h = self.hidden_states(input_ids, None, positions, documents)
         keep = targets != -100
-        rows = torch.nonzero(keep, as_tuple=True)[0]
+        owner = torch.nonzero(keep, as_tuple=True)[0] if sequences is None else sequences[keep]
         logits = self.lm_head(h[keep]).float()  # (N, V), N: response tokens
         picked = torch.log_softmax(logits, dim=-1).gather(1, targets[keep][:, None])[:, 0]
-        sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=h.device)
-        return sums.index_add(0, rows, picked)
+        n = input_ids.shape[0] if sequences is None else count
+        sums = torch.zeros(n, dtype=torch.float32, device=h.device)
+        return sums.index_add(0, owner, picked)
 
     def forward(
         self,
@@ -133,8 +144,13 @@ class PreferenceGPT(GPT):
         targets: torch.Tensor,
         response_tokens: torch.Tensor,
         reference: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        documents: torch.Tensor | None = None,
+        sequences: torch.Tensor | None = None,
     ) -> PreferenceLoss:
-        logps = self.sequence_logps(input_ids, targets)
+        logps = self.sequence_logps(
+            input_ids, targets, positions, documents, sequences, len(response_tokens)
+        )
         chosen, rejected = logps.chunk(2)
         ref_chosen, ref_rejected = reference.float().chunk(2)
         tokens_chosen, tokens_rejected = response_tokens.chunk(2)

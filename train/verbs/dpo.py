@@ -10,11 +10,13 @@ The reference is the base model itself: its log-probabilities of every training 
 validation pair are computed once, before the engine is built, and stored in
 run_dir/reference_logps.safetensors (train/loop/reference.py); the reference model is freed
 before training starts, so one model's weights are resident while it trains, and a resume reads
-the file instead of scoring the reference again. Each micro-batch holds its pairs' chosen rows
-then their rejected rows, padded (train/data/preference.py). Training steps log TRL's
-`rewards/chosen`, `rewards/rejected`, `rewards/accuracies`, `rewards/margins`, `logps/chosen`,
-`logps/rejected`; validations the same on the validation pairs as `val/...` (this project's
-name for a run's own validation data), with `val/loss` and greedy answers to a few prompts.
+the file instead of scoring the reference again. Each micro-batch holds its pairs' chosen
+sequences then their rejected ones, packed into rows of the context (dpo.packing) or one per
+row, padded (train/data/preference.py); the reference is scored in the same layout. Training
+steps log TRL's `rewards/chosen`, `rewards/rejected`, `rewards/accuracies`, `rewards/margins`,
+`logps/chosen`, `logps/rejected`; validations the same on the validation pairs as `val/...`
+(this project's name for a run's own validation data), with `val/loss` and greedy answers to a
+few prompts.
 """
 
 from __future__ import annotations
@@ -177,6 +179,7 @@ def setup(resolved: Resolved[DpoConfig], where: Host, sources: Sources) -> Train
         cfg.micro_batch_size,
         run.accumulation,
         pad,
+        packed_len(cfg),
     )
     meta = checkpoint_meta(engine.spec.layout, identity, cfg.model, tokenizer)
     meta |= {"lora": identity["lora"], "head": None}
@@ -184,7 +187,7 @@ def setup(resolved: Resolved[DpoConfig], where: Host, sources: Sources) -> Train
     if data.validation:
         examples = answer_examples(data.validation, cfg.samples)
         evaluators = [
-            PreferenceMetrics(data.validation, cfg.micro_batch_size, pad),
+            PreferenceMetrics(data.validation, cfg.micro_batch_size, pad, packed_len(cfg)),
             Answers(examples, tokenizer, cfg.sample_max_new_tokens),
         ]
     return Trainer(
@@ -199,6 +202,11 @@ def setup(resolved: Resolved[DpoConfig], where: Host, sources: Sources) -> Train
         evaluators=evaluators,
         step_metrics=METRICS,
     )
+
+
+def packed_len(cfg: DpoConfig) -> int | None:
+    """The rows' length when dpo.packing packs the sequences (the context), else None."""
+    return cfg.seq_len if cfg.dpo.packing else None
 
 
 def fresh_weights(cfg: DpoConfig) -> dict[str, torch.Tensor]:
@@ -233,6 +241,7 @@ def reference_logps(
                 pad_id,
                 ranks.rank,
                 ranks.world_size,
+                packed_len(cfg),
             )
             logps[name] = all_sum(share.to(run.device)).cpu() if ranks.world_size > 1 else share
         if ranks.is_main:
