@@ -14,7 +14,7 @@ import numpy as np
 from data_prep.tokenizers import LoadedTokenizer
 from train.config.dpo import DpoConfig
 from train.data.finetune import SAMPLES, split
-from train.data.packing import RowStream, SftBatches
+from train.data.packing import PairwiseBatches, RowStream
 from train.data.preference import Pair, collate_pairs, read_pairs
 from train.data.sft import CHAT_TEMPLATES, Example
 from train.errors import ConfigError
@@ -127,12 +127,11 @@ def answer_examples(pairs: list[Pair], n: int) -> list[Example]:
     return out
 
 
-class PairBatches(SftBatches):
+class PairBatches(PairwiseBatches):
     """The loop's view of preference pairs: `neo sft`'s global-batch layout over pairs (step s
     takes pairs [s * G, (s + 1) * G), so a step's pairs do not depend on the world size), each
     micro-batch as its pairs' chosen sequences then their rejected ones, one per row or packed
-    into rows of `packed_len` tokens (collate_pairs). A step's "targets" are its pairs: the loss
-    is the mean over them, as TRL's."""
+    into rows of `packed_len` tokens (collate_pairs)."""
 
     def __init__(
         self,
@@ -148,16 +147,5 @@ class PairBatches(SftBatches):
         super().__init__(RowStream(pairs, seed), rank, world_size, micro, accumulation, pad)
         self.packed_len = packed_len
 
-    def micro_batch(self, step: int, micro: int) -> dict[str, np.ndarray]:
-        return collate_pairs(self.items(step, micro), self.pad_id, self.packed_len)
-
-    def tokens_in_step(self, step: int) -> int:
-        """Tokens computed in step `step` over all ranks: each micro-batch's rows padded to its
-        longest."""
-        return sum(
-            collate_pairs(group, self.pad_id, self.packed_len)["input_ids"].size
-            for group in self.step_groups(step)
-        )
-
-    def targets_in_step(self, step: int) -> int:
-        return self.global_batch
+    def collate(self, pairs: list[Pair]) -> dict[str, np.ndarray]:
+        return collate_pairs(pairs, self.pad_id, self.packed_len)

@@ -287,6 +287,24 @@ class SftBatches:
         )
 
 
+class PairwiseBatches(SftBatches):
+    """SftBatches over pairs of a chosen and a rejected sequence (neo dpo, a reward model): a
+    step's "targets" are its pairs (the loss is the mean over them, as TRL's), and its tokens
+    those its micro-batches compute as `collate` lays them out."""
+
+    def collate(self, pairs: list) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def micro_batch(self, step: int, micro: int) -> dict[str, np.ndarray]:
+        return self.collate(self.items(step, micro))
+
+    def tokens_in_step(self, step: int) -> int:
+        return sum(self.collate(group)["input_ids"].size for group in self.step_groups(step))
+
+    def targets_in_step(self, step: int) -> int:
+        return self.global_batch
+
+
 def padded_rows(examples: list[Example]) -> list[dict[str, np.ndarray]]:
     """One example per row (packing=false); collate pads each micro-batch to its longest."""
     rows = []

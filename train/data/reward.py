@@ -19,7 +19,7 @@ import numpy as np
 
 from train.config.dpo import DpoFieldsConfig
 from train.config.sft import HeadFieldsConfig
-from train.data.packing import SftBatches
+from train.data.packing import PairwiseBatches
 from train.data.preference import is_messages, texts
 from train.data.records import BadItem, Record, Skipped, read_records
 
@@ -118,21 +118,10 @@ def collate_rewards(pairs: list[RewardPair], pad_id: int) -> dict[str, np.ndarra
     }
 
 
-class RewardBatches(SftBatches):
+class RewardBatches(PairwiseBatches):
     """The loop's view of reward pairs: `neo sft`'s global-batch layout over pairs (a step's
     pairs do not depend on the world size), each micro-batch its pairs' chosen rows then their
-    rejected rows. A step's "targets" are its pairs: the loss is the mean over them, as TRL's."""
+    rejected rows (collate_rewards)."""
 
-    def micro_batch(self, step: int, micro: int) -> dict[str, np.ndarray]:
-        return collate_rewards(self.items(step, micro), self.pad_id)
-
-    def tokens_in_step(self, step: int) -> int:
-        """Tokens computed in step `step` over all ranks: each micro-batch pads its 2B rows to
-        its longest."""
-        return sum(
-            2 * len(group) * max(max(len(p.chosen), len(p.rejected)) for p in group)
-            for group in self.step_groups(step)
-        )
-
-    def targets_in_step(self, step: int) -> int:
-        return self.global_batch
+    def collate(self, pairs: list[RewardPair]) -> dict[str, np.ndarray]:
+        return collate_rewards(pairs, self.pad_id)
