@@ -40,6 +40,25 @@ from train.config.compose import override_key
 from train.errors import ConfigError, NeoError, NotFound
 
 RECORD = "launch.json"
+# The exit status file of a job (False) or an array element (True), after `<stage>-`.
+EXIT_NAME = {
+    False: '"$SLURM_JOB_ID.exit"',
+    True: '"${SLURM_ARRAY_JOB_ID}_$SLURM_ARRAY_TASK_ID.exit"',
+}
+# squeue's states of a job that has left the queue (slurmctld remembers it for MinJobAge,
+# 300 s by default); every other state (PENDING, RUNNING, COMPLETING, ...) is still queued.
+ENDED = {
+    "BOOT_FAIL",
+    "CANCELLED",
+    "COMPLETED",
+    "DEADLINE",
+    "FAILED",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "REVOKED",
+    "TIMEOUT",
+}
 # Keys neo launch prep sets itself, per job.
 OWN_KEYS = {
     "tasks": "tasks= is launch.array= under neo launch prep (the size of each job array)",
@@ -164,7 +183,13 @@ def prep_script(job: PrepJob, launch: LaunchConfig, stage: str) -> str:
         "set -euo pipefail",
         f"cd {shell_word(job.workdir)}",
         *(f"export {n}={shell_word(str(v))}  # launch.env" for n, v in launch.env.items()),
-        f"exec {stage_command(job, launch, stage)}",
+        # The command's exit status, for `neo launch status` (launch/prep_outcome.py): written
+        # when it ends by itself, never when SLURM stops the job (bash is killed with it).
+        f"exit_file={shell_word(f'{job.launch_dir}/{stage}-')}{EXIT_NAME[stage in TASK_STAGES]}",
+        'rm -f "$exit_file"',
+        f"{stage_command(job, launch, stage)} && code=0 || code=$?",
+        'echo "$code" > "$exit_file"',
+        'exit "$code"',
     ]
     return "\n".join(lines) + "\n"
 
@@ -244,18 +269,24 @@ def run_prep(job: PrepJob, launch: LaunchConfig) -> None:
     print(f"follow it: neo launch status launch_dir={shell_word(job.launch_dir)}")
 
 
-def in_queue() -> dict[str, str]:
-    """SLURM's queue, array elements one by one: {'123' or '123_4': PENDING, RUNNING, ...}
-    (empty without squeue)."""
+def in_queue() -> dict[str, tuple[str, str]]:
+    """SLURM's jobs of this user, array elements one by one, those ended a few minutes ago
+    included: {'123' or '123_4': (state, reason)}, e.g. ('PENDING', 'Dependency'),
+    ('FAILED', 'NonZeroExitCode'); empty without squeue."""
     squeue = shutil.which("squeue")
     if squeue is None:
         return {}
-    words = [squeue, "-h", "-r", "-o", "%i %T", "-u", getpass.getuser()]  # the user's jobs
+    words = [squeue, "-h", "-r", "-t", "all", "-o", "%i %T %r", "-u", getpass.getuser()]
     done = subprocess.run(words, capture_output=True, text=True)
     if done.returncode != 0:  # not "nothing queued": what is missing cannot be told apart
         said = "; ".join((done.stderr or done.stdout).split("\n")).strip("; ")
         raise ConfigError(f"squeue failed ({said}); queued tasks cannot be told from missing ones")
-    return dict(line.split() for line in done.stdout.splitlines() if len(line.split()) == 2)
+    out = {}
+    for line in done.stdout.splitlines():
+        words = line.split(maxsplit=2)  # a reason may hold spaces
+        if len(words) >= 2:
+            out[words[0]] = (words[1], words[2] if len(words) == 3 else "")
+    return out
 
 
 def queued_for(workdir: Path, output: str) -> tuple[str, str] | None:
@@ -264,7 +295,7 @@ def queued_for(workdir: Path, output: str) -> tuple[str, str] | None:
     records = sorted((workdir / "runs" / "launch").glob("prep-*/" + RECORD))
     if not records:
         return None
-    queue = in_queue()
+    queue = {j: s for j, s in in_queue().items() if s[0] not in ENDED}
     for path in records:
         record = json.loads(path.read_text())
         if record["output"] != output:
@@ -273,7 +304,8 @@ def queued_for(workdir: Path, output: str) -> tuple[str, str] | None:
             ids = [entry["job"]] + [f"{entry['job']}_{t}" for t in entry["tasks"] or []]
             for job in ids:
                 if job in queue:
-                    return str(path.parent), f"job {job} ({entry['stage']}) {queue[job]}"
+                    state = " ".join(queue[job])
+                    return str(path.parent), f"job {job} ({entry['stage']}) {state}"
     return None
 
 

@@ -193,8 +193,11 @@ def test_slurm_arrays_with_a_cancelled_element_resubmitted_equal_one_machine(slu
     _wait_gone(list(jobs.values()))
 
     status = launch("status", f"launch_dir={launch_dir}").stdout
-    assert "| hash | 0 | - | 1 |" in status, status
-    assert "| reduce | - | - | yes |" in status and "| tokenize | - | - | 0-1 |" in status
+    # | stage | done | running | waiting | failed | cancelled | never ran |
+    assert "| hash | 0 | - | - | - | 1 | - |" in status, status
+    assert "| reduce | - | - | - | - | - | yes |" in status, status
+    assert "| tokenize | - | - | - | - | - | 0-1 |" in status, status
+    assert "hash task 1 cancelled: before it started" in status, status
     assert "resubmit=true" in status
     assert not (output / "manifest.json").exists()
 
