@@ -4,6 +4,9 @@ the job left in the launch directory (its log, its exit status), on sample files
 SLURM answering as a test tells it (the real one: tests/launch/test_launch_prep.py)."""
 
 import json
+import os
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -215,3 +218,37 @@ def test_the_job_script_records_the_exit_status_quoted(corpus):  # noqa: F811
     assert hash_script.rstrip().endswith('echo "$code" > "$exit_file"\nexit "$code"')
     plan_script = out.split("/plan.sbatch\n")[1].split("\n\n# ")[0]
     assert f"exit_file='{launch_dir}/plan-'\"$SLURM_JOB_ID.exit\"" in plan_script
+
+
+@pytest.mark.slow
+def test_slurm_a_job_cancelled_while_running_is_named_cancelled(slurm, corpus, tmp_path):  # noqa: F811
+    """The plan job sleeps once it starts (a sitecustomize on the jobs' PYTHONPATH) and is
+    cancelled then: slurmstepd's line in its log makes it cancelled, with the time, and no exit
+    status is written; the stages after it, killed for their dependency, never ran."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    started = tmp_path / "started"
+    (hook / "sitecustomize.py").write_text(
+        "import os, time\n"
+        "if os.environ.get('SLURM_JOB_NAME') == 'neo-prep-plan':\n"
+        f"    open({str(started)!r}, 'w').close()\n"
+        "    time.sleep(300)\n"
+    )
+    env = {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+    args = ["prep", "launcher=slurm", "launch.array=2", "input=in", "output=out", *PREP]
+    out = launch(*args, f"launch.workdir={corpus}", cwd=corpus, env=env).stdout
+    jobs = _submitted(out)
+    launch_dir = Path(out.split("launch dir ")[1].splitlines()[0])
+    deadline = time.time() + 120
+    while not started.exists():
+        assert time.time() < deadline, "the plan job did not start"
+        time.sleep(0.2)
+    subprocess.run(["scancel", jobs["plan"]], check=True)
+    _wait_gone(list(jobs.values()))
+
+    status = launch("status", f"launch_dir={launch_dir}").stdout
+    assert "| plan | - | - | - | - | yes | - |" in status, status
+    assert "| hash | - | - | - | - | - | 0-1 |" in status, status
+    log = launch_dir / f"slurm-neo-prep-plan-{jobs['plan']}.err"
+    assert "plan cancelled: at 20" in status and f"(log {log})" in status, status
+    assert not (launch_dir / f"plan-{jobs['plan']}.exit").exists()
