@@ -9,11 +9,12 @@ hash and reduce stages have nothing to do and are not submitted. Every job is su
 --kill-on-invalid-dep=yes: a failed or cancelled element cancels the stages after it instead of
 leaving them pending forever.
 
-The launch directory (<workdir>/runs/launch/prep-<time>) holds the job scripts, their logs and
+The launch directory (<workdir>/runs/launch/prep-<time>) holds the job scripts, their logs, the
+exit status of each job or element that ended by itself (`<stage>-<job>[_<task>].exit`) and
 launch.json (the overrides and every job submitted), from which `neo launch status
-launch_dir=DIR` reports which stages are done and which tasks are queued or missing, and
-`resubmit=true` submits only the missing tasks (`--array=1,3`) and the stages after them.
-Torch-free.
+launch_dir=DIR` reports which stages are done and which tasks are running, waiting, failed,
+cancelled or never ran (launch/prep_status.py), and `resubmit=true` submits only the tasks not
+done (`--array=1,3`) and the stages after them. Torch-free.
 """
 
 from __future__ import annotations
@@ -373,6 +374,8 @@ def load_record(launch_dir: Path) -> tuple[PrepJob, dict]:
         )
         if not all({"stage", "job", "tasks"} <= set(entry) for entry in record["jobs"]):
             raise KeyError("jobs[].stage, job, tasks")
+        if not all(str(entry["job"]).isdigit() for entry in record["jobs"]):
+            raise ValueError("jobs[].job is not a SLURM job id")  # status finds files by it
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(
             f"{record_file}: {RECORD} is not a neo launch prep record ({type(e).__name__}: {e})"

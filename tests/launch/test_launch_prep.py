@@ -344,9 +344,19 @@ def test_an_output_holding_other_files_is_refused_before_submitting(corpus):
 def test_status_of_a_broken_launch_record_is_one_line(corpus):
     broken = corpus / "runs" / "launch" / "prep-x"
     broken.mkdir(parents=True)
+    record = {
+        "command_line": "neo launch prep",
+        "overrides": ["input=in", "output=out", "tasks=2"],
+        "tasks": 2,
+        "stages": ["plan", "hash", "reduce", "tokenize", "merge"],
+        "output": str(corpus / "out"),
+        "workdir": str(corpus),
+        "jobs": [{"stage": "plan", "job": "*", "tasks": None}],  # status globs logs by it
+    }
     for text, message in [
         ("{", "launch.json is not a neo launch prep record"),
         ('{"tasks": 2}', "launch.json is not a neo launch prep record"),
+        (json.dumps(record), "jobs[].job is not a SLURM job id"),
     ]:
         (broken / "launch.json").write_text(text)
         proc = launch("status", f"launch_dir={broken}", check=False)
