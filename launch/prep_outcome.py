@@ -74,7 +74,8 @@ def outcome(
     if state in ("CANCELLED", "PREEMPTED", "TIMEOUT", "DEADLINE"):
         return Outcome("cancelled", f"SLURM: {state}" + (f" ({reason})" if reason else ""), log)
     if state:
-        return Outcome("failed", f"SLURM: {state} ({reason}): {error_line(text)}", log)
+        said = f"SLURM: {state}" + (f" ({reason})" if reason else "")
+        return Outcome("failed", said + (f": {error_line(text)}" if log else ""), log)
     if log:
         return Outcome("failed", f"ended without an exit status: {error_line(text)}", log)
     if known:  # an element cancelled while pending leaves no record; one killed for its

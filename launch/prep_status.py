@@ -75,6 +75,14 @@ def outcomes(job: PrepJob, record: dict, left: dict[str, list[int]]) -> dict[str
                 known = "_" in element and element.split("_")[0] in arrays
                 found = outcome(Path(job.launch_dir), stage, element, queue.get(element), known)
                 out[stage][task] = (element, found)
+    # Each stage's job waits on the whole job before it (afterok): after a job that can never
+    # run, SLURM says only "Dependency" of the ones waiting on it, but they never run either.
+    blocked = False
+    for stage in job.stages:
+        for task, (element, o) in out[stage].items():
+            if blocked and o.state == "waiting" and o.detail == "Dependency":
+                out[stage][task] = (element, Outcome("stuck", "on a job that can never run"))
+        blocked = blocked or any(o.state == "stuck" for _, o in out[stage].values())
     return out
 
 
@@ -111,11 +119,12 @@ def notes(found: dict[str, dict]) -> list[str]:
         stuck = sorted(t for t, (_, o) in tasks.items() if o.state == "stuck")
         if stuck:
             jobs = sorted({tasks[t][0].split("_")[0] for t in stuck})
-            which = f"{stage} tasks {array_spec(stuck)}" if stage in TASK_STAGES else stage
+            which, wait = f"{stage} tasks {array_spec(stuck)}", "wait"
+            if stage not in TASK_STAGES:
+                which, wait = stage, "waits"
             lines.append(
-                f"{which} (job {', '.join(jobs)}) wait on a job that did not succeed "
-                "(DependencyNeverSatisfied) and will never run: resubmit=true cancels them and "
-                "submits them again"
+                f"{which} (job {', '.join(jobs)}) {wait} on a job that will never succeed, so "
+                "will never run: resubmit=true cancels it and submits it again"
             )
     if len(lines) > NOTES:
         lines = lines[:NOTES] + [f"... and {len(lines) - NOTES} more"]

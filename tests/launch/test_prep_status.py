@@ -5,13 +5,21 @@ SLURM answering as a test tells it (the real one: tests/launch/test_launch_prep.
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from test_launch import launch, slurm  # noqa: F401
-from test_launch_prep import PREP, _fake_slurm, _submitted, _wait_gone, corpus  # noqa: F401
+from test_launch_prep import (  # noqa: F401
+    PREP,
+    _fake_slurm,
+    _queued,
+    _submitted,
+    _wait_gone,
+    corpus,
+)
 
 
 def _launched(work: Path, squeue: str) -> tuple[dict, Path]:
@@ -32,17 +40,23 @@ def _launched(work: Path, squeue: str) -> tuple[dict, Path]:
 
 def test_resubmit_cancels_the_jobs_whose_dependency_can_never_be_satisfied(corpus):  # noqa: F811
     """The plan job failed and the later jobs were not killed for it (--kill-on-invalid-dep
-    overridden by the site): they wait forever. Status says so; resubmit=true cancels exactly
-    those and submits every stage again, instead of waiting for them to leave the queue."""
+    overridden by the site): they wait forever, the hash job on DependencyNeverSatisfied, the
+    ones after it on Dependency (on the hash job, which never ends). Status says so;
+    resubmit=true cancels exactly those and submits every stage again, instead of waiting for
+    them to leave the queue."""
     squeue = """if [ -e "${0%/*}/scancel.calls" ]; then state=CANCELLED; else state=PENDING; fi
 echo "11 FAILED NonZeroExitCode"
-for j in 12_0 12_1 13 14_0 14_1 15; do echo "$j $state DependencyNeverSatisfied"; done"""
+echo "12_0 $state DependencyNeverSatisfied"; echo "12_1 $state DependencyNeverSatisfied"
+for j in 13 14_0 14_1 15; do echo "$j $state Dependency"; done  # as SLURM shows them"""
     env, launch_dir = _launched(corpus, squeue)
     status = launch("status", f"launch_dir={launch_dir}", env=env).stdout
     assert "| plan | - | - | - | yes | - | - |" in status, status
     assert "| hash | - | - | 0-1 (never runs) | - | - | - |" in status, status
-    assert "hash tasks 0-1 (job 12) wait on a job that did not succeed" in status, status
-    assert "resubmit=true cancels them" in status, status
+    assert "hash tasks 0-1 (job 12) wait on a job that will never succeed" in status, status
+    assert "| tokenize | - | - | 0-1 (never runs) | - | - | - |" in status, status
+    assert "merge (job 15) waits on a job that will never succeed" in status, status
+    assert "resubmit=true cancels it and submits it again" in status, status
+    assert "plan failed: SLURM: FAILED (NonZeroExitCode)\n" in status, status
 
     again = launch("status", f"launch_dir={launch_dir}", "resubmit=true", env=env).stdout
     calls = (corpus.parent / "bin" / "scancel.calls").read_text().split()
@@ -252,3 +266,52 @@ def test_slurm_a_job_cancelled_while_running_is_named_cancelled(slurm, corpus, t
     log = launch_dir / f"slurm-neo-prep-plan-{jobs['plan']}.err"
     assert "plan cancelled: at 20" in status and f"(log {log})" in status, status
     assert not (launch_dir / f"plan-{jobs['plan']}.exit").exists()
+
+
+@pytest.mark.slow
+def test_slurm_jobs_that_can_never_run_are_cancelled_by_resubmit(slurm, corpus, tmp_path, request):  # noqa: F811
+    """A site that drops --kill-on-invalid-dep (here an sbatch wrapper): the plan job fails
+    (its input moved away after submission) and the later jobs pend forever on
+    DependencyNeverSatisfied. Status says they will never run; resubmit=true cancels exactly
+    those and, the input back, the dataset completes."""
+    wrapper = tmp_path / "bin" / "sbatch"
+    wrapper.parent.mkdir()
+    wrapper.write_text(
+        "#!/bin/bash\nargs=()\n"
+        'for a in "$@"; do [ "$a" = --kill-on-invalid-dep=yes ] || args+=("$a"); done\n'
+        f'exec {shutil.which("sbatch")} "${{args[@]}}"\n'
+    )
+    wrapper.chmod(0o755)
+    env = {"PATH": f"{wrapper.parent}{os.pathsep}{os.environ['PATH']}"}
+    args = ["prep", "launcher=slurm", "launch.array=2", "input=in", "output=out", *PREP]
+    held = ["launch.sbatch_args=[--hold]", f"launch.workdir={corpus}"]
+    out = launch(*args, *held, cwd=corpus, env=env).stdout
+    jobs = _submitted(out)
+    launch_dir = Path(out.split("launch dir ")[1].splitlines()[0])
+    (corpus / "in").rename(corpus / "moved")
+    subprocess.run(["scontrol", "release", *jobs.values()], capture_output=True)
+    later = [j for s, j in jobs.items() if s != "plan"]
+    request.addfinalizer(lambda: subprocess.run(["scancel", *later], capture_output=True))
+    _wait_gone([jobs["plan"]])
+    deadline = time.time() + 60
+    status = ""
+    while "never runs" not in status:  # SLURM reevaluates dependencies every few seconds
+        assert time.time() < deadline, status
+        time.sleep(1)
+        status = launch("status", f"launch_dir={launch_dir}").stdout
+    assert "| plan | - | - | - | yes | - | - |" in status, status
+    assert "| hash | - | - | 0-1 (never runs) | - | - | - |" in status, status
+    assert "plan failed: exit 2: neo prep: error: input=" in status, status
+    assert f"hash tasks 0-1 (job {jobs['hash']}) wait on a job that will never succeed" in status
+    assert "| merge | - | - | yes (never runs) | - | - | - |" in status, status
+    assert len(_queued(later)) == 6  # they stay
+
+    (corpus / "moved").rename(corpus / "in")
+    again = launch("status", f"launch_dir={launch_dir}", "resubmit=true", env=env).stdout
+    assert "cancelled 6 job(s) of this launch that could never run" in again, again
+    assert not _queued(later)
+    resubmitted = list(_submitted(again).values())
+    subprocess.run(["scontrol", "release", *resubmitted], capture_output=True)  # --hold
+    _wait_gone(resubmitted)
+    logs = "".join(p.read_text() for p in launch_dir.glob("*.err"))
+    assert (corpus / "out" / "manifest.json").is_file(), logs
