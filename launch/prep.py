@@ -374,8 +374,11 @@ def load_record(launch_dir: Path) -> tuple[PrepJob, dict]:
         )
         if not all({"stage", "job", "tasks"} <= set(entry) for entry in record["jobs"]):
             raise KeyError("jobs[].stage, job, tasks")
-        if not all(str(entry["job"]).isdigit() for entry in record["jobs"]):
-            raise ValueError("jobs[].job is not a SLURM job id")  # status finds files by it
+        for entry in record["jobs"]:  # status finds a task's files by its job and number
+            if not str(entry["job"]).isdigit():
+                raise ValueError(f"jobs[].job {entry['job']!r} is not a SLURM job id")
+            if not all(type(t) is int for t in entry["tasks"] or []):
+                raise ValueError(f"jobs[].tasks {entry['tasks']!r} are not task numbers")
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(
             f"{record_file}: {RECORD} is not a neo launch prep record ({type(e).__name__}: {e})"

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launch.prep import ENDED
+from launch.quoting import CONTROL
 
 # slurmstepd's line in a job's stderr when SLURM stops it.
 CANCEL = re.compile(r"\*\*\* JOB \d+ ON \S+ CANCELLED AT (\S+)(?: DUE TO (.+?))? \*\*\*")
@@ -60,7 +61,7 @@ def outcome(
     log = str(logs[-1]) if logs else ""
     text = tail(Path(log)) if log else ""
     status = launch_dir / f"{stage}-{element}.exit"
-    code = tail(status)[:20].strip() if status.is_file() else ""
+    code = CONTROL.sub(" ", tail(status)[:20]).strip() if status.is_file() else ""
     stopped = CANCEL.findall(text)
     if code == "0":
         return Outcome("failed", "exit 0, yet its slices are not all written", log)
@@ -102,5 +103,5 @@ def error_line(text: str) -> str:
         after = lines[starts[-1] + 1 :] if starts else []
         # The exception is the first line of the traceback that is not indented.
         found = next((line for line in after if not line[0].isspace()), None)
-    found = found or (lines[-1] if lines else "its log says nothing")
+    found = CONTROL.sub(" ", found or (lines[-1] if lines else "its log says nothing"))
     return found if len(found) <= SHOWN else found[: SHOWN - 3] + "..."

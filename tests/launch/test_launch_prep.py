@@ -356,7 +356,11 @@ def test_status_of_a_broken_launch_record_is_one_line(corpus):
     for text, message in [
         ("{", "launch.json is not a neo launch prep record"),
         ('{"tasks": 2}', "launch.json is not a neo launch prep record"),
-        (json.dumps(record), "jobs[].job is not a SLURM job id"),
+        (json.dumps(record), "jobs[].job '*' is not a SLURM job id"),
+        (
+            json.dumps(record | {"jobs": [{"stage": "hash", "job": "9", "tasks": ["../x"]}]}),
+            "jobs[].tasks ['../x'] are not task numbers",
+        ),
     ]:
         (broken / "launch.json").write_text(text)
         proc = launch("status", f"launch_dir={broken}", check=False)

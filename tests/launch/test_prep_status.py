@@ -187,6 +187,14 @@ def _task(tmp_path: Path, err: str | bytes | None, code: str | None) -> Path:
         (b"\xff\xfe broken \x00 bytes\n", "1", None, "failed", "exit 1: \ufffd\ufffd broken"),
         ("x" * 500 + "\n", "1", None, "failed", "exit 1: " + "x" * 297 + "..."),
         ("x" * 200_000 + "\n" + NEO, "2", None, "failed", "exit 2: " + NEO.strip()),
+        # a log's escape sequences are not replayed on the terminal that reads the status
+        (
+            "\x1b]0;title\x07oops\x1b[2J\n",
+            "1\x1b[2J",
+            None,
+            "failed",
+            "exit 1 [2J:  ]0;title oops [2J",
+        ),
     ],
 )
 def test_a_tasks_outcome_from_its_files_and_slurm(tmp_path, err, code, queued, state, detail):
