@@ -61,11 +61,13 @@ class Signer:
     datasketch's `MinHash(num_perm, seed, scheme="affine32")` updated with the text's
     shingles (tested), computed for many shingles and documents at once.
 
-    datasketch hashes and permutes one document at a time in Python (~1.4 us per shingle);
-    here the shingles are built with C-speed string operations, SHA-1'd by one map over a
-    piece of text, and permuted and reduced for thousands of shingles of many documents in
-    a few numpy calls. SHA-1 is datasketch's hash (sha1_hash32: the first 4 digest bytes,
-    little-endian); the permutations are datasketch's, drawn from the seed."""
+    datasketch builds, hashes and permutes one document at a time in Python; here the
+    shingles are built with C-speed string operations, SHA-1'd by one map over a piece of
+    text, and permuted and reduced for thousands of shingles of many documents in a few numpy
+    calls: 1.7x faster on the sample's documents (bench/prep_tasks.py --sign). What remains
+    is mostly SHA-1 itself, one hashlib call per shingle (~60%), which no batching removes;
+    a faster hash would change every signature. SHA-1 is datasketch's hash (sha1_hash32: the
+    first 4 digest bytes, little-endian); the permutations are datasketch's, from the seed."""
 
     def __init__(self, ngram: int, num_perm: int, seed: int):
         # Imported here: datasketch's package imports scipy (1.7 s), which every `neo prep` and
