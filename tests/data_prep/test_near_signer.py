@@ -88,6 +88,16 @@ def test_chunks_of_shingles_and_pieces_of_a_text_cut_anywhere_sign_the_same(monk
                 assert list(pieces) == list(shingles(text, ngram)), (chunk, piece, ngram, text)
 
 
+def test_a_long_text_is_cut_into_pieces_of_bounded_size(monkeypatch):
+    """What bounds a huge document's memory: each piece is PIECE_CHARS characters and the rest
+    of the word it would cut (nothing bounds one word, as before batching)."""
+    monkeypatch.setattr(near, "PIECE_CHARS", 10)
+    text = "alpha, Beta ΓΑΣ—delta epsilon " * 50
+    pieces = list(near._text_pieces(text))
+    assert len(pieces) >= len(text) // 18 and max(map(len, pieces)) <= 10 + len("epsilon")
+    assert list(near._text_pieces("x" * 50)) == ["x" * 50]
+
+
 def test_a_signature_does_not_depend_on_its_batch():
     texts = random_texts(60, seed=4)
     signer = Signer(5, 64, 1)
