@@ -3,6 +3,7 @@ bench/prep.py measures the one-machine form).
 
     python bench/prep_tasks.py [--input corpus.jsonl] [--slice-mb 4] [--reduce-millions 10]
                                [--near-millions 1]
+    python bench/prep_tasks.py --sign [--input corpus.jsonl] [--documents 2000] [--rounds 2]
 
 (d) the staged pipeline with 1 task and with 2, every task its own `neo prep stage=S task=I`
     process with workers=1, the 2 tasks of a stage running at once: two nodes of one core, the
@@ -11,30 +12,44 @@ bench/prep.py measures the one-machine form).
 (e) the reduce alone, in this process, on random digests (10% copies): seconds and peak
     memory per million documents;
 (f) dedup=near: the signature step's documents/s on the input's first 2000 documents (one
-    core, datasketch, 5-grams, 128 permutations), and the near-duplicate reduce on random
-    signatures (10% near copies) in .npy files: seconds and peak memory per million documents;
+    core, data_prep/near.py Signer, 5-grams, 128 permutations), and the near-duplicate reduce
+    on random signatures (10% near copies) in .npy files: seconds and peak memory per million
+    documents;
 then the Pile (825 GB, 30 files, about 210M documents) projected from the measured rates.
 The default input is the bundled sample, decompressed (30 MB of JSON lines, so that it slices).
+
+--sign measures only the signing, side by side on the same documents in one process: the
+batched Signer against datasketch's own per-document path (what Signer.sign did before it was
+batched: one MinHash per document, update_batch on 8192 shingles at a time), alternating for
+--rounds rounds, the best of each counting. Documents/s per core count this process's CPU
+seconds (wall seconds stretch when other jobs share the cores); both must give the same
+signatures. Two lines for scale: SHA-1 alone on the same shingles (the hash both ways must
+call once per shingle: the floor of any exact signer in Python), and xxh32 on them (a faster
+hash, for comparison only: it would change every signature).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from itertools import islice
+from operator import methodcaller
 from pathlib import Path
 
 import numpy as np
 import psutil
+import xxhash
 import zstandard
 from prep import NEO, TreeMonitor
 
 from data_prep.inputs import SAMPLE
-from data_prep.near import Signatures, Signer, near_duplicates
+from data_prep.near import Signatures, Signer, near_duplicates, shingles
 from data_prep.stages import first_copies
 
 STAGES = ("plan", "hash", "reduce", "tokenize", "merge")
@@ -80,13 +95,73 @@ def reduce_cost(millions: float) -> tuple[float, float]:
     return seconds, monitor.peak - base
 
 
+def first_texts(corpus: Path, documents: int) -> list[str]:
+    with open(corpus, "rb") as f:
+        return [json.loads(line)["text"] for line, _ in zip(f, range(documents), strict=False)]
+
+
 def sign_rate(corpus: Path, documents: int = 2000) -> float:
     """Documents per second of the MinHash signature step, one core."""
-    with open(corpus, "rb") as f:
-        texts = [json.loads(line)["text"] for line, _ in zip(f, range(documents), strict=False)]
+    texts = first_texts(corpus, documents)
+    signer = Signer(5, 128, 1)
+    signer.sign(texts[:1])  # its one check of datasketch, outside the timing
     start = time.perf_counter()
-    Signer(5, 128, 1).sign(texts)
+    signer.sign(texts)
     return len(texts) / (time.perf_counter() - start)
+
+
+def datasketch_sign(signer: Signer, texts: list[str]) -> np.ndarray:
+    """Signatures the way Signer.sign computed them before it was batched."""
+    out = np.empty((len(texts), signer.num_perm), np.uint32)
+    for row, text in enumerate(texts):
+        m = signer.MinHash(
+            num_perm=signer.num_perm,
+            seed=signer.seed,
+            permutations=signer.permutations,
+            scheme="affine32",
+        )
+        stream = shingles(text, signer.ngram)
+        while chunk := list(islice(stream, 8192)):
+            m.update_batch(chunk)
+        out[row] = m.hashvalues
+    return out
+
+
+def compare_signing(corpus: Path, documents: int, rounds: int) -> None:
+    texts = first_texts(corpus, documents)
+    signer = Signer(5, 128, 1)
+    signer.sign(texts[:1])  # its one check of datasketch, outside the timing
+    every = [s for text in texts for s in shingles(text, 5)]
+    digest = methodcaller("digest")
+    ways = {
+        "datasketch per document (before)": lambda: datasketch_sign(signer, texts),
+        "Signer, batched (now)": lambda: signer.sign(texts),
+        "  for scale: SHA-1 alone": lambda: b"".join(map(digest, map(hashlib.sha1, every))),
+        "  for scale: xxh32 alone": lambda: list(map(xxhash.xxh32_intdigest, every)),
+    }
+    best: dict[str, tuple[float, float]] = {}
+    results = {}
+    for _ in range(rounds):
+        for name, way in ways.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            results[name] = way()
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+            best[name] = min(best.get(name, (cpu, wall)), (cpu, wall))
+    before, now = (results[name] for name in list(ways)[:2])
+    words = len(every) / len(texts)
+    print(
+        f"{corpus}: first {len(texts):,} documents, {len(every):,} shingles ({words:.0f} per "
+        f"document), 5-grams, 128 permutations; {os.cpu_count()} cores, load average "
+        f"{os.getloadavg()[0]:.1f}; best of {rounds} alternating rounds"
+    )
+    print(f"{'':36}{'docs/s per core':>16}{'docs/s wall':>12}{'ns/shingle':>11}{'vs before':>10}")
+    for name, (cpu, wall) in best.items():
+        ratio = best[list(ways)[0]][0] / cpu
+        print(
+            f"{name:36}{len(texts) / cpu:>16,.0f}{len(texts) / wall:>12,.0f}"
+            f"{cpu / len(every) * 1e9:>11,.0f}{ratio:>9.2f}x"
+        )
+    print(f"same signatures: {np.array_equal(before, now)}")
 
 
 def near_reduce_cost(millions: float, scratch: Path) -> tuple[float, float, int]:
@@ -124,6 +199,8 @@ def main() -> None:
     parser.add_argument("--reduce-millions", type=float, default=10)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--near-millions", type=float, default=1)
+    parser.add_argument("--sign", action="store_true", help="compare signers only")
+    parser.add_argument("--documents", type=int, default=2000, help="with --sign")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
@@ -132,6 +209,8 @@ def main() -> None:
             corpus.parent.mkdir()
             with open(SAMPLE, "rb") as f, open(corpus, "wb") as out:
                 zstandard.ZstdDecompressor().copy_stream(f, out)
+        if args.sign:
+            return compare_signing(corpus, args.documents, args.rounds)
         size = corpus.stat().st_size
         slice_bytes = int(args.slice_mb * 2**20)
         one: dict[str, float] = {}
