@@ -83,12 +83,14 @@ def test_no_arguments_tunes_on_the_bundled_pairs_with_trls_metric_names(tmp_path
     assert steps[0]["rewards/chosen"] == steps[0]["rewards/rejected"] == 0.0
     assert steps[0]["rewards/accuracies"] == 0.0  # no pair has chosen > rejected yet
     validations = [r for r in records if "val/rewards/accuracies" in r]
-    assert [r["step"] for r in validations] == [8, 16, 24]
+    assert [r["step"] for r in validations] == [0, 8, 16, 24]  # the base first, before step 1
+    answers = {f"val/answers/{k}" for k in ("closer_to_chosen", "closer_to_rejected", "distinct")}
     for r in validations:
-        assert {"val/loss", *(f"val/{m}" for m in METRICS)} <= set(r)
+        assert {"val/loss", *(f"val/{m}" for m in METRICS), *answers} <= set(r)
+    assert validations[0]["val/rewards/chosen"] == validations[0]["val/rewards/rejected"] == 0.0
     assert validations[-1]["val/rewards/accuracies"] >= 0.65
-    assert validations[-1]["val/rewards/margins"] > validations[0]["val/rewards/margins"] > 0
-    assert validations[-1]["val/loss"] < validations[0]["val/loss"] < np.log(2)
+    assert validations[-1]["val/rewards/margins"] > validations[1]["val/rewards/margins"] > 0
+    assert validations[-1]["val/loss"] < validations[1]["val/loss"] < np.log(2)
 
 
 @pytest.mark.slow
@@ -131,7 +133,7 @@ def test_kill_and_resume_is_exact_and_reads_the_reference(tmp_path, packing):
         return out
 
     straight, resumed = steps(tmp_path / "straight"), steps(tmp_path / "killed")
-    assert sorted(straight) == [1, 2, 3, 4, 5, 6]
+    assert sorted(straight) == [0, 1, 2, 3, 4, 5, 6]  # 0: the validation before step 1
     assert straight[1]["rewards/chosen"] == straight[1]["rewards/rejected"] == 0.0
     assert resumed == straight  # bit for bit (step 4, logged before the kill, logged again)
 
@@ -164,7 +166,7 @@ def test_one_and_two_ranks_and_zero3_give_the_same_run(tmp_path, packing):
         ]
 
     one = values("one")
-    assert [r["step"] for r in one] == [1, 2, 2, 3, 4, 4]
+    assert [r["step"] for r in one] == [0, 1, 2, 2, 3, 4, 4]
     for name in set(runs) - {"one"}:
         other = values(name)
         assert [r["step"] for r in other] == [r["step"] for r in one]
@@ -249,6 +251,7 @@ def test_config_rules():
             "dpo.label_smoothing=0.5 must be in [0, 0.5) for dpo.loss_type=robust",
         ),
         (dict(validation_fraction=1.0), "dpo.validation_fraction=1.0 must be in [0, 1)"),
+        (dict(style_prompts=-1), "dpo.style_prompts=-1 must be >= 0"),
     ]
     for values, message in cases:
         cfg = DpoConfig()
@@ -372,7 +375,7 @@ def test_pairs_without_a_prompt_are_not_asked_for_greedy_answers(tmp_path):
     from conftest import tiny_config
 
     from train.data.dpo import answer_examples
-    from train.loop.evaluators import Answers, EvalContext
+    from train.loop.evaluators import Answers, AnswerStyle, EvalContext
     from train.model.gpt import GPT
 
     tokenizer = load_tokenizer("gpt2")
@@ -386,6 +389,17 @@ def test_pairs_without_a_prompt_are_not_asked_for_greedy_answers(tmp_path):
     ctx = EvalContext(model, torch.device("cpu"), 0, 1, True, False)
     report = Answers(answer_examples(pairs, 3), tokenizer, 4)(ctx)
     assert [s["prompt"] for s in report.samples] == ["Q:"]
+    # nor for the style of answers: the one pair with a prompt, its responses without the
+    # end-of-text token
+    style = AnswerStyle(pairs, tokenizer, 4, limit=3)
+    assert [tokenizer.decode(p) for p in style.prompts] == ["Q:"]
+    assert (style.chosen, style.rejected) == ([" yes"], [" no"])
+    metrics = style(ctx).metrics
+    assert set(metrics) == {
+        f"val/answers/{k}"
+        for k in ("closer_to_chosen", "closer_to_rejected", "rouge_l_chosen", "rouge_l_rejected")
+    } | {"val/answers/distinct"}
+    assert metrics["val/answers/distinct"] == 1.0
 
 
 def test_a_validation_file_without_a_usable_pair_is_refused(tmp_path):
