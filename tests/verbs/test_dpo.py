@@ -20,6 +20,7 @@ from train.config import compose
 from train.config.dpo import DpoConfig
 from train.config.resolve import World, resolve_dpo
 from train.data.dpo import BUNDLED, PairBatches
+from train.data.packing import RowStream
 from train.data.preference import read_pairs
 from train.errors import CheckpointError, ConfigError
 from train.loop import reference
@@ -186,24 +187,32 @@ def read_reference(run: Path) -> dict[str, torch.Tensor]:
 def test_the_ranks_shares_of_the_reference_add_up_to_one_ranks_scores():
     """reference.score on rank r of n scores micro-batches r, r + n, ... and leaves zeros
     elsewhere: the shares sum to the one-rank scores bit for bit (each pair is scored in the
-    same micro-batch on any world size), for a share count that divides the batches or not."""
+    same micro-batch on any world size), for a share count that divides the batches or not,
+    in file order or in the training's first-epoch order (each score stored at its pair)."""
     from train.model.gpt import GPT
 
     tokenizer = load_tokenizer("gpt2")
     pairs = read_pairs(str(BUNDLED), tokenizer, 64).pairs[:11]
     config = tiny_config(vocab_size=tokenizer.vocab_size, max_position_embeddings=64)
     weights = GPT(config).init_weights(torch.Generator().manual_seed(0)).state_dict()
+    epoch = RowStream(pairs, 1234).order(0)
+    assert sorted(epoch) == list(range(11)) and epoch != sorted(epoch)
 
-    def scores(rank, world):
+    def scores(rank, world, order=None):
         cpu = torch.device("cpu")
-        return reference.score(config, weights, pairs, cpu, torch.float32, 2, 50256, rank, world)
+        return reference.score(
+            config, weights, pairs, cpu, torch.float32, 2, 50256, rank, world, order=order
+        )
 
-    whole = scores(0, 1)
-    assert whole.shape == (11, 2) and (whole < 0).all()
-    for world in (2, 3):
-        shares = [scores(rank, world) for rank in range(world)]
-        assert all((share == 0).any(dim=1).sum() > 0 for share in shares)  # each a part only
-        assert torch.equal(sum(shares), whole), world
+    for order in (None, epoch):
+        whole = scores(0, 1, order)
+        assert whole.shape == (11, 2) and (whole < 0).all()
+        for world in (2, 3):
+            shares = [scores(rank, world, order) for rank in range(world)]
+            assert all((share == 0).any(dim=1).sum() > 0 for share in shares)  # each a part only
+            assert torch.equal(sum(shares), whole), world
+    # in fp32 a pair's score hardly depends on its micro-batch: each is stored at its own pair
+    torch.testing.assert_close(scores(0, 1, epoch), scores(0, 1), rtol=1e-5, atol=1e-4)
 
 
 def test_a_resume_without_the_stored_reference_or_with_other_pairs_stops(tmp_path):
@@ -416,3 +425,41 @@ def test_a_validation_file_without_a_usable_pair_is_refused(tmp_path):
         f"dpo.validation_path={BUNDLED_CLASSIFICATION}: no usable validation pair (1200 "
         f"skipped, the first: {BUNDLED_CLASSIFICATION}:1: 'chosen' and 'rejected' must"
     ), str(e.value)
+
+
+@pytest.mark.slow
+def test_bf16_rewards_of_step_1_are_exactly_0(tmp_path, bf16_corpus):
+    """precision=bf16 (the 512-token vocabulary: bf16 is emulated on this CPU): the reference is
+    scored in the micro-batches step 1 trains on, so the policy's first log-probabilities are
+    the reference's bit for bit (bf16 attention's result depends on the micro-batch's padded
+    length: scored in file order, the pairs' rewards were about 1e-4 off 0), as the validation's
+    before step 1 are."""
+    from train.checkpoints.model_format import save_checkpoint
+    from train.model.gpt import GPT
+
+    tokenizer = load_tokenizer(str(bf16_corpus / "tokenizer"))
+    config = DpoConfig().model
+    config.hidden_size, config.num_layers, config.vocab_size = 64, 2, 512
+    config.attention_types, config.max_position_embeddings = [[["global", "local"], 1]], 256
+    model = GPT(config.validate()).init_weights(torch.Generator().manual_seed(3))
+    save_checkpoint(tmp_path / "base", config, model.state_dict(), tokenizer)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(Path(BUNDLED).read_text().splitlines(keepends=True)[:20]))
+    dpo(
+        tmp_path / "work",
+        f"base={tmp_path / 'base'}",
+        f"dpo.path={pairs}",
+        "dpo.validation_fraction=0.2",
+        "precision=bf16",
+        "micro_batch_size=2",
+        "global_batch_size=4",
+        "max_steps=1",
+        "export_hf=false",
+        "dpo.style_prompts=0",
+        "samples=0",
+    )
+    records = read_metrics(tmp_path / "work" / "runs" / "dpo-tiny")
+    first = [r for r in records if "loss" in r][0]
+    assert first["rewards/chosen"] == first["rewards/rejected"] == 0.0
+    start = [r for r in records if r.get("step") == 0 and "val/loss" in r][0]
+    assert start["val/rewards/chosen"] == start["val/rewards/rejected"] == 0.0

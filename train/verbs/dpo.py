@@ -42,6 +42,7 @@ from train.data.dpo import (
     data_identity,
     read_preference,
 )
+from train.data.packing import RowStream
 from train.distributed import machine as hw
 from train.distributed.collectives import all_sum, barrier
 from train.distributed.machine import Host, host
@@ -238,6 +239,9 @@ def reference_logps(
     else:
         ranks = run.ranks
         logps = {}
+        # training pairs in the micro-batches of the first epoch (PairBatches), validation
+        # pairs in file order (PreferenceMetrics): each as the policy will first score it
+        orders = {"train": RowStream(data.train, cfg.dpo.seed).order(0), "validation": None}
         for name, pairs in splits.items():
             share = reference.score(
                 cfg.model,
@@ -250,6 +254,7 @@ def reference_logps(
                 ranks.rank,
                 ranks.world_size,
                 packed_len(cfg),
+                orders[name],
             )
             logps[name] = all_sum(share.to(run.device)).cpu() if ranks.world_size > 1 else share
         if ranks.is_main:
