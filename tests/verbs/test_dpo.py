@@ -5,14 +5,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import NEO, tiny_config
-from runs import kill
+from pairs import kill_after_step, values_by_step
 from safetensors.torch import load_file
 
 from data_prep.tokenizers import load_tokenizer
@@ -106,15 +105,7 @@ def test_kill_and_resume_is_exact_and_reads_the_reference(tmp_path, packing):
     dpo(tmp_path / "straight", *common)
     proc = dpo(tmp_path / "killed", *common, wait=False)
     run = tmp_path / "killed" / "runs" / "dpo-tiny"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        file = run / "metrics.jsonl"
-        lines = file.read_text().splitlines() if file.exists() else []
-        if max((json.loads(x).get("step", 0) for x in lines if x.endswith("}")), default=0) >= 4:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.stdout.read()
-    kill(proc)
+    kill_after_step(proc, run / "metrics.jsonl", 4, poll=0.2)
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
     stored = run / reference.REFERENCE_FILE
     before = (stored.stat().st_mtime_ns, stored.stat().st_ino, stored.read_bytes())
@@ -124,16 +115,9 @@ def test_kill_and_resume_is_exact_and_reads_the_reference(tmp_path, packing):
     assert "computed from the base" not in output
     assert (stored.stat().st_mtime_ns, stored.stat().st_ino, stored.read_bytes()) == before
 
-    def steps(cwd):
-        keys = ("loss", *METRICS, "val/loss", *(f"val/{m}" for m in METRICS))
-        out = {}
-        for r in read_metrics(cwd / "runs" / "dpo-tiny"):
-            values = {k: r[k] for k in keys if k in r}
-            if values:
-                out.setdefault(r["step"], {}).update(values)
-        return out
-
-    straight, resumed = steps(tmp_path / "straight"), steps(tmp_path / "killed")
+    keys = ("loss", *METRICS, "val/loss", *(f"val/{m}" for m in METRICS))
+    straight = values_by_step(tmp_path / "straight" / "runs" / "dpo-tiny", keys)
+    resumed = values_by_step(run, keys)
     assert sorted(straight) == [0, 1, 2, 3, 4, 5, 6]  # 0: the validation before step 1
     assert straight[1]["rewards/chosen"] == straight[1]["rewards/rejected"] == 0.0
     assert resumed == straight  # bit for bit (step 4, logged before the kill, logged again)
