@@ -415,9 +415,9 @@ def test_a_validation_file_without_a_usable_pair_is_refused(tmp_path):
 def test_bf16_rewards_of_step_1_are_exactly_0(tmp_path, bf16_corpus):
     """precision=bf16 (the 512-token vocabulary: bf16 is emulated on this CPU): the reference is
     scored in the micro-batches step 1 trains on, so the policy's first log-probabilities are
-    the reference's bit for bit (bf16 attention's result depends on the micro-batch's padded
-    length: scored in file order, the pairs' rewards were about 1e-4 off 0), as the validation's
-    before step 1 are."""
+    the reference's bit for bit (a sequence's bf16 score depends on the length its micro-batch
+    is padded to: scored in file order, step 1's rewards were 1e-5 to 1e-4 off 0), as the
+    validation's before step 1 are."""
     from train.checkpoints.model_format import save_checkpoint
     from train.model.gpt import GPT
 
