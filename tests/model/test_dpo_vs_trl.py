@@ -7,6 +7,7 @@ import json
 import logging
 
 import numpy as np
+import pairs
 import pytest
 import torch
 import trl  # the dev dependency itself; its trainer is imported where it is used (below)
@@ -20,23 +21,9 @@ from train.checkpoints.model_format import save_checkpoint
 from train.data.preference import collate_pairs, read_pairs
 from train.model.preference import DpoLoss, PreferenceGPT, dpo_losses, metric_sums
 
-PROMPT = "### Instruction:\nWhat does `{}` do?\n\n### Response:\n"
+# the shared records (tests/pairs.py), and a short chosen response against a long rejected one
 RECORDS = [
-    {
-        "prompt": PROMPT.format("textwrap.dedent"),
-        "chosen": "Remove any common leading whitespace from every line.",
-        "rejected": "Return the number of items in a container.",
-    },
-    {
-        "prompt": PROMPT.format("len"),
-        "chosen": "Return the number of items in a container.",
-        "rejected": "container. a items Return in of number the",
-    },
-    # the implicit prompt (Anthropic hh-rlhf): the shared prefix, its last space moved on
-    {
-        "chosen": "Human: Is the sky blue? Assistant: Yes, on a clear day.",
-        "rejected": "Human: Is the sky blue? Assistant: Bananas are yellow.",
-    },
+    *pairs.RECORDS,
     {
         "prompt": "Q: 2 + 2 =",
         "chosen": " 4",

@@ -4,6 +4,7 @@ the same records, TRL's own tokenization, collator and compute_loss on the whole
 
 import json
 
+import pairs
 import pytest
 import torch
 import trl  # the dev dependency itself; its trainer is imported where it is used (below)
@@ -20,24 +21,10 @@ from train.data.sft import CHAT_TEMPLATES
 from train.model.heads import TaskHead
 from train.model.reward import METRICS, RewardGPT
 
-PROMPT = "### Instruction:\nWhat does `{}` do?\n\n### Response:\n"
+# the shared records (tests/pairs.py): TRL scores an implicit prompt's whole texts, as we do;
+# and a text that already ends with the end-of-text token gets no second one (TRL's add_eos)
 TEXT = [
-    {
-        "prompt": PROMPT.format("textwrap.dedent"),
-        "chosen": "Remove any common leading whitespace from every line.",
-        "rejected": "Return the number of items in a container.",
-    },
-    {
-        "prompt": PROMPT.format("len"),
-        "chosen": "Return the number of items in a container.",
-        "rejected": "container. a items Return in of number the",
-    },
-    # the implicit prompt (Anthropic hh-rlhf): TRL scores the whole texts, as we do
-    {
-        "chosen": "Human: Is the sky blue? Assistant: Yes, on a clear day.",
-        "rejected": "Human: Is the sky blue? Assistant: Bananas are yellow.",
-    },
-    # a text that already ends with the end-of-text token gets no second one (TRL's add_eos)
+    *pairs.RECORDS,
     {"prompt": "Q: 2 + 2 =", "chosen": " 4<|endoftext|>", "rejected": " 5 or so, I think"},
 ]
 MARGINS = [1.5, 0.0, -0.25, 3.0]

@@ -31,9 +31,13 @@ def test_the_demo_trains_both_models_as_two_processes_and_prints_pasteable_comma
     dpo_run = tmp_path / "runs" / "demo-dpo"
     dpo_run.mkdir(parents=True)
     held_out = [
+        {"step": 0, "val/rewards/accuracies": 0.0},
         {"step": 15, "val/rewards/accuracies": 0.6},
         {"step": 30, "val/rewards/accuracies": 0.8},
     ]
+    answers = [(0.4, 0.3), (0.45, 0.3), (0.5, 0.25)]  # closer to the chosen, to the rejected
+    for r, (chosen, rejected) in zip(held_out, answers, strict=True):
+        r["val/answers/closer_to_chosen"], r["val/answers/closer_to_rejected"] = chosen, rejected
     (dpo_run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held_out))
     fake = types.ModuleType("transformers")
     fake.pipeline = lambda *a, **k: lambda prompt, **kw: [{"generated_text": prompt + " ..."}]
@@ -51,4 +55,8 @@ def test_the_demo_trains_both_models_as_two_processes_and_prints_pasteable_comma
     # the demo ends with a short DPO of the fine-tuned model, and its held-out reward accuracy
     assert ran[-1][1] == "dpo" and "base=runs/demo-sft" in verbs["dpo"]
     assert "DPO reward accuracy on held-out pairs: 0.60 -> 0.80 (0.5 is chance)" in out
+    assert (
+        "greedy answers to held-out prompts closer to the chosen than to the rejected response: "
+        "0.40 before, 0.50 after (to the rejected: 0.30 -> 0.25)"
+    ) in out
     assert out.count("\n[0m0") == len(ran) and "The demo took 0m0" in out

@@ -5,14 +5,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import NEO, tiny_config
-from runs import kill
+from pairs import kill_after_step, values_by_step
 from safetensors.torch import load_file
 
 from data_prep.tokenizers import load_tokenizer
@@ -20,6 +19,7 @@ from train.config import compose
 from train.config.dpo import DpoConfig
 from train.config.resolve import World, resolve_dpo
 from train.data.dpo import BUNDLED, PairBatches
+from train.data.packing import RowStream
 from train.data.preference import read_pairs
 from train.errors import CheckpointError, ConfigError
 from train.loop import reference
@@ -83,12 +83,14 @@ def test_no_arguments_tunes_on_the_bundled_pairs_with_trls_metric_names(tmp_path
     assert steps[0]["rewards/chosen"] == steps[0]["rewards/rejected"] == 0.0
     assert steps[0]["rewards/accuracies"] == 0.0  # no pair has chosen > rejected yet
     validations = [r for r in records if "val/rewards/accuracies" in r]
-    assert [r["step"] for r in validations] == [8, 16, 24]
+    assert [r["step"] for r in validations] == [0, 8, 16, 24]  # the base first, before step 1
+    answers = {f"val/answers/{k}" for k in ("closer_to_chosen", "closer_to_rejected", "distinct")}
     for r in validations:
-        assert {"val/loss", *(f"val/{m}" for m in METRICS)} <= set(r)
+        assert {"val/loss", *(f"val/{m}" for m in METRICS), *answers} <= set(r)
+    assert validations[0]["val/rewards/chosen"] == validations[0]["val/rewards/rejected"] == 0.0
     assert validations[-1]["val/rewards/accuracies"] >= 0.65
-    assert validations[-1]["val/rewards/margins"] > validations[0]["val/rewards/margins"] > 0
-    assert validations[-1]["val/loss"] < validations[0]["val/loss"] < np.log(2)
+    assert validations[-1]["val/rewards/margins"] > validations[1]["val/rewards/margins"] > 0
+    assert validations[-1]["val/loss"] < validations[1]["val/loss"] < np.log(2)
 
 
 @pytest.mark.slow
@@ -103,15 +105,7 @@ def test_kill_and_resume_is_exact_and_reads_the_reference(tmp_path, packing):
     dpo(tmp_path / "straight", *common)
     proc = dpo(tmp_path / "killed", *common, wait=False)
     run = tmp_path / "killed" / "runs" / "dpo-tiny"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        file = run / "metrics.jsonl"
-        lines = file.read_text().splitlines() if file.exists() else []
-        if max((json.loads(x).get("step", 0) for x in lines if x.endswith("}")), default=0) >= 4:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.stdout.read()
-    kill(proc)
+    kill_after_step(proc, run / "metrics.jsonl", 4, poll=0.2)
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
     stored = run / reference.REFERENCE_FILE
     before = (stored.stat().st_mtime_ns, stored.stat().st_ino, stored.read_bytes())
@@ -121,17 +115,10 @@ def test_kill_and_resume_is_exact_and_reads_the_reference(tmp_path, packing):
     assert "computed from the base" not in output
     assert (stored.stat().st_mtime_ns, stored.stat().st_ino, stored.read_bytes()) == before
 
-    def steps(cwd):
-        keys = ("loss", *METRICS, "val/loss", *(f"val/{m}" for m in METRICS))
-        out = {}
-        for r in read_metrics(cwd / "runs" / "dpo-tiny"):
-            values = {k: r[k] for k in keys if k in r}
-            if values:
-                out.setdefault(r["step"], {}).update(values)
-        return out
-
-    straight, resumed = steps(tmp_path / "straight"), steps(tmp_path / "killed")
-    assert sorted(straight) == [1, 2, 3, 4, 5, 6]
+    keys = ("loss", *METRICS, "val/loss", *(f"val/{m}" for m in METRICS))
+    straight = values_by_step(tmp_path / "straight" / "runs" / "dpo-tiny", keys)
+    resumed = values_by_step(run, keys)
+    assert sorted(straight) == [0, 1, 2, 3, 4, 5, 6]  # 0: the validation before step 1
     assert straight[1]["rewards/chosen"] == straight[1]["rewards/rejected"] == 0.0
     assert resumed == straight  # bit for bit (step 4, logged before the kill, logged again)
 
@@ -164,7 +151,7 @@ def test_one_and_two_ranks_and_zero3_give_the_same_run(tmp_path, packing):
         ]
 
     one = values("one")
-    assert [r["step"] for r in one] == [1, 2, 2, 3, 4, 4]
+    assert [r["step"] for r in one] == [0, 1, 2, 2, 3, 4, 4]
     for name in set(runs) - {"one"}:
         other = values(name)
         assert [r["step"] for r in other] == [r["step"] for r in one]
@@ -184,24 +171,32 @@ def read_reference(run: Path) -> dict[str, torch.Tensor]:
 def test_the_ranks_shares_of_the_reference_add_up_to_one_ranks_scores():
     """reference.score on rank r of n scores micro-batches r, r + n, ... and leaves zeros
     elsewhere: the shares sum to the one-rank scores bit for bit (each pair is scored in the
-    same micro-batch on any world size), for a share count that divides the batches or not."""
+    same micro-batch on any world size), for a share count that divides the batches or not,
+    in file order or in the training's first-epoch order (each score stored at its pair)."""
     from train.model.gpt import GPT
 
     tokenizer = load_tokenizer("gpt2")
     pairs = read_pairs(str(BUNDLED), tokenizer, 64).pairs[:11]
     config = tiny_config(vocab_size=tokenizer.vocab_size, max_position_embeddings=64)
     weights = GPT(config).init_weights(torch.Generator().manual_seed(0)).state_dict()
+    epoch = RowStream(pairs, 1234).order(0)
+    assert sorted(epoch) == list(range(11)) and epoch != sorted(epoch)
 
-    def scores(rank, world):
+    def scores(rank, world, order=None):
         cpu = torch.device("cpu")
-        return reference.score(config, weights, pairs, cpu, torch.float32, 2, 50256, rank, world)
+        return reference.score(
+            config, weights, pairs, cpu, torch.float32, 2, 50256, rank, world, order=order
+        )
 
-    whole = scores(0, 1)
-    assert whole.shape == (11, 2) and (whole < 0).all()
-    for world in (2, 3):
-        shares = [scores(rank, world) for rank in range(world)]
-        assert all((share == 0).any(dim=1).sum() > 0 for share in shares)  # each a part only
-        assert torch.equal(sum(shares), whole), world
+    for order in (None, epoch):
+        whole = scores(0, 1, order)
+        assert whole.shape == (11, 2) and (whole < 0).all()
+        for world in (2, 3):
+            shares = [scores(rank, world, order) for rank in range(world)]
+            assert all((share == 0).any(dim=1).sum() > 0 for share in shares)  # each a part only
+            assert torch.equal(sum(shares), whole), world
+    # in fp32 a pair's score hardly depends on its micro-batch: each is stored at its own pair
+    torch.testing.assert_close(scores(0, 1, epoch), scores(0, 1), rtol=1e-5, atol=1e-4)
 
 
 def test_a_resume_without_the_stored_reference_or_with_other_pairs_stops(tmp_path):
@@ -249,6 +244,7 @@ def test_config_rules():
             "dpo.label_smoothing=0.5 must be in [0, 0.5) for dpo.loss_type=robust",
         ),
         (dict(validation_fraction=1.0), "dpo.validation_fraction=1.0 must be in [0, 1)"),
+        (dict(style_prompts=-1), "dpo.style_prompts=-1 must be >= 0"),
     ]
     for values, message in cases:
         cfg = DpoConfig()
@@ -372,7 +368,7 @@ def test_pairs_without_a_prompt_are_not_asked_for_greedy_answers(tmp_path):
     from conftest import tiny_config
 
     from train.data.dpo import answer_examples
-    from train.loop.evaluators import Answers, EvalContext
+    from train.loop.evaluators import Answers, AnswerStyle, EvalContext
     from train.model.gpt import GPT
 
     tokenizer = load_tokenizer("gpt2")
@@ -386,6 +382,17 @@ def test_pairs_without_a_prompt_are_not_asked_for_greedy_answers(tmp_path):
     ctx = EvalContext(model, torch.device("cpu"), 0, 1, True, False)
     report = Answers(answer_examples(pairs, 3), tokenizer, 4)(ctx)
     assert [s["prompt"] for s in report.samples] == ["Q:"]
+    # nor for the style of answers: the one pair with a prompt, its responses without the
+    # end-of-text token
+    style = AnswerStyle(pairs, tokenizer, 4, limit=3)
+    assert [tokenizer.decode(p) for p in style.prompts] == ["Q:"]
+    assert (style.chosen, style.rejected) == ([" yes"], [" no"])
+    metrics = style(ctx).metrics
+    assert set(metrics) == {
+        f"val/answers/{k}"
+        for k in ("closer_to_chosen", "closer_to_rejected", "rouge_l_chosen", "rouge_l_rejected")
+    } | {"val/answers/distinct"}
+    assert metrics["val/answers/distinct"] == 1.0
 
 
 def test_a_validation_file_without_a_usable_pair_is_refused(tmp_path):
@@ -402,3 +409,41 @@ def test_a_validation_file_without_a_usable_pair_is_refused(tmp_path):
         f"dpo.validation_path={BUNDLED_CLASSIFICATION}: no usable validation pair (1200 "
         f"skipped, the first: {BUNDLED_CLASSIFICATION}:1: 'chosen' and 'rejected' must"
     ), str(e.value)
+
+
+@pytest.mark.slow
+def test_bf16_rewards_of_step_1_are_exactly_0(tmp_path, bf16_corpus):
+    """precision=bf16 (the 512-token vocabulary: bf16 is emulated on this CPU): the reference is
+    scored in the micro-batches step 1 trains on, so the policy's first log-probabilities are
+    the reference's bit for bit (a sequence's bf16 score depends on the length its micro-batch
+    is padded to: scored in file order, step 1's rewards were 1e-5 to 1e-4 off 0), as the
+    validation's before step 1 are."""
+    from train.checkpoints.model_format import save_checkpoint
+    from train.model.gpt import GPT
+
+    tokenizer = load_tokenizer(str(bf16_corpus / "tokenizer"))
+    config = DpoConfig().model
+    config.hidden_size, config.num_layers, config.vocab_size = 64, 2, 512
+    config.attention_types, config.max_position_embeddings = [[["global", "local"], 1]], 256
+    model = GPT(config.validate()).init_weights(torch.Generator().manual_seed(3))
+    save_checkpoint(tmp_path / "base", config, model.state_dict(), tokenizer)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(Path(BUNDLED).read_text().splitlines(keepends=True)[:20]))
+    dpo(
+        tmp_path / "work",
+        f"base={tmp_path / 'base'}",
+        f"dpo.path={pairs}",
+        "dpo.validation_fraction=0.2",
+        "precision=bf16",
+        "micro_batch_size=2",
+        "global_batch_size=4",
+        "max_steps=1",
+        "export_hf=false",
+        "dpo.style_prompts=0",
+        "samples=0",
+    )
+    records = read_metrics(tmp_path / "work" / "runs" / "dpo-tiny")
+    first = [r for r in records if "loss" in r][0]
+    assert first["rewards/chosen"] == first["rewards/rejected"] == 0.0
+    start = [r for r in records if r.get("step") == 0 and "val/loss" in r][0]
+    assert start["val/rewards/chosen"] == start["val/rewards/rejected"] == 0.0

@@ -5,13 +5,12 @@ pairs, the export transformers scores as we do, one and two ranks, and an exact 
 
 import json
 import subprocess
-import time
 
 import numpy as np
 import pytest
 import torch
 from conftest import NEO
-from runs import kill
+from pairs import kill_after_step, values_by_step
 from test_sft import losses, sft
 from transformers import GPTNeoForSequenceClassification
 
@@ -263,25 +262,11 @@ def test_kill_and_resume_is_exact(tmp_path):
     sft(tmp_path / "straight", *common)
     run = tmp_path / "killed"
     proc = sft(run, *common, wait=False)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        file = run / "metrics.jsonl"
-        lines = file.read_text().splitlines() if file.exists() else []
-        if max((json.loads(x).get("step", 0) for x in lines if x.endswith("}")), default=0) >= 4:
-            break
-        time.sleep(0.1)
-    assert proc.poll() is None, proc.stdout.read()
-    kill(proc)
+    kill_after_step(proc, run / "metrics.jsonl", 4, poll=0.1)
     latest = (run / "checkpoints" / "latest").read_text().strip()
     assert latest in ("step_00000003", "step_00000006")
     again = sft(run, *common)
     assert f"resumed at step {int(latest[-3:])}" in again.stdout + again.stderr
 
-    def steps(path):
-        keys = ("loss", *METRICS, "val/loss", "val/accuracy", "val/margin")
-        out = {}
-        for r in read_metrics(path):
-            out.setdefault(r.get("step"), {}).update({k: r[k] for k in keys if k in r})
-        return {s: v for s, v in out.items() if v}
-
-    assert steps(run) == steps(tmp_path / "straight")  # bit for bit
+    keys = ("loss", *METRICS, "val/loss", "val/accuracy", "val/margin")
+    assert values_by_step(run, keys) == values_by_step(tmp_path / "straight", keys)  # bit for bit

@@ -53,6 +53,10 @@ class DpoDataConfig(Schema):
     # robust only: the probability that a pair's preference is flipped, in [0, 0.5). TRL 1.16's
     # sigmoid loss has no label smoothing; its robust loss is where label_smoothing acts.
     label_smoothing: float = 0.0
+    # Held-out pairs (the first ones with a prompt) whose prompts get greedy answers at every
+    # validation, the first before step 1, each compared with its pair's chosen and rejected
+    # response (`val/answers/...`: train/loop/style.py); 0: none.
+    style_prompts: int = 64
 
 
 @dataclass
@@ -76,6 +80,8 @@ class DpoConfig(FineTuneConfig):
         d = self.dpo
         require_fraction("dpo.validation_fraction", d.validation_fraction)
         require_choice("dpo.loss_type", d.loss_type, LOSS_TYPES)
+        if d.style_prompts < 0:
+            raise ConfigError(f"dpo.style_prompts={d.style_prompts} must be >= 0")
         if d.beta <= 0:
             raise ConfigError(f"dpo.beta={d.beta} must be > 0")
         if d.loss_type == "robust":

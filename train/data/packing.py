@@ -217,10 +217,15 @@ class RowStream:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def index(self, k: int) -> int:
-        epoch, i = divmod(k, len(self.rows))
+    def order(self, epoch: int) -> list[int]:
+        """The rows' indices in the order epoch `epoch` visits them."""
         if epoch not in self._orders:
             self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self))}
+        return self._orders[epoch].tolist()
+
+    def index(self, k: int) -> int:
+        epoch, i = divmod(k, len(self.rows))
+        self.order(epoch)
         return int(self._orders[epoch][i])
 
     def __getitem__(self, k: int):

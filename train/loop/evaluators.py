@@ -25,6 +25,7 @@ from train.data.reward import RewardPair, collate_rewards
 from train.data.sft import IGNORE, Example
 from train.data.tasks import TaskExample, collate_examples
 from train.distributed.collectives import all_sum, merged
+from train.loop.style import style_metrics
 from train.model import reward
 from train.model.decoding import generate_ids
 from train.model.heads import TaskHead
@@ -162,6 +163,42 @@ class Answers:
             answer = {"prompt": self.tokenizer.decode(prompt), "answer": self.tokenizer.decode(ids)}
             answers.append({**answer, "reference": reference})
         return Report({}, answers if ctx.is_main else [])
+
+
+class AnswerStyle:
+    """neo dpo's `val/answers/...`: whether the greedy answers (`neo generate`'s decoding, as
+    Answers shows them) to the first `limit` held-out prompts are closer to their pair's chosen
+    response than to its rejected one (train/loop/style.py says how, and what it cannot show).
+    Under ZeRO-3 every rank decodes in step; rank 0 reports."""
+
+    BATCH = 16  # prompts decoded together
+
+    def __init__(self, pairs: list[Pair], tokenizer, max_new_tokens: int, limit: int):
+        kept = [p for p in pairs if p.prompt_length > 0][:limit]
+        self.tokenizer = tokenizer
+        self.prompts = [p.chosen[: p.prompt_length] for p in kept]
+        self.chosen = [self.response(p.chosen, p.prompt_length) for p in kept]
+        self.rejected = [self.response(p.rejected, p.prompt_length) for p in kept]
+        self.config = GenerationConfig(max_new_tokens=max_new_tokens, truncate="left")
+
+    def response(self, row: list[int], prompt_length: int) -> str:
+        ids = row[prompt_length:]
+        return self.tokenizer.decode(ids[:-1] if ids[-1:] == [self.tokenizer.eod_id] else ids)
+
+    def __call__(self, ctx: EvalContext) -> Report:
+        if not self.prompts or not (ctx.is_main or not ctx.split):
+            return Report({})
+        answers = []
+        for first in range(0, len(self.prompts), self.BATCH):
+            prompts = self.prompts[first : first + self.BATCH]
+            eod = self.tokenizer.eod_id
+            for (out,) in generate_ids(
+                ctx.model, prompts, self.config, eos_id=eod, device=ctx.device
+            ):
+                ids = out.token_ids[:-1] if out.finish_reason == "eos" else out.token_ids
+                answers.append(self.tokenizer.decode(ids))
+        metrics = style_metrics(answers, self.chosen, self.rejected)
+        return Report({f"{VAL}/answers/{k}": v for k, v in metrics.items()})
 
 
 class TaskMetrics:

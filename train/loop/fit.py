@@ -67,6 +67,9 @@ class Trainer:
     # Names of the sums the model returns beside its loss (`.sums`, one per name, over the same
     # items the loss counts): logged as their means over the step (neo dpo: TRL's rewards).
     step_metrics: tuple[str, ...] = ()
+    # Validate the starting model too, as step 0, when a run starts afresh (neo dpo: the base,
+    # which is the reference, so that every validation metric has its starting point).
+    validate_at_start: bool = False
 
 
 def fit(t: Trainer) -> bool:
@@ -76,6 +79,8 @@ def fit(t: Trainer) -> bool:
     metrics = start_metrics(t)
     meter = throughput(t)
     with StopSignal() as stop:
+        if t.validate_at_start and t.evaluators and state.step == 0:
+            metrics.validation(0, *validate(t))
         while state.step < cfg.max_steps:
             lr = t.schedule.lr(state.step, state.tokens)
             t.engine.set_lr(lr)

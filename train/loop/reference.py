@@ -41,14 +41,18 @@ def score(
     rank: int = 0,
     world_size: int = 1,
     packed_len: int | None = None,
+    order: list[int] | None = None,
 ) -> torch.Tensor:
     """(len(pairs), 2) fp32 summed log-probabilities of each pair's chosen and rejected
     response under the model of `weights`, computed in `dtype` (the run's precision, so that
     the policy starts with rewards of zero); this rank's share only: micro-batches rank,
     rank + world_size, ..., zeros elsewhere, so the ranks' outputs sum to the whole, and each
     pair is scored in the same micro-batch on any world size, in the layout training uses
-    (`packed_len`: collate_pairs), so that the policy's first log-probabilities are these bit
-    for bit. The model is freed when this returns."""
+    (`packed_len`: collate_pairs). `order`: the pairs' order in the training's first epoch,
+    whose consecutive micro-batches these are; the same micro-batches, not only the same
+    layout, so that the policy's first log-probabilities are these bit for bit (in bf16 a
+    sequence's score depends on the length its micro-batch is padded to). None: file order (as
+    the validation scores its pairs). The model is freed when this returns."""
     with torch.device("meta"):
         model = PreferenceGPT(config, DpoLoss())
     model.to_empty(device=device)
@@ -56,17 +60,18 @@ def score(
     for name, param in model.named_parameters():
         param.copy_(weights[name])
     model.to(dtype).eval()
+    order = list(range(len(pairs))) if order is None else order
     out = torch.zeros(len(pairs), 2, dtype=torch.float32)
     for first in range(rank * micro_batch, len(pairs), world_size * micro_batch):
-        group = pairs[first : first + micro_batch]
-        arrays = collate_pairs(group, pad_id, packed_len)
+        indices = order[first : first + micro_batch]
+        arrays = collate_pairs([pairs[i] for i in indices], pad_id, packed_len)
         rows = {
             k: torch.from_numpy(arrays[k]).to(device)
             for k in ("input_ids", "targets", "positions", "documents", "sequences")
             if k in arrays
         }
-        logps = model.sequence_logps(**rows, count=2 * len(group)).float().cpu()
-        out[first : first + len(group)] = torch.stack(logps.chunk(2), dim=1)
+        logps = model.sequence_logps(**rows, count=2 * len(indices)).float().cpu()
+        out[indices] = torch.stack(logps.chunk(2), dim=1)
     del model
     return out
 

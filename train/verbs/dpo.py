@@ -15,8 +15,10 @@ sequences then their rejected ones, packed into rows of the context (dpo.packing
 row, padded (train/data/preference.py); the reference is scored in the same layout. Training
 steps log TRL's `rewards/chosen`, `rewards/rejected`, `rewards/accuracies`, `rewards/margins`,
 `logps/chosen`, `logps/rejected`; validations the same on the validation pairs as `val/...`
-(this project's name for a run's own validation data), with `val/loss` and greedy answers to a
-few prompts.
+(this project's name for a run's own validation data), with `val/loss`, greedy answers to a
+few prompts, and whether the greedy answers to the held-out prompts are closer to the chosen
+responses than to the rejected ones (`val/answers/...`, train/loop/style.py). A fresh run
+validates the base first, as step 0: the starting point of each of those numbers.
 """
 
 from __future__ import annotations
@@ -40,13 +42,14 @@ from train.data.dpo import (
     data_identity,
     read_preference,
 )
+from train.data.packing import RowStream
 from train.distributed import machine as hw
 from train.distributed.collectives import all_sum, barrier
 from train.distributed.machine import Host, host
 from train.errors import NotFound
 from train.loop import reference
 from train.loop.checkpointing import model_identity
-from train.loop.evaluators import Answers, PreferenceMetrics
+from train.loop.evaluators import Answers, AnswerStyle, PreferenceMetrics
 from train.loop.finish import standard_hooks, train_and_finish
 from train.loop.fit import Trainer
 from train.loop.optim import Schedule
@@ -190,6 +193,11 @@ def setup(resolved: Resolved[DpoConfig], where: Host, sources: Sources) -> Train
             PreferenceMetrics(data.validation, cfg.micro_batch_size, pad, packed_len(cfg)),
             Answers(examples, tokenizer, cfg.sample_max_new_tokens),
         ]
+        if cfg.dpo.style_prompts:
+            style = AnswerStyle(
+                data.validation, tokenizer, cfg.sample_max_new_tokens, cfg.dpo.style_prompts
+            )
+            evaluators.append(style)
     return Trainer(
         cfg=cfg,
         run=run,
@@ -201,6 +209,7 @@ def setup(resolved: Resolved[DpoConfig], where: Host, sources: Sources) -> Train
         state=state,
         evaluators=evaluators,
         step_metrics=METRICS,
+        validate_at_start=True,
     )
 
 
@@ -230,6 +239,9 @@ def reference_logps(
     else:
         ranks = run.ranks
         logps = {}
+        # training pairs in the micro-batches of the first epoch (PairBatches), validation
+        # pairs in file order (PreferenceMetrics): each as the policy will first score it
+        orders = {"train": RowStream(data.train, cfg.dpo.seed).order(0), "validation": None}
         for name, pairs in splits.items():
             share = reference.score(
                 cfg.model,
@@ -242,6 +254,7 @@ def reference_logps(
                 ranks.rank,
                 ranks.world_size,
                 packed_len(cfg),
+                orders[name],
             )
             logps[name] = all_sum(share.to(run.device)).cpu() if ranks.world_size > 1 else share
         if ranks.is_main:
