@@ -75,3 +75,18 @@ def test_one_answer_for_every_prompt_is_closer_only_where_it_happens_to_match():
     assert metrics["closer_to_chosen"] == 1 / 3  # the first
     assert metrics["closer_to_rejected"] == 1 / 3  # the second; the third: one word each, a tie
     assert metrics["distinct"] == 1 / 3
+
+
+def test_rouge_l_equals_rouge_scores_on_ascii_text():
+    """The reference implementation (Google's rouge-score, installed with lm-eval): its default
+    tokenizer keeps [a-z0-9] runs, which is `\\w+` on ASCII text without underscores."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    rng = random.Random(1)
+    vocabulary = ["Return", "the", "string", "list,", "of", "words.", "a", "Sort", "3", "x2"]
+    for _ in range(200):
+        answer = " ".join(rng.choice(vocabulary) for _ in range(rng.randint(1, 12)))
+        reference = " ".join(rng.choice(vocabulary) for _ in range(rng.randint(1, 12)))
+        expected = scorer.score(reference, answer)["rougeL"].fmeasure
+        assert rouge_l(words(answer), words(reference)) == pytest.approx(expected, abs=1e-12)
