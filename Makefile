@@ -29,8 +29,10 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Two pytest-xdist workers: much of the suite is process start-up and waiting (README: Tests);
+# serially: $(BIN)/python -m pytest
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 # A one-node SLURM cluster on this machine (root): what tests/launch/test_launch.py submits to.
 slurm:

@@ -1,6 +1,7 @@
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import zstandard
+from filelock import FileLock
 
 from data_prep.config import PrepConfig, SentencePieceConfig
 from data_prep.prep import prepare
@@ -82,18 +84,53 @@ needs_shared_eval = pytest.mark.skipif(
 )
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`), keep together what must
+    not run at once or would be built twice: every test on the real one-node SLURM goes to one
+    worker (the `slurm` fixture may start it; a second worker would start it again), and the
+    tests of a module that share a module-scoped fixture go to one worker, which builds it
+    once."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        fixtures = getattr(item, "_fixtureinfo", None)
+        defs = fixtures.name2fixturedefs if fixtures else {}
+        if "slurm" in defs:
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+        elif any(d[-1].scope == "module" for d in defs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """build(directory) for this test session, once: with pytest-xdist, each worker is a session
+    of its own whose base directory lies inside the run's, so the first worker builds under a
+    lock there and the others wait and read its result; serially, the session's own."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    directory = shared / name
+    with FileLock(str(shared / f"{name}.lock")):
+        if not (directory / ".built").is_file():
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            build(directory)
+            (directory / ".built").touch()
+    return directory
+
+
 @pytest.fixture(scope="session")
 def trained_gpt2_model(tmp_path_factory):
     """A small model with GPT-2's vocabulary, trained for a few hundred steps on the bundled
     sample corpus (so that its predictions are not uniform), as a neotrain checkpoint and as
-    the Hugging Face directory `neo export` writes."""
+    the Hugging Face directory `neo export` writes. Built once per run (about a minute)."""
+    return built_once(tmp_path_factory, "trained_gpt2", _train_gpt2_model)
 
+
+def _train_gpt2_model(root: Path) -> None:
     from data_prep.tokenizers import load_tokenizer
     from train.checkpoints.export import export_hf
     from train.checkpoints.model_format import save_checkpoint
     from train.model.gpt import GPT
 
-    root = tmp_path_factory.mktemp("trained_gpt2")
     tokenizer = load_tokenizer("gpt2")
     sample = ROOT / "data_prep" / "sample" / "pile_sample.jsonl.zst"
     with zstandard.open(sample, "rb") as f:
@@ -123,7 +160,6 @@ def trained_gpt2_model(tmp_path_factory):
         optimizer.step()
     save_checkpoint(root / "ckpt", config, model.state_dict(), tokenizer)
     export_hf(root / "ckpt", root / "hf")
-    return root
 
 
 # --------------------------------------------------------------------------------------------

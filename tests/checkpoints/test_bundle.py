@@ -126,7 +126,7 @@ def test_the_card_is_written_from_the_run_records(tmp_path, corpus):  # noqa: F8
     from train.evals.tasks import PUBLISHED
 
     run = tmp_path / "run"
-    train(run, corpus, "max_steps=3", "precision=fp32")
+    train(run, corpus, "max_steps=3", "precision=fp32", "export_hf=false")  # exported below
     results = tmp_path / "results.json"
     results.write_text(
         json.dumps(

@@ -11,6 +11,7 @@ from runs import last_step, losses, train, wait_for_step
 # optim.decay pins the schedule's length: a run stopped early and resumed to N steps follows
 # the same learning rates as one that ran N steps straight.
 COMMON = ("precision=fp32", "save_every=100", "eval_every=100", "optim.decay=40")
+COMMON += ("export_hf=false",)  # losses only (about 5 s a run)
 
 
 def latest_step(run) -> int:

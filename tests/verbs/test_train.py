@@ -58,6 +58,7 @@ def test_two_ranks_bf16_zero_stage_learns(tmp_path, bf16_corpus, stage):
 @pytest.mark.slow
 def test_world_size_one_and_two_train_the_same_model(tmp_path, corpus):
     common = ("deepspeed=zero2", "precision=fp32", "max_steps=6", "eval_every=6", "save_every=6")
+    common += ("export_hf=false",)  # losses only: the export is tested where it is read
     train(tmp_path / "one", corpus, *common, ranks=1)
     train(tmp_path / "two", corpus, *common, ranks=2)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
@@ -73,6 +74,7 @@ def test_kill_and_resume_is_exact(tmp_path, bf16_corpus):
     checkpoint between seeing step 6 and the kill: either is a resume from mid-run.)"""
     corpus = bf16_corpus
     common = ("deepspeed=zero2", *BF16, "max_steps=12", "save_every=4", "eval_every=5")
+    common += ("export_hf=false",)
     train(tmp_path / "straight", corpus, *common, ranks=2)
 
     run = tmp_path / "killed"
@@ -104,6 +106,7 @@ def test_zero3_checkpoint_consolidates_to_the_trained_model(tmp_path, corpus):
         "max_steps=4",
         "save_every=4",
         "eval_every=4",
+        "export_hf=false",  # neo export below is the export under test
         ranks=2,
     )
     live = load_model(run / "model").eval()
@@ -186,7 +189,13 @@ def test_golden_loss_curve(tmp_path, corpus):
 @pytest.mark.slow
 def test_sigterm_saves_and_stops_then_resumes(tmp_path, corpus):
     run = tmp_path / "preempted"
-    common = ("precision=fp32", "max_steps=40", "save_every=100", "eval_every=100")
+    common = (
+        "precision=fp32",
+        "max_steps=40",
+        "save_every=100",
+        "eval_every=100",
+        "export_hf=false",
+    )
     proc = train(run, corpus, *common, wait=False)
     wait_for_step(proc, run, 3)
     os.kill(proc.pid, signal.SIGTERM)
@@ -350,7 +359,7 @@ def test_resume_on_a_different_world_size(tmp_path, corpus):
         "eval_every=100",
         "optim.decay=8",
     )
-    train(tmp_path / "straight", corpus, *common, "max_steps=8", ranks=2)
+    train(tmp_path / "straight", corpus, *common, "max_steps=8", "export_hf=false", ranks=2)
     run = tmp_path / "resized"
     train(run, corpus, *common, "max_steps=4", "export_hf=false", ranks=2)
     proc = train(run, corpus, *common, "max_steps=8", ranks=1)
@@ -373,7 +382,7 @@ def test_resume_across_zero_families_from_consolidated_weights(tmp_path, corpus)
     assert sorted(curve) == list(range(1, 7))
     # Step 5's loss is computed with the step-4 weights: the same as an uninterrupted run's.
     straight = tmp_path / "straight"
-    train(straight, corpus, *common, "deepspeed=zero2", "max_steps=6", ranks=2)
+    train(straight, corpus, *common, "deepspeed=zero2", "max_steps=6", "export_hf=false", ranks=2)
     assert curve[5] == pytest.approx(losses(straight)[5], rel=1e-5)
 
 
@@ -566,6 +575,7 @@ def test_benchmarks_run_at_every_validation_on_any_layout(tmp_path, corpus):
         f"+eval.task.mine={{type: mc, path: {mc}}}",
         "eval.limit=12",
         "eval.batch_tokens=256",
+        "export_hf=false",
     )
     runs = {
         "one": train(tmp_path / "one", corpus, "deepspeed=zero2", *common, ranks=1),
@@ -634,7 +644,7 @@ def test_muon_trains_and_resumes_exactly(tmp_path, corpus):
     bit for bit (Muon's momentum and AdamW's moments come back from the checkpoint); and it
     learns (the loss falls)."""
     common = ("optim.name=muon", "precision=fp32", "save_every=3", "eval_every=100")
-    common += ("optim.decay=40",)  # the schedule's length, the same for both runs
+    common += ("optim.decay=40", "export_hf=false")  # the schedule's length, the same for both runs
     train(tmp_path / "straight", corpus, *common, "max_steps=6")
     train(tmp_path / "resumed", corpus, *common, "max_steps=3")
     train(tmp_path / "resumed", corpus, *common, "max_steps=6")
