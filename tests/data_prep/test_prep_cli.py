@@ -69,9 +69,7 @@ def shard_hashes(directory):
 
 @pytest.mark.slow
 def test_prep_with_no_arguments_prepares_the_bundled_sample(neo, tmp_path):
-    started = time.monotonic()
     out = neo("prep").stdout
-    assert time.monotonic() - started < 120
     for text in ("Github", "Enron Emails", "Gutenberg (PG-19)", "tokens/s", "peak memory"):
         assert text in out, out
     manifest, shards = open_prepared(tmp_path / "data" / "pile_sample", verify=True)
