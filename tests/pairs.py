@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from runs import kill
+
 from train.loop.metrics import read_metrics
 
 PROMPT = "### Instruction:\nWhat does `{}` do?\n\n### Response:\n"
