@@ -292,7 +292,7 @@ def test_a_real_run_records_each_section_and_exits_naming_the_first_failure(
         raise ValueError("boom\nsecond line")
 
     def slow():
-        time.sleep(2.5)
+        time.sleep(5.5)
         return report.Outcome("pass", "slow but fine")
 
     stand_ins = [
@@ -313,11 +313,12 @@ def test_a_real_run_records_each_section_and_exits_naming_the_first_failure(
         "atomic_write_text",
         lambda path, text: (saved.append(json.loads(text)), real_save(path, text)),
     )
-    # 3 s for the whole check, 1 s needed to start a section: after the fourth's 2.5 s the
-    # fifth is not run
-    monkeypatch.setattr(device_check, "MIN_START_S", 1.0)
+    # 8 s for the whole check, 3 s needed to start a section: the first three (each followed by
+    # a save and a gc.collect, which took over 2 s in a loaded CI worker) have 5 s to finish
+    # before the fourth must start; after the fourth's 5.5 s the fifth is not run
+    monkeypatch.setattr(device_check, "MIN_START_S", 3.0)
     out = tmp_path / "run.json"
-    args = ["--json", str(out), "--time-limit", "3", "--scratch", str(tmp_path)]
+    args = ["--json", str(out), "--time-limit", "8", "--scratch", str(tmp_path)]
     assert device_check.main(args) == 1
     doc = json.loads(out.read_text())
     assert (doc["mode"], doc["status"]) == ("run", "fail")
