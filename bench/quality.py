@@ -144,6 +144,10 @@ VARIANTS = {
     "muon": ["optim.name=muon"],
     "muon-wsd": ["optim.name=muon", "optim.schedule=wsd"],
     "muon-zero": ["optim.name=muon", "model.residual_init=zero"],
+    # the AdamW part's rate (embeddings, positions, norms, biases) and Muon's, each alone
+    "muon-lr3e-3": ["optim.name=muon", "optim.lr=3e-3"],
+    "muon-lr1e-2": ["optim.name=muon", "optim.lr=1e-2"],
+    "muon-muon_lr0.01": ["optim.name=muon", "optim.muon_lr=0.01"],
 }
 
 
