@@ -15,9 +15,10 @@ hold the file's lines in order: reading them one after another is reading the fi
 An uncompressed file seeks to its range. A compressed stream decodes only from its start (a
 zstd frame, a gzip member; where frames start is not known without walking the file), so a
 compressed range is read by decoding the file from its start and dropping the bytes before
-the range: at most one decode of the file per slice, the last slice's nearly the whole file.
-Decoding (zstd about 0.4-1 GB/s per core, README) is cheap next to tokenizing (a few MB/s per
-core), so this costs a few percent of a task's work (data_prep/sizes.py has the numbers).
+the range. The decoder is kept between ranges (_Kept): a task's consecutive slices of a file,
+read in order, decode it once up to the task's last slice, so a task pays at most one decode
+of each of its files (the last task of a file nearly the whole file). Decoding (zstd about
+0.4-1 GB/s per core, README) is cheap next to tokenizing (a few MB/s per core).
 
 A damaged stream (truncated, corrupt) is one skip of its file, as in the one-machine run: the
 slice holding the start of the line the damage cuts reports it (that line is lost with the
@@ -32,6 +33,8 @@ files and Hugging Face datasets are read whole.
 
 from __future__ import annotations
 
+import os
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -171,7 +174,7 @@ def _range_lines(file: InputFile, start: int, end: int | None) -> Iterator[bytes
     ends the range with no line (the slice that owns the line it cuts reports it); an error
     reading the file (OSError) is raised, as it may not recur for that slice."""
     at = max(start - 1, 0)
-    lines = split_lines(decoded_chunks(file, at))
+    lines = split_lines(_content_from(file, at, None if end is None else end - 1))
     if start > 0:
         # The line holding byte start - 1 started in an earlier slice (when that byte is
         # the newline ending a line, what is skipped is the empty rest after it).
@@ -190,3 +193,62 @@ def _range_lines(file: InputFile, start: int, end: int | None) -> Iterator[bytes
             return
         yield line
         at += len(line) + 1
+
+
+class _Kept:
+    """A compressed file's decoded stream, kept where the last range read stopped, so that the
+    next range of the file (a task's next slice, as a rule) decodes on from there rather than
+    from the file's start: a task decodes each file about once, not once per slice. A range
+    keeps the chunks from its end - 1 on (where the next range starts reading: the line it
+    ends in may reach into later chunks); one range reads it at a time, as the stages do."""
+
+    def __init__(self, file: InputFile, key: tuple[Any, ...] | None):
+        self.key, self.chunks = key, decoded_chunks(file)
+        self.at, self.held = 0, deque[bytes]()  # chunks held, the first at offset `at`
+        self.damage: StreamError | None = None  # where the stream ended, for every range after
+
+    def read(self, at: int, keep: int | None) -> Iterator[bytes]:
+        """The content from offset `at` (not before the chunks held) on; the chunks from
+        offset `keep` on stay held (None: only the last one)."""
+        while True:
+            offset = self.at
+            for chunk in list(self.held):
+                if at < offset + len(chunk):
+                    yield chunk[at - offset :]
+                    at = offset + len(chunk)
+                offset += len(chunk)
+            if self.damage is not None:
+                raise self.damage
+            try:
+                chunk = next(self.chunks, None)
+            except StreamError as e:
+                if isinstance(e.__cause__, OSError):  # a read error may not recur: retry
+                    self.key = None
+                else:  # damage: the same for every later range
+                    self.damage = e
+                raise
+            if chunk is None:
+                return
+            self.held.append(chunk)
+            floor = at if keep is None else min(at, keep)
+            while len(self.held) > 1 and self.at + len(self.held[0]) <= floor:
+                self.at += len(self.held.popleft())
+
+
+_kept: _Kept | None = None
+
+
+def _content_from(file: InputFile, at: int, keep: int | None) -> Iterator[bytes]:
+    """The file's content from offset `at` on; a compressed file's decoding goes on from
+    where the last range of the same file (unchanged: same inode, size and mtime) stopped."""
+    global _kept
+    if file.format not in COMPRESSED:
+        return decoded_chunks(file, at)
+    try:
+        stat = os.stat(file.path)
+        key: tuple[Any, ...] | None = (file.path, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    except OSError:
+        key = None  # opening it will say why
+    if _kept is None or key is None or _kept.key != key or at < _kept.at:
+        _kept = _Kept(file, key)
+    return _kept.read(at, keep)

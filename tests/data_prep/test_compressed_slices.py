@@ -14,6 +14,7 @@ from rich.console import Console
 from test_prep import documents, shard_bytes
 from test_stages import config, content, staged, streams
 
+from data_prep import slices
 from data_prep.config import CorpusConfig, PrepConfig
 from data_prep.inputs import InputFile
 from data_prep.plan import Planned
@@ -58,6 +59,12 @@ def with_content_size(frame, size):
     at = 5 + (0 if single else 1) + [0, 1, 2, 4][descriptor & 3]
     value = size - 256 if width == 2 else size
     return frame[:at] + value.to_bytes(width, "little") + frame[at + width :]
+
+
+def whole_lines(file):
+    """The lines the one-machine reader reads from the file."""
+    batches = read_file(0, file, CorpusConfig())
+    return [line for b in batches if isinstance(b, Batch) for line in b.items]
 
 
 def lines_and_problems(files, slices):
@@ -270,3 +277,19 @@ def test_the_plan_measures_several_files_in_a_pool_of_processes(tmp_path, text, 
         assert with_decoded_sizes(plain, workers=2) == files
     assert "measuring the uncompressed size of 6 compressed file(s)" in caplog.text
     assert "(2 process(es))" in caplog.text
+
+
+def test_a_tasks_consecutive_slices_decode_the_file_once(tmp_path, text, monkeypatch):
+    opened = []
+    original = slices.decoded_chunks
+    monkeypatch.setattr(slices, "decoded_chunks", lambda *a: opened.append(a) or original(*a))
+    files = compressed_files(tmp_path, text)
+    for file in files:
+        assert lines_and_problems([file], plan_slices([file], 500))[0] == whole_lines(file)
+    cut = [f for f in files if len(plan_slices([f], 500)) > 1]
+    assert len(cut) == 5 and len(opened) == len(cut), "one decode per file, not one per slice"
+    # A file rewritten since (another size) is decoded anew, not served from the kept stream.
+    lines_and_problems(files[:1], plan_slices(files[:1], 500)[:3])
+    (tmp_path / "sized.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(text * 2))
+    file = with_decoded_sizes([InputFile(files[0].path, "jsonl.zst", 1, "sized")], 1)[0]
+    assert lines_and_problems([file], plan_slices([file], 500))[0] == whole_lines(file)
