@@ -12,9 +12,10 @@ the stream ends or is found damaged: exactly what every task will read again. Da
 reported here as a warning naming the file (the tasks skip the rest of it, as `neo prep`
 without tasks does, and the manifest counts it).
 
-Decoding costs far less than tokenizing the same bytes (measured on this project's 2-core
-shared machine: zstd 0.4 GB/s, gzip 0.18 GB/s per core, against a few MB/s per core
-tokenizing), so the plan of a 27 GB Pile file takes about a minute of one core.
+Decoding costs far less than tokenizing the same bytes (measured on the bundled sample on this
+project's 2-core shared machine: zstd 0.4-0.5 GB/s, gzip 0.2 GB/s per core, against a few MB/s
+per core tokenizing), so measuring a 27 GB (uncompressed) Pile file takes about a minute of
+one core; its header walk, where sizes are recorded, a few ms per GB.
 """
 
 from __future__ import annotations
