@@ -89,7 +89,7 @@ def text():
 
 def compressed_files(tmp_path, data):
     """The same content as zstd with a size, streamed zstd, two zstd frames, gzip, and the
-    zstd stream truncated or corrupted in its second half."""
+    zstd stream truncated or corrupted in its second half, the gzip stream truncated."""
     frame = zstandard.ZstdCompressor().compress(data)
     half = len(data) // 2
     variants = {
@@ -99,6 +99,7 @@ def compressed_files(tmp_path, data):
         + zstandard.ZstdCompressor().compress(data[half:]),
         "members.jsonl.gz": gzip.compress(data[:half]) + gzip.compress(data[half:]),
         "truncated.jsonl.zst": (a := streamed_zstd(data))[: len(a) * 3 // 4],
+        "gztruncated.jsonl.gz": (g := gzip.compress(data))[: len(g) * 3 // 4],
         "corrupt.jsonl.zst": a[:-40] + bytes(b ^ 0x5A for b in a[-40:-20]) + a[-20:],
     }
     files = []
@@ -126,7 +127,7 @@ def test_compressed_ranges_read_the_file_exactly_once_whatever_the_slice_size(
                 whole += item.items
             else:
                 whole_problems.append(item.kind)
-        damaged = file.name in ("truncated", "corrupt")
+        damaged = file.name in ("truncated", "corrupt", "gztruncated")
         assert bool(whole_problems) == damaged and len(whole) > 20, file.name
         for slice_bytes in (1, 7, 100, 1000, file.decoded - 1):
             slices = plan_slices([file], slice_bytes)
@@ -234,6 +235,29 @@ def test_a_damaged_stream_is_one_skip_as_on_one_machine(corpus, caplog):
     assert content(staged(corpus, "three", tasks=3)) == content(two)
 
 
+def test_empty_and_unreadable_compressed_files_are_read_as_on_one_machine(corpus):
+    (corpus / "in" / "d-empty.jsonl.zst").write_bytes(b"")
+    (corpus / "in" / "e-empty-frame.jsonl.zst").write_bytes(
+        zstandard.ZstdCompressor().compress(b"")
+    )
+    (corpus / "in" / "f-not-zstd.jsonl.zst").write_bytes(bytes(range(256)) * 40)
+    (corpus / "in" / "g-not-gzip.jsonl.gz").write_bytes(b"\x1f\x8b" + bytes(range(256)) * 40)
+    two = staged(corpus, "two", tasks=2)
+    classic = one_machine(corpus)
+    assert streams(classic) == streams(two) and classic.totals == two.totals
+    skipped = {k: v["count"] for k, v in two.skipped.items()}
+    assert skipped == {"malformed_json": 1, "unreadable_file": 2}
+    assert skipped == {k: v["count"] for k, v in classic.skipped.items()}
+
+
+def test_strict_stops_at_a_damaged_stream_naming_the_file(corpus):
+    data = (corpus / "in" / "a.jsonl.zst").read_bytes()
+    (corpus / "in" / "a.jsonl.zst").write_bytes(data[: len(data) // 2])
+    message = r"a.jsonl.zst \(the slice from uncompressed byte \d+\): line \d+: .*ends inside"
+    with pytest.raises(PrepError, match=message):
+        staged(corpus, "out", strict=True)
+
+
 @pytest.mark.parametrize("change", [+300, -300])
 def test_a_zstd_header_that_misstates_the_size_loses_nothing(corpus, change, monkeypatch):
     """The plan cuts by the header's size; what the stream holds is read all the same. libzstd
@@ -275,7 +299,7 @@ def test_the_plan_measures_several_files_in_a_pool_of_processes(tmp_path, text, 
     plain = [InputFile(f.path, f.format, f.bytes, f.name) for f in files]
     with caplog.at_level(logging.INFO, logger="neo.prep"):
         assert with_decoded_sizes(plain, workers=2) == files
-    assert "measuring the uncompressed size of 6 compressed file(s)" in caplog.text
+    assert "measuring the uncompressed size of 7 compressed file(s)" in caplog.text
     assert "(2 process(es))" in caplog.text
 
 
@@ -287,7 +311,7 @@ def test_a_tasks_consecutive_slices_decode_the_file_once(tmp_path, text, monkeyp
     for file in files:
         assert lines_and_problems([file], plan_slices([file], 500))[0] == whole_lines(file)
     cut = [f for f in files if len(plan_slices([f], 500)) > 1]
-    assert len(cut) == 5 and len(opened) == len(cut), "one decode per file, not one per slice"
+    assert len(cut) == 6 and len(opened) == len(cut), "one decode per file, not one per slice"
     # A file rewritten since (another size) is decoded anew, not served from the kept stream.
     lines_and_problems(files[:1], plan_slices(files[:1], 500)[:3])
     (tmp_path / "sized.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(text * 2))
