@@ -178,9 +178,11 @@ def _raw_chunks(path: str, counter: ReadCounter, at: int = 0) -> Iterator[bytes]
     except OSError as e:
         raise StreamError("unreadable_file", f"{type(e).__name__}: {e.strerror or e}") from e
     with f:
-        f.seek(at)  # past the end is no error: the reads return nothing
         while True:
             try:
+                if at:
+                    f.seek(at)  # past the end is no error: the reads return nothing
+                    at = 0
                 chunk = f.read(CHUNK)
             except OSError as e:
                 raise StreamError("unreadable_file", f"{type(e).__name__}: {e}") from e

@@ -148,8 +148,8 @@ def read_slice(
     default = default_source(file, corpus)
     lines: list[bytes] = []
     size = number = first = 0
-    # A file's last range reads to the end of the stream (what it holds now: a header that
-    # understated a zstd stream's size loses nothing, and its damage is still reported).
+    # A file's last range reads to the end of the stream, whatever size the plan was given
+    # (a zstd header's, say): no line after it is lost, and damage there is still reported.
     end = None if piece.end >= content_bytes(file) else piece.end
     try:
         for line in _range_lines(file, piece.start, end):

@@ -317,3 +317,16 @@ def test_a_tasks_consecutive_slices_decode_the_file_once(tmp_path, text, monkeyp
     (tmp_path / "sized.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(text * 2))
     file = with_decoded_sizes([InputFile(files[0].path, "jsonl.zst", 1, "sized")], 1)[0]
     assert lines_and_problems([file], plan_slices([file], 500))[0] == whole_lines(file)
+
+
+def test_a_zstd_file_of_tiny_blocks_is_decoded_not_walked(tmp_path):
+    """Walking costs a Python step per block: a file whose blocks average under 1 KB (a real
+    one's hold tens of KB) is decoded instead, in C, so that no file stalls the plan."""
+    empty_blocks = b"\0\0\0" * 1999 + b"\1\0\0"  # 2000 empty raw blocks, the last marked
+    frame = (0xFD2FB528).to_bytes(4, "little") + bytes([0x20, 0]) + empty_blocks
+    (tmp_path / "tiny.jsonl.zst").write_bytes(frame)
+    assert zstd_content_size(str(tmp_path / "tiny.jsonl.zst")) is None
+    (tmp_path / "few.jsonl.zst").write_bytes(frame[:6] + empty_blocks[-300:])
+    assert zstd_content_size(str(tmp_path / "few.jsonl.zst")) == 0, "100 blocks: walked"
+    file = InputFile(str(tmp_path / "tiny.jsonl.zst"), "jsonl.zst", len(frame), "tiny")
+    assert measure(file) == (0, None)
