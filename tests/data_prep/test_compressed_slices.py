@@ -81,10 +81,11 @@ def lines_and_problems(files, slices):
 
 @pytest.fixture
 def text():
-    """JSON lines with a line longer than the slices below, and an empty line."""
+    """JSON lines with a line longer than the slices below, an empty line, and a last line
+    without a newline."""
     records = documents(40, seed=5)
     records[20] = {"text": " ".join(["spanning"] * 300)}
-    return jsonl(records[:30]) + b"\n" + jsonl(records[30:])
+    return jsonl(records[:30]) + b"\n" + jsonl(records[30:]) + b'{"text": "no newline"}'
 
 
 def compressed_files(tmp_path, data):
