@@ -64,7 +64,8 @@ def with_decoded_sizes(files: list[InputFile], workers: int) -> list[InputFile]:
         # forkserver: no fork of this process (it may hold threads), as for the encoders
         context = multiprocessing.get_context("forkserver")
         with _main_script_hidden(), ProcessPoolExecutor(workers, mp_context=context) as pool:
-            results = list(pool.map(measure, todo))
+            # many small files: in batches, not one round trip each
+            results = list(pool.map(measure, todo, chunksize=max(len(todo) // (8 * workers), 1)))
     else:
         results = [measure(f) for f in todo]
     sizes = {}
