@@ -102,8 +102,9 @@ class PrepConfig:
     # With tasks >= 1: `all`, or one of STAGES; `hash` and `tokenize` run one task (`task=`).
     stage: str = "all"
     task: int | None = None
-    # With tasks >= 1: an uncompressed .jsonl is cut into slices of this many bytes (a slice
-    # owns the lines that start in it); any other input file is one slice.
+    # With tasks >= 1: a .jsonl[.zst|.gz] file is cut into slices of this many bytes of its
+    # uncompressed content (a slice owns the lines that start in it); any other input file is
+    # one slice.
     slice_bytes: int = 1 << 30
 
     def validate(self) -> PrepConfig:

@@ -37,6 +37,9 @@ class InputFile:
     format: str  # a SUFFIXES value, "hf_disk" or "hf_hub"
     bytes: int | None  # None: streamed from the hub, size unknown
     name: str  # the source of its records when no source field is configured
+    # .jsonl.zst/.gz: the size of the uncompressed content, measured by a staged run's plan to
+    # cut it into slices (data_prep/sizes.py); None: not measured
+    decoded: int | None = None
 
 
 def resolve_inputs(spec: str) -> list[InputFile]:

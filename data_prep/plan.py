@@ -30,6 +30,7 @@ from data_prep.progress import (
     run_identity,
 )
 from data_prep.shards import token_dtype
+from data_prep.sizes import with_decoded_sizes
 from data_prep.slices import Slice, plan_slices, slice_owners, task_slices
 from data_prep.tokenizers import LoadedTokenizer, save_tokenizer
 
@@ -57,6 +58,7 @@ def plan(cfg: PrepConfig) -> None:
         output.start_empty(cfg.overwrite)
         tokenizer = load_or_train_tokenizer(cfg, files, directory, reuse=False)
         save_tokenizer(tokenizer, directory / TOKENIZER_DIR)
+        files = with_decoded_sizes(files, cfg.workers or len(os.sched_getaffinity(0)))
         slices = plan_slices(files, cfg.slice_bytes)
         (directory / STATE_DIR).mkdir(exist_ok=True)
         write_json(
@@ -79,7 +81,7 @@ def plan(cfg: PrepConfig) -> None:
         if len(slices) < cfg.tasks:
             log.warning(
                 "tasks=%d but only %d slice(s): %d task(s) have nothing to do (a smaller "
-                "slice_bytes cuts uncompressed .jsonl files finer)",
+                "slice_bytes cuts .jsonl[.zst|.gz] files finer)",
                 cfg.tasks,
                 len(slices),
                 cfg.tasks - len(slices),

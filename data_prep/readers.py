@@ -157,7 +157,22 @@ class StreamError(Exception):
         self.kind, self.detail = kind, detail
 
 
-def _raw_chunks(path: str, counter: ReadCounter) -> Iterator[bytes]:
+def decoded_chunks(file: InputFile, at: int = 0) -> Iterator[bytes]:
+    """A JSON lines file's bytes from offset `at` of its uncompressed content on: an
+    uncompressed file seeks there, a compressed stream is decoded from its start and its first
+    `at` bytes dropped. Raises StreamError as the whole file's reader would."""
+    if file.format == "jsonl":
+        yield from _raw_chunks(file.path, ReadCounter(), at)
+        return
+    for chunk in _decompressed(file, ReadCounter()):
+        if at < len(chunk):
+            yield chunk[at:] if at else chunk
+            at = 0
+        else:
+            at -= len(chunk)
+
+
+def _raw_chunks(path: str, counter: ReadCounter, at: int = 0) -> Iterator[bytes]:
     try:
         f = open(path, "rb")  # noqa: SIM115 (closed below; errors while opening are skips)
     except OSError as e:
@@ -165,6 +180,9 @@ def _raw_chunks(path: str, counter: ReadCounter) -> Iterator[bytes]:
     with f:
         while True:
             try:
+                if at:
+                    f.seek(at)  # past the end is no error: the reads return nothing
+                    at = 0
                 chunk = f.read(CHUNK)
             except OSError as e:
                 raise StreamError("unreadable_file", f"{type(e).__name__}: {e}") from e

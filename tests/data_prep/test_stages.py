@@ -47,8 +47,8 @@ def content(manifest):
 @pytest.fixture
 def corpus(tmp_path):
     """An uncompressed file many slices long (one line longer than a slice: a slice where no
-    line starts), a compressed one (one slice) and a small one, with exact copies planted
-    within and across files, and two bad lines."""
+    line starts), a compressed one (cut too, by its uncompressed size) and a small one, with
+    exact copies planted within and across files, and two bad lines."""
     (tmp_path / "in").mkdir()
     a, b, c = documents(120, seed=1), documents(60, seed=2), documents(20, seed=3)
     long = {"text": " ".join(["a long document"] * 1200), "meta": {"pile_set_name": "Long"}}
@@ -82,10 +82,11 @@ def test_byte_ranges_own_the_lines_that_start_in_them(tmp_path):
     path.write_bytes(b"\n".join(lines))
     whole = list(split_lines(iter([path.read_bytes()])))
     size = path.stat().st_size
+    file = InputFile(str(path), "jsonl", size, "f")
     for step in range(1, size + 2):
         got = []
         for start in range(0, size, step):
-            got += list(_range_lines(str(path), start, min(start + step, size)))
+            got += list(_range_lines(file, start, min(start + step, size)))
         assert got == whole, f"slices of {step} bytes"
 
 
@@ -128,11 +129,12 @@ def test_the_output_is_the_same_for_1_2_and_3_tasks_and_matches_one_machine(corp
         shard_bytes(corpus / "one") == shard_bytes(corpus / "two") == shard_bytes(corpus / "three")
     )
     spans = [t["slices"] for t in three.run["per_task"]]
-    assert spans[0][0] == 0 and spans[-1][1] == three.run["slices"] == 13
+    assert spans[0][0] == 0 and spans[-1][1] == three.run["slices"] == 16
     assert all(a[1] == b[0] < b[1] for a, b in zip(spans, spans[1:], strict=False))
     with_shards = {name.split("-")[1] for name in one.shards}
-    # No line starts in slices 3-5 (inside the long line); slice 12 holds only copies.
-    assert with_shards == {f"{n:05d}" for n in range(13)} - {"00003", "00004", "00005", "00012"}
+    # No line starts in slices 3-5 (inside the long line); slices 13 and 15 (the ends of
+    # b.jsonl.zst and c.jsonl) hold only copies.
+    assert with_shards == {f"{n:05d}" for n in range(16)} - {f"{n:05d}" for n in (3, 4, 5, 13, 15)}
     # The one-machine run keeps the same documents, in the same order per split and source.
     cfg = dict(input=str(corpus / "in"), output=str(corpus / "classic"), workers=1)
     classic = prepare(
@@ -207,11 +209,12 @@ def test_a_finished_stage_is_not_redone(corpus, monkeypatch):
 def test_a_task_killed_midway_leaves_no_shard_and_its_rerun_redoes_only_its_slice(
     corpus, monkeypatch
 ):
-    whole = staged(corpus, "whole")
-    staged(corpus, "out", stage="plan")
-    staged(corpus, "out", stage="hash", task=0)
-    staged(corpus, "out", stage="hash", task=1)
-    staged(corpus, "out", stage="reduce")
+    small = dict(shard_tokens=1000)  # several shard groups in one slice
+    whole = staged(corpus, "whole", **small)
+    staged(corpus, "out", **small, stage="plan")
+    staged(corpus, "out", **small, stage="hash", task=0)
+    staged(corpus, "out", **small, stage="hash", task=1)
+    staged(corpus, "out", **small, stage="reduce")
     batch = Router.batch
 
     def killed(self, *args):
@@ -221,7 +224,7 @@ def test_a_task_killed_midway_leaves_no_shard_and_its_rerun_redoes_only_its_slic
 
     monkeypatch.setattr(Router, "batch", killed)
     with pytest.raises(KeyboardInterrupt):
-        staged(corpus, "out", stage="tokenize", task=1)
+        staged(corpus, "out", **small, stage="tokenize", task=1)
     monkeypatch.undo()
     plan = json.loads((corpus / "out" / ".prep" / "plan.json").read_text())
     mine = task_slices([Slice.from_dict(d) for d in plan["slices"]], 1, 2)
@@ -230,11 +233,11 @@ def test_a_task_killed_midway_leaves_no_shard_and_its_rerun_redoes_only_its_slic
     assert done == list(range(mine.start, killed_at)) and killed_at in mine
     assert (corpus / "out" / f"train-{killed_at:05d}-000.bin").is_file(), "a killed group"
     missing = len(plan["slices"]) - len(done)
-    with pytest.raises(PrepError, match=rf"task\(s\) 0, 1 of tasks=2 \({missing} of 13 slices"):
-        staged(corpus, "out", stage="merge")
-    staged(corpus, "out", stage="tokenize", task=0)
-    staged(corpus, "out", stage="tokenize", task=1)
-    merged = staged(corpus, "out", stage="merge")
+    with pytest.raises(PrepError, match=rf"task\(s\) 0, 1 of tasks=2 \({missing} of 16 slices"):
+        staged(corpus, "out", **small, stage="merge")
+    staged(corpus, "out", **small, stage="tokenize", task=0)
+    staged(corpus, "out", **small, stage="tokenize", task=1)
+    merged = staged(corpus, "out", **small, stage="merge")
     assert content(merged) == content(whole)
     assert shard_bytes(corpus / "out") == shard_bytes(corpus / "whole")
     names = {p.name for p in (corpus / "out").iterdir()}
@@ -299,7 +302,7 @@ def test_neo_prep_tasks_from_the_command_line(corpus):
     command = [NEO, "prep", f"input={corpus / 'in'}", f"output={out}", "workers=1", "tasks=2"]
     done = subprocess.run([*command, "slice_bytes=6000"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "2 task(s) over 13 slice(s)" in done.stdout
+    assert "2 task(s) over 16 slice(s)" in done.stdout
     assert len(list(out.glob("train-*.bin"))) > 1
     bad = subprocess.run([*command, "stage=hash", "task=5"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr
