@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 from test_prep import WORDS, documents, shard_bytes, write_jsonl
-from test_stages import NEO, content
+from test_stages import NEO, content, staged_by_1_2_and_3_tasks
 
 from data_prep.config import NearDedupConfig, PrepConfig, PrepConfigError
 from data_prep.near import Signatures, Signer, near_duplicates, shingles
@@ -73,14 +73,8 @@ def corpus(tmp_path):
 
 
 def test_near_duplicates_across_files_go_the_same_way_for_1_2_and_3_tasks(corpus):
-    one = staged(corpus, "one", tasks=1)
-    two = staged(corpus, "two", tasks=2)
-    three = staged(corpus, "three", tasks=3)
+    _, two, three = staged_by_1_2_and_3_tasks(corpus, run=staged)
     assert three.run["slices"] >= 4, "a.jsonl is cut into several slices"
-    assert content(one) == content(two) == content(three)
-    assert (
-        shard_bytes(corpus / "one") == shard_bytes(corpus / "two") == shard_bytes(corpus / "three")
-    )
     sources = two.sources
     assert sources["First"]["documents"] == 1 and sources["Y"]["documents"] == 1
     assert sources["Half"]["documents"] == 1

@@ -38,6 +38,17 @@ def staged(tmp_path, name, **overrides):
     return run_stages(cfg, batch_bytes=2000, console=Console(file=out, width=200))
 
 
+def staged_by_1_2_and_3_tasks(tmp_path, run=staged, **overrides):
+    """`run` (a `staged`) for 1, 2 and 3 tasks, into one/, two/ and three/; their manifests (all
+    but the run record) and shard files must be identical. Returns the three manifests."""
+    names = ("one", "two", "three")
+    manifests = [run(tmp_path, name, tasks=n, **overrides) for n, name in enumerate(names, 1)]
+    assert content(manifests[0]) == content(manifests[1]) == content(manifests[2])
+    assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "two")
+    assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "three")
+    return manifests
+
+
 def content(manifest):
     data = manifest.to_dict()
     del data["run"]
@@ -120,14 +131,8 @@ def test_slices_do_not_depend_on_the_task_count(tmp_path):
 
 
 def test_the_output_is_the_same_for_1_2_and_3_tasks_and_matches_one_machine(corpus):
-    one = staged(corpus, "one", tasks=1)
-    two = staged(corpus, "two", tasks=2)
-    three = staged(corpus, "three", tasks=3)
+    one, two, three = staged_by_1_2_and_3_tasks(corpus)
     assert len(one.splits["train"]) > 6, "several slices, some with several shard groups"
-    assert content(one) == content(two) == content(three)
-    assert (
-        shard_bytes(corpus / "one") == shard_bytes(corpus / "two") == shard_bytes(corpus / "three")
-    )
     spans = [t["slices"] for t in three.run["per_task"]]
     assert spans[0][0] == 0 and spans[-1][1] == three.run["slices"] == 16
     assert all(a[1] == b[0] < b[1] for a, b in zip(spans, spans[1:], strict=False))
