@@ -8,9 +8,13 @@ PATH is a checkout of https://github.com/karpathy/nanoGPT (its code is run there
 here). Shape (--shape small): 6 layers x 384, 6 heads, context 256, batch 8 x 256 tokens (or
 --shape 125m: `model=gpt_neo_125m` against nanoGPT's GPT-2 124M, context 1024, batch 4 x 1024,
 the recipe's second shape; slow on a CPU: use --steps 50 --every 25), the bundled corpus
-as prepared by `neo prep` (data/pile_sample, prepared on first use); learning rate 1e-3, warmup
-10 steps, decay to 1e-4 over the run; AdamW betas (0.9, 0.95), weight decay 0.1, clipping 1.0;
-fp32, one process each (each trainer has both cores to itself: they run one after the other).
+as prepared by `neo prep` (data/pile_sample, prepared on first use); warmup 10 steps, cosine
+decay to a tenth of the peak over the run; AdamW betas (0.9, 0.95), weight decay 0.1, clipping
+1.0; nanoGPT at learning rate 1e-3, neo at its default rates (configs/train.yaml: Muon 0.01,
+AdamW part 3e-3; the AdamW variants at nanoGPT's 1e-3);
+fp32 (or --precision bf16: neo's `precision=bf16`, DeepSpeed's bf16, against nanoGPT's forward
+under CPU autocast, as its train.py runs on a GPU; only where the CPU computes bf16 natively),
+one process each (each trainer has both cores to itself: they run one after the other).
 
 - nanoGPT reads the prepared shards' token files directly (MMIDIDX .bin files are raw uint16
   tokens; its train.bin and val.bin are links to them), samples random windows of the training
@@ -37,8 +41,8 @@ medians (the losses by step do not depend on the machine's speed: both trainers 
 --speed-only skips the quality runs.
 
 Goals (issue 24): at equal training time (when the first of the two finished), neo's default
-recipe >= 0.10 nats below nanoGPT; tokens/s >= 1.05x nanoGPT's in fp32. (bf16 is not run:
-nanoGPT's train.py uses no autocast on CPU, and a CPU without native bf16 emulates it.)
+recipe >= 0.10 nats below nanoGPT, in fp32 and bf16; tokens/s >= 1.05x nanoGPT's in fp32 and
+>= 1.2x in bf16.
 """
 
 from __future__ import annotations
@@ -119,15 +123,14 @@ SHAPES = {
 }
 
 
-def neo_overrides(shape: Shape) -> list[str]:
+def neo_overrides(shape: Shape, precision: str) -> list[str]:
     return [
         *shape.neo_model,
         f"data.seq_len={shape.seq}",
         f"micro_batch_size={shape.batch}",
         f"global_batch_size={shape.batch}",
-        "precision=fp32",
+        f"precision={precision}",
         "deepspeed=zero0",
-        f"optim.lr={LR}",
         f"optim.warmup={WARMUP}",
         f"optim.min_lr_ratio={MIN_LR / LR}",
         "logger.log_every=1",
@@ -139,15 +142,18 @@ def neo_overrides(shape: Shape) -> list[str]:
 
 # name -> the overrides that make it (each recipe change alone; `muon` is neo train's default)
 VARIANTS = {
-    "adamw": ["optim.name=adamw"],
-    "adamw-wsd": ["optim.name=adamw", "optim.schedule=wsd"],
+    # AdamW at nanoGPT's learning rate
+    "adamw": ["optim.name=adamw", f"optim.lr={LR}"],
+    "adamw-wsd": ["optim.name=adamw", f"optim.lr={LR}", "optim.schedule=wsd"],
     "muon": ["optim.name=muon"],
     "muon-wsd": ["optim.name=muon", "optim.schedule=wsd"],
     "muon-zero": ["optim.name=muon", "model.residual_init=zero"],
-    # the AdamW part's rate (embeddings, positions, norms, biases) and Muon's, each alone
-    "muon-lr3e-3": ["optim.name=muon", "optim.lr=3e-3"],
+    # the previous default rates: AdamW part (embeddings, positions, norms, biases) at
+    # nanoGPT's 1e-3 and Muon at 0.02; then each alone, and a higher AdamW rate
+    "muon-lr1e-3-muon_lr0.02": ["optim.name=muon", "optim.lr=1e-3", "optim.muon_lr=0.02"],
+    "muon-lr1e-3": ["optim.name=muon", "optim.lr=1e-3"],
+    "muon-muon_lr0.02": ["optim.name=muon", "optim.muon_lr=0.02"],
     "muon-lr1e-2": ["optim.name=muon", "optim.lr=1e-2"],
-    "muon-muon_lr0.01": ["optim.name=muon", "optim.muon_lr=0.01"],
 }
 
 
@@ -174,15 +180,16 @@ def nanogpt_data(out: Path) -> Path:
 
 
 def run_nanogpt(
-    checkout: Path, data: Path, out: Path, shape: Shape, steps: int, every: int
+    checkout: Path, data: Path, out: Path, shape: Shape, steps: int, every: int, precision: str
 ) -> list[float]:
     """nanoGPT's train.py for `steps` steps; returns each step's seconds, and leaves its
-    checkpoints as out/ckpt_STEP.pt."""
+    checkpoints as out/ckpt_STEP.pt. bf16: its forward under CPU autocast
+    (bench/nanogpt_autocast.py), as its train.py does on a GPU."""
     args = {
         "dataset": str(data),  # an absolute path: os.path.join('data', it) is it
         "out_dir": str(out),
         "device": "cpu",
-        "dtype": "float32",
+        "dtype": {"fp32": "float32", "bf16": "bfloat16"}[precision],
         "compile": False,
         "n_layer": shape.layers,
         "n_head": shape.heads,
@@ -202,7 +209,10 @@ def run_nanogpt(
         "always_save_checkpoint": True,
         "log_interval": 1,
     }
-    command = [sys.executable, "train.py", *(f"--{k}={v}" for k, v in args.items())]
+    script = (
+        "train.py" if precision == "fp32" else str(Path(__file__).with_name("nanogpt_autocast.py"))
+    )
+    command = [sys.executable, script, *(f"--{k}={v}" for k, v in args.items())]
     proc = subprocess.Popen(
         command, cwd=checkout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -223,7 +233,7 @@ def run_nanogpt(
 
 
 def run_neo(
-    run_dir: Path, shape: Shape, overrides: list[str], steps: int, every: int
+    run_dir: Path, shape: Shape, overrides: list[str], steps: int, every: int, precision: str
 ) -> list[float]:
     """`neo train` for `steps` steps; returns each step's seconds."""
     command = [
@@ -231,7 +241,7 @@ def run_neo(
         "train",
         f"run_dir={run_dir}",
         f"data.path={DATA}",
-        *neo_overrides(shape),
+        *neo_overrides(shape, precision),
         f"max_steps={steps}",
         f"save_every={every}",
         f"eval_every={steps * 10}",
@@ -320,6 +330,12 @@ def main() -> None:
     parser.add_argument("--nanogpt", type=Path, required=True, help="a karpathy/nanoGPT checkout")
     parser.add_argument("--shape", default="small", choices=list(SHAPES))
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="bf16: neo's precision=bf16 (DeepSpeed bf16) against nanoGPT under CPU autocast",
+    )
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -347,6 +363,10 @@ def main() -> None:
         subprocess.run([str(BIN / "neo"), "prep"], check=True, cwd=ROOT)
     acc = accel.select("cpu")
     machine = hw.describe(acc)
+    if args.precision == "bf16" and not machine.native_bf16:
+        raise SystemExit(
+            f"--precision bf16: {machine.bf16_reason}; its timings would be emulation's"
+        )
     checkpoints = list(range(args.every, args.steps + 1, args.every))
     shape = args.shape = SHAPES[args.shape]
     windows = validation_windows(shape.seq)[: args.windows] if not args.speed_only else None
@@ -363,7 +383,7 @@ def main() -> None:
     if results:
         summary["results"] = report(results, args, machine, 50304, len(windows))
     if speeds:
-        print(f"machine: {machine.summary()}; {shape.summary()}, fp32")
+        print(f"machine: {machine.summary()}; {shape.summary()}, {args.precision}")
         summary["speed_rounds"] = report_speeds(speeds, results, args)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))
@@ -373,7 +393,9 @@ def quality_runs(args, data: Path, tmp: Path, checkpoints: list[int], windows) -
     """nanoGPT, then each neo variant, for --steps steps, every checkpoint scored."""
     results = {}
     started = time.time()
-    times = run_nanogpt(args.nanogpt, data, tmp / "nano", args.shape, args.steps, args.every)
+    times = run_nanogpt(
+        args.nanogpt, data, tmp / "nano", args.shape, args.steps, args.every, args.precision
+    )
     print(f"nanoGPT: {args.steps} steps in {time.time() - started:.0f}s", flush=True)
     losses = {
         s: validation_loss(nanogpt_model(args.nanogpt, tmp / "nano" / f"ckpt_{s}.pt"), windows)
@@ -384,7 +406,7 @@ def quality_runs(args, data: Path, tmp: Path, checkpoints: list[int], windows) -
     for name in args.variants:
         run = tmp / name
         started = time.time()
-        times = run_neo(run, args.shape, VARIANTS[name], args.steps, args.every)
+        times = run_neo(run, args.shape, VARIANTS[name], args.steps, args.every, args.precision)
         print(f"neo {name}: {args.steps} steps in {time.time() - started:.0f}s", flush=True)
         losses = {
             s: validation_loss(neo_model(run / "checkpoints" / f"step_{s:08d}"), windows)
@@ -406,10 +428,12 @@ def speed_rounds(args, data: Path, tmp: Path) -> dict[str, list[float]]:
         for name in names[r % len(names) :] + names[: r % len(names)]:
             out = tmp / f"speed-{r}-{name.replace(' ', '-')}"
             if name == "nanoGPT":
-                times = run_nanogpt(args.nanogpt, data, out, args.shape, steps, steps * 10)
+                times = run_nanogpt(
+                    args.nanogpt, data, out, args.shape, steps, steps * 10, args.precision
+                )
             else:
                 variant = VARIANTS[name.removeprefix("neo ")]
-                times = run_neo(out, args.shape, variant, steps, steps * 10)
+                times = run_neo(out, args.shape, variant, steps, steps * 10, args.precision)
             rates[name].append(args.shape.tokens / statistics.median(times[5 : steps - 1]))
             shutil.rmtree(out, ignore_errors=True)
             print(f"speed round {r + 1}: {name} {rates[name][-1]:,.0f} tokens/s", flush=True)
@@ -429,8 +453,8 @@ def report(results: dict, args, machine, vocab: int, windows: int) -> dict:
     console = Console(width=140)
     console.print(
         f"machine: {machine.summary()}\n"
-        f"{args.shape.summary()}, fp32, {args.steps} steps; validation: {windows} windows of "
-        f"{args.shape.seq} (every position); time = "
+        f"{args.shape.summary()}, {args.precision}, {args.steps} steps; "
+        f"validation: {windows} windows of {args.shape.seq} (every position); time = "
         "training time (see the module docstring); equal time = when the first of the two "
         "finished"
     )
