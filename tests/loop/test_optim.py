@@ -209,3 +209,38 @@ def test_with_lora_muon_takes_the_adapters_and_nothing_frozen():
     mine.step()  # lora_A moves from the second step on (lora_B starts at zero)
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert moved == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize(
+    ("zero_stage", "precision", "method"), [(0, "bf16", "standard"), (2, "fp32", "gram")]
+)
+def test_deepspeed_muon_on_a_cpu_orthogonalizes_in_the_runs_precision(
+    zero_stage, precision, method
+):
+    """Where DeepSpeed owns Muon's step it computes its "gram" form in fp16, else in fp32 (most
+    CPUs have no fp16 kernels), and its "standard" form in bf16: a bf16 run on a CPU takes the
+    standard form (bf16, 0.32 s a step against gram's 0.53 in fp32 on the bench's small shape),
+    an fp32 run keeps gram, never bf16 (emulated, slow, on CPUs without native bf16)."""
+    from deepspeed.runtime.zero.muon.original_muon import ns_compute_dtype
+
+    from train.config.model import ModelConfig
+    from train.config.run import DeepSpeedConfig
+    from train.distributed import devices
+    from train.loop.engine import build_optimizer
+    from train.model.gpt import GPT
+
+    model = GPT(
+        ModelConfig(
+            num_layers=2, hidden_size=32, num_heads=4, max_position_embeddings=16, vocab_size=64
+        )
+    )
+    optim = OptimConfig(name="muon", lr=1e-3, muon_lr=0.02)
+    groups = muon_parameter_groups(model, optim)
+    ds = DeepSpeedConfig(zero_stage=zero_stage)
+    optimizer = build_optimizer(groups, optim, devices.select("cpu"), ds, precision)
+    muon = [g for g in optimizer.param_groups if g["use_muon"]]
+    assert muon and all(g["ns_method"] == method for g in muon)
+    if precision == "bf16":
+        assert ns_compute_dtype(method) == torch.bfloat16
+    else:
+        assert ns_compute_dtype(method) != torch.bfloat16
