@@ -77,9 +77,8 @@ def build_optimizer(
     if optim.name == "muon" and optimizer_clips(ds, precision):
         return MuonAdamW(groups, max_grad_norm=optim.grad_clip, **kwargs)
     if optim.name == "muon":
-        # On a CPU a bf16 run's Newton-Schulz computes in bf16 too (see _deepspeed_muon).
-        cpu_bf16 = accelerator.kind == "cpu" and precision == "bf16"
-        return _deepspeed_muon(groups, kwargs, ds.offload_optimizer, cpu_bf16)
+        ns = "standard" if accelerator.kind == "cpu" and precision == "bf16" else "gram"
+        return _deepspeed_muon(groups, kwargs, ds.offload_optimizer, ns)
     if ds.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -94,19 +93,13 @@ def build_optimizer(
 
 
 def _deepspeed_muon(
-    groups: list[dict], kwargs: dict, offload: bool, cpu_bf16: bool
+    groups: list[dict], kwargs: dict, offload: bool, ns: str
 ) -> torch.optim.Optimizer:
-    """DeepSpeed's Muon, where DeepSpeed's ZeRO or bf16 optimizer owns the step: they gather
-    each matrix from the flat partitions and apply Muon's momentum and Newton-Schulz
-    themselves, recognising it by its class and `use_muon` on parameters and groups. The
-    groups are ours: DeepSpeed's name-based tagging would put wte and wpe under Muon.
-
-    Newton-Schulz: DeepSpeed's "gram" form computes in fp16, or in fp32 where the device has
-    no fp16 kernels, as most CPUs (oneDNN's fp16 needs AVX512-FP16 or AMX-FP16). A bf16 run on
-    a CPU (precision=auto picks bf16 only where it is native) takes the "standard" form, which
-    DeepSpeed computes in bf16: 0.32 s a step against 0.53 for the small bench shape's 36
-    matrices (AMD EPYC, AVX512-BF16). fp32 runs keep "gram" in fp32: DeepSpeed would compute
-    "standard" in bf16 on any CPU, emulated (slow) where it is not native."""
+    """DeepSpeed's Muon, where its ZeRO or bf16 optimizer owns the step (gathering each matrix
+    from the flat partitions, recognising Muon by its class and `use_muon`), with our groups
+    (DeepSpeed's name-based tagging would put wte and wpe under Muon). Newton-Schulz `ns`:
+    DeepSpeed computes "gram" in fp16, else fp32 (most CPUs), "standard" in bf16: bf16 runs on
+    a CPU take "standard" (0.32 s a step against 0.53, bench's small shape), fp32 runs "gram"."""
     from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
 
     # Its update is torch.compile'd; inductor calls a helper torch itself deprecated.
@@ -117,8 +110,7 @@ def _deepspeed_muon(
         for param in group["params"]:
             param.use_muon = group["use_muon"]
         if group["use_muon"]:
-            ns_method = "standard" if cpu_bf16 else "gram"
-            group.update(lr=kwargs["lr"] * group["lr_scale"], ns_method=ns_method)
+            group.update(lr=kwargs["lr"] * group["lr_scale"], ns_method=ns)
         else:
             group.update(kwargs, lr=kwargs["lr"])
     if offload:
@@ -278,8 +270,7 @@ class Engine:
             ds.enable_backward_allreduce = False
         return cls(ds, spec)
 
-    # ----------------------------------------------------------------------------------------
-    # what the loop asks
+    # -- what the loop asks ----------------------------------------------------------------------
 
     @property
     def module(self) -> nn.Module:
@@ -344,8 +335,7 @@ class Engine:
             state[name] = (param.detach() if full is None else full).float().cpu().clone()
         return state
 
-    # ----------------------------------------------------------------------------------------
-    # checkpoints
+    # -- checkpoints -----------------------------------------------------------------------------
 
     def save(self, directory: Path, tag: str) -> None:
         """Every rank writes its shards into directory/tag; `latest` is the caller's business."""
