@@ -150,6 +150,9 @@ VARIANTS = {
     "muon": ["optim.name=muon"],
     "muon-wsd": ["optim.name=muon", "optim.schedule=wsd"],
     "muon-zero": ["optim.name=muon", "model.residual_init=zero"],
+    # Newton-Schulz in fp32 (the default, optim.ns_precision=auto, is bf16 where the CPU
+    # computes it natively)
+    "muon-ns_fp32": ["optim.name=muon", "optim.ns_precision=fp32"],
     # the previous default rates: AdamW part (embeddings, positions, norms, biases) at
     # nanoGPT's 1e-3 and Muon at 0.02; then each alone, and a higher AdamW rate
     "muon-lr1e-3-muon_lr0.02": ["optim.name=muon", "optim.lr=1e-3", "optim.muon_lr=0.02"],

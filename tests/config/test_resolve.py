@@ -43,6 +43,28 @@ def test_muon_in_fp16_without_zero_is_refused():
     assert resolve_train(cfg, gpu).cfg.precision == "fp16"
 
 
+@pytest.mark.parametrize(
+    ("native", "asked", "expected"),
+    [
+        (True, "auto", "bf16"),
+        (False, "auto", "fp32"),
+        (None, "auto", "auto"),
+        (True, "fp32", "fp32"),
+    ],
+)
+def test_muons_newton_schulz_precision_follows_the_device(native, asked, expected):
+    """optim.ns_precision=auto: bf16 where the device computes it natively, whatever the run's
+    precision; fp32 where bf16 is emulated; left to the compute nodes where unknown (neo launch)."""
+    cfg = TrainConfig(precision="fp32")
+    cfg.optim.ns_precision = asked
+    world = World(world_size=1, accelerator="cpu", native_bf16=native)
+    resolved = resolve_train(cfg, world).cfg
+    assert (resolved.optim.ns_precision, resolved.precision) == (expected, "fp32")
+    cfg.optim.ns_precision = "fp16"
+    with pytest.raises(ConfigError, match="optim.ns_precision"):
+        resolve_train(cfg, world)
+
+
 class Sources:
     """What neo sft would read, counted."""
 

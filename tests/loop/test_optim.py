@@ -212,15 +212,21 @@ def test_with_lora_muon_takes_the_adapters_and_nothing_frozen():
 
 
 @pytest.mark.parametrize(
-    ("zero_stage", "precision", "method"), [(0, "bf16", "standard"), (2, "fp32", "gram")]
+    ("zero_stage", "precision", "ns_precision", "method", "dtype"),
+    [
+        (0, "bf16", "bf16", "standard", torch.bfloat16),  # DeepSpeed's bf16 optimizer
+        (2, "fp32", "fp32", "gram", torch.float32),
+        (2, "fp32", "bf16", "standard", torch.bfloat16),
+        (0, "fp32", "bf16", "standard", torch.bfloat16),  # ours: MuonAdamW
+        (0, "fp32", "fp32", "gram", torch.float32),
+    ],
 )
-def test_deepspeed_muon_on_a_cpu_orthogonalizes_in_the_runs_precision(
-    zero_stage, precision, method
+def test_muon_orthogonalizes_in_optim_ns_precision(
+    zero_stage, precision, ns_precision, method, dtype
 ):
-    """Where DeepSpeed owns Muon's step it computes its "gram" form in fp16, else in fp32 (most
-    CPUs have no fp16 kernels), and its "standard" form in bf16: a bf16 run on a CPU takes the
-    standard form (bf16, 0.32 s a step against gram's 0.53 in fp32 on the bench's small shape),
-    an fp32 run keeps gram, never bf16 (emulated, slow, on CPUs without native bf16)."""
+    """optim.ns_precision picks what Newton-Schulz computes in, whatever the run's precision:
+    bf16 is torch.optim.Muon's form ("standard"), which DeepSpeed's Muon computes in bf16; fp32
+    the Gram form, which DeepSpeed computes in fp16, else fp32 (CPUs have no fp16 kernels)."""
     from deepspeed.runtime.zero.muon.original_muon import ns_compute_dtype
 
     from train.config.model import ModelConfig
@@ -234,13 +240,14 @@ def test_deepspeed_muon_on_a_cpu_orthogonalizes_in_the_runs_precision(
             num_layers=2, hidden_size=32, num_heads=4, max_position_embeddings=16, vocab_size=64
         )
     )
-    optim = OptimConfig(name="muon", lr=1e-3, muon_lr=0.02)
+    optim = OptimConfig(name="muon", lr=1e-3, muon_lr=0.02, ns_precision=ns_precision)
     groups = muon_parameter_groups(model, optim)
     ds = DeepSpeedConfig(zero_stage=zero_stage)
     optimizer = build_optimizer(groups, optim, devices.select("cpu"), ds, precision)
+    if isinstance(optimizer, MuonAdamW):
+        assert (optimizer.ns_method, optimizer.ns_dtype) == (method, dtype)
+        assert zero_stage == 0 and precision == "fp32"
+        return
     muon = [g for g in optimizer.param_groups if g["use_muon"]]
     assert muon and all(g["ns_method"] == method for g in muon)
-    if precision == "bf16":
-        assert ns_compute_dtype(method) == torch.bfloat16
-    else:
-        assert ns_compute_dtype(method) != torch.bfloat16
+    assert ns_compute_dtype(method) == dtype

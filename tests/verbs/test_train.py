@@ -158,6 +158,7 @@ def test_golden_loss_curve(tmp_path, corpus):
         f"data.path={corpus}",
         "data.seq_len=64",
         "precision=fp32",
+        "optim.ns_precision=fp32",  # auto is bf16 on CPUs with native bf16
         "micro_batch_size=4",
         "global_batch_size=8",
         "max_steps=8",
@@ -662,7 +663,7 @@ def test_muon_under_zero_on_two_ranks_trains_the_model_of_one(tmp_path, corpus):
     Under ZeRO-3 a run stopped at step 3 resumes to the straight run's losses, bit for bit (its
     Muon momenta are partitioned like its weights)."""
     common = ("optim.name=muon", "optim.grad_clip=0", "precision=fp32", "optim.decay=40")
-    common += ("eval_every=100", "export_hf=false")
+    common += ("optim.ns_precision=fp32", "eval_every=100", "export_hf=false")
     runs = {
         ("zero0", 1): None,
         ("zero0", 2): None,

@@ -72,6 +72,8 @@ def _training(cfg: RunConfig, world: World) -> tuple[int, str]:
     cfg); returns (accumulation, why the precision)."""
     accumulation = batch_layout(cfg.global_batch_size, cfg.micro_batch_size, world.world_size)
     cfg.precision, reason = resolve_precision(cfg.precision, world)
+    if cfg.optim.ns_precision == "auto" and world.native_bf16 is not None:
+        cfg.optim.ns_precision = "bf16" if world.native_bf16 else "fp32"
     if cfg.optim.name == "muon" and cfg.precision == "fp16" and not cfg.deepspeed.zero_stage:
         raise ConfigError(
             "optim.name=muon with precision=fp16 needs deepspeed=zero1, zero2 or zero3: "

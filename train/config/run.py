@@ -20,6 +20,7 @@ RESUME_MODES = ("auto", "never")
 SCHEDULE_UNITS = ("steps", "tokens")
 SCHEDULES = ("cosine", "wsd")
 OPTIMIZERS = ("adamw", "muon")
+NS_PRECISIONS = ("auto", "bf16", "fp32")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -45,6 +46,12 @@ class OptimConfig(Schema):
     # than AdamW's) and momentum (Nesterov); they follow the same schedule as lr.
     muon_lr: float = 0.02
     momentum: float = 0.95
+    # What Muon's Newton-Schulz orthogonalization computes in, whatever `precision` is:
+    # auto: bf16 where the device computes it natively (torch.optim.Muon always uses bf16),
+    # else fp32 (emulated bf16 is slower than fp32). fp32 under DeepSpeed's Muon (ZeRO 1-3, or
+    # precision=bf16) is its "gram" form, which it computes in fp16 where the device has fp16
+    # kernels (GPUs, NPUs), in fp32 on CPUs.
+    ns_precision: str = "auto"
     # Schedule length unit: "steps" or "tokens".
     unit: str = "steps"
     warmup: int = 30
@@ -132,6 +139,7 @@ class RunConfig(Schema):
         require_choice("optim.unit", self.optim.unit, SCHEDULE_UNITS)
         require_choice("optim.schedule", self.optim.schedule, SCHEDULES)
         require_choice("optim.name", self.optim.name, OPTIMIZERS)
+        require_choice("optim.ns_precision", self.optim.ns_precision, NS_PRECISIONS)
         if not 0 < self.optim.cooldown <= 1:
             raise ConfigError(f"optim.cooldown={self.optim.cooldown} must be in (0, 1]")
         if not 0 <= self.optim.momentum < 1:

@@ -74,10 +74,10 @@ def build_optimizer(
     precision: str,
 ) -> torch.optim.Optimizer:
     kwargs = dict(lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+    ns = "standard" if optim.ns_precision == "bf16" else "gram"
     if optim.name == "muon" and optimizer_clips(ds, precision):
-        return MuonAdamW(groups, max_grad_norm=optim.grad_clip, **kwargs)
+        return MuonAdamW(groups, max_grad_norm=optim.grad_clip, ns_method=ns, **kwargs)
     if optim.name == "muon":
-        ns = "standard" if accelerator.kind == "cpu" and precision == "bf16" else "gram"
         return _deepspeed_muon(groups, kwargs, ds.offload_optimizer, ns)
     if ds.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -98,8 +98,8 @@ def _deepspeed_muon(
     """DeepSpeed's Muon, where its ZeRO or bf16 optimizer owns the step (gathering each matrix
     from the flat partitions, recognising Muon by its class and `use_muon`), with our groups
     (DeepSpeed's name-based tagging would put wte and wpe under Muon). Newton-Schulz `ns`:
-    DeepSpeed computes "gram" in fp16, else fp32 (most CPUs), "standard" in bf16: bf16 runs on
-    a CPU take "standard" (0.32 s a step against 0.53, bench's small shape), fp32 runs "gram"."""
+    DeepSpeed computes "gram" in fp16, else fp32 (CPUs), and "standard" in bf16 (torch's form;
+    ours in bf16 too; in fp32 both take the Gram form, fewer FLOPs)."""
     from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
 
     # Its update is torch.compile'd; inductor calls a helper torch itself deprecated.

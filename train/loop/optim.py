@@ -177,9 +177,10 @@ class MuonAdamW(torch.optim.Optimizer):
     """Muon (Nesterov momentum, Newton-Schulz orthogonalized update, torch.optim.Muon's
     "original" shape scaling sqrt(max(1, rows / cols))) on the groups marked `muon`, AdamW
     (torch's functional AdamW) on the others, in one optimizer with one state dict; it clips
-    and skips non-finite steps as SkippingAdamW does. `ns_dtype` and `ns_method`: what the
-    orthogonalization computes in, and how (`orthogonalize`; "gram" is what DeepSpeed's Muon
-    runs on the other layouts, "standard" is torch.optim.Muon's)."""
+    and skips non-finite steps as SkippingAdamW does. `ns_method` and `ns_dtype`: how the
+    orthogonalization computes, and in what (`orthogonalize`; "standard" is torch.optim.Muon's,
+    in bf16 unless `ns_dtype` says otherwise, "gram" the Gram form, in fp32 unless said: as
+    DeepSpeed's Muon computes them on a CPU)."""
 
     def __init__(
         self,
@@ -188,8 +189,8 @@ class MuonAdamW(torch.optim.Optimizer):
         betas: tuple[float, float],
         eps: float,
         max_grad_norm: float = 0.0,
-        ns_dtype: torch.dtype = torch.float32,
         ns_method: str = "gram",
+        ns_dtype: torch.dtype | None = None,
     ):
         for group in groups:
             if group.get("muon") and any(p.ndim != 2 for p in group["params"]):
@@ -197,6 +198,8 @@ class MuonAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0, muon=False, lr_scale=1.0)
         super().__init__(groups, defaults | dict(momentum=0.95))
         self.max_grad_norm = max_grad_norm
+        if ns_dtype is None:
+            ns_dtype = torch.bfloat16 if ns_method == "standard" else torch.float32
         self.ns_dtype = ns_dtype
         self.ns_method = ns_method
         self.overflow = False
