@@ -9,8 +9,9 @@ bench/prep.py measures the one-machine form).
     process with workers=1, the 2 tasks of a stage running at once: two nodes of one core, the
     scaling a node count gives. Wall seconds of each stage (process start included; the best
     of --rounds alternating rounds), and whether both wrote the same shards and manifest;
-(e) the reduce alone, in this process, on random digests (10% copies): seconds and peak
-    memory per million documents;
+(e) one reduce task alone, in this process, on random digests (10% copies) in slice files:
+    seconds and peak memory, as the only task and as one of 4 (its bucket: a quarter of the
+    digests), the 4 buckets' drops checked equal to the one's;
 (f) dedup=near: the signature step's documents/s on the input's first 2000 documents (one
     core, data_prep/near.py Signer, 5-grams, 128 permutations), and the near-duplicate reduce
     on random signatures (10% near copies) in .npy files: seconds and peak memory per million
@@ -48,12 +49,14 @@ import xxhash
 import zstandard
 from prep import NEO, TreeMonitor
 
+from data_prep.config import STAGES, TASK_STAGES
+from data_prep.dedup import bucket_duplicates
 from data_prep.inputs import SAMPLE
 from data_prep.near import Signatures, Signer, near_duplicates, shingles
-from data_prep.stages import first_copies
 
-STAGES = ("plan", "hash", "reduce", "tokenize", "merge")
 PILE_BYTES, PILE_FILES, PILE_DOCUMENTS = 825e9, 30, 210e6
+RUN = [s for s in STAGES if s != "near"]  # exact dedup (the default): near has nothing to do
+REDUCE_TASKS = (1, 4)  # one reduce task of this many, measured
 
 
 def staged(input_path: Path, out: Path, tasks: int, slice_bytes: int) -> dict[str, float]:
@@ -61,8 +64,8 @@ def staged(input_path: Path, out: Path, tasks: int, slice_bytes: int) -> dict[st
     common = [f"input={input_path}", f"output={out}", f"tasks={tasks}", "workers=1"]
     common.append(f"slice_bytes={slice_bytes}")
     seconds = {}
-    for stage in STAGES:
-        tasks_here = [f"task={t}" for t in range(tasks)] if stage in ("hash", "tokenize") else [""]
+    for stage in RUN:
+        tasks_here = [f"task={t}" for t in range(tasks)] if stage in TASK_STAGES else [""]
         start = time.perf_counter()
         procs = [
             subprocess.Popen(
@@ -81,17 +84,30 @@ def staged(input_path: Path, out: Path, tasks: int, slice_bytes: int) -> dict[st
     return seconds
 
 
-def reduce_cost(millions: float) -> tuple[float, float]:
-    """(seconds, peak bytes above the start) of first_copies on random digests."""
+def reduce_cost(millions: float, scratch: Path, buckets: int) -> tuple[float, float]:
+    """(seconds, peak bytes above the start) of one reduce task (bucket 0 of `buckets`) over
+    random digests (10% copies) in 8 slice files, as the reduce stage reads them (memory maps);
+    every bucket's drops together must equal one bucket's."""
     n = int(millions * 1e6)
     rng = np.random.default_rng(0)
     digests = rng.integers(0, 2**63, n, dtype=np.uint64)
     digests[rng.integers(0, n, n // 10)] = digests[rng.integers(0, n, n // 10)]
-    base = psutil.Process().memory_info().rss - digests.nbytes
+    paths = [scratch / f"hash-{i}.npy" for i in range(8)]
+    for path, part in zip(paths, np.array_split(digests, 8), strict=True):
+        np.save(path, part)
+    del digests, part
+
+    def task(bucket: int) -> np.ndarray:
+        return bucket_duplicates((np.load(p, mmap_mode="r") for p in paths), buckets, bucket)[0]
+
+    base = psutil.Process().memory_info().rss
     with TreeMonitor(os.getpid()) as monitor:
         start = time.perf_counter()
-        first_copies(digests)
+        first = task(0)
         seconds = time.perf_counter() - start
+    every = np.sort(np.concatenate([first, *(task(b) for b in range(1, buckets))]))
+    if not np.array_equal(every, bucket_duplicates((np.load(p) for p in paths), 1, 0)[0]):
+        raise SystemExit(f"reduce: {buckets} buckets dropped other copies than one")
     return seconds, monitor.peak - base
 
 
@@ -224,10 +240,8 @@ def main() -> None:
         documents = json.loads((scratch / "1-0" / "manifest.json").read_text())["totals"]
         signing = sign_rate(corpus)
         near = near_reduce_cost(args.near_millions, scratch)
-    reduce_seconds, reduce_peak = reduce_cost(args.reduce_millions)
-    report(
-        corpus, size, one, two, same, documents, args.reduce_millions, reduce_seconds, reduce_peak
-    )
+        reduces = {b: reduce_cost(args.reduce_millions, scratch, b) for b in REDUCE_TASKS}
+    report(corpus, size, one, two, same, documents, args.reduce_millions, reduces)
     report_near(signing, args.near_millions, *near)
 
 
@@ -247,14 +261,14 @@ def report_near(signing: float, millions: float, seconds: float, peak: float, dr
     )
 
 
-def report(corpus, size, one, two, same, totals, millions, r_seconds, r_peak) -> None:
+def report(corpus, size, one, two, same, totals, millions, reduces) -> None:
     mb = size / 1e6
     print(
         f"{corpus}: {mb:.1f} MB, {totals['documents']:,} documents kept, {os.cpu_count()} "
         f"cores, load average {os.getloadavg()[0]:.1f} (other work on the machine stretches times)"
     )
     print(f"{'stage':<10}{'1 task (s)':>12}{'2 tasks (s)':>13}{'speedup':>9}{'MB/s per task':>15}")
-    for stage in STAGES:
+    for stage in RUN:
         rate = f"{mb / one[stage]:.2f}" if stage in ("hash", "tokenize") else ""
         print(
             f"{stage:<10}{one[stage]:>12.1f}{two[stage]:>13.1f}"
@@ -263,22 +277,24 @@ def report(corpus, size, one, two, same, totals, millions, r_seconds, r_peak) ->
     total1, total2 = sum(one.values()), sum(two.values())
     print(f"{'all':<10}{total1:>12.1f}{total2:>13.1f}{total1 / total2:>8.2f}x")
     print(f"same shards and manifest for 1 and 2 tasks: {same}")
-    per_m = r_seconds / millions
-    per_doc = r_peak / (millions * 1e6)
-    print(
-        f"reduce: {per_m:.2f} s and {per_doc:.1f} bytes per document "
-        f"({per_doc * 1e6 / 2**20:.0f} MiB) per million documents"
-    )
+    for buckets, (seconds, peak) in reduces.items():
+        per_doc = peak / (millions * 1e6)
+        print(
+            f"reduce, one task of {buckets} over {millions:g}M documents: {seconds:.2f} s, peak "
+            f"{peak / 2**20:.0f} MiB ({per_doc:.1f} bytes per document of the corpus)"
+        )
     # The Pile, from the per-core rates of the 1-task run (process starts included).
     core_hours = {s: one[s] / size * PILE_BYTES / 3600 for s in ("hash", "tokenize")}
     cores = PILE_FILES * 32
+    seconds, peak = reduces[1]
+    per_m, per_doc = seconds / millions, peak / (millions * 1e6)
     print(
         f"Pile projection: hash {core_hours['hash']:,.0f} and tokenize "
         f"{core_hours['tokenize']:,.0f} core-hours; on {PILE_FILES} tasks (one per .zst file, "
         f"the most whole-file slices allow) of 32 cores: "
         f"{(core_hours['hash'] + core_hours['tokenize']) / cores:.1f} h; reduce "
         f"{per_m * PILE_DOCUMENTS / 1e6 / 60:.0f} min and {per_doc * PILE_DOCUMENTS / 2**30:.1f} "
-        "GiB on one node"
+        f"GiB in one task, about 1/N of both in each of N tasks"
     )
 
 

@@ -150,8 +150,9 @@ VARIANTS = {
     "muon": ["optim.name=muon"],
     "muon-wsd": ["optim.name=muon", "optim.schedule=wsd"],
     "muon-zero": ["optim.name=muon", "model.residual_init=zero"],
-    # Newton-Schulz in fp32 (the default, optim.ns_precision=auto, is bf16 where the CPU
-    # computes it natively)
+    # Newton-Schulz in bf16 (optim.ns_precision=auto is fp32 in an fp32 run on a CPU, bf16 in
+    # a bf16 run where the CPU computes it natively) and in fp32
+    "muon-ns_bf16": ["optim.name=muon", "optim.ns_precision=bf16"],
     "muon-ns_fp32": ["optim.name=muon", "optim.ns_precision=fp32"],
     # the previous default rates: AdamW part (embeddings, positions, norms, biases) at
     # nanoGPT's 1e-3 and Muon at 0.02; then each alone, and a higher AdamW rate

@@ -12,8 +12,10 @@ from train.errors import NeoError
 MODEL_TYPES = ("bpe", "unigram")
 # `tasks>=1`: the stages a SLURM array runs (data_prep/stages.py), in this order; `all` runs
 # every stage for every task here, one task after another.
-STAGES = ("plan", "hash", "reduce", "tokenize", "merge")
-TASK_STAGES = ("hash", "tokenize")  # the stages that run once per task (array elements)
+STAGES = ("plan", "hash", "reduce", "near", "tokenize", "merge")
+# the stages that run once per task (array elements): hash and tokenize a share of the slices,
+# reduce a share of the digests (a bucket); `near` runs once, and only with dedup=near
+TASK_STAGES = ("hash", "reduce", "tokenize")
 # `dedup=`: exact copies, exact copies then near duplicates (tasks>=1), or none; the booleans
 # of earlier versions still mean exact (true) and none (false).
 DEDUP_MODES = ("exact", "near", "none")
@@ -96,10 +98,11 @@ class PrepConfig:
     # Replace an existing output directory instead of refusing (or resuming).
     overwrite: bool = False
     # 0: the one-machine pipeline. N >= 1: the staged pipeline a cluster runs (plan, hash,
-    # reduce, tokenize, merge), its per-task stages split into N tasks; the output does not
-    # depend on N (data_prep/stages.py).
+    # reduce, near, tokenize, merge), its per-task stages split into N tasks; the output does
+    # not depend on N (data_prep/stages.py).
     tasks: int = 0
-    # With tasks >= 1: `all`, or one of STAGES; `hash` and `tokenize` run one task (`task=`).
+    # With tasks >= 1: `all`, or one of STAGES; `hash`, `reduce` and `tokenize` run one task
+    # (`task=`).
     stage: str = "all"
     task: int | None = None
     # With tasks >= 1: a .jsonl[.zst|.gz] file is cut into slices of this many bytes of its
@@ -155,7 +158,7 @@ class PrepConfig:
 
     @property
     def deduplicates(self) -> bool:
-        """Whether the hash and reduce stages have work: any dedup at all."""
+        """Whether the hash and reduce stages have work: any dedup at all (near: dedup=near)."""
         return self.dedup_mode != "none"
 
     def _validate_dedup(self) -> None:
@@ -179,7 +182,7 @@ class PrepConfig:
             # cluster can be joined by a later document, so its survivor is only known once
             # every signature is in: the staged reduce.
             raise PrepConfigError(
-                "dedup=near needs the staged pipeline: add tasks=1 (or more); its reduce stage "
+                "dedup=near needs the staged pipeline: add tasks=1 (or more); its near stage "
                 "sees every document's MinHash signature before deciding"
             )
         if near.ngram < 1 or near.num_perm < 1 or near.bands < 1:

@@ -7,6 +7,8 @@ exists among 10^8 documents, the price of storing 8 bytes per document instead o
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 _MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -61,6 +63,26 @@ def first_copies(digests: np.ndarray) -> np.ndarray:
     keep = np.zeros(len(first), dtype=bool)
     keep[order[first]] = True
     return keep
+
+
+def bucket_duplicates(
+    slices: Iterable[np.ndarray], buckets: int, bucket: int
+) -> tuple[np.ndarray, int]:
+    """(global indices of the copies dropped, ascending; how many documents the bucket holds)
+    among the documents whose digest is in `bucket` (digest mod buckets): all but the first
+    copy of each text in input order. `slices`: each slice's digests in input order (memory
+    maps: only the bucket's are copied). Every copy of a text has its digest, hence its
+    bucket, so the buckets together drop what first_copies over all digests would. Peak
+    about 34 bytes per document of the bucket (its digests and global indices, then
+    first_copies' arrays)."""
+    digests, positions, offset = [np.zeros(0, np.uint64)], [np.zeros(0, np.int64)], 0
+    for hashed in slices:
+        mine = np.flatnonzero(hashed % np.uint64(buckets) == bucket)
+        digests.append(np.asarray(hashed[mine]))
+        positions.append(mine + offset)
+        offset += len(hashed)
+    keep = first_copies(np.concatenate(digests))
+    return np.concatenate(positions)[~keep], len(keep)
 
 
 def validation_mask(digests: np.ndarray, seed: int, fraction: float) -> np.ndarray:

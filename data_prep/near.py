@@ -2,8 +2,8 @@
 
 The hash stage signs each document (Signer, in the encode workers): the MinHash of its word
 n-grams (datasketch's affine32 scheme, SHA-1 of each shingle, permutations from a fixed seed),
-so a signature depends on the text alone, never on the task that computed it. The reduce
-(near_duplicates) then sees every slice's signatures at once:
+so a signature depends on the text alone, never on the task that computed it. The near stage
+(near_duplicates), after the exact reduce, then sees every slice's signatures at once:
 
   1. only the survivors of exact dedup take part (an exact copy is already gone);
   2. per LSH band (num_perm / bands rows of the signature), documents whose rows agree share a
@@ -210,7 +210,7 @@ def _text_pieces(text: str) -> Iterator[str]:
 
 class Signatures:
     """Every slice's signatures (.npy files, memory-mapped), addressed by global document
-    index: the reduce reads the rows and columns it needs, not the whole corpus at once."""
+    index: the near stage reads the rows and columns it needs, not the whole corpus at once."""
 
     def __init__(self, paths: list[Path], counts: list[int] | None = None, width: int = 0):
         """With `counts` and `width`: each file must hold counts[i] signatures of `width`

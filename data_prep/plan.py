@@ -161,6 +161,16 @@ class Planned:
             f"`neo prep stage={stage} task=I tasks={self.cfg.tasks}` for each, same settings"
         )
 
+    def require_tasks(self, stage: str, missing: list[int]) -> None:
+        """Refuse while tasks of a per-bucket stage (reduce) have not finished, naming them."""
+        if not missing:
+            return
+        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+        raise PrepError(
+            f"stage={stage} has not finished for task(s) {shown} of tasks={self.cfg.tasks}; "
+            f"run `neo prep stage={stage} task=I tasks={self.cfg.tasks}` for each, same settings"
+        )
+
     def _minhash(self) -> tuple[int, int, int] | None:
         near = self.cfg.near
         return (near.ngram, near.num_perm, near.seed) if self.cfg.dedup_mode == "near" else None

@@ -5,22 +5,28 @@ one task after another):
     plan      (once)      inputs, tokenizer, slices -> .prep/plan.json
     hash      (task I)    each slice's document digests -> .prep/hash/SSSSS.npy
                           (dedup=near: and MinHash signatures -> .prep/minhash/SSSSS.npy)
-    reduce    (once)      the surviving copy of each text -> .prep/keep.npy, .prep/reduce.json
-                          (dedup=near: and of each near-duplicate cluster, data_prep/near.py)
+    reduce    (task I)    bucket I of the digests (digest mod tasks): the copies it drops
+                          -> .prep/reduce/IIIII.npy, .prep/reduce/IIIII.json
+    near      (once)      dedup=near: all but the first of each near-duplicate cluster among the
+                          exact survivors (data_prep/near.py) -> .prep/near.npy, .prep/near.json
     tokenize  (task I)    each slice's shards {split}-SSSSS-GGG.bin/.idx -> .prep/slices/SSSSS.json
     merge     (once)      every slice recorded -> manifest.json; .prep/ removed
 
-The unit of work is the slice (data_prep/slices.py), fixed by the inputs and slice_bytes; a
-task is a run of consecutive slices. Every result is per slice, written under a temporary name
-and renamed into place, and its file is its completion marker: a rerun (a requeued or
-resubmitted task) skips the slices already done and redoes the rest from their start, deleting
-what a killed run left of them; a finished stage does nothing. Nothing depends on the number of
-tasks: tasks=1, 2 or 64 write the same shards and manifest (only `run` differs).
+The unit of work of hash and tokenize is the slice (data_prep/slices.py), fixed by the inputs
+and slice_bytes; a task is a run of consecutive slices. The reduce's is the bucket: every copy
+of a text has one digest, so all its copies meet in one bucket, and each reduce task holds a
+1/tasks share of the corpus's digests (the global dedup that fits on no single node). Every
+result is written under a temporary name and renamed into place, and its file is its
+completion marker: a rerun (a requeued or resubmitted task) skips the slices (buckets) already
+done and redoes the rest from their start, deleting what a killed run left of them; a finished
+stage does nothing. Nothing depends on the number of tasks: tasks=1, 2 or 64 write the same
+shards and manifest (only `run` differs).
 
 The survivor of each text is its first copy in input order (slice, then position), the rule of
-the one-machine run; the validation split is the same seeded hash of the text. So per split and
-source the documents and their tokens are those of `neo prep` without tasks, in the same order;
-the shards differ in where they end (a shard group also ends where its slice ends).
+the one-machine run, whichever bucket decides it; the validation split is the same seeded hash
+of the text. So per split and source the documents and their tokens are those of `neo prep`
+without tasks, in the same order; the shards differ in where they end (a shard group also ends
+where its slice ends).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import numpy as np
 from rich.console import Console
 
 from data_prep.config import STAGES, TASK_STAGES, PrepConfig
-from data_prep.dedup import first_copies
+from data_prep.dedup import bucket_duplicates
 from data_prep.encode import Encoder, OutOfMemory, WorkerDied
 from data_prep.groups import Router, ShardGroup
 from data_prep.inputs import InputFile
@@ -72,7 +78,7 @@ from data_prep.slices import read_slice, slice_owners, where
 
 log = logging.getLogger("neo.prep")
 
-REDUCE_FILE, KEEP_FILE, NEAR_FILE = "reduce.json", "keep.npy", "near.npy"
+REDUCE_DIR, NEAR_FILE, NEAR_SUMMARY = "reduce", "near.npy", "near.json"
 
 
 def run_stages(
@@ -93,11 +99,14 @@ def run_stages(
                 f"{cfg.output} is already prepared from these inputs and settings: nothing to do"
             )
             return Manifest.load(state_directory(cfg))
-        if stage in TASK_STAGES:
+        if stage == "reduce":
+            for task in range(cfg.tasks) if cfg.task is None else (cfg.task,):
+                reduce_task(state, task)
+        elif stage in TASK_STAGES:
             for task in range(cfg.tasks) if cfg.task is None else (cfg.task,):
                 (hash_task if stage == "hash" else tokenize_task)(state, task, batch_bytes)
-        elif stage == "reduce":
-            reduce(state)
+        elif stage == "near":
+            near_stage(state)
         else:
             manifest = merge(state, console)
     return manifest
@@ -112,11 +121,12 @@ def unfinished(state: Planned) -> dict[str, list[int]]:
         "hash": [not state.cfg.deduplicates or _hash_path(state, n).is_file() for n in slices],
         "tokenize": [_slice_path(state, n).is_file() for n in slices],
     }
-    reduced = not state.cfg.deduplicates or (state.state / REDUCE_FILE).is_file()
+    near = state.cfg.dedup_mode == "near" and not (state.state / NEAR_SUMMARY).is_file()
     return {
         "plan": [],
         "hash": sorted({owners[n] for n in slices if not done["hash"][n]}),
-        "reduce": [] if reduced else [0],
+        "reduce": _unreduced(state),
+        "near": [0] if near else [],
         "tokenize": sorted({owners[n] for n in slices if not done["tokenize"][n]}),
         "merge": [0],  # merged: no plan left to load
     }
@@ -170,62 +180,115 @@ def hash_task(state: Planned, task: int, batch_bytes: int) -> None:
     log.info("task %d: stage hash done (%d slice(s) hashed now)", task, len(todo))
 
 
-def reduce(state: Planned) -> None:
-    """Which copy of each text survives: the first in input order (slice, then position).
-    Peak memory about 26 bytes per document (the digests, their sort order, a sorted copy,
-    two flags) plus 8 per distinct text: 5-7 GB for 210M documents (the Pile's count).
-    dedup=near then drops all but the first of each near-duplicate cluster among the exact
-    survivors (data_prep/near.py; its memory is stated there and measured in the README)."""
-    if not state.cfg.deduplicates or (state.state / REDUCE_FILE).is_file():
+def _reduce_paths(state: Planned, task: int) -> tuple[Path, Path]:
+    """Reduce task `task`'s files: the global indices of the copies it drops, its summary (the
+    marker, written last)."""
+    base = state.state / REDUCE_DIR / f"{task:05d}"
+    return base.with_suffix(".npy"), base.with_suffix(".json")
+
+
+def _unreduced(state: Planned) -> list[int]:
+    if not state.cfg.deduplicates:
+        return []
+    return [t for t in range(state.cfg.tasks) if not _reduce_paths(state, t)[1].is_file()]
+
+
+def _hashed(state: Planned) -> list[int]:
+    """Each slice's document count, from its digest file (a memory map: nothing is read)."""
+    numbers = range(len(state.slices))
+    state.require("hash", [_hash_path(state, n).is_file() for n in numbers])
+    return [len(np.load(_hash_path(state, n), mmap_mode="r")) for n in numbers]
+
+
+def reduce_task(state: Planned, task: int) -> None:
+    """Which copies of the texts in bucket `task` are dropped (dedup.bucket_duplicates: all
+    but the first in input order; the buckets together decide as one pass over every digest
+    would, each in 1/tasks of its memory)."""
+    if not state.cfg.deduplicates:
         return
-    state.require("hash", [_hash_path(state, n).is_file() for n in range(len(state.slices))])
+    dropped_path, summary_path = _reduce_paths(state, task)
+    if summary_path.is_file():
+        return
+    counts = _hashed(state)
     started = time.perf_counter()
-    parts = [np.load(_hash_path(state, n)) for n in range(len(state.slices))]
-    counts = [len(p) for p in parts]
-    digests = np.concatenate([np.zeros(0, np.uint64), *parts])
-    del parts
-    keep = first_copies(digests)
-    del digests
-    near = np.zeros(len(keep), dtype=bool)
-    if state.cfg.dedup_mode == "near":
-        options, paths = state.cfg.near, [_minhash_path(state, n) for n in range(len(counts))]
-        signatures = Signatures(paths, counts, options.num_perm)
-        near = near_duplicates(signatures, np.flatnonzero(keep), options.bands, options.threshold)
-    save_array(state.state / NEAR_FILE, np.packbits(near))
-    save_array(state.state / KEEP_FILE, np.packbits(keep & ~near))
+    maps = (np.load(_hash_path(state, n), mmap_mode="r") for n in range(len(counts)))
+    dropped, documents = bucket_duplicates(maps, state.cfg.tasks, task)
+    (state.state / REDUCE_DIR).mkdir(exist_ok=True)
+    save_array(dropped_path, dropped)
     summary = {
-        "counts": counts,
+        "documents": documents,
+        "kept": documents - len(dropped),
+        "seconds": round(time.perf_counter() - started, 3),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    write_json(summary_path, summary)
+    log.info(
+        "task %d: stage reduce done: %d documents in its bucket, %d kept",
+        task,
+        summary["documents"],
+        summary["kept"],
+    )
+
+
+def _dropped(state: Planned, first: int, end: int) -> np.ndarray:
+    """The global indices in [first, end) that any reduce task dropped, ascending. Each task's
+    file is sorted: only its part in the range is read."""
+    state.require_tasks("reduce", _unreduced(state))
+    parts = [np.zeros(0, np.int64)]
+    for task in range(state.cfg.tasks):
+        dropped = np.load(_reduce_paths(state, task)[0], mmap_mode="r")
+        lo, hi = np.searchsorted(dropped, [first, end])
+        parts.append(np.asarray(dropped[lo:hi]))
+    return np.sort(np.concatenate(parts))
+
+
+def near_stage(state: Planned) -> None:
+    """dedup=near: all but the first of each near-duplicate cluster among the exact survivors
+    (data_prep/near.py; its memory is stated there and measured in the README), over every
+    document at once."""
+    if state.cfg.dedup_mode != "near" or (state.state / NEAR_SUMMARY).is_file():
+        return
+    counts = _hashed(state)
+    started = time.perf_counter()
+    keep = np.ones(sum(counts), dtype=bool)
+    keep[_dropped(state, 0, len(keep))] = False
+    options, paths = state.cfg.near, [_minhash_path(state, n) for n in range(len(counts))]
+    signatures = Signatures(paths, counts, options.num_perm)
+    near = near_duplicates(signatures, np.flatnonzero(keep), options.bands, options.threshold)
+    save_array(state.state / NEAR_FILE, np.packbits(near))
+    summary = {
         "documents": len(keep),
-        "kept": int(keep.sum() - near.sum()),
+        "exact_survivors": int(keep.sum()),
         "near_duplicates": int(near.sum()),
         "seconds": round(time.perf_counter() - started, 3),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
-    write_json(state.state / REDUCE_FILE, summary)
+    write_json(state.state / NEAR_SUMMARY, summary)
     log.info(
-        "stage reduce: %d documents, %d kept (%d near duplicates dropped)",
-        summary["documents"],
-        summary["kept"],
+        "stage near: %d exact survivors, %d near duplicates dropped",
+        summary["exact_survivors"],
         summary["near_duplicates"],
     )
 
 
-def _keep(state: Planned) -> tuple[np.ndarray, np.ndarray, list[int]] | None:
-    """(keep flags of every document, near-duplicate flags, the first document of each
-    slice); None: no dedup."""
-    if not state.cfg.deduplicates:
-        return None
-    summary = read_json(state.state / REDUCE_FILE)
-    if summary is None:
-        raise PrepError(
-            f"stage=reduce has not finished in {state.directory}; run `neo prep stage=reduce` "
-            "once every hash task is done"
-        )
-    flags = [
-        np.unpackbits(np.load(state.state / name), count=summary["documents"]).astype(bool)
-        for name in (KEEP_FILE, NEAR_FILE)
-    ]
-    return flags[0], flags[1], [0, *np.cumsum(summary["counts"]).tolist()]
+def _keep(state: Planned, number: int, starts: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(keep flags, near-duplicate flags) of slice `number`'s documents; `starts`: each
+    slice's first global document index."""
+    first, end = starts[number], starts[number + 1]
+    keep = np.ones(end - first, dtype=bool)
+    keep[_dropped(state, first, end) - first] = False
+    near = np.zeros(end - first, dtype=bool)
+    if state.cfg.dedup_mode == "near":
+        if not (state.state / NEAR_SUMMARY).is_file():
+            raise PrepError(
+                f"stage=near has not finished in {state.directory}; run `neo prep stage=near` "
+                "once every reduce task is done"
+            )
+        packed = np.load(state.state / NEAR_FILE, mmap_mode="r")
+        byte = first // 8
+        bits = np.unpackbits(np.asarray(packed[byte : (end + 7) // 8]))
+        near = bits[first - 8 * byte : end - 8 * byte].astype(bool)
+    return keep & ~near, near
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,19 +352,19 @@ def _slice_path(state: Planned, number: int) -> Path:
 
 
 def tokenize_task(state: Planned, task: int, batch_bytes: int) -> None:
-    """Each slice's shards, skipping the copies the reduce dropped; recorded per slice."""
-    keep = _keep(state)
+    """Each slice's shards, skipping the copies the reduce (and near) dropped; recorded per
+    slice."""
     (state.state / "slices").mkdir(exist_ok=True)
     todo = [n for n in state.task_range(task) if not _slice_path(state, n).is_file()]
     if not todo:
         return
+    starts = [0, *np.cumsum(_hashed(state)).tolist()] if state.cfg.deduplicates else None
     with state.encoder(hash_only=False) as encoder:
         for number in todo:
             _remove_partial(state.directory, number)
             mine = near = None
-            if keep is not None:
-                first, end = keep[2][number], keep[2][number + 1]
-                mine, near = keep[0][first:end], keep[1][first:end]
+            if starts is not None:
+                mine, near = _keep(state, number, starts)
             router = SliceRouter(state, number, mine, near)
             stream = read_slice(state.files, state.slices[number], state.cfg.data, batch_bytes)
             try:

@@ -1,13 +1,14 @@
 """`neo launch prep launcher=slurm launch.array=N input=... output=...`: the staged `neo prep`
 (data_prep/stages.py) as SLURM jobs, each stage depending on the one before (afterok):
 
-    plan (one job) -> hash (array of N) -> reduce (one job) -> tokenize (array of N) -> merge
+    plan (one job) -> hash (array of N) -> reduce (array of N) [-> near (one job)]
+        -> tokenize (array of N) -> merge (one job)
 
 Element I of an array runs `neo prep ... tasks=N stage=hash task=I`. `launch.array` is `neo
 prep`'s `tasks=` (one key: tasks=, stage= and task= are set here, per job). Without dedup the
-hash and reduce stages have nothing to do and are not submitted. Every job is submitted with
---kill-on-invalid-dep=yes: a failed or cancelled element cancels the stages after it instead of
-leaving them pending forever.
+hash and reduce stages have nothing to do and are not submitted; near runs only with
+dedup=near. Every job is submitted with --kill-on-invalid-dep=yes: a failed or cancelled
+element cancels the stages after it instead of leaving them pending forever.
 
 The launch directory (<workdir>/runs/launch/prep-<time>) holds the job scripts, their logs, the
 exit status of each job or element that ended by itself (`<stage>-<job>[_<task>].exit`) and
@@ -124,6 +125,7 @@ def prepare_prep(overrides: list[str], launch: LaunchConfig, typed: str) -> Prep
             "choose a directory without one"
         )
     stages = [s for s in STAGES if cfg.deduplicates or s not in ("hash", "reduce")]
+    stages = [s for s in stages if s != "near" or cfg.dedup_mode == "near"]
     return PrepJob(overrides, tasks, stages, str(output), str(workdir), str(launch_dir), typed)
 
 

@@ -101,7 +101,8 @@ def test_hash_stage_writes_signatures_and_a_changed_threshold_is_refused(corpus)
     staged(corpus, "out", stage="plan")
     state = Planned.load(config(corpus, "out"))
     staged(corpus, "out", stage="hash", task=1)
-    assert unfinished(state)["hash"] == [0] and unfinished(state)["reduce"] == [0]
+    assert unfinished(state)["hash"] == [0] and unfinished(state)["reduce"] == [0, 1]
+    assert unfinished(state)["near"] == [0]
     signed = sorted((corpus / "out" / ".prep" / "minhash").iterdir())
     hashed = sorted((corpus / "out" / ".prep" / "hash").iterdir())
     assert [p.name for p in signed] == [p.name for p in hashed] and signed
@@ -134,11 +135,15 @@ def test_a_hash_rerun_redoes_a_slice_killed_between_its_files_and_bad_signatures
     staged(corpus, "out", stage="hash", task=1)
     prep = corpus / "out" / ".prep"
     (prep / "minhash" / "00002.npy").unlink()
+    staged(corpus, "out", stage="reduce", task=0)
+    with pytest.raises(PrepError, match=r"stage=reduce has not finished for task\(s\) 1 of"):
+        staged(corpus, "out", stage="near")
+    staged(corpus, "out", stage="reduce", task=1)
     with pytest.raises(PrepError, match=r"minhash/00002.npy: is missing, not \(\d+, 128\)"):
-        staged(corpus, "out", stage="reduce")
+        staged(corpus, "out", stage="near")
     np.save(prep / "minhash" / "00001.npy", np.zeros((3, 128), np.uint32))
     with pytest.raises(PrepError, match=r"00001.npy: holds signatures of shape \(3, 128\), not"):
-        staged(corpus, "out", stage="reduce")
+        staged(corpus, "out", stage="near")
     # As a task killed after its signatures, before its digests (the slice's marker):
     (prep / "hash" / "00001.npy").unlink()
     (prep / "hash" / "00002.npy").unlink()

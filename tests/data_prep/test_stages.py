@@ -172,15 +172,20 @@ def test_stages_one_by_one_refuse_while_a_task_is_missing_and_name_it(corpus):
         run("hash", 0)
     run("plan")
     state = Planned.load(config(corpus, "steps", tasks=3))
-    everything = {"hash": [0, 1, 2], "reduce": [0], "tokenize": [0, 1, 2], "merge": [0]}
-    assert unfinished(state) == {"plan": []} | everything
+    everything = {"hash": [0, 1, 2], "reduce": [0, 1, 2], "tokenize": [0, 1, 2], "merge": [0]}
+    assert unfinished(state) == {"plan": [], "near": []} | everything
     run("hash", 0)
     run("hash", 2)
     assert unfinished(state)["hash"] == [1]
     with pytest.raises(PrepError, match=r"stage=hash has not finished for task\(s\) 1 of tasks=3"):
-        run("reduce")
+        run("reduce", 0)
     run("hash", 1)
-    run("reduce")
+    run("reduce", 2)
+    run("reduce", 0)
+    assert unfinished(state)["reduce"] == [1]
+    with pytest.raises(PrepError, match=r"stage=reduce has not finished for task\(s\) 1 of tasks"):
+        run("tokenize", 1)
+    run("reduce", 1)
     run("tokenize", 1)
     assert unfinished(state) | {"merge": []} == dict.fromkeys(STAGES, []) | {"tokenize": [0, 2]}
     with pytest.raises(PrepError, match=r"stage=tokenize has not finished for task\(s\) 0, 2 of"):
@@ -219,7 +224,8 @@ def test_a_task_killed_midway_leaves_no_shard_and_its_rerun_redoes_only_its_slic
     staged(corpus, "out", **small, stage="plan")
     staged(corpus, "out", **small, stage="hash", task=0)
     staged(corpus, "out", **small, stage="hash", task=1)
-    staged(corpus, "out", **small, stage="reduce")
+    staged(corpus, "out", **small, stage="reduce", task=0)
+    staged(corpus, "out", **small, stage="reduce", task=1)
     batch = Router.batch
 
     def killed(self, *args):
@@ -269,6 +275,8 @@ def test_a_task_with_other_settings_than_the_plan_is_refused(corpus):
         (dict(tasks=2, stage="hash"), r"task=None must be in \[0, 2\) for stage=hash"),
         (dict(tasks=2, stage="tokenize", task=2), r"task=2 must be in \[0, 2\)"),
         (dict(tasks=2, stage="merge", task=0), "task=0 is not read by stage=merge"),
+        (dict(tasks=2, stage="reduce"), r"task=None must be in \[0, 2\) for stage=reduce"),
+        (dict(tasks=2, stage="near", task=0), "task=0 is not read by stage=near"),
         (dict(tasks=2, slice_bytes=0), "slice_bytes=0 must be >= 1"),
     ],
 )
@@ -280,7 +288,7 @@ def test_config_errors_name_the_key(overrides, message):
 def test_strict_stops_at_the_hash_stage_naming_the_line(corpus):
     with pytest.raises(PrepError, match=r"a.jsonl \(the slice from byte \d+\): line \d+: the line"):
         staged(corpus, "out", strict=True)
-    assert not (corpus / "out" / ".prep" / "reduce.json").exists()
+    assert not (corpus / "out" / ".prep" / "reduce").exists()
 
 
 def test_nothing_kept_leaves_nothing_behind(tmp_path):

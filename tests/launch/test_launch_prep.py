@@ -77,11 +77,13 @@ def test_dry_run_prints_each_stage_and_its_dependencies(corpus):
     for stage in ("plan", "hash", "reduce", "tokenize", "merge"):
         assert f"#SBATCH --job-name=neo-prep-{stage}" in scripts
         assert f" stage={stage}" in scripts
-    assert scripts.count(' "task=$SLURM_ARRAY_TASK_ID"') == 2  # hash and tokenize
+    assert "stage=near" not in scripts  # dedup=exact: no near stage
+    assert scripts.count(' "task=$SLURM_ARRAY_TASK_ID"') == 3  # hash, reduce and tokenize
     assert "#SBATCH --partition=cpu" in scripts and " tasks=3 " in scripts
     assert "'output=" in scripts and "$(touch x)" in scripts  # quoted, never run
     commands = out.split("# submitted in this order")[1].splitlines()[1:]
-    assert len(commands) == 5 and "--array=0-2" in commands[1] and "--array=0-2" in commands[3]
+    assert len(commands) == 5 and all("--array=0-2" in commands[i] for i in (1, 2, 3))
+    assert "--array" not in commands[0] + commands[4]
     assert all(
         "--dependency=afterok:" in c and "--kill-on-invalid-dep=yes" in c for c in commands[1:]
     )
@@ -101,6 +103,7 @@ def test_dry_run_prints_each_stage_and_its_dependencies(corpus):
     commands = near.split("# submitted in this order")[1].splitlines()[1:]
     assert [c.split("/")[-1].strip("'") for c in commands] == [f"{s}.sbatch" for s in STAGES]
     assert " dedup=near " in near and " stage=hash " in near and " stage=reduce" in near
+    assert " stage=near" in near
 
 
 @pytest.mark.parametrize(
@@ -195,7 +198,7 @@ def test_slurm_arrays_with_a_cancelled_element_resubmitted_equal_one_machine(slu
     status = launch("status", f"launch_dir={launch_dir}").stdout
     # | stage | done | running | waiting | failed | cancelled | never ran |
     assert "| hash | 0 | - | - | - | 1 | - |" in status, status
-    assert "| reduce | - | - | - | - | - | yes |" in status, status
+    assert "| reduce | - | - | - | - | - | 0-1 |" in status, status
     assert "| tokenize | - | - | - | - | - | 0-1 |" in status, status
     assert "hash task 1 cancelled: before it started" in status, status
     assert "resubmit=true" in status
@@ -205,6 +208,7 @@ def test_slurm_arrays_with_a_cancelled_element_resubmitted_equal_one_machine(slu
     resubmitted = _submitted(again)
     assert list(resubmitted) == ["hash", "reduce", "tokenize", "merge"], again
     assert "submitted hash tasks 1:" in again and "submitted tokenize tasks 0-1:" in again
+    assert "submitted reduce tasks 0-1:" in again
     subprocess.run(["scontrol", "release", *resubmitted.values()], capture_output=True)
     _wait_gone(list(resubmitted.values()))
     logs = "".join(p.read_text() for p in launch_dir.glob("*.err"))
@@ -249,7 +253,7 @@ def test_slurm_near_dedup_across_files_equals_one_task_here(slurm, corpus):  # n
     args = ["prep", "launcher=slurm", "launch.array=2", "input=in", "output=near", "dedup=near"]
     out = launch(*args, *PREP, f"launch.workdir={corpus}", cwd=corpus).stdout
     jobs = _submitted(out)
-    assert list(jobs) == ["plan", "hash", "reduce", "tokenize", "merge"]
+    assert list(jobs) == ["plan", "hash", "reduce", "near", "tokenize", "merge"]
     _wait_gone(list(jobs.values()))
     launch_dir = Path(out.split("launch dir ")[1].splitlines()[0])
     logs = "".join(p.read_text() for p in launch_dir.glob("*.err"))

@@ -47,7 +47,7 @@ def test_resubmit_cancels_the_jobs_whose_dependency_can_never_be_satisfied(corpu
     squeue = """if [ -e "${0%/*}/scancel.calls" ]; then state=CANCELLED; else state=PENDING; fi
 echo "11 FAILED NonZeroExitCode"
 echo "12_0 $state DependencyNeverSatisfied"; echo "12_1 $state DependencyNeverSatisfied"
-for j in 13 14_0 14_1 15; do echo "$j $state Dependency"; done  # as SLURM shows them"""
+for j in 13_0 13_1 14_0 14_1 15; do echo "$j $state Dependency"; done  # as SLURM shows them"""
     env, launch_dir = _launched(corpus, squeue)
     status = launch("status", f"launch_dir={launch_dir}", env=env).stdout
     assert "| plan | - | - | - | yes | - | - |" in status, status
@@ -60,15 +60,15 @@ for j in 13 14_0 14_1 15; do echo "$j $state Dependency"; done  # as SLURM shows
 
     again = launch("status", f"launch_dir={launch_dir}", "resubmit=true", env=env).stdout
     calls = (corpus.parent / "bin" / "scancel.calls").read_text().split()
-    assert calls == ["12_0", "12_1", "13", "14_0", "14_1", "15"], calls
-    assert "cancelled 6 job(s) of this launch that could never run" in again, again
+    assert calls == ["12_0", "12_1", "13_0", "13_1", "14_0", "14_1", "15"], calls
+    assert "cancelled 7 job(s) of this launch that could never run" in again, again
     assert "submitted plan: job 16" in again and "submitted merge: job 20" in again, again
 
 
 def test_resubmit_still_waits_for_a_running_task(corpus):  # noqa: F811
     squeue = """echo "11 COMPLETED None"; echo "12_0 RUNNING None"
 echo "12_1 FAILED NonZeroExitCode"
-for j in 13 14_0 14_1 15; do echo "$j PENDING DependencyNeverSatisfied"; done"""
+for j in 13_0 13_1 14_0 14_1 15; do echo "$j PENDING DependencyNeverSatisfied"; done"""
     env, launch_dir = _launched(corpus, squeue)
     proc = launch("status", f"launch_dir={launch_dir}", "resubmit=true", env=env, check=False)
     assert (
@@ -312,11 +312,11 @@ def test_slurm_jobs_that_can_never_run_are_cancelled_by_resubmit(slurm, corpus, 
     assert "plan failed: exit 2: neo prep: error: input=" in status, status
     assert f"hash tasks 0-1 (job {jobs['hash']}) wait on a job that will never succeed" in status
     assert "| merge | - | - | yes (never runs) | - | - | - |" in status, status
-    assert len(_queued(later)) == 6  # they stay
+    assert len(_queued(later)) == 7  # they stay: 3 arrays of 2 (hash, reduce, tokenize), merge
 
     (corpus / "moved").rename(corpus / "in")
     again = launch("status", f"launch_dir={launch_dir}", "resubmit=true", env=env).stdout
-    assert "cancelled 6 job(s) of this launch that could never run" in again, again
+    assert "cancelled 7 job(s) of this launch that could never run" in again, again
     assert not _queued(later)
     resubmitted = list(_submitted(again).values())
     subprocess.run(["scontrol", "release", *resubmitted], capture_output=True)  # --hold

@@ -48,7 +48,8 @@ class OptimConfig(Schema):
     momentum: float = 0.95
     # What Muon's Newton-Schulz orthogonalization computes in, whatever `precision` is:
     # auto: bf16 where the device computes it natively (torch.optim.Muon always uses bf16),
-    # else fp32 (emulated bf16 is slower than fp32). fp32 under DeepSpeed's Muon (ZeRO 1-3, or
+    # except on a CPU training in fp32 (measured no faster end to end there); else fp32
+    # (emulated bf16 is slower than fp32). fp32 under DeepSpeed's Muon (ZeRO 1-3, or
     # precision=bf16) is its "gram" form, which it computes in fp16 where the device has fp16
     # kernels (GPUs, NPUs), in fp32 on CPUs.
     ns_precision: str = "auto"
@@ -113,6 +114,9 @@ class RunConfig(Schema):
     # auto (bf16 where the device computes it natively, else fp32) | bf16 | fp16 (dynamic loss
     # scaling; CUDA and Ascend only) | fp32. A resolved config holds what auto picked.
     precision: str = "auto"
+    # torch.compile each transformer block (inductor; regional: the first steps compile, a few
+    # seconds to a minute). Off by default: on CPUs it measured no faster (README, Performance).
+    compile: bool = False
     micro_batch_size: int = 4
     # Samples per optimizer step over all ranks: micro_batch_size * accumulation * world_size.
     global_batch_size: int = 8

@@ -13,7 +13,7 @@ from torch import nn
 from train.config.finetune import LoraConfig
 from train.config.model import ModelConfig
 from train.model import lora as adapters
-from train.model.gpt import GPT
+from train.model.gpt import GPT, Block
 from train.model.heads import TaskGPT, TaskHead
 from train.model.preference import DpoLoss, PreferenceGPT
 from train.model.reward import RewardGPT
@@ -27,6 +27,7 @@ class ModelFactory:
     lora: LoraConfig | None = None  # adapters on a frozen model; only they (and a head) train
     dpo: DpoLoss | None = None  # trained on preference pairs (neo dpo)
     center_rewards: float | None = None  # a reward head's centering coefficient (TRL's)
+    compile: bool = False  # torch.compile each transformer block (in place: same state dict)
 
     def prepare(self) -> None:
         """Imports that must not run while the engine builds (peft's, under ZeRO-3's
@@ -49,6 +50,10 @@ class ModelFactory:
             model = adapters.inject(model, self.lora)
             if self.head is not None:  # a new head is trained whole, beside the adapters
                 model.score.weight.requires_grad_(True)
+        if self.compile:
+            for module in model.modules():
+                if isinstance(module, Block):
+                    module.compile(dynamic=False)
         return model
 
     def initialize(

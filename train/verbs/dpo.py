@@ -161,7 +161,8 @@ def setup(resolved: Resolved[DpoConfig], where: Host, sources: Sources) -> Train
         },
     }
     loss = DpoLoss(cfg.dpo.beta, cfg.dpo.loss_type, cfg.dpo.label_smoothing)
-    factory = ModelFactory(cfg.model, lora=cfg.lora if cfg.lora.enabled else None, dpo=loss)
+    adapters = cfg.lora if cfg.lora.enabled else None
+    factory = ModelFactory(cfg.model, lora=adapters, dpo=loss, compile=cfg.compile)
     engine, state, _ = open_engine(
         "dpo",
         resolved,

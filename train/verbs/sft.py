@@ -150,6 +150,7 @@ def setup(resolved: Resolved[SftConfig], where: Host, sources: Sources) -> Train
         lm_coef=cfg.head.lm_coef,
         lora=cfg.lora if cfg.lora.enabled else None,
         center_rewards=cfg.head.center_rewards_coefficient,
+        compile=cfg.compile,
     )
     engine, state, _ = open_engine(
         "sft",

@@ -68,7 +68,7 @@ def setup(resolved: Resolved[TrainConfig], where: Host) -> Trainer:
         if task is not None
     ]
     identity = run_identity(cfg, data.identity)
-    factory = ModelFactory(cfg.model)
+    factory = ModelFactory(cfg.model, compile=cfg.compile)
     engine, state, _ = open_engine("train", resolved, run, identity, factory, doing="training")
     batches = PretrainBatches(
         data.train,
