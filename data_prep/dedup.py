@@ -72,9 +72,10 @@ def bucket_duplicates(
     among the documents whose digest is in `bucket` (digest mod buckets): all but the first
     copy of each text in input order. `slices`: each slice's digests in input order (memory
     maps: only the bucket's are copied). Every copy of a text has its digest, hence its
-    bucket, so the buckets together drop what first_copies over all digests would. Peak
-    about 34 bytes per document of the bucket (its digests and global indices, then
-    first_copies' arrays)."""
+    bucket, so the buckets together drop what first_copies over all digests would. Peak heap
+    (tracemalloc, bench/prep_tasks.py's random digests): 42 bytes per document of the bucket
+    (its digests and global indices, then first_copies' arrays), plus about 9 per document of
+    the slice being read (its bucket numbers and flags), besides the mapped digest pages."""
     digests, positions, offset = [np.zeros(0, np.uint64)], [np.zeros(0, np.int64)], 0
     for hashed in slices:
         mine = np.flatnonzero(hashed % np.uint64(buckets) == bucket)

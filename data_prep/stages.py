@@ -32,9 +32,7 @@ where its slice ends).
 from __future__ import annotations
 
 import logging
-import resource
 import shutil
-import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -45,12 +43,20 @@ import numpy as np
 from rich.console import Console
 
 from data_prep.config import STAGES, TASK_STAGES, PrepConfig
-from data_prep.dedup import bucket_duplicates
+from data_prep.decisions import (
+    NEAR_SUMMARY,
+    hash_path,
+    hashed_counts,
+    keep_flags,
+    minhash_path,
+    near_stage,
+    reduce_task,
+    unreduced,
+)
 from data_prep.encode import Encoder, OutOfMemory, WorkerDied
 from data_prep.groups import Router, ShardGroup
 from data_prep.inputs import InputFile
 from data_prep.manifest import Manifest, ShardInfo
-from data_prep.near import Signatures, near_duplicates
 from data_prep.output import OutputDir
 from data_prep.plan import (
     Planned,
@@ -77,8 +83,6 @@ from data_prep.shards import token_dtype
 from data_prep.slices import read_slice, slice_owners, where
 
 log = logging.getLogger("neo.prep")
-
-REDUCE_DIR, NEAR_FILE, NEAR_SUMMARY = "reduce", "near.npy", "near.json"
 
 
 def run_stages(
@@ -118,14 +122,14 @@ def unfinished(state: Planned) -> dict[str, list[int]]:
     slices = range(len(state.slices))
     owners = slice_owners(state.slices, state.cfg.tasks)
     done = {
-        "hash": [not state.cfg.deduplicates or _hash_path(state, n).is_file() for n in slices],
+        "hash": [not state.cfg.deduplicates or hash_path(state, n).is_file() for n in slices],
         "tokenize": [_slice_path(state, n).is_file() for n in slices],
     }
     near = state.cfg.dedup_mode == "near" and not (state.state / NEAR_SUMMARY).is_file()
     return {
         "plan": [],
         "hash": sorted({owners[n] for n in slices if not done["hash"][n]}),
-        "reduce": _unreduced(state),
+        "reduce": unreduced(state),
         "near": [0] if near else [],
         "tokenize": sorted({owners[n] for n in slices if not done["tokenize"][n]}),
         "merge": [0],  # merged: no plan left to load
@@ -133,15 +137,7 @@ def unfinished(state: Planned) -> dict[str, list[int]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# hash, reduce
-
-
-def _hash_path(state: Planned, number: int) -> Path:
-    return state.state / "hash" / f"{number:05d}.npy"
-
-
-def _minhash_path(state: Planned, number: int) -> Path:
-    return state.state / "minhash" / f"{number:05d}.npy"
+# hash
 
 
 def hash_task(state: Planned, task: int, batch_bytes: int) -> None:
@@ -153,7 +149,7 @@ def hash_task(state: Planned, task: int, batch_bytes: int) -> None:
     (state.state / "hash").mkdir(exist_ok=True)
     if near:
         (state.state / "minhash").mkdir(exist_ok=True)
-    todo = [n for n in state.task_range(task) if not _hash_path(state, n).is_file()]
+    todo = [n for n in state.task_range(task) if not hash_path(state, n).is_file()]
     if not todo:
         return
     with state.encoder(hash_only=True) as encoder:
@@ -175,120 +171,9 @@ def hash_task(state: Planned, task: int, batch_bytes: int) -> None:
                 if near:
                     signed.append(encoded.signatures)
             if near:
-                save_array(_minhash_path(state, number), np.concatenate(signed))
-            save_array(_hash_path(state, number), np.concatenate(parts))
+                save_array(minhash_path(state, number), np.concatenate(signed))
+            save_array(hash_path(state, number), np.concatenate(parts))
     log.info("task %d: stage hash done (%d slice(s) hashed now)", task, len(todo))
-
-
-def _reduce_paths(state: Planned, task: int) -> tuple[Path, Path]:
-    """Reduce task `task`'s files: the global indices of the copies it drops, its summary (the
-    marker, written last)."""
-    base = state.state / REDUCE_DIR / f"{task:05d}"
-    return base.with_suffix(".npy"), base.with_suffix(".json")
-
-
-def _unreduced(state: Planned) -> list[int]:
-    if not state.cfg.deduplicates:
-        return []
-    return [t for t in range(state.cfg.tasks) if not _reduce_paths(state, t)[1].is_file()]
-
-
-def _hashed(state: Planned) -> list[int]:
-    """Each slice's document count, from its digest file (a memory map: nothing is read)."""
-    numbers = range(len(state.slices))
-    state.require("hash", [_hash_path(state, n).is_file() for n in numbers])
-    return [len(np.load(_hash_path(state, n), mmap_mode="r")) for n in numbers]
-
-
-def reduce_task(state: Planned, task: int) -> None:
-    """Which copies of the texts in bucket `task` are dropped (dedup.bucket_duplicates: all
-    but the first in input order; the buckets together decide as one pass over every digest
-    would, each in 1/tasks of its memory)."""
-    if not state.cfg.deduplicates:
-        return
-    dropped_path, summary_path = _reduce_paths(state, task)
-    if summary_path.is_file():
-        return
-    counts = _hashed(state)
-    started = time.perf_counter()
-    maps = (np.load(_hash_path(state, n), mmap_mode="r") for n in range(len(counts)))
-    dropped, documents = bucket_duplicates(maps, state.cfg.tasks, task)
-    (state.state / REDUCE_DIR).mkdir(exist_ok=True)
-    save_array(dropped_path, dropped)
-    summary = {
-        "documents": documents,
-        "kept": documents - len(dropped),
-        "seconds": round(time.perf_counter() - started, 3),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-    }
-    write_json(summary_path, summary)
-    log.info(
-        "task %d: stage reduce done: %d documents in its bucket, %d kept",
-        task,
-        summary["documents"],
-        summary["kept"],
-    )
-
-
-def _dropped(state: Planned, first: int, end: int) -> np.ndarray:
-    """The global indices in [first, end) that any reduce task dropped, ascending. Each task's
-    file is sorted: only its part in the range is read."""
-    state.require_tasks("reduce", _unreduced(state))
-    parts = [np.zeros(0, np.int64)]
-    for task in range(state.cfg.tasks):
-        dropped = np.load(_reduce_paths(state, task)[0], mmap_mode="r")
-        lo, hi = np.searchsorted(dropped, [first, end])
-        parts.append(np.asarray(dropped[lo:hi]))
-    return np.sort(np.concatenate(parts))
-
-
-def near_stage(state: Planned) -> None:
-    """dedup=near: all but the first of each near-duplicate cluster among the exact survivors
-    (data_prep/near.py; its memory is stated there and measured in the README), over every
-    document at once."""
-    if state.cfg.dedup_mode != "near" or (state.state / NEAR_SUMMARY).is_file():
-        return
-    counts = _hashed(state)
-    started = time.perf_counter()
-    keep = np.ones(sum(counts), dtype=bool)
-    keep[_dropped(state, 0, len(keep))] = False
-    options, paths = state.cfg.near, [_minhash_path(state, n) for n in range(len(counts))]
-    signatures = Signatures(paths, counts, options.num_perm)
-    near = near_duplicates(signatures, np.flatnonzero(keep), options.bands, options.threshold)
-    save_array(state.state / NEAR_FILE, np.packbits(near))
-    summary = {
-        "documents": len(keep),
-        "exact_survivors": int(keep.sum()),
-        "near_duplicates": int(near.sum()),
-        "seconds": round(time.perf_counter() - started, 3),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-    }
-    write_json(state.state / NEAR_SUMMARY, summary)
-    log.info(
-        "stage near: %d exact survivors, %d near duplicates dropped",
-        summary["exact_survivors"],
-        summary["near_duplicates"],
-    )
-
-
-def _keep(state: Planned, number: int, starts: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """(keep flags, near-duplicate flags) of slice `number`'s documents; `starts`: each
-    slice's first global document index."""
-    first, end = starts[number], starts[number + 1]
-    keep = np.ones(end - first, dtype=bool)
-    keep[_dropped(state, first, end) - first] = False
-    near = np.zeros(end - first, dtype=bool)
-    if state.cfg.dedup_mode == "near":
-        if not (state.state / NEAR_SUMMARY).is_file():
-            raise PrepError(
-                f"stage=near has not finished in {state.directory}; run `neo prep stage=near` "
-                "once every reduce task is done"
-            )
-        packed = np.load(state.state / NEAR_FILE, mmap_mode="r")
-        byte = first // 8
-        bits = np.unpackbits(np.asarray(packed[byte : (end + 7) // 8]))
-        near = bits[first - 8 * byte : end - 8 * byte].astype(bool)
-    return keep & ~near, near
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,13 +243,13 @@ def tokenize_task(state: Planned, task: int, batch_bytes: int) -> None:
     todo = [n for n in state.task_range(task) if not _slice_path(state, n).is_file()]
     if not todo:
         return
-    starts = [0, *np.cumsum(_hashed(state)).tolist()] if state.cfg.deduplicates else None
+    starts = [0, *np.cumsum(hashed_counts(state)).tolist()] if state.cfg.deduplicates else None
     with state.encoder(hash_only=False) as encoder:
         for number in todo:
             _remove_partial(state.directory, number)
             mine = near = None
             if starts is not None:
-                mine, near = _keep(state, number, starts)
+                mine, near = keep_flags(state, number, starts)
             router = SliceRouter(state, number, mine, near)
             stream = read_slice(state.files, state.slices[number], state.cfg.data, batch_bytes)
             try:
