@@ -42,11 +42,16 @@ def unreduced(state: Planned) -> list[int]:
     return [t for t in range(state.cfg.tasks) if not reduce_paths(state, t)[1].is_file()]
 
 
-def hashed_counts(state: Planned) -> list[int]:
-    """Each slice's document count, from its digest file (a memory map: nothing is read)."""
+def hash_maps(state: Planned) -> list[np.ndarray]:
+    """Each slice's digests, memory-mapped (nothing is read yet); refused while one is missing."""
     numbers = range(len(state.slices))
     state.require("hash", [hash_path(state, n).is_file() for n in numbers])
-    return [len(np.load(hash_path(state, n), mmap_mode="r")) for n in numbers]
+    return [np.load(hash_path(state, n), mmap_mode="r") for n in numbers]
+
+
+def hashed_counts(state: Planned) -> list[int]:
+    """Each slice's document count, from its digest file."""
+    return [len(digests) for digests in hash_maps(state)]
 
 
 def reduce_task(state: Planned, task: int) -> None:
@@ -58,9 +63,8 @@ def reduce_task(state: Planned, task: int) -> None:
     dropped_path, summary_path = reduce_paths(state, task)
     if summary_path.is_file():
         return
-    counts = hashed_counts(state)
+    maps = hash_maps(state)
     started = time.perf_counter()
-    maps = (np.load(hash_path(state, n), mmap_mode="r") for n in range(len(counts)))
     dropped, documents = bucket_duplicates(maps, state.cfg.tasks, task)
     (state.state / REDUCE_DIR).mkdir(exist_ok=True)
     save_array(dropped_path, dropped)

@@ -103,12 +103,12 @@ def run_stages(
                 f"{cfg.output} is already prepared from these inputs and settings: nothing to do"
             )
             return Manifest.load(state_directory(cfg))
-        if stage == "reduce":
+        if stage in TASK_STAGES:
             for task in range(cfg.tasks) if cfg.task is None else (cfg.task,):
-                reduce_task(state, task)
-        elif stage in TASK_STAGES:
-            for task in range(cfg.tasks) if cfg.task is None else (cfg.task,):
-                (hash_task if stage == "hash" else tokenize_task)(state, task, batch_bytes)
+                if stage == "reduce":
+                    reduce_task(state, task)
+                else:
+                    (hash_task if stage == "hash" else tokenize_task)(state, task, batch_bytes)
         elif stage == "near":
             near_stage(state)
         else:
