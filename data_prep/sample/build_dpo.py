@@ -14,6 +14,14 @@ of ``sft_instructions.jsonl``:
   further on, a docstring of another object) and a corrupted one (the chosen answer's words in
   a seeded random order).
 
+    python data_prep/sample/build_dpo.py --looping FILE
+
+writes to FILE (not bundled) a set whose rejected responses are in turn mismatched, shuffled
+and looping: the chosen answer's opening words, then a run of one to three of its words over
+and over, as a small model's greedy decoding degenerates ("is a tuple is a tuple is a"), a
+style that, unlike the other two, a model's own answers show (README `neo dpo` measures what
+DPO on it does: it can cure the loops of a base that loops, and teach them to one that did not).
+
 ``meta`` names the question's origin and how the rejected answer was made. Deterministic: no
 randomness but ``random.Random(SEED)``; the source is the bundled file, so any Python version
 gives the same bytes. PROVENANCE.md records the file's hash.
@@ -21,6 +29,7 @@ gives the same bytes. PROVENANCE.md records the file's hash.
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from pathlib import Path
@@ -52,7 +61,20 @@ def shuffled_words(text: str, rng: random.Random) -> str:
     return " ".join(out)
 
 
-def pairs() -> list[dict]:
+def looping(text: str, rng: random.Random) -> str:
+    """`text`'s opening words, then a run of its next one to three words repeated: as long as
+    `text`, and at least three times the run (answers of three words or fewer: shuffled)."""
+    words = text.split()
+    if len(words) <= 3:
+        return shuffled_words(text, rng)
+    start = rng.randrange(1, len(words) // 2)
+    run = words[start : start + rng.randint(1, 3)]
+    out = words[:start] + run * (len(words) // len(run) + 3)
+    return " ".join(out[: max(len(words), start + 3 * len(run))])
+
+
+def pairs(looping_kind: bool = False) -> list[dict]:
+    """The bundled pairs; `looping_kind`: the three-kind set instead."""
     records = [json.loads(line) for line in SOURCE.read_text(encoding="utf-8").splitlines()]
     records = records[:PAIRS]
     rng = random.Random(SEED)
@@ -61,11 +83,14 @@ def pairs() -> list[dict]:
         if r["input"]:
             raise ValueError(f"{SOURCE}:{i + 1}: an input field; the template has none")
         chosen = r["output"]
-        if i % 2 == 0:
+        kind = i % 3 if looping_kind else i % 2
+        if kind == 0:
             other = records[(i + PAIRS // 2) % len(records)]
             rejected, how = other["output"], f"mismatched: the answer to {other['meta']['origin']}"
-        else:
+        elif kind == 1:
             rejected, how = shuffled_words(chosen, rng), "corrupted: the chosen words shuffled"
+        else:
+            rejected, how = looping(chosen, rng), "corrupted: the chosen words looping"
         if rejected == chosen:  # one-word answers, duplicate docstrings: no preference to learn
             continue
         out.append(
@@ -80,4 +105,10 @@ def pairs() -> list[dict]:
 
 
 if __name__ == "__main__":
-    write(OUTPUT, pairs())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--looping", type=Path, metavar="FILE", help="the three-kind set, to FILE")
+    args = parser.parse_args()
+    if args.looping:
+        write(args.looping, pairs(looping_kind=True))
+    else:
+        write(OUTPUT, pairs())

@@ -3,6 +3,7 @@ masking of prompts, the end-of-text token, truncation as TRL's keep_start, bad r
 the bundled sample."""
 
 import json
+import random
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from data_prep.tokenizers import load_tokenizer
 from train.data.preference import IGNORE, collate_pairs, extract_prompt, read_pairs
 from train.data.records import BadItem
 from train.data.sft import ALPACA_PROMPT_NO_INPUT, CHAT_TEMPLATES
+from train.loop.style import loops
 
 TOKENIZER = load_tokenizer("gpt2")
 EOD = TOKENIZER.eod_id
@@ -155,6 +157,34 @@ def test_bundled_sample_is_what_its_script_builds(tmp_path):
     # documented where the other samples are
     provenance = (ROOT / "data_prep" / "sample" / "PROVENANCE.md").read_text()
     assert "dpo_pairs.jsonl" in provenance and "build_dpo.py" in provenance
+
+
+def test_the_looping_set_has_a_third_of_its_rejected_responses_looping(tmp_path):
+    """`build_dpo.py --looping FILE`: mismatched, shuffled and looping in turn; the looping ones
+    loop by the measure neo dpo reports (train/loop/style.py), the chosen ones rarely do."""
+    out = tmp_path / "looping.jsonl"
+    subprocess.run([sys.executable, str(build_dpo.__file__), "--looping", str(out)], check=True)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert records == build_dpo.pairs(looping_kind=True) and len(records) == 400
+    hows = [r["meta"]["rejected"].split(":")[0] for r in records[:3]]
+    assert hows == ["mismatched", "corrupted", "corrupted"]
+    looping = [r for r in records if r["meta"]["rejected"].endswith("words looping")]
+    assert len(looping) == 133
+    assert sum(loops(r["rejected"]) for r in looping) >= 0.95 * len(looping)
+    assert sum(loops(r["chosen"]) for r in records) <= 0.05 * len(records)
+
+
+def test_a_looping_rejection_opens_as_the_answer_then_repeats_a_run_of_its_words():
+    rng = random.Random(0)
+    text = "Return True if more progress can be made and False otherwise."
+    words = text.split()
+    for _ in range(100):
+        out = build_dpo.looping(text, rng).split()
+        assert len(out) >= len(words) and loops(" ".join(out))
+        start = next(i for i, (a, b) in enumerate(zip(out, words, strict=False)) if a != b)
+        assert 1 <= start < len(words)  # the answer's opening words, then it goes round
+    short = build_dpo.looping("Return a list.", rng)  # too short to loop: shuffled instead
+    assert sorted(short.split()) == sorted(["Return", "a", "list."])
 
 
 def test_build_script_runs_without_train_on_the_path(tmp_path):

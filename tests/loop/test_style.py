@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from train.loop.style import common_subsequence, rouge_l, style_metrics, words
+from train.loop.style import common_subsequence, loops, rouge_l, style_metrics, words
 
 CHOSEN = "Return the number of items in a container."
 SHUFFLED = "container. a items Return in of number the"  # the same words, another order
@@ -90,3 +90,16 @@ def test_rouge_l_equals_rouge_scores_on_ascii_text():
         reference = " ".join(rng.choice(vocabulary) for _ in range(rng.randint(1, 12)))
         expected = scorer.score(reference, answer)["rougeL"].fmeasure
         assert rouge_l(words(answer), words(reference)) == pytest.approx(expected, abs=1e-12)
+
+
+def test_an_answer_loops_when_a_run_of_three_words_comes_twice():
+    """Greedy decoding's degenerate answers (as a small model's were) loop; the docstrings they
+    answer for rarely do, even where a word or a pair of words comes back."""
+    assert loops("Return True if the argument is a tuple is a tuple is a NaN.")
+    assert loops("Return True the the the the new path.")  # "the the the", overlapping
+    assert loops("Return the name. Return the name.")
+    assert not loops("Return the number of items in a container.")
+    assert not loops("Return the path of the path for the file.")  # a pair of words twice
+    assert not loops("") and not loops("the the")
+    answers = ["a b c a b c", "a b c d", "x x x x"]
+    assert style_metrics(answers, ["a"] * 3, ["b"] * 3)["loops"] == 2 / 3

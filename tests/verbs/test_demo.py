@@ -35,9 +35,11 @@ def test_the_demo_trains_both_models_as_two_processes_and_prints_pasteable_comma
         {"step": 15, "val/rewards/accuracies": 0.6},
         {"step": 30, "val/rewards/accuracies": 0.8},
     ]
-    answers = [(0.4, 0.3), (0.45, 0.3), (0.5, 0.25)]  # closer to the chosen, to the rejected
-    for r, (chosen, rejected) in zip(held_out, answers, strict=True):
+    # closer to the chosen, to the rejected; looping
+    answers = [(0.4, 0.3, 0.45), (0.45, 0.3, 0.3), (0.5, 0.25, 0.2)]
+    for r, (chosen, rejected, loops) in zip(held_out, answers, strict=True):
         r["val/answers/closer_to_chosen"], r["val/answers/closer_to_rejected"] = chosen, rejected
+        r["val/answers/loops"] = loops
     (dpo_run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held_out))
     fake = types.ModuleType("transformers")
     fake.pipeline = lambda *a, **k: lambda prompt, **kw: [{"generated_text": prompt + " ..."}]
@@ -57,6 +59,6 @@ def test_the_demo_trains_both_models_as_two_processes_and_prints_pasteable_comma
     assert "DPO reward accuracy on held-out pairs: 0.60 -> 0.80 (0.5 is chance)" in out
     assert (
         "greedy answers to held-out prompts closer to the chosen than to the rejected response: "
-        "0.40 before, 0.50 after (to the rejected: 0.30 -> 0.25)"
+        "0.40 before, 0.50 after (to the rejected: 0.30 -> 0.25); that loop: 0.45 -> 0.20"
     ) in out
     assert out.count("\n[0m0") == len(ran) and "The demo took 0m0" in out

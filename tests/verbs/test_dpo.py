@@ -392,7 +392,7 @@ def test_pairs_without_a_prompt_are_not_asked_for_greedy_answers(tmp_path):
     assert set(metrics) == {
         f"val/answers/{k}"
         for k in ("closer_to_chosen", "closer_to_rejected", "rouge_l_chosen", "rouge_l_rejected")
-    } | {"val/answers/distinct"}
+    } | {"val/answers/distinct", "val/answers/loops"}
     assert metrics["val/answers/distinct"] == 1.0
 
 

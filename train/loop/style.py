@@ -9,6 +9,12 @@ bundled pairs do), and a bag-of-words overlap could not tell the two apart. An a
 to the chosen response when its ROUGE-L with it is higher than with the rejected one; ties
 (both 0, say) count for neither side.
 
+Next to it, the share of answers that loop: that repeat a run of three words (a word trigram
+occurs twice), the way a small model's greedy decoding degenerates ("is a tuple is a tuple",
+"the the the"), or as a DPO that went wrong makes it ("Return theReturn theReturn the"). Of the
+bundled pairs' chosen responses 2.5% do so: it is a style the answers can move towards or away
+from (`build_dpo.py --looping FILE` writes pairs a third of whose rejected responses loop).
+
 What it shows: how much of each response's wording, in its order, the answer reproduces. What
 it cannot show: meaning (a paraphrase of the chosen answer scores low), fluency beyond word
 order, or anything about prompts that were not held out; with few pairs it is coarse (one pair
@@ -43,10 +49,18 @@ def rouge_l(answer: list[str], reference: list[str]) -> float:
     return 2 * common_subsequence(answer, reference) / (len(answer) + len(reference))
 
 
+def loops(text: str, n: int = 3) -> bool:
+    """Whether some run of n words occurs twice in `text` (overlapping runs count)."""
+    w = words(text)
+    runs = [tuple(w[i : i + n]) for i in range(len(w) - n + 1)]
+    return len(runs) != len(set(runs))
+
+
 def style_metrics(answers: list[str], chosen: list[str], rejected: list[str]) -> dict[str, float]:
     """Over the pairs: the share of answers closer to the chosen response than to the rejected
-    one, the share closer to the rejected one, their mean ROUGE-L with each, and the share of
-    distinct answers (a model that answers everything alike cannot be closer to many)."""
+    one, the share closer to the rejected one, their mean ROUGE-L with each, the share of
+    distinct answers (a model that answers everything alike cannot be closer to many), and the
+    share that loop."""
     n = len(answers)
     to_chosen = [rouge_l(words(a), words(c)) for a, c in zip(answers, chosen, strict=True)]
     to_rejected = [rouge_l(words(a), words(r)) for a, r in zip(answers, rejected, strict=True)]
@@ -57,4 +71,5 @@ def style_metrics(answers: list[str], chosen: list[str], rejected: list[str]) ->
         "rouge_l_chosen": sum(to_chosen) / n,
         "rouge_l_rejected": sum(to_rejected) / n,
         "distinct": len(set(answers)) / n,
+        "loops": sum(map(loops, answers)) / n,
     }

@@ -123,8 +123,9 @@ def main() -> None:
 
 def dpo_summary(validations: list[dict]) -> str:
     """The DPO's held-out numbers: its reward accuracy at each validation after the first step
-    (step 0, the SFT model itself, has no reward yet), and the share of greedy answers closer to
-    the chosen response than to the rejected one, before (step 0) and after."""
+    (step 0, the SFT model itself, has no reward yet), the share of greedy answers closer to
+    the chosen response than to the rejected one, and the share that loop (a run of three
+    words twice: a third of the rejected responses do), before (step 0) and after."""
     trained = [r["val/rewards/accuracies"] for r in validations if r["step"] > 0]
     line = f"DPO reward accuracy on held-out pairs: {' -> '.join(f'{a:.2f}' for a in trained)}"
     line += " (0.5 is chance)"
@@ -136,7 +137,8 @@ def dpo_summary(validations: list[dict]) -> str:
             f"response: {before['val/answers/closer_to_chosen']:.2f} before, "
             f"{after['val/answers/closer_to_chosen']:.2f} after (to the rejected: "
             f"{before['val/answers/closer_to_rejected']:.2f} -> "
-            f"{after['val/answers/closer_to_rejected']:.2f})"
+            f"{after['val/answers/closer_to_rejected']:.2f}); that loop: "
+            f"{before['val/answers/loops']:.2f} -> {after['val/answers/loops']:.2f}"
         )
     return line
 
