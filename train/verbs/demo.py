@@ -125,7 +125,7 @@ def dpo_summary(validations: list[dict]) -> str:
     """The DPO's held-out numbers: its reward accuracy at each validation after the first step
     (step 0, the SFT model itself, has no reward yet), the share of greedy answers closer to
     the chosen response than to the rejected one, and the share that loop (a run of three
-    words twice: a third of the rejected responses do), before (step 0) and after."""
+    words twice: 2.5% of the chosen responses do), before (step 0) and after."""
     trained = [r["val/rewards/accuracies"] for r in validations if r["step"] > 0]
     line = f"DPO reward accuracy on held-out pairs: {' -> '.join(f'{a:.2f}' for a in trained)}"
     line += " (0.5 is chance)"
