@@ -206,6 +206,33 @@ def test_fused_loss_equals_logits_then_cross_entropy(monkeypatch, chunk):
         torch.testing.assert_close(model(inputs, targets).mean(), reference)
 
 
+@pytest.mark.parametrize("layout", ["_row_major", "_vocab_major"])
+def test_both_layouts_of_the_fused_loss_equal_cross_entropy(monkeypatch, layout):
+    """Each layout of the chunked loss (rows x vocab logits; vocab x rows, fp32 on a CPU)
+    gives cross_entropy's sum and gradients, ignored targets included, with chunks of 64 rows
+    (100 rows a chunk's worth, rounded down) and a shorter last one."""
+    import train.model.ops.fused_loss as fused_loss
+
+    monkeypatch.setattr(fused_loss, "CHUNK_ELEMENTS", 100 * 500)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(150, 16, generator=g, requires_grad=True)
+    w = torch.randn(500, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 500, (150,), generator=g)
+    targets[[3, 70, 149]] = -100
+    assert fused_loss._chunk_rows(150, 500) == 64
+    reference = F.cross_entropy(h @ w.T, targets, reduction="sum")
+    expected = torch.autograd.grad(reference, [h, w])
+    form = getattr(fused_loss, layout)
+    total, count, grad_h, grad_w = form(h.detach(), w.detach(), targets, with_grad=True)
+    assert count == 147
+    torch.testing.assert_close(total, reference.detach())
+    torch.testing.assert_close(grad_h, expected[0])
+    torch.testing.assert_close(grad_w, expected[1])
+    total, _, no_h, no_w = form(h.detach(), w.detach(), targets, with_grad=False)
+    torch.testing.assert_close(total, reference.detach())
+    assert no_h is None and no_w is None
+
+
 def test_fused_loss_scales_its_gradients_in_place_once():
     """The backward scales the gradients made in the forward in place: a second backward
     through the same graph raises instead of scaling them twice; no rows give zero grads."""
