@@ -255,7 +255,8 @@ class Engine:
         else:
             groups = parameter_groups(model, spec.optim.weight_decay)
         optimizer = build_optimizer(groups, spec.optim, acc, spec.deepspeed, spec.precision)
-        if muon_norms_updates(spec.deepspeed, spec.optim) and spec.optim.grad_clip:
+        clip_lost = muon_norms_updates(spec.deepspeed, spec.optim) and spec.optim.grad_clip
+        if clip_lost and dist.get_rank() == 0:  # the same config on every rank: said once
             log.warning(
                 "optim.grad_clip=%g is not applied and grad norm is not reported: under ZeRO-%d "
                 "DeepSpeed takes the gradient norm after Muon has replaced its matrices' "
@@ -265,8 +266,7 @@ class Engine:
             )
         ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         if ds.dp_world_size == 1 and not ds.zero_optimization():
-            # One rank without ZeRO: DeepSpeed would still flatten, "all-reduce" and unflatten
-            # every gradient. (ZeRO optimizers partition gradients in that step: left alone.)
+            # One rank without ZeRO: DeepSpeed would still flatten, "all-reduce", unflatten.
             ds.enable_backward_allreduce = False
         return cls(ds, spec)
 
@@ -303,11 +303,11 @@ class Engine:
         """False when DeepSpeed skipped the optimizer step (non-finite gradients)."""
         return bool(getattr(self.ds, "_step_applied", True))
 
-    def grad_norm(self) -> float:
-        """Gradient norm of the last optimizer step (before clipping); nan where DeepSpeed's
+    def grad_norm(self) -> float | None:
+        """Gradient norm of the last optimizer step (before clipping); None where DeepSpeed's
         norm is not the gradients' (muon_norms_updates)."""
         if muon_norms_updates(self.spec.deepspeed, self.spec.optim):
-            return math.nan
+            return None
         norm = self.ds.get_global_grad_norm()
         if norm is None:
             return getattr(self.ds.optimizer, "last_grad_norm", math.nan)

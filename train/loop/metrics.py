@@ -69,13 +69,14 @@ class MetricsLogger:
                 speed += f" | MFU {100 * values['mfu']:.1f}%"
             speed += f" | ETA {_duration(values['eta_s'])}"
         named = "".join(f" | {k} {v:.4g}" for k, v in values.items() if "/" in k)  # dpo's
+        norm = values["grad_norm"]  # None: not known (ZeRO-1/2 with Muon, train/loop/engine.py)
         log.info(
-            "step %d/%d | loss %.4f | lr %.3g | grad norm %.3f%s | %s",
+            "step %d/%d | loss %.4f | lr %.3g | grad norm %s%s | %s",
             step,
             self.max_steps,
             values["loss"],
             values["lr"],
-            values["grad_norm"],
+            "n/a" if norm is None else f"{norm:.3f}",
             named,
             speed,
         )
