@@ -79,9 +79,8 @@ def _training(cfg: RunConfig, world: World) -> tuple[int, str]:
             "first step); use deepspeed=zero0, zero1 or zero2, or compile=false"
         )
     if cfg.optim.ns_precision == "auto" and world.native_bf16 is not None:
-        # fp32 on a CPU training in fp32: bf16 there measured no faster end to end (README)
-        cpu_fp32 = world.accelerator == "cpu" and cfg.precision == "fp32"
-        cfg.optim.ns_precision = "bf16" if world.native_bf16 and not cpu_fp32 else "fp32"
+        # bf16 wherever it is native, fp32 runs on CPUs included (README, Performance)
+        cfg.optim.ns_precision = "bf16" if world.native_bf16 else "fp32"
     if cfg.optim.name == "muon" and cfg.precision == "fp16" and not cfg.deepspeed.zero_stage:
         raise ConfigError(
             "optim.name=muon with precision=fp16 needs deepspeed=zero1, zero2 or zero3: "
