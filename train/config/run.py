@@ -48,7 +48,7 @@ class OptimConfig(Schema):
     momentum: float = 0.95
     # What Muon's Newton-Schulz orthogonalization computes in, whatever `precision` is:
     # auto: bf16 where the device computes it natively (torch.optim.Muon always uses bf16),
-    # fp32 runs on CPUs included (0.31 s a step there against fp32's 0.42-0.51); else fp32
+    # fp32 runs on CPUs included (0.27-0.32 s a step there against 0.42-0.51 in fp32); else fp32
     # (emulated bf16 is slower than fp32). fp32 under DeepSpeed's Muon (ZeRO 1-3, or
     # precision=bf16) is its "gram" form, which it computes in fp16 where the device has fp16
     # kernels (GPUs, NPUs), in fp32 on CPUs.
