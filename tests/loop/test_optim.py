@@ -51,7 +51,9 @@ def test_the_muon_half_is_torch_muon():
     assert_same_steps(mine, ours, reference, theirs)
 
 
-def test_the_adamw_half_is_torch_adamw():
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_adamw_half_is_torch_adamw(fused):
+    """Its multi-tensor kernel and its one-pass fused one (what runs on CPUs and GPUs)."""
     shapes = [(8, 4), (4,), (3, 5)]
     ours, theirs = clones(shapes), clones(shapes)
     groups = (
@@ -60,10 +62,9 @@ def test_the_adamw_half_is_torch_adamw():
             {"params": ps[2:], "weight_decay": 0.0},
         ]
     )
-    mine = MuonAdamW(groups(ours), lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
-    reference = torch.optim.AdamW(
-        groups(theirs), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, foreach=True
-    )
+    mine = MuonAdamW(groups(ours), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    kernel = dict(fused=True) if fused else dict(foreach=True)
+    reference = torch.optim.AdamW(groups(theirs), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, **kernel)
     assert_same_steps(mine, ours, reference, theirs)
 
 
@@ -247,7 +248,25 @@ def test_muon_orthogonalizes_in_optim_ns_precision(
     if isinstance(optimizer, MuonAdamW):
         assert (optimizer.ns_method, optimizer.ns_dtype) == (method, dtype)
         assert zero_stage == 0 and precision == "fp32"
+        assert optimizer.fused  # AdamW's one-pass kernel: 5x faster than foreach on a CPU
         return
+    assert optimizer.aux_optimizer.defaults["fused"]
     muon = [g for g in optimizer.param_groups if g["use_muon"]]
     assert muon and all(g["ns_method"] == method for g in muon)
     assert ns_compute_dtype(method) == dtype
+
+
+@pytest.mark.parametrize(("zero_stage", "precision"), [(0, "fp32"), (0, "bf16"), (2, "fp32")])
+def test_adamw_runs_its_fused_kernel_on_a_cpu(zero_stage, precision):
+    """optim.name=adamw: torch's one-pass AdamW kernel, not the multi-tensor one (on 2 AVX-512
+    cores 8-13 ms against 49-68 for a 6 x 384 model's 20M AdamW parameters)."""
+    from train.config.run import DeepSpeedConfig
+    from train.distributed import devices
+    from train.loop.engine import build_optimizer
+
+    params = clones([(8, 4), (4,)])
+    optim = OptimConfig(name="adamw", lr=1e-3)
+    ds = DeepSpeedConfig(zero_stage=zero_stage)
+    groups = [{"params": params, "weight_decay": 0.1}]
+    optimizer = build_optimizer(groups, optim, devices.select("cpu"), ds, precision)
+    assert optimizer.defaults["fused"]

@@ -75,15 +75,15 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     kwargs = dict(lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
     ns = "standard" if optim.ns_precision == "bf16" else "gram"
+    fused = accelerator.kind in ("cpu", "cuda")  # AdamW's one-pass kernel (CPU: 5x foreach)
     if optim.name == "muon" and optimizer_clips(ds, precision):
-        return MuonAdamW(groups, max_grad_norm=optim.grad_clip, ns_method=ns, **kwargs)
+        return MuonAdamW(groups, max_grad_norm=optim.grad_clip, ns_method=ns, fused=fused, **kwargs)
     if optim.name == "muon":
-        return _deepspeed_muon(groups, kwargs, ds.offload_optimizer, ns)
+        return _deepspeed_muon(groups, kwargs, ds.offload_optimizer, ns, fused)
     if ds.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
-    fused = accelerator.kind == "cuda"
     if ds.zero_stage:
         # ZeRO's optimizers clip, check for overflow and skip steps themselves; a plain AdamW
         # is also one DeepSpeed lists as tested (a subclass would get its "untested" warning).
@@ -93,7 +93,7 @@ def build_optimizer(
 
 
 def _deepspeed_muon(
-    groups: list[dict], kwargs: dict, offload: bool, ns: str
+    groups: list[dict], kwargs: dict, offload: bool, ns: str, fused: bool
 ) -> torch.optim.Optimizer:
     """DeepSpeed's Muon, where its ZeRO or bf16 optimizer owns the step (gathering each matrix
     from the flat partitions, recognising Muon by its class and `use_muon`), with our groups
@@ -118,7 +118,7 @@ def _deepspeed_muon(
 
         adam, adam_kwargs = DeepSpeedCPUAdam, dict(adamw_mode=True)
     else:
-        adam, adam_kwargs = torch.optim.AdamW, dict(foreach=True)
+        adam, adam_kwargs = torch.optim.AdamW, dict(fused=True) if fused else dict(foreach=True)
     return MuonWithAuxAdam(groups, adam_optimizer=adam, adam_optimizer_kwargs=adam_kwargs)
 
 

@@ -180,7 +180,8 @@ class MuonAdamW(torch.optim.Optimizer):
     and skips non-finite steps as SkippingAdamW does. `ns_method` and `ns_dtype`: how the
     orthogonalization computes, and in what (`orthogonalize`; "standard" is torch.optim.Muon's,
     in bf16 unless `ns_dtype` says otherwise, "gram" the Gram form, in fp32 unless said: as
-    DeepSpeed's Muon computes them on a CPU)."""
+    DeepSpeed's Muon computes them on a CPU). `fused`: AdamW's one-pass kernel (torch's
+    `fused=True`) instead of its multi-tensor one."""
 
     def __init__(
         self,
@@ -191,6 +192,7 @@ class MuonAdamW(torch.optim.Optimizer):
         max_grad_norm: float = 0.0,
         ns_method: str = "gram",
         ns_dtype: torch.dtype | None = None,
+        fused: bool = False,
     ):
         for group in groups:
             if group.get("muon") and any(p.ndim != 2 for p in group["params"]):
@@ -202,6 +204,7 @@ class MuonAdamW(torch.optim.Optimizer):
             ns_dtype = torch.bfloat16 if ns_method == "standard" else torch.float32
         self.ns_dtype = ns_dtype
         self.ns_method = ns_method
+        self.fused = fused
         self.overflow = False
         self.last_grad_norm = math.nan
 
@@ -250,7 +253,8 @@ class MuonAdamW(torch.optim.Optimizer):
             [s["exp_avg_sq"] for s in states],
             [],
             [s["step"] for s in states],
-            foreach=True,
+            foreach=not self.fused,
+            fused=self.fused,
             amsgrad=False,
             beta1=beta1,
             beta2=beta2,
