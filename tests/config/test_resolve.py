@@ -48,7 +48,7 @@ def test_muon_in_fp16_without_zero_is_refused():
     [
         ("cuda", True, "fp32", "auto", "bf16"),  # torch.optim.Muon's choice
         ("cpu", True, "bf16", "auto", "bf16"),
-        ("cpu", True, "fp32", "auto", "bf16"),  # 0.31 s a step against 0.42-0.51 (README)
+        ("cpu", True, "fp32", "auto", "bf16"),  # 0.27-0.32 s a step against 0.42-0.51 (README)
         ("cpu", False, "fp32", "auto", "fp32"),  # emulated bf16: slower than fp32
         ("cpu", None, "auto", "auto", "auto"),  # neo launch: the compute nodes decide
         ("cpu", True, "fp32", "bf16", "bf16"),
